@@ -1,0 +1,361 @@
+"""IP-Adapter checkpoint format: read, detect, validate and write.
+
+Two files carry the same tensors:
+- ``.bin``: a pickled nested dict ``{"image_proj": {...}, "ip_adapter": {...}}``;
+- ``.safetensors``: the same, flattened to ``image_proj.proj.weight``,
+  ``ip_adapter.1.to_k_ip.weight``, ...
+
+The variant is read from the tensors, never from the file name.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .layers import SD15_BASE_WIDTH, SD15_CROSS_ATTENTION_DIM, SDXL_CROSS_ATTENTION_DIM, SD15_LAYERS, layer_widths
+from .projection import LinearProjection, MLPProjection, Resampler
+
+GROUP_ALIASES = {
+    "image_proj": "image_proj",
+    "image_proj_model": "image_proj",  # the reference trainer's module names
+    "ip_adapter": "ip_adapter",
+    "adapter_modules": "ip_adapter",
+}
+IGNORED_PREFIXES = ("unet.",)  # frozen UNet weights in a reference training state
+
+ENCODERS_BY_INPUT_WIDTH = {
+    ("image_embeds", 1024): "OpenCLIP ViT-H/14",
+    ("image_embeds", 1280): "OpenCLIP ViT-bigG/14",
+    ("penultimate", 1280): "OpenCLIP ViT-H/14",
+    ("penultimate", 1664): "OpenCLIP ViT-bigG/14",
+}
+
+
+class AdapterFormatError(ValueError):
+    """A file that is not a usable SD1.5 IP-Adapter; the message is one line."""
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What the tensors say about an adapter."""
+
+    variant: str  # "base" (also light), "plus" (also plus-face) or "full-face"
+    num_tokens: int | None  # image tokens per reference; None = one per encoder hidden state
+    cross_attention_dim: int
+    encoder_input: str  # "image_embeds" (projected CLS, 1-d) or "penultimate" (hidden states)
+    encoder_width: int
+    base_width: int  # width of the first UNet block, 320 for SD1.5
+    resampler: dict = field(default_factory=dict)  # depth / heads / dim_head / dim for "plus"
+
+    @property
+    def encoder_name(self) -> str:
+        return ENCODERS_BY_INPUT_WIDTH.get((self.encoder_input, self.encoder_width), "an unknown image encoder")
+
+    def describe(self) -> str:
+        tokens = self.num_tokens if self.num_tokens is not None else "per-patch"
+        return f"{self.variant} ({tokens} tokens, {self.encoder_name} {self.encoder_input} {self.encoder_width}-d)"
+
+
+@dataclass
+class IPAdapterCheckpoint:
+    image_proj: dict[str, torch.Tensor]
+    ip_adapter: dict[str, torch.Tensor]
+    spec: AdapterSpec
+    source: str = "<memory>"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_state_dicts(
+        cls,
+        image_proj: dict[str, torch.Tensor],
+        ip_adapter: dict[str, torch.Tensor],
+        source: str = "<memory>",
+        base_width: int | None = SD15_BASE_WIDTH,
+        metadata: dict[str, str] | None = None,
+    ) -> "IPAdapterCheckpoint":
+        image_proj = {str(k): v for k, v in image_proj.items()}
+        ip_adapter = {str(k): v for k, v in ip_adapter.items()}
+        spec = detect_spec(image_proj, ip_adapter, source, base_width)
+        return cls(image_proj, ip_adapter, spec, source, dict(metadata or {}))
+
+    def layer_weights(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(to_k_ip, to_v_ip) weights of the layer with this official key."""
+        return self.ip_adapter[f"{key}.to_k_ip.weight"], self.ip_adapter[f"{key}.to_v_ip.weight"]
+
+    def build_projection(self) -> nn.Module:
+        """The image projection module with this checkpoint's weights (strict keys), fp32."""
+        module = build_projection(self.spec)
+        tensors = {k: v.float() for k, v in self.image_proj.items()}
+        module.load_state_dict(tensors, strict=True)
+        return module.eval().requires_grad_(False)
+
+    def nested_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"image_proj": dict(self.image_proj), "ip_adapter": dict(self.ip_adapter)}
+
+    def flat_state_dict(self) -> dict[str, torch.Tensor]:
+        flat = {f"image_proj.{k}": v for k, v in self.image_proj.items()}
+        flat.update({f"ip_adapter.{k}": v for k, v in self.ip_adapter.items()})
+        return flat
+
+    def to(self, dtype: torch.dtype) -> "IPAdapterCheckpoint":
+        def cast(group):
+            return {k: v.to(dtype) if v.is_floating_point() else v for k, v in group.items()}
+
+        return IPAdapterCheckpoint(cast(self.image_proj), cast(self.ip_adapter), self.spec, self.source, self.metadata)
+
+    def num_parameters(self) -> int:
+        return sum(v.numel() for v in [*self.image_proj.values(), *self.ip_adapter.values()])
+
+
+def build_projection(spec: AdapterSpec) -> nn.Module:
+    if spec.variant == "base":
+        return LinearProjection(spec.encoder_width, spec.cross_attention_dim, spec.num_tokens)
+    if spec.variant == "full-face":
+        return MLPProjection(spec.encoder_width, spec.cross_attention_dim)
+    return Resampler(
+        dim=spec.resampler["dim"],
+        depth=spec.resampler["depth"],
+        dim_head=spec.resampler["dim_head"],
+        heads=spec.resampler["heads"],
+        num_queries=spec.num_tokens,
+        hidden_width=spec.encoder_width,
+        output_dim=spec.cross_attention_dim,
+        ff_mult=spec.resampler["ff_mult"],
+    )
+
+
+# --- reading -----------------------------------------------------------------
+
+
+def load_adapter(path: str | os.PathLike, base_width: int | None = SD15_BASE_WIDTH) -> IPAdapterCheckpoint:
+    """Read and validate an IP-Adapter file (``.bin``/``.pt``/``.pth`` or ``.safetensors``).
+
+    ``base_width`` is the width of the UNet's first block (320 for SD1.5); pass
+    ``None`` to accept a scaled-down copy of the SD1.5 layout (tests, toy models).
+    """
+    path = Path(path)
+    name = path.name
+    state_dict, metadata = read_state_dict(path)
+    image_proj, ip_adapter = split_groups(state_dict, name)
+    return IPAdapterCheckpoint.from_state_dicts(image_proj, ip_adapter, name, base_width, metadata)
+
+
+def read_state_dict(path: Path) -> tuple[dict, dict[str, str]]:
+    """The raw (flat or nested) dict in a weights file, and its safetensors metadata."""
+    name = path.name
+    if not path.is_file():
+        where = "is a directory" if path.is_dir() else "does not exist"
+        raise AdapterFormatError(f"IP-Adapter file '{path}' {where}; expected a .safetensors or .bin file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError) as error:
+            raise AdapterFormatError(
+                f"'{name}' is not a readable .safetensors file ({_first_line(error)}); "
+                "the file may be truncated or corrupt, expected a complete safetensors file"
+            ) from None
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise AdapterFormatError(
+            f"'{name}' was refused: its pickle asks to run code or build non-tensor objects "
+            f"({_first_line(error)}); expected a plain dict of tensors (or use the .safetensors file)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise AdapterFormatError(
+            f"'{name}' is not a readable torch file ({_first_line(error)}); "
+            "the file may be truncated or corrupt, expected a .bin saved with torch.save"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise AdapterFormatError(f"'{name}' holds a {type(loaded).__name__}; expected a dict of tensors")
+    return loaded, {}
+
+
+def split_groups(state_dict: dict, source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate the ``image_proj`` and ``ip_adapter`` groups of a nested or flat dict."""
+    groups: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    unknown = []
+    for key, value in state_dict.items():
+        key = str(key)
+        if isinstance(value, dict) and key in GROUP_ALIASES:
+            groups[GROUP_ALIASES[key]].update({str(k): v for k, v in value.items()})
+            continue
+        prefix, _, rest = key.partition(".")
+        if prefix in GROUP_ALIASES and rest and isinstance(value, torch.Tensor):
+            groups[GROUP_ALIASES[prefix]][rest] = value
+        elif not key.startswith(IGNORED_PREFIXES):
+            unknown.append(key)
+    if unknown or not groups["image_proj"] or not groups["ip_adapter"]:
+        found = ", ".join(f"'{k}'" for k in (unknown or list(state_dict))[:3]) or "nothing"
+        missing = [g for g in groups if not groups[g]]
+        raise AdapterFormatError(
+            f"'{source}' is not an IP-Adapter checkpoint: found keys like {found}"
+            + (f" and no '{missing[0]}' group" if missing else "")
+            + "; expected 'image_proj.*' and 'ip_adapter.*' tensors"
+        )
+    return groups["image_proj"], groups["ip_adapter"]
+
+
+# --- detection and validation -----------------------------------------------
+
+
+def detect_spec(
+    image_proj: dict[str, torch.Tensor],
+    ip_adapter: dict[str, torch.Tensor],
+    source: str,
+    base_width: int | None = SD15_BASE_WIDTH,
+) -> AdapterSpec:
+    if "perceiver_resampler.proj_in.weight" in image_proj or "norm.weight" in image_proj and "proj.0.weight" in image_proj:
+        raise AdapterFormatError(
+            f"'{source}' is a FaceID adapter (its projection takes an InsightFace identity embedding); "
+            "expected a base, light, plus, plus-face or full-face adapter"
+        )
+    if any("lora" in key for key in ip_adapter):
+        raise AdapterFormatError(f"'{source}' carries LoRA weights (a FaceID adapter); expected plain to_k_ip/to_v_ip weights")
+    spec = _detect_projection(image_proj, source)
+    if spec.cross_attention_dim == SDXL_CROSS_ATTENTION_DIM:
+        raise AdapterFormatError(
+            f"'{source}' is an SDXL adapter (image tokens {SDXL_CROSS_ATTENTION_DIM} wide); "
+            f"expected an SD1.5 adapter ({SD15_CROSS_ATTENTION_DIM})"
+        )
+    if spec.cross_attention_dim != SD15_CROSS_ATTENTION_DIM:
+        raise AdapterFormatError(
+            f"'{source}' makes image tokens {spec.cross_attention_dim} wide; "
+            f"expected {SD15_CROSS_ATTENTION_DIM}, the SD1.5 cross-attention width"
+        )
+    found_base = _validate_layers(ip_adapter, spec.cross_attention_dim, source, base_width)
+    return AdapterSpec(**{**spec.__dict__, "base_width": found_base})
+
+
+def _shape(tensors: dict[str, torch.Tensor], key: str, source: str) -> tuple[int, ...]:
+    if key not in tensors:
+        raise AdapterFormatError(f"'{source}': image_proj.{key} is missing; expected it for this projection type")
+    return tuple(tensors[key].shape)
+
+
+def _detect_projection(image_proj: dict[str, torch.Tensor], source: str) -> AdapterSpec:
+    keys = set(image_proj)
+    if keys == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
+        out_features, encoder_width = _shape(image_proj, "proj.weight", source)
+        (cross,) = _shape(image_proj, "norm.weight", source)
+        if out_features % cross or _shape(image_proj, "proj.bias", source) != (out_features,):
+            raise AdapterFormatError(
+                f"'{source}': image_proj.proj.weight is [{out_features}, {encoder_width}]; "
+                f"expected [tokens x {cross}, encoder width]"
+            )
+        return AdapterSpec("base", out_features // cross, cross, "image_embeds", encoder_width, 0)
+    if {"proj.0.weight", "proj.2.weight", "proj.3.weight"} <= keys:
+        hidden, encoder_width = _shape(image_proj, "proj.0.weight", source)
+        (cross,) = _shape(image_proj, "proj.3.weight", source)
+        if _shape(image_proj, "proj.2.weight", source) != (cross, hidden):
+            raise AdapterFormatError(f"'{source}': image_proj.proj.2.weight does not join [{hidden}] to [{cross}]")
+        return AdapterSpec("full-face", None, cross, "penultimate", encoder_width, 0)
+    if "latents" in keys and "proj_in.weight" in keys:
+        _, num_queries, dim = _shape(image_proj, "latents", source)
+        _, encoder_width = _shape(image_proj, "proj_in.weight", source)
+        (cross,) = _shape(image_proj, "norm_out.weight", source)
+        depth = len({k.split(".")[1] for k in keys if re.match(r"layers\.\d+\.0\.to_q\.weight$", k)})
+        inner_dim = _shape(image_proj, "layers.0.0.to_q.weight", source)[0]
+        ff_inner = _shape(image_proj, "layers.0.1.1.weight", source)[0]
+        resampler = {"dim": dim, "depth": depth, "dim_head": 64, "heads": inner_dim // 64, "ff_mult": ff_inner // dim}
+        return AdapterSpec("plus", num_queries, cross, "penultimate", encoder_width, 0, resampler)
+    found = ", ".join(sorted(keys)[:4])
+    raise AdapterFormatError(
+        f"'{source}': unknown image projection (keys {found}); expected a Linear+LayerNorm (base/light), "
+        "Resampler (plus/plus-face) or MLP (full-face) projection"
+    )
+
+
+def _validate_layers(
+    ip_adapter: dict[str, torch.Tensor], cross: int, source: str, base_width: int | None
+) -> int:
+    expected_keys = {f"{layer.key}.{name}.weight" for layer in SD15_LAYERS for name in ("to_k_ip", "to_v_ip")}
+    found_keys = set(ip_adapter)
+    if found_keys != expected_keys:
+        extra = sorted(found_keys - expected_keys, key=_natural)
+        missing = sorted(expected_keys - found_keys, key=_natural)
+        detail = f"unexpected {extra[:2]}" if extra else f"missing {missing[:2]}"
+        raise AdapterFormatError(
+            f"'{source}' has {len(found_keys)} ip_adapter tensors ({detail}); "
+            "expected 32: to_k_ip/to_v_ip for the 16 SD1.5 cross-attention layers (keys 1, 3, ..., 31)"
+        )
+    if base_width is None:
+        base_width = ip_adapter["1.to_k_ip.weight"].shape[0]
+    widths = layer_widths(base_width)
+    for layer in SD15_LAYERS:
+        for name in ("to_k_ip", "to_v_ip"):
+            shape = tuple(ip_adapter[f"{layer.key}.{name}.weight"].shape)
+            if shape != (widths[layer.key], cross):
+                raise AdapterFormatError(
+                    f"'{source}': ip_adapter.{layer.key}.{name}.weight is {list(shape)}, "
+                    f"expected {[widths[layer.key], cross]} (SD1.5 layer {layer.diffusers_name}"
+                    + (f", base width {base_width})" if base_width != SD15_BASE_WIDTH else ")")
+                )
+    return base_width
+
+
+def check_encoder(spec: AdapterSpec, embed_dim: int, hidden_width: int, source: str, encoder_name: str) -> None:
+    """Refuse an encoder whose output the adapter's projection cannot take."""
+    found = embed_dim if spec.encoder_input == "image_embeds" else hidden_width
+    if found != spec.encoder_width:
+        kind = "image embeddings" if spec.encoder_input == "image_embeds" else "hidden states"
+        raise AdapterFormatError(
+            f"'{source}' expects {spec.encoder_name} {kind} of width {spec.encoder_width}, "
+            f"but the image encoder ({encoder_name}) gives {found}"
+        )
+
+
+# --- writing -------------------------------------------------------------------
+
+
+def save_adapter(
+    checkpoint: IPAdapterCheckpoint,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = torch.float16,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the official layout; ``.safetensors`` is flat, anything else a nested ``.bin``.
+
+    The file appears atomically: an existing file at ``path`` stays intact until
+    the new one is complete.
+    """
+    path = Path(path)
+    if dtype is not None:
+        checkpoint = checkpoint.to(dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        if path.suffix == ".safetensors":
+            tensors = {k: v.contiguous() for k, v in checkpoint.flat_state_dict().items()}
+            meta = {**checkpoint.metadata, **(metadata or {})}
+            save_file(tensors, temporary, metadata={str(k): str(v) for k, v in meta.items()} or None)
+        else:
+            torch.save(checkpoint.nested_state_dict(), temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def _natural(key: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]

@@ -1,0 +1,117 @@
+"""Image projections: CLIP image features -> image tokens of the UNet's context width.
+
+Parameter names match the official checkpoints' ``image_proj`` group, so the
+released tensors load with strict key matching.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LinearProjection(nn.Module):
+    """Base / light adapter: one global embedding -> ``num_tokens`` tokens."""
+
+    def __init__(self, embed_dim: int = 1024, cross_attention_dim: int = 768, num_tokens: int = 4):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.cross_attention_dim = cross_attention_dim
+        self.proj = nn.Linear(embed_dim, num_tokens * cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(image_embeds).reshape(-1, self.num_tokens, self.cross_attention_dim)
+        return self.norm(tokens)
+
+
+class MLPProjection(nn.Module):
+    """Full-face adapter: every hidden state of the encoder becomes a token."""
+
+    def __init__(self, hidden_width: int = 1280, cross_attention_dim: int = 768):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Linear(hidden_width, hidden_width),
+            nn.GELU(),
+            nn.Linear(hidden_width, cross_attention_dim),
+            nn.LayerNorm(cross_attention_dim),
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden_states)
+
+
+def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, dim * mult, bias=False),
+        nn.GELU(),
+        nn.Linear(dim * mult, dim, bias=False),
+    )
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to the image features and to themselves."""
+
+    def __init__(self, dim: int, dim_head: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        inner_dim = dim_head * heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(dim, inner_dim * 2, bias=False)
+        self.to_out = nn.Linear(inner_dim, dim, bias=False)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.heads, -1).transpose(1, 2)
+
+    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        features = self.norm1(features)
+        latents = self.norm2(latents)
+        batch, length, _ = latents.shape
+        q = self._split_heads(self.to_q(latents))
+        k, v = self.to_kv(torch.cat((features, latents), dim=-2)).chunk(2, dim=-1)
+        k, v = self._split_heads(k), self._split_heads(v)
+        # The reference scales q and k by dim_head**-0.25 each and takes the
+        # softmax in fp32; keep both so fp16 results match it.
+        scale = 1 / math.sqrt(math.sqrt(self.dim_head))
+        weights = (q * scale) @ (k * scale).transpose(-2, -1)
+        weights = torch.softmax(weights.float(), dim=-1).to(weights.dtype)
+        out = (weights @ v).transpose(1, 2).reshape(batch, length, -1)
+        return self.to_out(out)
+
+
+class Resampler(nn.Module):
+    """Plus / plus-face adapter: learned queries read the encoder's hidden states."""
+
+    def __init__(
+        self,
+        dim: int = 768,
+        depth: int = 4,
+        dim_head: int = 64,
+        heads: int = 12,
+        num_queries: int = 16,
+        hidden_width: int = 1280,
+        output_dim: int = 768,
+        ff_mult: int = 4,
+    ):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
+        self.proj_in = nn.Linear(hidden_width, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)]) for _ in range(depth)
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        latents = self.latents.repeat(hidden_states.shape[0], 1, 1)
+        features = self.proj_in(hidden_states)
+        for attention, feed_forward in self.layers:
+            latents = attention(features, latents) + latents
+            latents = feed_forward(latents) + latents
+        return self.norm_out(self.proj_out(latents))

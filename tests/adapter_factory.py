@@ -1,0 +1,74 @@
+"""Random tensors with the exact shapes of the released SD1.5 adapters.
+
+The key tables are written out here, independently of ``ipadapter.projection``,
+so that a strict load of them checks our module names against the official ones.
+"""
+from __future__ import annotations
+
+import torch
+
+LAYER_KEYS = list(range(1, 32, 2))
+LAYER_MULTIPLIERS = [1, 1, 2, 2, 4, 4, 4, 4, 4, 2, 2, 2, 1, 1, 1, 4]
+
+
+def image_proj_shapes(variant: str, cross: int = 768, encoder_width: int | None = None) -> dict[str, tuple]:
+    if variant == "base":
+        width = encoder_width or 1024
+        return {"proj.weight": (4 * cross, width), "proj.bias": (4 * cross,), "norm.weight": (cross,), "norm.bias": (cross,)}
+    if variant == "full-face":
+        width = encoder_width or 1280
+        return {
+            "proj.0.weight": (width, width), "proj.0.bias": (width,),
+            "proj.2.weight": (cross, width), "proj.2.bias": (cross,),
+            "proj.3.weight": (cross,), "proj.3.bias": (cross,),
+        }
+    if variant == "plus":
+        width = encoder_width or 1280
+        dim = cross  # SD1.5 plus: dim 768, 12 heads of 64, depth 4, 16 queries
+        shapes = {
+            "latents": (1, 16, dim),
+            "proj_in.weight": (dim, width), "proj_in.bias": (dim,),
+            "proj_out.weight": (cross, dim), "proj_out.bias": (cross,),
+            "norm_out.weight": (cross,), "norm_out.bias": (cross,),
+        }
+        for i in range(4):
+            shapes.update({
+                f"layers.{i}.0.norm1.weight": (dim,), f"layers.{i}.0.norm1.bias": (dim,),
+                f"layers.{i}.0.norm2.weight": (dim,), f"layers.{i}.0.norm2.bias": (dim,),
+                f"layers.{i}.0.to_q.weight": (dim, dim),
+                f"layers.{i}.0.to_kv.weight": (2 * dim, dim),
+                f"layers.{i}.0.to_out.weight": (dim, dim),
+                f"layers.{i}.1.0.weight": (dim,), f"layers.{i}.1.0.bias": (dim,),
+                f"layers.{i}.1.1.weight": (4 * dim, dim),
+                f"layers.{i}.1.3.weight": (dim, 4 * dim),
+            })
+        return shapes
+    raise ValueError(variant)
+
+
+def random_tensors(shapes: dict[str, tuple], generator: torch.Generator, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for key, shape in shapes.items():
+        if key.endswith("weight") and len(shape) == 1:  # LayerNorm gains
+            tensors[key] = (1 + 0.1 * torch.randn(shape, generator=generator)).to(dtype)
+        else:
+            tensors[key] = (0.02 * torch.randn(shape, generator=generator)).to(dtype)
+    return tensors
+
+
+def random_adapter(
+    variant: str = "base",
+    base_width: int = 320,
+    cross: int = 768,
+    encoder_width: int | None = None,
+    seed: int = 0,
+    dtype=torch.float32,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """A nested ``{"image_proj", "ip_adapter"}`` dict like the official ``.bin``."""
+    generator = torch.Generator().manual_seed(seed)
+    image_proj = random_tensors(image_proj_shapes(variant, cross, encoder_width), generator, dtype)
+    ip_adapter = {}
+    for key, multiplier in zip(LAYER_KEYS, LAYER_MULTIPLIERS):
+        for name in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{key}.{name}.weight"] = (0.02 * torch.randn(multiplier * base_width, cross, generator=generator)).to(dtype)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}

@@ -1,0 +1,192 @@
+"""From encoder features to the per-layer image keys and values.
+
+The encoder's features (not the projected tokens) are what an image prompt
+stores, so one encoding serves any adapter made for that encoder.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import AdapterFormatError, IPAdapterCheckpoint
+from .layers import SD15_LAYERS
+
+COMBINE_MODES = ("average", "concat")
+
+
+@dataclass
+class EncodedImages:
+    """Encoder features of reference images and of their unconditional counterpart.
+
+    ``image_embeds`` [N, embed_dim] is the projected CLS token (base adapters);
+    ``penultimate`` [N, tokens, hidden] the second-to-last hidden states (plus,
+    full-face). ``uncond_*`` hold one entry each: a negative image's features,
+    or None for the reference's own unconditional input.
+    """
+
+    image_embeds: torch.Tensor
+    penultimate: torch.Tensor
+    uncond_image_embeds: torch.Tensor | None = None
+    uncond_penultimate: torch.Tensor | None = None
+    encoder_name: str = "image encoder"
+
+    def __len__(self) -> int:
+        return self.image_embeds.shape[0]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {"image_embeds": self.image_embeds, "penultimate": self.penultimate}
+        if self.uncond_image_embeds is not None:
+            tensors["uncond_image_embeds"] = self.uncond_image_embeds
+            tensors["uncond_penultimate"] = self.uncond_penultimate
+        return {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], encoder_name: str, source: str) -> "EncodedImages":
+        if "image_embeds" not in tensors or "penultimate" not in tensors:
+            found = ", ".join(sorted(tensors)[:4]) or "nothing"
+            raise ValueError(f"'{source}' holds {found}; expected saved image embeddings (image_embeds, penultimate)")
+        return cls(
+            tensors["image_embeds"],
+            tensors["penultimate"],
+            tensors.get("uncond_image_embeds"),
+            tensors.get("uncond_penultimate"),
+            encoder_name,
+        )
+
+    def concatenated(self, other: "EncodedImages") -> "EncodedImages":
+        return EncodedImages(
+            torch.cat([self.image_embeds, other.image_embeds.to(self.image_embeds)]),
+            torch.cat([self.penultimate, other.penultimate.to(self.penultimate)]),
+            self.uncond_image_embeds,
+            self.uncond_penultimate,
+            self.encoder_name,
+        )
+
+
+def image_tokens(
+    checkpoint: IPAdapterCheckpoint,
+    projection: torch.nn.Module,
+    images: EncodedImages,
+    default_uncond_penultimate: torch.Tensor | None,
+    combine: str = "average",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditional and unconditional image tokens, each [1, tokens, 768].
+
+    The unconditional input follows the reference implementation: a zero
+    embedding for base adapters, the encoder's features of an all-zero
+    (normalised) image for the others, unless a negative image was encoded.
+    """
+    if len(images) == 0:
+        raise ValueError("the image prompt holds no image; expected at least one reference image")
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine mode '{combine}' is unknown; expected one of {', '.join(COMBINE_MODES)}")
+    spec = checkpoint.spec
+    uses_embeds = spec.encoder_input == "image_embeds"
+    cond = images.image_embeds if uses_embeds else images.penultimate
+    uncond = images.uncond_image_embeds if uses_embeds else images.uncond_penultimate
+    if uncond is None:
+        if uses_embeds:
+            uncond = torch.zeros_like(cond[:1])
+        elif default_uncond_penultimate is not None:
+            uncond = default_uncond_penultimate
+        else:
+            raise ValueError(f"'{checkpoint.source}' ({spec.variant}) needs the encoder's output for a blank image")
+    width = cond.shape[-1]
+    if width != spec.encoder_width:
+        raise AdapterFormatError(
+            f"'{checkpoint.source}' expects {spec.encoder_name} features of width {spec.encoder_width}, "
+            f"but the image embeddings ({images.encoder_name}) are {width} wide"
+        )
+    parameter = next(projection.parameters())
+    cond = cond.to(parameter)
+    uncond = uncond.to(parameter)
+    with torch.no_grad():
+        if combine == "average":
+            cond_tokens = projection(cond.mean(dim=0, keepdim=True))
+        else:
+            cond_tokens = projection(cond).reshape(1, -1, spec.cross_attention_dim)
+        uncond_tokens = projection(uncond.mean(dim=0, keepdim=True))
+        if combine == "concat":
+            uncond_tokens = uncond_tokens.repeat(1, len(images), 1)
+    return cond_tokens, uncond_tokens
+
+
+def layer_keys_values(
+    checkpoint: IPAdapterCheckpoint, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """K' and V' of every layer for these image tokens; they do not depend on the step."""
+    tokens = tokens.to(device=device, dtype=torch.float32)
+    result = {}
+    for layer in SD15_LAYERS:
+        to_k, to_v = checkpoint.layer_weights(layer.key)
+        k = tokens @ to_k.to(device=device, dtype=torch.float32).T
+        v = tokens @ to_v.to(device=device, dtype=torch.float32).T
+        result[layer.key] = (k.to(dtype), v.to(dtype))
+    return result
+
+
+def token_grid(latent_height: int, latent_width: int, tokens: int) -> tuple[int, int]:
+    """Height and width of a UNet level's feature map that has ``tokens`` positions."""
+    for level in range(5):
+        height = math.ceil(latent_height / 2**level)
+        width = math.ceil(latent_width / 2**level)
+        if height * width == tokens:
+            return height, width
+    raise ValueError(f"no UNet level of a {latent_height}x{latent_width} latent has {tokens} positions")
+
+
+def mask_to_tokens(mask: torch.Tensor, latent_height: int, latent_width: int, tokens: int) -> torch.Tensor:
+    """Resize a region mask [M, H, W] to a layer's query tokens: [M, tokens]."""
+    height, width = token_grid(latent_height, latent_width, tokens)
+    resized = F.interpolate(mask[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)
+    return resized.reshape(mask.shape[0], height * width)
+
+
+def check_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A MASK as [M, H, W]; refuse anything that is not 2-d or 3-d."""
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() != 3 or mask.shape[-1] == 0 or mask.shape[-2] == 0:
+        raise ValueError(f"attention mask has shape {list(mask.shape)}; expected [height, width] or [batch, height, width]")
+    return mask
+
+
+LAYER_WEIGHT_PRESETS = {
+    # Weight by official key. "style" and "composition" transfer InstantStyle's
+    # finding on SDXL (one up block carries style, one down block layout) to the
+    # SD1.5 blocks of the same role and width: up_blocks.1 and down_blocks.2.
+    "all": {layer.key: 1.0 for layer in SD15_LAYERS},
+    "style": {layer.key: float(layer.comfy_block[0] == "output" and layer.comfy_block[1] in (3, 4, 5)) for layer in SD15_LAYERS},
+    "composition": {layer.key: float(layer.comfy_block in (("input", 7), ("input", 8))) for layer in SD15_LAYERS},
+}
+
+
+def parse_layer_weights(text: str) -> dict[int, float]:
+    """Per-layer multipliers from a preset name or 16 comma-separated numbers (keys 1..31 in order).
+
+    Also accepts ``key:value`` pairs (``"15:1, 11:0.5"``); unnamed layers then get 0.
+    """
+    text = text.strip()
+    if not text:
+        return dict(LAYER_WEIGHT_PRESETS["all"])
+    if text in LAYER_WEIGHT_PRESETS:
+        return dict(LAYER_WEIGHT_PRESETS[text])
+    parts = [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
+    keys = [layer.key for layer in SD15_LAYERS]
+    try:
+        if all(":" in part for part in parts):
+            pairs = {int(k): float(v) for k, v in (part.split(":") for part in parts)}
+            unknown = sorted(set(pairs) - set(keys))
+            if unknown:
+                raise ValueError(f"layer keys {unknown} are not SD1.5 cross-attention keys")
+            return {key: pairs.get(key, 0.0) for key in keys}
+        values = [float(part) for part in parts]
+    except ValueError as error:
+        raise ValueError(f"layer weights '{text[:60]}' are not readable ({error}); expected a preset "
+                         f"({', '.join(LAYER_WEIGHT_PRESETS)}), 16 numbers or key:value pairs") from None
+    if len(values) != len(keys):
+        raise ValueError(f"layer weights give {len(values)} numbers; expected 16, one per cross-attention layer (keys 1, 3, ..., 31)")
+    return dict(zip(keys, values))

@@ -1,0 +1,223 @@
+"""ComfyUI glue: attn2 replace patches that add image-prompt terms to SD1.5 layers.
+
+The math lives in ``ipadapter/``; this module only speaks ComfyUI's patch
+protocol (``patches_replace["attn2"]`` callables get projected q, k, v and the
+transformer options) and its model-patch ``to()`` convention.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from .ipadapter.attention import image_attention
+from .ipadapter.checkpoint import IPAdapterCheckpoint
+from .ipadapter.image_prompt import layer_keys_values, mask_to_tokens
+from .ipadapter.layers import SD15_LAYERS
+
+COND, UNCOND = 0, 1  # the values of ComfyUI's cond_or_uncond list
+
+
+def comfy_attention():
+    """ComfyUI's optimised attention as ``fn(q, k, v, heads, extra_options)``.
+
+    Newer ComfyUI versions take extra keyword arguments (``attn_precision``,
+    ``transformer_options``); pass them only where the signature has them.
+    """
+    from comfy.ldm.modules.attention import optimized_attention
+
+    parameters = inspect.signature(optimized_attention).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+    def attention(q, k, v, heads, extra_options, attn_precision=None):
+        kwargs = {}
+        if attn_precision is not None and ("attn_precision" in parameters or takes_any):
+            kwargs["attn_precision"] = attn_precision
+        if "transformer_options" in parameters:
+            kwargs["transformer_options"] = extra_options
+        return optimized_attention(q, k, v, heads, **kwargs)
+
+    return attention
+
+
+@dataclass(eq=False)
+class ImagePromptTerm:
+    """One applied image prompt: its image keys/values per layer, weight, window and mask.
+
+    K'/V' do not depend on the step, so they are computed once here (fp32, on
+    the CPU) and then copied once per device and dtype the UNet runs in.
+    """
+
+    keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer key -> [2, T, C] (cond, uncond)
+    weight: float
+    layer_weights: dict[int, float]
+    sigma_start: float
+    sigma_end: float
+    mask: torch.Tensor | None = None  # [M, H, W] in 0..1
+    _on_device: dict = field(default_factory=dict, repr=False)
+    _window: tuple = field(default=(None, -1, False), repr=False)
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, checkpoint: IPAdapterCheckpoint, cond_tokens, uncond_tokens, weight, layer_weights,
+              sigma_start, sigma_end, mask=None) -> "ImagePromptTerm":
+        tokens = torch.cat([cond_tokens, uncond_tokens.to(cond_tokens)])
+        keys_values = layer_keys_values(checkpoint, tokens, torch.device("cpu"), torch.float32)
+        return cls(keys_values, float(weight), dict(layer_weights), sigma_start, sigma_end, mask)
+
+    def layer_weight(self, key: int) -> float:
+        return self.weight * self.layer_weights.get(key, 1.0)
+
+    def is_active(self, sigmas: torch.Tensor | None) -> bool:
+        """Whether this step is inside [start_at, end_at]; one host sync per step, not per layer."""
+        if sigmas is None:
+            return True
+        last, version, active = self._window
+        if last is not sigmas or version != sigmas._version:
+            sigma = float(sigmas.detach().flatten()[0])
+            active = self.sigma_end <= sigma <= self.sigma_start
+            self._window = (sigmas, sigmas._version, active)
+        return active
+
+    def batch_keys_values(self, key, cond_or_uncond, batch, device, dtype):
+        """K', V' for a batch made of ``cond_or_uncond`` chunks (0: conditional, 1: unconditional)."""
+        layout = (tuple(cond_or_uncond), batch // len(cond_or_uncond))
+        cache = self._device_copy(device, dtype)
+        if (key, layout) not in cache:
+            k, v = cache[key]
+            cache[(key, layout)] = (
+                torch.cat([k[c : c + 1].expand(layout[1], -1, -1) for c in layout[0]]),
+                torch.cat([v[c : c + 1].expand(layout[1], -1, -1) for c in layout[0]]),
+            )
+        return cache[(key, layout)]
+
+    def _device_copy(self, device, dtype):
+        cache = self._on_device.get((device, dtype))
+        if cache is None:
+            cache = {k: (kk.to(device, dtype), vv.to(device, dtype)) for k, (kk, vv) in self.keys_values.items()}
+            self._on_device = {(device, dtype): cache}  # keep one copy: the device and dtype in use
+        return cache
+
+    def batch_mask(self, extra_options, tokens, batch, device, dtype):
+        if self.mask is None:
+            return None
+        shape = extra_options.get("original_shape") or extra_options.get("activations_shape")
+        height, width = shape[-2], shape[-1]
+        cached = self._masks.get((tokens, height, width, device, dtype))
+        if cached is None:
+            cached = mask_to_tokens(self.mask, height, width, tokens).to(device, dtype)
+            self._masks = {(tokens, height, width, device, dtype): cached}
+        chunks = len(extra_options["cond_or_uncond"])
+        per_chunk = batch // chunks
+        if cached.shape[0] == 1:
+            return cached.expand(batch, -1)
+        if cached.shape[0] != per_chunk:
+            raise ValueError(
+                f"the attention mask has {cached.shape[0]} frames; expected 1 or {per_chunk}, the batch size"
+            )
+        return cached.repeat(chunks, 1)
+
+    def to(self, device_or_dtype):
+        """Follow the UNet when ComfyUI loads or offloads it (``model_patches_to``)."""
+        if isinstance(device_or_dtype, torch.dtype):
+            self._on_device = {
+                (device, device_or_dtype): {
+                    k: (a.to(device_or_dtype), b.to(device_or_dtype)) for k, (a, b) in c.items() if isinstance(k, int)
+                }
+                for (device, _), c in self._on_device.items()
+            }
+        else:
+            device = torch.device(device_or_dtype)
+            self._on_device = {
+                (device, dtype): {k: (a.to(device), b.to(device)) for k, (a, b) in c.items() if isinstance(k, int)}
+                for (_, dtype), c in self._on_device.items()
+            }
+            self._masks = {}
+        return self
+
+
+class AttentionPatch:
+    """The attn2 replacement of one layer: text attention plus every applied image prompt.
+
+    A patch set earlier by another node pack on the same layer computes the text
+    part, so it keeps working under ours.
+    """
+
+    def __init__(self, key: int, terms: tuple[ImagePromptTerm, ...], previous=None, attn_precision=None):
+        self.key = key
+        self.terms = terms
+        self.previous = previous
+        self.attn_precision = attn_precision
+        self._attention = None
+
+    def with_term(self, term: ImagePromptTerm) -> "AttentionPatch":
+        return AttentionPatch(self.key, (*self.terms, term), self.previous, self.attn_precision)
+
+    def __call__(self, q, k, v, extra_options):
+        if self._attention is None:
+            self._attention = comfy_attention()
+        heads = extra_options["n_heads"]
+        if self.previous is not None:
+            out = self.previous(q, k, v, extra_options)
+        else:
+            out = self._attention(q, k, v, heads, extra_options, self.attn_precision)
+        cond_or_uncond = extra_options.get("cond_or_uncond") or [COND]
+        sigmas = extra_options.get("sigmas")
+        for term in self.terms:
+            weight = term.layer_weight(self.key)
+            if weight == 0 or not term.is_active(sigmas):
+                continue
+            batch = q.shape[0]
+            k_ip, v_ip = term.batch_keys_values(self.key, cond_or_uncond, batch, q.device, q.dtype)
+            mask = term.batch_mask(extra_options, q.shape[1], batch, q.device, q.dtype)
+
+            def attention(q_, k_, v_, heads_):
+                return self._attention(q_, k_, v_, heads_, extra_options, self.attn_precision)
+
+            out = out + image_attention(q, k_ip, v_ip, heads, weight, mask, attention)
+        return out
+
+    def to(self, device_or_dtype):
+        for term in self.terms:
+            term.to(device_or_dtype)
+        if hasattr(self.previous, "to"):
+            self.previous.to(device_or_dtype)
+        return self
+
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model options; the image keys/values
+        # are shared, never copied, however often the model is cloned.
+        clone = AttentionPatch(self.key, self.terms, copy.deepcopy(self.previous, memo), self.attn_precision)
+        memo[id(self)] = clone
+        return clone
+
+
+def cross_attention_modules(diffusion_model):
+    """The attn2 module of each SD1.5 layer in a ComfyUI UNet, by official key."""
+    blocks = {"input": diffusion_model.input_blocks, "output": diffusion_model.output_blocks}
+    modules = {}
+    for layer in SD15_LAYERS:
+        kind, number = layer.comfy_block
+        block = diffusion_model.middle_block if kind == "middle" else blocks[kind][number]
+        transformer = next(m for m in block if hasattr(m, "transformer_blocks"))
+        modules[layer.key] = transformer.transformer_blocks[0].attn2
+    return modules
+
+
+def apply_image_prompt(model, term: ImagePromptTerm):
+    """A clone of ``model`` (a ComfyUI ModelPatcher) with ``term`` added to all 16 layers."""
+    patched = model.clone()
+    replace = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    attention_modules = cross_attention_modules(patched.model.diffusion_model)
+    for layer in SD15_LAYERS:
+        # ComfyUI looks up (block, id, transformer index) first, then (block, id)
+        existing = replace.get(layer.comfy_patch_key) or replace.get(layer.comfy_block)
+        if isinstance(existing, AttentionPatch):
+            patch = existing.with_term(term)
+        else:
+            precision = getattr(attention_modules[layer.key], "attn_precision", None)
+            patch = AttentionPatch(layer.key, (term,), existing, precision)
+        patched.set_model_attn2_replace(patch, *layer.comfy_patch_key)
+    return patched

@@ -10,17 +10,16 @@ The variant is read from the tensors, never from the file name.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .files import read_weights
 from .layers import SD15_BASE_WIDTH, SD15_CROSS_ATTENTION_DIM, SDXL_CROSS_ATTENTION_DIM, SD15_LAYERS, layer_widths
 from .projection import LinearProjection, MLPProjection, Resampler
 
@@ -151,37 +150,7 @@ def load_adapter(path: str | os.PathLike, base_width: int | None = SD15_BASE_WID
 
 def read_state_dict(path: Path) -> tuple[dict, dict[str, str]]:
     """The raw (flat or nested) dict in a weights file, and its safetensors metadata."""
-    name = path.name
-    if not path.is_file():
-        where = "is a directory" if path.is_dir() else "does not exist"
-        raise AdapterFormatError(f"IP-Adapter file '{path}' {where}; expected a .safetensors or .bin file")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-            return load_file(str(path)), metadata
-        except (SafetensorError, OSError, ValueError) as error:
-            raise AdapterFormatError(
-                f"'{name}' is not a readable .safetensors file ({_first_line(error)}); "
-                "the file may be truncated or corrupt, expected a complete safetensors file"
-            ) from None
-    try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise AdapterFormatError(
-            f"'{name}' was refused: its pickle asks to run code or build non-tensor objects "
-            f"({_first_line(error)}); expected a plain dict of tensors (or use the .safetensors file)"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise AdapterFormatError(
-            f"'{name}' is not a readable torch file ({_first_line(error)}); "
-            "the file may be truncated or corrupt, expected a .bin saved with torch.save"
-        ) from None
-    if not isinstance(loaded, dict):
-        raise AdapterFormatError(f"'{name}' holds a {type(loaded).__name__}; expected a dict of tensors")
-    return loaded, {}
+    return read_weights(path, "IP-Adapter", AdapterFormatError)
 
 
 def split_groups(state_dict: dict, source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -350,11 +319,6 @@ def save_adapter(
         if os.path.exists(temporary):
             os.remove(temporary)
     return path
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
 
 
 def _natural(key: str):

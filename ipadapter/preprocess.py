@@ -1,0 +1,61 @@
+"""CLIP image preprocessing in torch, as the reference's CLIPImageProcessor does it."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CROP_MODES = ("crop", "pad", "stretch")
+
+
+def as_channels_first(images: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] (ComfyUI's IMAGE) or [B, 3, H, W] -> [B, 3, H, W] float."""
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4 or 3 not in (images.shape[1], images.shape[-1]):
+        raise ValueError(f"images have shape {list(images.shape)}; expected [batch, height, width, 3] in 0..1")
+    if images.shape[0] == 0:
+        raise ValueError("the image batch is empty; expected at least one image")
+    if images.shape[-1] == 3 and images.shape[1] != 3:
+        images = images.permute(0, 3, 1, 2)
+    return images.float()
+
+
+def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    resized = F.interpolate(images, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return resized.clamp(0, 1)  # bicubic overshoots; PIL clips to the pixel range as well
+
+
+def preprocess(images: torch.Tensor, size: int = 224, mode: str = "crop") -> torch.Tensor:
+    """Images in 0..1 -> normalised [B, 3, size, size] pixels for the CLIP encoder.
+
+    - ``crop``: shortest side to ``size`` (bicubic, antialiased), center crop: the reference;
+    - ``pad``: longest side to ``size``, padded to a square with the CLIP mean colour
+      (zero after normalisation), so nothing is cut off;
+    - ``stretch``: straight to ``size``×``size``.
+    """
+    if mode not in CROP_MODES:
+        raise ValueError(f"crop mode '{mode}' is unknown; expected one of {', '.join(CROP_MODES)}")
+    images = as_channels_first(images)
+    height, width = images.shape[-2:]
+    if mode == "stretch":
+        images = _resize(images, size, size)
+    elif mode == "crop":
+        scale = size / min(height, width)
+        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+        images = _resize(images, new_h, new_w)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        images = images[..., top : top + size, left : left + size]
+    else:
+        scale = size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        images = _resize(images, new_h, new_w)
+        canvas = torch.tensor(CLIP_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        canvas = canvas.repeat(images.shape[0], 1, size, size)
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        canvas[..., top : top + new_h, left : left + new_w] = images
+        images = canvas
+    mean = torch.tensor(CLIP_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std

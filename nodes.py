@@ -1,0 +1,394 @@
+"""ComfyUI nodes: sockets in, a call into ``ipadapter/``, sockets out.
+
+Node ids and socket types carry an ``SD15`` suffix so this pack installs next
+to other IP-Adapter packs without either overriding the other.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .ipadapter.checkpoint import IPAdapterCheckpoint, check_encoder, load_adapter
+from .ipadapter.encoder import ImageEncoder, load_image_encoder
+from .ipadapter.image_prompt import (
+    COMBINE_MODES,
+    LAYER_WEIGHT_PRESETS,
+    EncodedImages,
+    check_mask,
+    image_tokens,
+    parse_layer_weights,
+)
+from .ipadapter.layers import SD15_CROSS_ATTENTION_DIM
+from .ipadapter.preprocess import CROP_MODES
+from .patcher import ImagePromptTerm, apply_image_prompt
+
+ADAPTER = "IPADAPTER_SD15"
+ENCODER = "IPADAPTER_SD15_ENCODER"
+EMBEDS = "IPADAPTER_SD15_EMBEDS"
+CATEGORY = "ipadapter_sd15"
+MODEL_FOLDER = "ipadapter"
+EMBEDS_SUBFOLDER = "ipadapter_embeds"
+
+
+def register_model_folder() -> None:
+    """Add ``models/ipadapter`` to ComfyUI's folders, keeping paths from extra_model_paths.yaml."""
+    try:
+        import folder_paths
+    except ModuleNotFoundError:  # imported outside ComfyUI (tools, tests of the core)
+        return
+
+    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    paths, extensions = folder_paths.folder_names_and_paths.get(MODEL_FOLDER, ([], set()))
+    paths = list(paths) + ([default] if default not in paths else [])
+    extensions = set(extensions) | set(folder_paths.supported_pt_extensions)
+    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, extensions)
+
+
+def model_file(folder: str, name: str) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise FileNotFoundError(f"'{name}' is not in models/{folder}; expected one of the files listed in that folder")
+    return path
+
+
+@dataclass
+class LoadedAdapter:
+    checkpoint: IPAdapterCheckpoint
+    projection: torch.nn.Module
+
+
+@functools.lru_cache(maxsize=4)
+def _load_adapter_cached(path: str, modified: float) -> LoadedAdapter:
+    checkpoint = load_adapter(path, base_width=None)
+    return LoadedAdapter(checkpoint, checkpoint.build_projection())
+
+
+def load_adapter_file(name: str) -> LoadedAdapter:
+    path = model_file(MODEL_FOLDER, name)
+    return _load_adapter_cached(path, os.path.getmtime(path))
+
+
+class ManagedEncoder:
+    """Our OpenCLIP encoder under ComfyUI's model management (loaded to the GPU to encode, then offloaded)."""
+
+    def __init__(self, encoder: ImageEncoder):
+        import comfy.model_management as mm
+        import comfy.model_patcher
+
+        self.encoder = encoder
+        load_device = mm.get_torch_device()
+        offload_device = mm.text_encoder_offload_device()
+        half = mm.should_use_fp16(load_device, prioritize_performance=False)
+        encoder.to(torch.float16 if half else torch.float32)
+        self.patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
+        self._blank = None
+
+    def encode(self, images: torch.Tensor, crop: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([self.patcher])
+        with torch.no_grad():
+            out = self.encoder.encode_images(images, mode=crop)
+        return out.image_embeds.float().cpu(), out.penultimate.float().cpu()
+
+    def blank_penultimate(self) -> torch.Tensor:
+        """The reference's unconditional input for plus adapters: an all-zero normalised image."""
+        if self._blank is None:
+            import comfy.model_management as mm
+
+            mm.load_models_gpu([self.patcher])
+            with torch.no_grad():
+                self._blank = self.encoder.encode(self.encoder.uncond_pixels(1)).penultimate.float().cpu()
+        return self._blank
+
+
+@functools.lru_cache(maxsize=2)
+def _load_encoder_cached(path: str, modified: float) -> ManagedEncoder:
+    return ManagedEncoder(load_image_encoder(path))
+
+
+def load_encoder_file(name: str) -> ManagedEncoder:
+    path = model_file("clip_vision", name)
+    return _load_encoder_cached(path, os.path.getmtime(path))
+
+
+def encode_images(encoder: ManagedEncoder, image, crop: str, negative_image=None) -> EncodedImages:
+    if image is None or image.shape[0] == 0:
+        raise ValueError("the image batch is empty; expected at least one reference image")
+    embeds, penultimate = encoder.encode(image, crop)
+    if negative_image is not None and negative_image.shape[0] > 0:
+        uncond_embeds, uncond_penultimate = encoder.encode(negative_image, crop)
+    else:
+        uncond_embeds, uncond_penultimate = torch.zeros_like(embeds[:1]), encoder.blank_penultimate()
+    return EncodedImages(embeds, penultimate, uncond_embeds, uncond_penultimate, encoder.encoder.name)
+
+
+def check_sd15_model(model, adapter: LoadedAdapter) -> None:
+    unet_config = getattr(model.model, "model_config", None)
+    unet_config = getattr(unet_config, "unet_config", {}) or {}
+    context = unet_config.get("context_dim")
+    if context != SD15_CROSS_ATTENTION_DIM:
+        family = {2048: "SDXL", 1024: "SD2.x"}.get(context, "not SD1.5")
+        raise ValueError(
+            f"the MODEL has cross-attention context width {context} ({family}); "
+            f"expected an SD1.5 model ({SD15_CROSS_ATTENTION_DIM}) for '{adapter.checkpoint.source}'"
+        )
+    channels = unet_config.get("model_channels")
+    if channels != adapter.checkpoint.spec.base_width:
+        raise ValueError(
+            f"the MODEL's UNet starts {channels} channels wide; '{adapter.checkpoint.source}' "
+            f"was made for {adapter.checkpoint.spec.base_width} (SD1.5 is 320)"
+        )
+
+
+def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0, start_at=0.0, end_at=1.0,
+                combine="average", layer_weights="all", attn_mask=None):
+    check_sd15_model(model, adapter)
+    spec = adapter.checkpoint.spec
+    width = embeds.image_embeds.shape[-1] if spec.encoder_input == "image_embeds" else embeds.penultimate.shape[-1]
+    check_encoder(spec, width, width, adapter.checkpoint.source, embeds.encoder_name)
+    cond, uncond = image_tokens(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate, combine)
+    sampling = model.model.model_sampling
+    mask = check_mask(attn_mask) if attn_mask is not None else None
+    term = ImagePromptTerm.build(
+        adapter.checkpoint, cond, uncond, weight, parse_layer_weights(layer_weights),
+        sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at), mask,
+    )
+    return apply_image_prompt(model, term)
+
+
+# --- node classes ------------------------------------------------------------------
+
+
+def _files(folder):
+    import folder_paths
+
+    return folder_paths.get_filename_list(folder)
+
+
+WEIGHT = ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05,
+                    "tooltip": "λ, the image prompt's weight: 0 gives the model without the adapter, 1 the paper's default."})
+CROP = (list(CROP_MODES), {"default": "crop", "tooltip": "How a non-square image becomes 224×224: center crop (the reference), pad, or stretch."})
+
+
+class IPAdapterSD15Loader:
+    DESCRIPTION = "Loads an SD1.5 IP-Adapter (base, light, plus, plus-face or full-face) from models/ipadapter."
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (ADAPTER,)
+    RETURN_NAMES = ("ipadapter",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ipadapter_file": (_files(MODEL_FOLDER), {"tooltip": "A .safetensors or .bin file from models/ipadapter."})}}
+
+    def load(self, ipadapter_file):
+        return (load_adapter_file(ipadapter_file),)
+
+
+class IPAdapterSD15EncoderLoader:
+    DESCRIPTION = "Loads the OpenCLIP ViT-H/14 image encoder from models/clip_vision (OpenCLIP or transformers format)."
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (ENCODER,)
+    RETURN_NAMES = ("image_encoder",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (_files("clip_vision"), {"tooltip": "e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"})}}
+
+    def load(self, clip_name):
+        return (load_encoder_file(clip_name),)
+
+
+class IPAdapterSD15EncoderFromCLIPVision:
+    DESCRIPTION = "Uses the weights of ComfyUI's own Load CLIP Vision output as this pack's image encoder."
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (ENCODER,)
+    RETURN_NAMES = ("image_encoder",)
+    FUNCTION = "convert"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_vision": ("CLIP_VISION", {"tooltip": "The output of ComfyUI's Load CLIP Vision node (ViT-H/14)."})}}
+
+    def convert(self, clip_vision):
+        cached = getattr(clip_vision, "_ipadapter_sd15_encoder", None)
+        if cached is None:
+            cached = ManagedEncoder(load_image_encoder(clip_vision.get_sd()))
+            clip_vision._ipadapter_sd15_encoder = cached
+        return (cached,)
+
+
+class IPAdapterSD15Encode:
+    DESCRIPTION = "Encodes reference images (a batch) into image-prompt embeddings."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (EMBEDS,)
+    RETURN_NAMES = ("embeds",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image_encoder": (ENCODER, {"tooltip": "From Load IP-Adapter Image Encoder."}),
+                "image": ("IMAGE", {"tooltip": "One or more reference images."}),
+                "crop": CROP,
+            },
+            "optional": {
+                "negative_image": ("IMAGE", {"tooltip": "Replaces the unconditional image input (default: a zero embedding for base adapters, a blank image for plus/full-face)."}),
+            },
+        }
+
+    def encode(self, image_encoder, image, crop, negative_image=None):
+        return (encode_images(image_encoder, image, crop, negative_image),)
+
+
+class IPAdapterSD15Apply:
+    DESCRIPTION = "Gives an SD1.5 MODEL an image prompt: adds λ·Attention(Q, K', V') to all 16 cross-attention layers."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SD1.5 model; it is cloned, never changed."}),
+                "ipadapter": (ADAPTER, {"tooltip": "From Load IP-Adapter."}),
+                "weight": WEIGHT,
+                "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where the image prompt starts."}),
+                "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where it stops."}),
+                "combine": (list(COMBINE_MODES), {"default": "average", "tooltip": "Several references: average their embeddings, or concatenate their tokens."}),
+                "layers": ([*LAYER_WEIGHT_PRESETS, "custom"], {"default": "all", "tooltip": "Which layers take the image prompt: all, style (up_blocks.1), composition (down_blocks.2), or custom."}),
+                "custom_layer_weights": ("STRING", {"default": "", "tooltip": "With layers = custom: 16 comma-separated numbers (keys 1, 3, ..., 31) or key:value pairs like '15:1, 11:0.5'."}),
+            },
+            "optional": {
+                "embeds": (EMBEDS, {"tooltip": "From IP-Adapter Encode Image or Load Embeds."}),
+                "image": ("IMAGE", {"tooltip": "Instead of embeds: a reference image, encoded with image_encoder."}),
+                "image_encoder": (ENCODER, {"tooltip": "Needed with image."}),
+                "attn_mask": ("MASK", {"tooltip": "Where the image prompt applies (1) and where not (0): regional prompting."}),
+            },
+        }
+
+    def apply(self, model, ipadapter, weight, start_at, end_at, combine, layers, custom_layer_weights,
+              embeds=None, image=None, image_encoder=None, attn_mask=None):
+        if embeds is None:
+            if image is None or image_encoder is None:
+                raise ValueError("Apply IP-Adapter got no embeds and no image + image_encoder; expected one of the two")
+            embeds = encode_images(image_encoder, image, "crop")
+        layer_weights = custom_layer_weights if layers == "custom" else layers
+        return (patch_model(model, ipadapter, embeds, weight, start_at, end_at, combine, layer_weights, attn_mask),)
+
+
+class IPAdapterSD15Simple:
+    DESCRIPTION = "The common path in one node: model + reference image + λ."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SD1.5 model."}),
+                "image": ("IMAGE", {"tooltip": "The reference image."}),
+                "weight": WEIGHT,
+                "ipadapter_file": (_files(MODEL_FOLDER), {"tooltip": "e.g. ip-adapter_sd15.safetensors in models/ipadapter."}),
+                "clip_name": (_files("clip_vision"), {"tooltip": "The ViT-H/14 encoder in models/clip_vision."}),
+            }
+        }
+
+    def apply(self, model, image, weight, ipadapter_file, clip_name):
+        embeds = encode_images(load_encoder_file(clip_name), image, "crop")
+        return (patch_model(model, load_adapter_file(ipadapter_file), embeds, weight),)
+
+
+class IPAdapterSD15SaveEmbeds:
+    DESCRIPTION = "Saves image-prompt embeddings as .safetensors in output/ipadapter_embeds."
+    CATEGORY = f"{CATEGORY}/embeds"
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "embeds": (EMBEDS, {"tooltip": "Embeddings to keep."}),
+            "filename_prefix": ("STRING", {"default": "ipadapter_embeds", "tooltip": "File name prefix; a counter is added."}),
+        }}
+
+    def save(self, embeds, filename_prefix):
+        import folder_paths
+        from safetensors.torch import save_file
+
+        folder = os.path.join(folder_paths.get_output_directory(), EMBEDS_SUBFOLDER)
+        os.makedirs(folder, exist_ok=True)
+        prefix = os.path.basename(filename_prefix) or "ipadapter_embeds"
+        counter = 1
+        while os.path.exists(os.path.join(folder, f"{prefix}_{counter:05d}.safetensors")):
+            counter += 1
+        path = os.path.join(folder, f"{prefix}_{counter:05d}.safetensors")
+        save_file(embeds.state_dict(), path, metadata={"encoder": embeds.encoder_name})
+        return {"ui": {"text": [path]}}
+
+
+class IPAdapterSD15LoadEmbeds:
+    DESCRIPTION = "Loads image-prompt embeddings saved by Save Embeds (from input/ or output/ipadapter_embeds)."
+    CATEGORY = f"{CATEGORY}/embeds"
+    RETURN_TYPES = (EMBEDS,)
+    RETURN_NAMES = ("embeds",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        def listing(folder, annotation=""):
+            if not os.path.isdir(folder):
+                return []
+            return [f"{name}{annotation}" for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")]
+
+        files = listing(folder_paths.get_input_directory())
+        files += [f"{EMBEDS_SUBFOLDER}/{name}" for name in listing(os.path.join(folder_paths.get_output_directory(), EMBEDS_SUBFOLDER), " [output]")]
+        return {"required": {"embeds_file": (files, {"tooltip": "A .safetensors file written by Save Embeds."})}}
+
+    def load(self, embeds_file):
+        import folder_paths
+        from safetensors import safe_open
+
+        path = folder_paths.get_annotated_filepath(embeds_file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"embeddings file '{embeds_file}' does not exist; expected a file written by Save Embeds")
+        with safe_open(path, framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            encoder_name = (handle.metadata() or {}).get("encoder", "image encoder")
+        return (EncodedImages.from_state_dict(tensors, encoder_name, os.path.basename(path)),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "IPAdapterSD15Loader": IPAdapterSD15Loader,
+    "IPAdapterSD15EncoderLoader": IPAdapterSD15EncoderLoader,
+    "IPAdapterSD15EncoderFromCLIPVision": IPAdapterSD15EncoderFromCLIPVision,
+    "IPAdapterSD15Encode": IPAdapterSD15Encode,
+    "IPAdapterSD15Apply": IPAdapterSD15Apply,
+    "IPAdapterSD15Simple": IPAdapterSD15Simple,
+    "IPAdapterSD15SaveEmbeds": IPAdapterSD15SaveEmbeds,
+    "IPAdapterSD15LoadEmbeds": IPAdapterSD15LoadEmbeds,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "IPAdapterSD15Loader": "Load IP-Adapter (SD1.5)",
+    "IPAdapterSD15EncoderLoader": "Load IP-Adapter Image Encoder (SD1.5)",
+    "IPAdapterSD15EncoderFromCLIPVision": "IP-Adapter Encoder from CLIP Vision (SD1.5)",
+    "IPAdapterSD15Encode": "IP-Adapter Encode Image (SD1.5)",
+    "IPAdapterSD15Apply": "Apply IP-Adapter (SD1.5)",
+    "IPAdapterSD15Simple": "IP-Adapter (SD1.5, simple)",
+    "IPAdapterSD15SaveEmbeds": "Save IP-Adapter Embeds (SD1.5)",
+    "IPAdapterSD15LoadEmbeds": "Load IP-Adapter Embeds (SD1.5)",
+}

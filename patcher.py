@@ -159,10 +159,12 @@ class AttentionPatch:
         if self._attention is None:
             self._attention = comfy_attention()
         heads = extra_options["n_heads"]
+        # newer ComfyUI hands the layer's precision over; older ones only have the module's
+        precision = extra_options.get("attn_precision", self.attn_precision)
         if self.previous is not None:
             out = self.previous(q, k, v, extra_options)
         else:
-            out = self._attention(q, k, v, heads, extra_options, self.attn_precision)
+            out = self._attention(q, k, v, heads, extra_options, precision)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [COND]
         sigmas = extra_options.get("sigmas")
         for term in self.terms:
@@ -174,7 +176,7 @@ class AttentionPatch:
             mask = term.batch_mask(extra_options, q.shape[1], batch, q.device, q.dtype)
 
             def attention(q_, k_, v_, heads_):
-                return self._attention(q_, k_, v_, heads_, extra_options, self.attn_precision)
+                return self._attention(q_, k_, v_, heads_, extra_options, precision)
 
             out = out + image_attention(q, k_ip, v_ip, heads, weight, mask, attention)
         return out

@@ -31,7 +31,7 @@ class CrossAttentionLayer:
 
     @property
     def comfy_patch_key(self) -> tuple[str, int, int]:
-        """Key of ComfyUI's ``patches_replace["attn2"]`` (block, id, transformer index)."""
+        """Key of ComfyUI's ``patches_replace["attn2"]``: (block, id, index inside the block's transformer)."""
         return (*self.comfy_block, 0)
 
 

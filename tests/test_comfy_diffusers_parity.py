@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from adapter_factory import random_adapter
-from comfy_inprocess import build_model_patcher, noise_prediction, pack_module, sd15_unet_config
+from comfy_inprocess import build_sd15_model_patcher, noise_prediction, pack_module, sd15_unet_config
 from ipadapter.checkpoint import IPAdapterCheckpoint
 
 WIDTH = 64
@@ -30,7 +30,7 @@ def test_patched_comfy_model_matches_diffusers_load_ip_adapter(comfy, weight):
 
     patcher_module = pack_module("patcher")
     image_prompt = pack_module("ipadapter.image_prompt")
-    model = build_model_patcher(comfy, WIDTH, seed=3)
+    model = build_sd15_model_patcher(WIDTH, seed=3)
     unet = diffusers_unet_from_comfy(comfy, model)
 
     nested = random_adapter("base", base_width=WIDTH, seed=4)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adapter_factory import random_adapter
-from comfy_inprocess import build_model_patcher, noise_prediction, pack_module
+from comfy_inprocess import build_sd15_model_patcher, noise_prediction, pack_module
 from ipadapter.checkpoint import IPAdapterCheckpoint
 
 WIDTH = 64  # model_channels of the scaled-down UNet
@@ -18,7 +18,7 @@ def patcher_module(comfy):
 
 @pytest.fixture(scope="module")
 def model(comfy):
-    return build_model_patcher(comfy, WIDTH)
+    return build_sd15_model_patcher(WIDTH)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from adapter_factory import random_adapter
-from comfy_inprocess import build_model_patcher, pack_module, sd15_unet_config
+from comfy_inprocess import build_sd15_model_patcher, pack_module, sd15_unet_config
 from ipadapter.encoder import build_vision_tower
 
 WIDTH = 64
@@ -29,7 +29,7 @@ def adapter(nodes):
 
 @pytest.fixture(scope="module")
 def model(comfy):
-    return build_model_patcher(comfy, WIDTH)
+    return build_sd15_model_patcher(WIDTH)
 
 
 def one_line(error):
@@ -98,7 +98,7 @@ def test_bad_input_gets_one_line_errors(nodes, comfy, encoder, adapter, model):
         apply(sd2, adapter, 1.0, 0.0, 1.0, "average", "all", "", embeds=embeds)
     assert "context width 1024 (SD2.x)" in one_line(error) and "expected an SD1.5 model" in one_line(error)
 
-    full_width = build_model_patcher(comfy, 32)
+    full_width = build_sd15_model_patcher(32)
     with pytest.raises(ValueError) as error:
         apply(full_width, adapter, 1.0, 0.0, 1.0, "average", "all", "", embeds=embeds)
     assert "starts 32 channels wide" in one_line(error)

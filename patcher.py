@@ -57,7 +57,7 @@ class ImagePromptTerm:
     sigma_end: float
     mask: torch.Tensor | None = None  # [M, H, W] in 0..1
     _on_device: dict = field(default_factory=dict, repr=False)
-    _window: tuple = field(default=(None, -1, False), repr=False)
+    _window: tuple = field(default=(None, False), repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -74,11 +74,13 @@ class ImagePromptTerm:
         """Whether this step is inside [start_at, end_at]; one host sync per step, not per layer."""
         if sigmas is None:
             return True
-        last, version, active = self._window
-        if last is not sigmas or version != sigmas._version:
+        # All layers of one model call share the sigmas tensor, and samplers make a
+        # new one per call; holding a reference keeps its identity from being reused.
+        last, active = self._window
+        if last is not sigmas:
             sigma = float(sigmas.detach().flatten()[0])
             active = self.sigma_end <= sigma <= self.sigma_start
-            self._window = (sigmas, sigmas._version, active)
+            self._window = (sigmas, active)
         return active
 
     def batch_keys_values(self, key, cond_or_uncond, batch, device, dtype):

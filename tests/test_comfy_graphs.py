@@ -1,0 +1,92 @@
+"""The pack inside a running ComfyUI server: real graphs, full-size SD1.5 architecture (random weights)."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adapter_factory import random_adapter
+from comfyui_harness import ComfyUIError, txt2img_graph
+from test_encoder import transformers_model
+
+pytestmark = pytest.mark.slow
+
+ADAPTER = "ip-adapter_sd15.safetensors"
+ENCODER = "clip-vision-test-small.safetensors"  # a narrow tower with ViT-H's 1024-d output
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_server, sd15_checkpoint_name):
+    flat = {}
+    for group, tensors in random_adapter("base", seed=7).items():
+        flat.update({f"{group}.{k}": (v * 5 if group == "ip_adapter" else v).half() for k, v in tensors.items()})
+    save_file(flat, str(comfyui_server.models_dir("ipadapter") / ADAPTER))
+    encoder = transformers_model(width=128, layers=2, heads=2, patch=14, image=224, embed_dim=1024, seed=3)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(comfyui_server.models_dir("clip_vision") / ENCODER))
+    rng = np.random.default_rng(0)
+    comfyui_server.write_input_image("red.png", np.tile([0.9, 0.1, 0.1], (96, 128, 1)) + rng.normal(0, 0.05, (96, 128, 3)))
+    comfyui_server.write_input_image("blue.png", np.tile([0.1, 0.2, 0.9], (96, 128, 1)) + rng.normal(0, 0.05, (96, 128, 3)))
+    return comfyui_server
+
+
+def render(server, checkpoint, weight=None, reference="red.png", prefix="plain"):
+    graph = txt2img_graph(checkpoint, positive="a photo", negative="", steps=2, filename_prefix=prefix)
+    if weight is not None:
+        graph["reference"] = {"class_type": "LoadImage", "inputs": {"image": reference}}
+        graph["ipadapter"] = {"class_type": "IPAdapterSD15Simple", "inputs": {
+            "model": ["checkpoint", 0], "image": ["reference", 0], "weight": weight,
+            "ipadapter_file": ADAPTER, "clip_name": ENCODER}}
+        graph["sampler"]["inputs"]["model"] = ["ipadapter", 0]
+    (image,) = server.run_prompt(graph).load_images()
+    return image
+
+
+def test_simple_node_in_a_real_graph(server, sd15_checkpoint_name):
+    plain = render(server, sd15_checkpoint_name)
+    off = render(server, sd15_checkpoint_name, weight=0.0, prefix="off")
+    red = render(server, sd15_checkpoint_name, weight=1.0, prefix="red")
+    blue = render(server, sd15_checkpoint_name, weight=1.0, reference="blue.png", prefix="blue")
+    half = render(server, sd15_checkpoint_name, weight=0.5, prefix="half")
+    assert plain.shape == (64, 64, 3) and np.isfinite(plain).all()
+    assert np.array_equal(off, plain)  # λ = 0 is the model without the adapter, bit for bit
+    for changed in (red, blue, half):
+        assert np.abs(changed - plain).mean() > 1e-3
+    assert np.abs(red - blue).mean() > 1e-3  # the reference image matters
+    assert np.abs(red - half).mean() > 1e-3  # and so does λ
+
+
+def test_nodes_are_registered_with_tooltips(server):
+    info = server.object_info()
+    ours = {name: node for name, node in info.items() if name.startswith("IPAdapterSD15")}
+    assert set(ours) == {
+        "IPAdapterSD15Loader", "IPAdapterSD15EncoderLoader", "IPAdapterSD15EncoderFromCLIPVision",
+        "IPAdapterSD15Encode", "IPAdapterSD15Apply", "IPAdapterSD15Simple", "IPAdapterSD15SaveEmbeds",
+        "IPAdapterSD15LoadEmbeds",
+    }
+    assert ADAPTER in ours["IPAdapterSD15Loader"]["input"]["required"]["ipadapter_file"][0]
+    weight = ours["IPAdapterSD15Apply"]["input"]["required"]["weight"][1]
+    assert weight["min"] <= -1 and weight["max"] >= 3 and weight["default"] == 1.0
+    for node in ours.values():
+        assert node["category"].startswith("ipadapter_sd15")
+        for section in ("required", "optional"):
+            for name, spec in node["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), (node["name"], name)
+
+
+def test_graph_errors_are_one_line(server, sd15_checkpoint_name):
+    bad = {f"ip_adapter.{k}": v for k, v in random_adapter("base", cross=2048, encoder_width=1280)["ip_adapter"].items()}
+    bad.update({f"image_proj.{k}": v for k, v in random_adapter("base", cross=2048, encoder_width=1280)["image_proj"].items()})
+    save_file(bad, str(server.models_dir("ipadapter") / "ip-adapter_sdxl.safetensors"))
+    graph = {"loader": {"class_type": "IPAdapterSD15Loader", "inputs": {"ipadapter_file": "ip-adapter_sdxl.safetensors"}},
+             "apply": {"class_type": "IPAdapterSD15Apply", "inputs": {
+                 "model": ["checkpoint", 0], "ipadapter": ["loader", 0], "weight": 1.0, "start_at": 0.0, "end_at": 1.0,
+                 "combine": "average", "layers": "all", "custom_layer_weights": ""}}}
+    graph.update(txt2img_graph(sd15_checkpoint_name))
+    graph["sampler"]["inputs"]["model"] = ["apply", 0]
+    prompt_id = server.queue_prompt(graph)
+    with pytest.raises(ComfyUIError):
+        server.wait_for_history(prompt_id)
+    status = server.request("GET", f"/history/{prompt_id}")[prompt_id]["status"]
+    (error,) = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+    message = error["exception_message"].strip()
+    assert error["node_type"] == "IPAdapterSD15Loader"
+    assert "\n" not in message and "SDXL adapter" in message and "ip-adapter_sdxl.safetensors" in message

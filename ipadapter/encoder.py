@@ -49,18 +49,19 @@ class ImageEncoder(nn.Module):
             f"OpenCLIP ViT (width {self.hidden_width}, {layers} layers, patch {self.patch_size})",
         )
 
+    # Not named ``device``/``dtype``: ComfyUI's ModelPatcher assigns ``model.device``.
     @property
-    def dtype(self) -> torch.dtype:
+    def parameter_dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
     @property
-    def device(self) -> torch.device:
+    def parameter_device(self) -> torch.device:
         return self.visual.conv1.weight.device
 
     def encode(self, pixels: torch.Tensor) -> EncoderOutput:
         """Normalised pixels [B, 3, S, S] -> image embedding and penultimate hidden states, in one pass."""
         visual = self.visual
-        x = visual.conv1(pixels.to(self.device, self.dtype))
+        x = visual.conv1(pixels.to(self.parameter_device, self.parameter_dtype))
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
@@ -84,7 +85,7 @@ class ImageEncoder(nn.Module):
 
     def uncond_pixels(self, batch: int = 1) -> torch.Tensor:
         """The reference's unconditional input for plus adapters: an all-zero normalised image."""
-        return torch.zeros(batch, 3, self.image_size, self.image_size, device=self.device, dtype=self.dtype)
+        return torch.zeros(batch, 3, self.image_size, self.image_size, device=self.parameter_device, dtype=self.parameter_dtype)
 
 
 def build_vision_tower(name: str = "ViT-H-14", **overrides) -> ImageEncoder:

@@ -17,3 +17,18 @@ def comfy(comfyui_path):
     from comfyui_harness import import_comfy
 
     return import_comfy(comfyui_path)
+
+
+@pytest.fixture(scope="session")
+def vit_h_file(tmp_path_factory):
+    """A full-size OpenCLIP ViT-H/14 with random weights in the transformers format ComfyUI users have (fp16)."""
+    import torch
+    from test_encoder import transformers_model
+
+    folder = tmp_path_factory.mktemp("vit_h")
+    # std 0.02 keeps 32 layers' activations at CLIP's usual magnitude (a wider spread inflates them)
+    model = transformers_model(width=1280, layers=32, heads=16, patch=14, image=224, embed_dim=1024, scale=0.02)
+    model.to(torch.float16).save_pretrained(folder)
+    path = folder / "model.safetensors"
+    assert path.is_file()
+    return path

@@ -134,3 +134,22 @@ def test_model_folder_is_registered_with_extra_paths_kept(nodes, tmp_path):
     (tmp_path / "shared_ipadapters").mkdir()
     (tmp_path / "shared_ipadapters" / "ip-adapter_sd15.safetensors").write_bytes(b"")
     assert "ip-adapter_sd15.safetensors" in folder_paths.get_filename_list("ipadapter")
+
+
+@pytest.mark.slow
+def test_comfy_clip_vision_output_gives_the_same_embeddings(nodes, comfy, vit_h_file):
+    import comfy.clip_vision
+
+    clip_vision = comfy.clip_vision.load(str(vit_h_file))  # what ComfyUI's Load CLIP Vision returns
+    (from_comfy,) = nodes.IPAdapterSD15EncoderFromCLIPVision().convert(clip_vision)
+    ours = nodes.ManagedEncoder(pack_module("ipadapter.encoder").load_image_encoder(vit_h_file))
+    image = torch.rand(2, 240, 300, 3, generator=torch.Generator().manual_seed(0))
+    a = nodes.encode_images(from_comfy, image, "crop")
+    b = nodes.encode_images(ours, image, "crop")
+    assert torch.equal(a.image_embeds, b.image_embeds) and torch.equal(a.penultimate, b.penultimate)
+    # and ComfyUI's own encoder agrees (its preprocessing rounds pixels to 1/255 and computes from fp16 weights)
+    reference = clip_vision.encode_image(image)
+    relative = (reference.image_embeds.float() - a.image_embeds).norm() / reference.image_embeds.norm()
+    assert relative < 2e-2, relative
+    relative = (reference.penultimate_hidden_states.float() - a.penultimate).norm() / reference.penultimate_hidden_states.norm()
+    assert relative < 2e-2, relative

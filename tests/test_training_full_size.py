@@ -1,0 +1,33 @@
+"""Full-size SD1.5 from a single-file checkpoint (random weights, the original key layout): one training step."""
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ipadapter.checkpoint import load_adapter
+from ipadapter.encoder import build_vision_tower
+from training.data import write_toy_dataset
+from training.run import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_single_file_sd15_trains_and_exports_a_full_size_adapter(comfy, tmp_path, caplog):
+    from comfyui_harness import sd15_checkpoint_path
+
+    checkpoint = sd15_checkpoint_path()
+    encoder = tmp_path / "vit_h_layout.safetensors"  # narrow tower, ViT-H's 1024-d embedding
+    tower = build_vision_tower("ViT-H-14", width=64, layers=2, head_width=16, embed_dim=1024)
+    save_file({f"visual.{k}": v.contiguous() for k, v in tower.visual.state_dict().items()}, str(encoder))
+    data = write_toy_dataset(tmp_path / "toy", count=4)
+    caplog.set_level(logging.INFO, logger="training")
+    result = main([
+        "--model.sd15", str(checkpoint), "--model.image_encoder", str(encoder), "--data.path", str(data),
+        "--train.output_dir", str(tmp_path / "out"), "--train.max_steps", "1", "--train.batch_size", "1",
+        "--data.resolution", "64", "--data.num_workers", "0", "--sample.every", "0", "--train.progress", "false",
+    ])
+    assert "trainable parameters: 22,319,616" in caplog.text
+    assert torch.isfinite(torch.tensor(result["history"])).all()
+    exported = load_adapter(result["export"][0])  # validated against the full SD1.5 widths (base 320)
+    assert exported.num_parameters() == 22_319_616 and exported.spec.encoder_width == 1024

@@ -1,0 +1,153 @@
+"""Training state for ``--resume`` and adapter export in the official layout.
+
+A state is a folder ``state/step-00000100/``: ``adapter.pt`` (fp32 trainable weights),
+the optimiser state (``optimizer.pt``, or DeepSpeed's per-rank ZeRO partitions),
+``rank-N.pt`` (RNG and data position of each rank) and ``meta.json``. It is written
+under a temporary name and renamed when complete, then ``state/latest`` is replaced
+atomically, so a run killed while saving resumes from the previous good state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ipadapter.checkpoint import IPAdapterCheckpoint, save_adapter
+
+from .adapter import IPAdapterModel
+from .config import ConfigError
+from .distributed import Engine, Process
+
+log = logging.getLogger("training")
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def state_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "state"
+
+
+def save_state(output_dir: str | Path, step: int, engine: Engine, process: Process, data_position: dict, keep: int) -> Path:
+    """Write the training state of ``step`` on every rank; returns the final folder."""
+    root = state_root(output_dir)
+    final = root / f"step-{step:08d}"
+    temporary = root / f".tmp-step-{step:08d}"
+    if process.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    process.barrier()
+    engine.save_optimizer(temporary)
+    if process.is_main:
+        _atomic_torch_save(engine.module.trainable_state_dict(), temporary / "adapter.pt")
+    _atomic_torch_save({"rng": rng_state(), "data": data_position}, temporary / f"rank-{process.rank}.pt")
+    process.barrier()
+    if process.is_main:
+        meta = {"step": step, "world_size": process.world_size, "strategy": process.strategy}
+        (temporary / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        _write_atomic(root / "latest", final.name)
+        _prune(root, keep)
+    process.barrier()
+    return final
+
+
+def find_state(output_dir: str | Path, resume: str) -> Path | None:
+    """The state folder to resume: ``latest`` in the output folder, or a given state folder.
+
+    A ``latest`` that points at a missing or incomplete folder falls back to the newest
+    complete one; folders still under a temporary name are ignored.
+    """
+    if resume not in ("latest", "true", "True", "1"):
+        folder = Path(resume)
+        if not (folder / "meta.json").is_file():
+            raise ConfigError(f"--resume '{resume}' is not a complete training state; expected a state/step-N folder with meta.json")
+        return folder
+    root = state_root(output_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        folder = root / pointer.read_text().strip()
+        if (folder / "meta.json").is_file():
+            return folder
+    complete = sorted(p for p in root.glob("step-*") if (p / "meta.json").is_file())
+    return complete[-1] if complete else None
+
+
+def load_state(folder: Path, engine: Engine, process: Process) -> tuple[int, dict]:
+    """Restore weights, optimiser and this rank's RNG; returns (step, this rank's data position)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    if process.strategy == "deepspeed" and meta["world_size"] != process.world_size:
+        raise ConfigError(
+            f"training state '{folder}' holds ZeRO-2 partitions for {meta['world_size']} ranks; "
+            f"expected {process.world_size} (resume with the same number of processes)"
+        )
+    tensors = torch.load(folder / "adapter.pt", map_location="cpu", weights_only=True)
+    engine.module.load_trainable_state_dict(tensors)
+    engine.load_optimizer(folder)
+    rank_file = folder / f"rank-{process.rank}.pt"
+    data_position: dict = {"step": meta["step"]}
+    if rank_file.is_file():
+        saved = torch.load(rank_file, map_location="cpu", weights_only=True)
+        set_rng_state(saved["rng"])
+        data_position = saved["data"]
+        if meta["world_size"] != process.world_size:
+            data_position = {"step": meta["step"], "skipped": data_position.get("skipped", {})}
+    return meta["step"], data_position
+
+
+def rng_state() -> dict:
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def export_adapter(
+    model: IPAdapterModel, path: str | Path, step: int, config_yaml: str, dtype: str = "fp16"
+) -> Path:
+    """The adapter in the official layout: ``.safetensors`` flat (with step and config), else nested ``.bin``.
+
+    Keys come from the model's own modules, numbered by the UNet's processor order, never
+    from a framework's (possibly aliased) state dict.
+    """
+    image_proj, ip_adapter = model.adapter_state_dicts()
+    base_width = model.unet.config.block_out_channels[0]
+    metadata = {"step": str(step), "config": config_yaml, "format": "IP-Adapter SD1.5 (official layout)"}
+    checkpoint = IPAdapterCheckpoint.from_state_dicts(image_proj, ip_adapter, Path(path).name, base_width, metadata)
+    return save_adapter(checkpoint, path, dtype=EXPORT_DTYPES[dtype])
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _prune(root: Path, keep: int) -> None:
+    states = sorted(p for p in root.glob("step-*") if (p / "meta.json").is_file())
+    for old in states[: max(len(states) - max(keep, 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,181 @@
+"""The training step and loop: condition drops, DDPM noise, epsilon MSE, AdamW; progress and logs."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data import DataPosition, describe_skips
+from .distributed import Engine, Process
+from .models import FrozenModels
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class SampleDraws:
+    """Everything random about a batch, drawn per sample from (seed, global position).
+
+    One process with batch 2B and two with batch B draw the same values for the same
+    samples, and a resumed run draws what the uninterrupted run would have.
+    """
+
+    keep_image: torch.Tensor  # [B] 1.0 or 0.0
+    drop_text: list[bool]
+    timesteps: torch.Tensor  # [B] long
+    noise: torch.Tensor  # [B, 4, h, w]
+    posterior_noise: torch.Tensor  # [B, 4, h, w], samples the VAE posterior
+
+
+def sample_draws(seed: int, positions: list[int], latent_shape: tuple[int, int, int], num_timesteps: int, config: Config) -> SampleDraws:
+    drop_image_below = config.data.drop_image
+    drop_text_below = drop_image_below + config.data.drop_text
+    drop_both_below = drop_text_below + config.data.drop_both
+    keep_image, drop_text, timesteps, noise, posterior_noise = [], [], [], [], []
+    for position in positions:
+        state = np.random.SeedSequence([seed, position]).generate_state(2, dtype=np.uint32)
+        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        # One draw in exclusive bands, as the reference: image, then text, then both.
+        draw = torch.rand((), generator=generator).item()
+        image_dropped = draw < drop_image_below or drop_text_below <= draw < drop_both_below
+        keep_image.append(0.0 if image_dropped else 1.0)
+        drop_text.append(drop_image_below <= draw < drop_both_below)
+        timesteps.append(torch.randint(0, num_timesteps, (), generator=generator))
+        noise.append(torch.randn(latent_shape, generator=generator))
+        posterior_noise.append(torch.randn(latent_shape, generator=generator))
+    return SampleDraws(torch.tensor(keep_image), drop_text, torch.stack(timesteps), torch.stack(noise), torch.stack(posterior_noise))
+
+
+def batch_positions(step: int, process: Process, batch_size: int) -> list[int]:
+    first = step * batch_size * process.world_size + process.rank * batch_size
+    return list(range(first, first + batch_size))
+
+
+def compute_loss(engine: Engine, frozen: FrozenModels, batch: dict, draws: SampleDraws, device: torch.device) -> torch.Tensor:
+    captions = ["" if dropped else caption for caption, dropped in zip(batch["captions"], draws.drop_text)]
+    text_embeds = frozen.encode_text(frozen.tokenizer(captions).to(device))
+    image_embeds = frozen.encode_images(batch["clip_pixels"].to(device)).float()
+    image_embeds = image_embeds * draws.keep_image.to(device)[:, None]  # a dropped image is a zero embedding
+    latents = frozen.encode_latents(batch["pixels"].to(device), draws.posterior_noise.to(device))
+    noise = draws.noise.to(device, latents.dtype)
+    timesteps = draws.timesteps.to(device)
+    noisy_latents = frozen.scheduler.add_noise(latents, noise, timesteps)
+    prediction = engine(noisy_latents, timesteps, text_embeds, image_embeds)
+    return F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+
+
+@dataclass
+class Progress:
+    """Progress bar (main rank), loss window, TensorBoard and the loss history."""
+
+    config: Config
+    process: Process
+    start_step: int
+    history: list[float] = field(default_factory=list)
+    window: list[float] = field(default_factory=list)
+    reported_skips: Counter = field(default_factory=Counter)
+
+    def __post_init__(self):
+        self.bar = self.writer = None
+        self.started = self.window_started = time.perf_counter()
+        total = self.config.train.max_steps
+        if self.process.is_main and self.config.train.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=self.start_step, unit="step", dynamic_ncols=True, desc="training")
+        if self.process.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(self.config.train.output_dir) / "tensorboard"), purge_step=self.start_step or None)
+            except ImportError:
+                log.info("tensorboard is not installed; logging to the console only")
+
+    def update(self, step: int, loss: float, data_position: DataPosition) -> None:
+        self.window.append(loss)
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.config.train.log_every and step != self.config.train.max_steps:
+            return
+        mean_loss = self.process.mean(sum(self.window) / len(self.window))
+        elapsed = time.perf_counter() - self.window_started
+        samples_per_second = len(self.window) * self.config.train.batch_size * self.process.world_size / max(elapsed, 1e-9)
+        self.history.append(mean_loss)
+        self.window, self.window_started = [], time.perf_counter()
+        skipped = sum(self.process.gather(data_position.skipped), Counter())
+        if self.process.is_main:
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{samples_per_second:.1f}")
+            else:
+                log.info("step %d  loss %.4f  %.1f samples/s", step, mean_loss, samples_per_second)
+            if self.writer is not None:
+                self.writer.add_scalar("train/loss", mean_loss, step)
+                self.writer.add_scalar("train/samples_per_second", samples_per_second, step)
+                self.writer.add_scalar("data/skipped", sum(skipped.values()), step)
+            if skipped != self.reported_skips:
+                self._write(f"data: skipped {sum(skipped.values())} samples so far ({describe_skips(skipped)})")
+                self.reported_skips = skipped
+
+    def _write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            log.info(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+StepHook = Callable[[int], None]
+
+
+def train(
+    config: Config,
+    process: Process,
+    frozen: FrozenModels,
+    engine: Engine,
+    loader,
+    start_step: int,
+    data_position: DataPosition,
+    on_step: list[StepHook],
+) -> list[float]:
+    """Run from ``start_step`` to ``train.max_steps``; ``on_step`` hooks run after each step (saves, samples)."""
+    resolution = config.data.resolution
+    downsample = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
+    latent_shape = (frozen.vae.config.latent_channels, resolution // downsample, resolution // downsample)
+    num_timesteps = frozen.scheduler.config.num_train_timesteps
+    progress = Progress(config, process, start_step)
+    engine.module.train()
+    step = start_step
+    try:
+        batches = iter(loader)
+        while step < config.train.max_steps:
+            batch = next(batches)
+            positions = batch_positions(step, process, config.train.batch_size)
+            draws = sample_draws(config.train.seed, positions, latent_shape, num_timesteps, config)
+            loss = compute_loss(engine, frozen, batch, draws, process.device)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower optim.lr or use model.frozen_dtype fp32")
+            engine.step(loss)
+            step += 1
+            data_position.consumed(batch)
+            progress.update(step, loss.item(), data_position)
+            hooks_started = time.perf_counter()
+            for hook in on_step:
+                hook(step)
+            progress.window_started += time.perf_counter() - hooks_started  # samples/s counts training only
+    finally:
+        progress.close()
+    return progress.history

@@ -1,0 +1,184 @@
+"""``python -m training.run [--config file.yaml] [--key value ...] [--resume [state]]``
+
+With no model files it runs the embedded default: scaled-down random-weight models with
+SD1.5's layer layout and a generated toy dataset, then exports a checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+from .adapter import IPAdapterModel
+from .checkpointing import export_adapter, find_state, load_state, save_state
+from .config import Config, ConfigError, load_config, usage
+from .data import DataError, DataPosition, describe_skips, make_loader, open_source, write_toy_dataset
+from .distributed import Engine, Process, setup, teardown
+from .loop import StepHook, train
+from .models import ModelFileError, build_embedded_models, load_frozen_models, resolve_dtype, seeded
+
+log = logging.getLogger("training")
+
+REAL_MODELS_HINT = """To train on the real models, point the run at your files (nothing is downloaded):
+  python -m training.run --model.sd15 /models/stable-diffusion-v1-5 \\
+      --model.image_encoder /models/open_clip_vit_h14_laion2b.safetensors \\
+      --data.path /data/pairs.jsonl --train.output_dir runs/my-adapter
+(model.sd15 is a diffusers folder or a single-file .safetensors; data.path a .jsonl/.csv
+manifest, a folder of images with .txt captions, or WebDataset shards like 'shards/{00000..00099}.tar')"""
+
+
+def main(argv: list[str] | None = None, extra_hooks: list[StepHook] | None = None) -> dict:
+    """Run training; returns {"export": [paths], "history": [losses], "step": N}. Errors are one line."""
+    argv = sys.argv[1:] if argv is None else argv
+    _setup_logging()
+    config, flags = load_config(argv)
+    if "help" in flags:
+        print(usage())
+        return {"export": [], "history": [], "step": 0}
+    process = setup(config, flags)
+    logging.getLogger("training").setLevel(logging.INFO if process.is_main else logging.WARNING)
+    try:
+        return _run(config, flags, process, extra_hooks or [])
+    finally:
+        teardown(process)
+
+
+def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHook]) -> dict:
+    output_dir = Path(config.train.output_dir)
+    if config.embedded:
+        log.info("No model files given: running the embedded default (scaled-down random-weight models, toy data).")
+        log.info(REAL_MODELS_HINT)
+        if config.data.path is None:
+            toy = output_dir / "toy_data"
+            if process.is_main:
+                write_toy_dataset(toy, seed=config.train.seed)
+            process.barrier()
+            config.data.path = str(toy)
+
+    source = open_source(config.data.path, config.data.format, config.data.image_column, config.data.caption_column)
+    log.info("data: %s%s", source.description,
+             f"; skipped {sum(source.scan_skipped.values())} rows ({describe_skips(source.scan_skipped)})" if source.scan_skipped else "")
+    dtype = resolve_dtype(config.model.frozen_dtype, process.device)
+    if config.embedded:
+        frozen = build_embedded_models(seed=config.train.seed, dtype=dtype)
+    else:
+        frozen = load_frozen_models(config.model.sd15, config.model.image_encoder, dtype, config.model.encoder_embed_dim)
+    with seeded(config.train.seed):  # the projection's initialisation; identical on every rank
+        model = IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim, config.model.num_tokens)
+    frozen.to(process.device)
+    model.to(process.device)
+    log.info("trainable parameters: %s (image projection %s + 16 x to_k_ip/to_v_ip %s); frozen models in %s",
+             f"{model.num_trainable():,}", f"{sum(p.numel() for p in model.image_proj.parameters()):,}",
+             f"{sum(p.numel() for p in model.layers.parameters()):,}", str(dtype).replace("torch.", ""))
+    engine = Engine(model, config, process)
+    if process.world_size > 1:
+        zero = f" ZeRO-{config.distributed.zero_stage}" if process.strategy == "deepspeed" else ""
+        log.info("distributed: %s%s, %d processes, global batch %d", process.strategy, zero, process.world_size,
+                 process.world_size * config.train.batch_size)
+
+    start_step, position = 0, {}
+    resume = flags.get("resume")
+    if resume:
+        state = find_state(output_dir, resume)
+        if state is None:
+            log.info("resume: no training state in %s yet; starting from step 0", output_dir / "state")
+        else:
+            start_step, position = load_state(state, engine, process)
+            log.info("resume: continuing from %s (step %d)", state, start_step)
+    elif process.is_main and (output_dir / "state" / "latest").is_file():
+        log.warning("%s already holds a training state; pass --resume to continue it (starting from step 0)", output_dir)
+    if process.is_main:
+        config.save(output_dir / "config.yaml")
+
+    data_position = DataPosition(config.data.num_workers, position)
+    loader = make_loader(source, config.data.resolution, config.train.batch_size, config.train.seed,
+                         process.rank, process.world_size, config.data.num_workers, position)
+    exports: list[Path] = []
+    hooks = [*_periodic_hooks(config, process, engine, frozen, source, data_position, exports), *extra_hooks]
+    history = train(config, process, frozen, engine, loader, start_step, data_position, hooks)
+
+    check_same_weights(process, model)
+    final_step = max(start_step, config.train.max_steps)
+    if final_step > start_step and (not config.train.save_every or final_step % config.train.save_every):
+        save_state(output_dir, final_step, engine, process, data_position.state(), config.train.keep_states)
+    if process.is_main:
+        exports.extend(_export(config, model, final_step))
+        for path in exports[-len(config.train.export_formats):]:
+            print(f"exported adapter: {path.resolve()}", flush=True)
+        if config.embedded:
+            print("This was the embedded toy run. " + REAL_MODELS_HINT, flush=True)
+    return {"export": exports, "history": history, "step": final_step}
+
+
+def check_same_weights(process: Process, model: IPAdapterModel) -> None:
+    """Every rank must end with the same adapter; a difference means a broken gradient sync."""
+    digest = hashlib.sha1()
+    for key, tensor in sorted(model.trainable_state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    digests = process.gather(digest.hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks ended with different adapter weights ({digests}); expected identical weights after each step")
+    if process.world_size > 1:
+        log.info("adapter weights identical on all %d ranks (sha1 %s)", process.world_size, digests[0][:12])
+
+
+def _periodic_hooks(config, process, engine, frozen, source, data_position, exports) -> list[StepHook]:
+    output_dir = Path(config.train.output_dir)
+    train_config = config.train
+
+    def save(step: int) -> None:
+        if train_config.save_every and step % train_config.save_every == 0:
+            save_state(output_dir, step, engine, process, data_position.state(), train_config.keep_states)
+
+    def export(step: int) -> None:
+        if train_config.export_every and step % train_config.export_every == 0 and step != train_config.max_steps:
+            if process.is_main:
+                exports.extend(_export(config, engine.module, step))
+
+    references = config.sample.images or ([p.image for p in source.pairs[:2]] if source.pairs else [])
+    if config.sample.every and not references:
+        log.info("samples: no grids; WebDataset data needs validation images in sample.images")
+
+    def samples(step: int) -> None:
+        if not (config.sample.every and step % config.sample.every == 0 and process.is_main and references):
+            return
+        from .sampling import sample_grid
+
+        path = sample_grid(engine.module, frozen, references, config.sample.prompts, config.data.resolution,
+                           config.sample.steps, config.sample.guidance, config.sample.seed,
+                           output_dir / "samples" / f"step-{step:08d}.png")
+        log.info("samples: %s", path)
+
+    return [save, export, samples]
+
+
+def _export(config: Config, model: IPAdapterModel, step: int) -> list[Path]:
+    output_dir = Path(config.train.output_dir)
+    paths = []
+    for extension in config.train.export_formats:
+        path = output_dir / f"ip-adapter_sd15_step{step:08d}.{extension}"
+        paths.append(export_adapter(model, path, step, config.to_yaml(), config.train.export_dtype))
+    return paths
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("training").setLevel(logging.INFO)
+    for noisy in ("diffusers", "transformers", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def cli() -> int:
+    try:
+        main()
+    except (ConfigError, DataError, ModelFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

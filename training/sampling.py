@@ -1,0 +1,82 @@
+"""A grid of sample images during training: validation images x prompts, at λ = 1 and λ = 0.
+
+DDIM with classifier-free guidance as in the paper's inference:
+ε̂ = w·ε(x_t, c_t, c_i) + (1 − w)·ε(x_t, "", zero image embedding). Each row starts
+with the reference image; then, per prompt, the λ = 1 sample and the λ = 0 sample
+(λ = 0 is the frozen text-to-image model, a check that the adapter is decoupled).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from .adapter import IPAdapterModel
+from .data import image_tensors, open_image
+from .models import FrozenModels
+
+
+@torch.no_grad()
+def generate(
+    model: IPAdapterModel,
+    frozen: FrozenModels,
+    clip_pixels: torch.Tensor,
+    prompt: str,
+    scale: float,
+    resolution: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+) -> torch.Tensor:
+    """One image per reference in ``clip_pixels``, as [N, 3, H, W] in 0..1."""
+    device = next(model.parameters()).device
+    count = clip_pixels.shape[0]
+    scheduler = DDIMScheduler.from_config(frozen.scheduler.config)
+    scheduler.set_timesteps(steps, device=device)
+    downsample = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
+    shape = (count, frozen.vae.config.latent_channels, resolution // downsample, resolution // downsample)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, frozen.dtype)
+    image_embeds = frozen.encode_images(clip_pixels.to(device)).float()
+    image_embeds = torch.cat([image_embeds, torch.zeros_like(image_embeds)])
+    text = frozen.encode_text(frozen.tokenizer([prompt] * count + [""] * count).to(device))
+    for timestep in scheduler.timesteps:
+        model_input = torch.cat([latents, latents])
+        prediction = model(model_input, timestep.expand(2 * count), text, image_embeds, scale=scale)
+        conditional, unconditional = prediction.chunk(2)
+        guided = unconditional + guidance * (conditional - unconditional)
+        latents = scheduler.step(guided.to(latents.dtype), timestep, latents).prev_sample
+    images = frozen.vae.decode(latents / frozen.vae.config.scaling_factor).sample
+    return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def sample_grid(
+    model: IPAdapterModel,
+    frozen: FrozenModels,
+    reference_files: list[str],
+    prompts: list[str],
+    resolution: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    path: str | Path,
+) -> Path:
+    references = [image_tensors(open_image(f), resolution) for f in reference_files]
+    clip_pixels = torch.stack([r["clip_pixels"] for r in references])
+    columns = [torch.stack([(r["pixels"] + 1) / 2 for r in references])]
+    was_training = model.training
+    model.eval()
+    try:
+        for prompt in prompts:
+            for scale in (1.0, 0.0):
+                columns.append(generate(model, frozen, clip_pixels, prompt, scale, resolution, steps, guidance, seed))
+    finally:
+        model.train(was_training)
+    rows = [torch.cat([column[row] for column in columns], dim=2) for row in range(len(references))]
+    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
+    return path

@@ -104,9 +104,17 @@ def build_vision_tower(name: str = "ViT-H-14", **overrides) -> ImageEncoder:
 
 
 def convert_transformers_to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers ``CLIPVisionModelWithProjection`` keys -> OpenCLIP vision tower keys."""
+    """transformers ``CLIPVisionModelWithProjection`` (or ``CLIPModel``) keys -> OpenCLIP vision tower keys.
+
+    Accepts the usual ``vision_model.``-prefixed keys and the prefix-less ones that
+    transformers 5 saves for a bare ``CLIPVisionModel``; ``position_ids`` and any
+    text-model keys are ignored.
+    """
     prefix = "vision_model."
-    tensors = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if any(k.startswith(prefix) for k in state_dict):
+        tensors = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    else:
+        tensors = dict(state_dict)
     converted = {
         "class_embedding": tensors["embeddings.class_embedding"],
         "conv1.weight": tensors["embeddings.patch_embedding.weight"],
@@ -136,14 +144,16 @@ def _tower_state_dict(state_dict: dict, source: str) -> dict[str, torch.Tensor]:
     """Bare OpenCLIP vision-tower keys from any of the accepted layouts."""
     if isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
+    if state_dict and all(k.startswith("module.") for k in state_dict):  # OpenCLIP's DDP training checkpoints
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     keys = list(state_dict)
-    if any(k.startswith("embeddings.patch_embedding") for k in keys):  # transformers without its prefix
-        state_dict = {("" if k.startswith("visual_projection") else "vision_model.") + k: v for k, v in state_dict.items()}
-        keys = list(state_dict)
-    if "vision_model.embeddings.patch_embedding.weight" in state_dict:
+    transformers_layout = any(
+        k.startswith(("vision_model.embeddings.patch_embedding", "embeddings.patch_embedding")) for k in keys
+    )
+    if transformers_layout:
         if "visual_projection.weight" not in state_dict:
             raise EncoderFormatError(
-                f"'{source}' is a CLIP vision model without its projection (visual_projection.weight); "
+                f"'{source}' is a transformers CLIP vision model without its projection (visual_projection.weight); "
                 "expected CLIPVisionModelWithProjection weights"
             )
         try:
@@ -155,7 +165,7 @@ def _tower_state_dict(state_dict: dict, source: str) -> dict[str, torch.Tensor]:
     if "conv1.weight" in state_dict:
         return dict(state_dict)
     found = ", ".join(f"'{k}'" for k in keys[:3]) or "nothing"
-    text_only = any(k.startswith(("text_model.", "token_embedding", "transformer.resblocks")) for k in keys)
+    text_only = any("token_embedding" in k or k.startswith(("text_model.", "transformer.resblocks.")) for k in keys)
     what = "a CLIP text model without a vision tower" if text_only else "not a CLIP vision model"
     raise EncoderFormatError(
         f"'{source}' is {what} (found keys like {found}); "
@@ -163,27 +173,61 @@ def _tower_state_dict(state_dict: dict, source: str) -> dict[str, torch.Tensor]:
     )
 
 
+def _vision_config(tower: dict[str, torch.Tensor], source: str, heads: int | None) -> tuple[int, dict]:
+    """The OpenCLIP ``vision_cfg`` (and embed_dim) that the tensors' shapes imply."""
+    try:
+        width, channels, patch, patch_w = tower["conv1.weight"].shape
+        tokens, _ = tower["positional_embedding"].shape
+        proj_in, embed_dim = tower["proj"].shape
+        mlp_width = tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    except KeyError as missing:
+        raise EncoderFormatError(f"'{source}' lacks {missing} of an OpenCLIP vision tower") from None
+    except (ValueError, AttributeError):
+        raise EncoderFormatError(f"'{source}' has tensors of the wrong rank for a CLIP vision tower") from None
+    grid = math.isqrt(tokens - 1)
+    if channels != 3 or patch != patch_w or grid * grid != tokens - 1 or proj_in != width:
+        raise EncoderFormatError(
+            f"'{source}' has a patch embedding {list(tower['conv1.weight'].shape)} and {tokens} positions; "
+            "expected an RGB ViT with square patches and a square grid plus a class token"
+        )
+    if heads is not None and (heads <= 0 or width % heads):
+        raise EncoderFormatError(f"heads={heads} does not divide the width {width} of '{source}'")
+    layers = len({k.split(".")[2] for k in tower if k.startswith("transformer.resblocks.")})
+    vision_cfg = {
+        "image_size": grid * patch, "layers": layers, "width": width, "patch_size": patch,
+        "head_width": width // heads if heads else HEAD_WIDTHS.get(width, 64),
+        # open_clip takes int(width * mlp_ratio): the half keeps a ratio like 8192/1664 from rounding down
+        "mlp_ratio": (mlp_width + 0.5) / width,
+    }
+    return embed_dim, vision_cfg
+
+
 def encoder_from_state_dict(state_dict: dict, source: str = "<memory>", heads: int | None = None) -> ImageEncoder:
     tower = _tower_state_dict(state_dict, source)
+    embed_dim, vision_cfg = _vision_config(tower, source, heads)
     try:
-        width, _, patch, _ = tower["conv1.weight"].shape
-        tokens = tower["positional_embedding"].shape[0]
-        embed_dim = tower["proj"].shape[1]
-        layers = len({k.split(".")[2] for k in tower if k.startswith("transformer.resblocks.")})
-        mlp_width = tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    except (KeyError, ValueError) as missing:
-        raise EncoderFormatError(f"'{source}' lacks {missing} of an OpenCLIP vision tower") from None
-    head_width = width // heads if heads else HEAD_WIDTHS.get(width, 64)
-    vision_cfg = {
-        "image_size": math.isqrt(tokens - 1) * patch, "layers": layers, "width": width,
-        "head_width": head_width, "patch_size": patch, "mlp_ratio": mlp_width / width,
-    }
-    visual = open_clip.model._build_vision_tower(embed_dim, vision_cfg)
-    tower = {k: v for k, v in tower.items() if not k.startswith("attn_pool")}
-    missing, unexpected = visual.load_state_dict(tower, strict=False)
-    if missing or unexpected:
-        detail = f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
-        raise EncoderFormatError(f"'{source}' does not match an OpenCLIP ViT of width {width} ({detail})")
+        visual = open_clip.model._build_vision_tower(embed_dim, vision_cfg)
+    except (AssertionError, ValueError, RuntimeError):
+        raise EncoderFormatError(
+            f"'{source}' gives a tower that cannot be built (width {vision_cfg['width']}, "
+            f"head width {vision_cfg['head_width']}); pass heads= with the model's attention head count"
+        ) from None
+    expected = visual.state_dict()
+    missing = [k for k in expected if k not in tower]
+    unexpected = [k for k in tower if k not in expected]
+    wrong_shape = [
+        f"'{k}' is {list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}, expected {list(expected[k].shape)}"
+        for k, v in tower.items()
+        if k in expected and (not isinstance(v, torch.Tensor) or v.shape != expected[k].shape)
+    ]
+    if missing or unexpected or wrong_shape:
+        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+                  else wrong_shape[0])
+        raise EncoderFormatError(
+            f"'{source}' does not match an OpenCLIP ViT of width {vision_cfg['width']} with "
+            f"{vision_cfg['layers']} layers ({detail}); expected a complete CLIP vision tower"
+        )
+    visual.load_state_dict(tower, strict=True)
     return ImageEncoder(visual)
 
 
@@ -191,7 +235,12 @@ def load_image_encoder(
     source: str | os.PathLike | dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     heads: int | None = None,
 ) -> ImageEncoder:
-    """An ImageEncoder from a file (or a state dict already in memory)."""
+    """An ImageEncoder from a file (or a state dict already in memory).
+
+    ``heads`` overrides the attention head count, which transformers files do not
+    record in their shapes (the default assumes ViT-H's or ViT-bigG's head width,
+    else 64).
+    """
     if isinstance(source, dict):
         encoder = encoder_from_state_dict(source, "<state dict>", heads)
     else:

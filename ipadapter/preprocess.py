@@ -10,14 +10,19 @@ CROP_MODES = ("crop", "pad", "stretch")
 
 
 def as_channels_first(images: torch.Tensor) -> torch.Tensor:
-    """[B, H, W, 3] (ComfyUI's IMAGE) or [B, 3, H, W] -> [B, 3, H, W] float."""
-    if images.dim() == 3:
-        images = images[None]
+    """Float images in 0..1 -> [B, 3, H, W] float32.
+
+    ComfyUI's IMAGE layout [B, H, W, 3] is the default: a tensor whose last
+    dimension is 3 is always read that way. [B, 3, H, W] is accepted when the last
+    dimension is not 3.
+    """
     if images.dim() != 4 or 3 not in (images.shape[1], images.shape[-1]):
         raise ValueError(f"images have shape {list(images.shape)}; expected [batch, height, width, 3] in 0..1")
     if images.shape[0] == 0:
         raise ValueError("the image batch is empty; expected at least one image")
-    if images.shape[-1] == 3 and images.shape[1] != 3:
+    if not images.is_floating_point():
+        raise ValueError(f"images are {images.dtype}; expected floats in 0..1 (divide 8-bit pixels by 255)")
+    if images.shape[-1] == 3:
         images = images.permute(0, 3, 1, 2)
     return images.float()
 
@@ -30,7 +35,8 @@ def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def preprocess(images: torch.Tensor, size: int = 224, mode: str = "crop") -> torch.Tensor:
     """Images in 0..1 -> normalised [B, 3, size, size] pixels for the CLIP encoder.
 
-    - ``crop``: shortest side to ``size`` (bicubic, antialiased), center crop: the reference;
+    - ``crop``: shortest side to ``size`` (bicubic, antialiased; the long side
+      floored as transformers does), center crop: the reference's CLIPImageProcessor;
     - ``pad``: longest side to ``size``, padded to a square with the CLIP mean colour
       (zero after normalisation), so nothing is cut off;
     - ``stretch``: straight to ``size``×``size``.
@@ -42,8 +48,8 @@ def preprocess(images: torch.Tensor, size: int = 224, mode: str = "crop") -> tor
     if mode == "stretch":
         images = _resize(images, size, size)
     elif mode == "crop":
-        scale = size / min(height, width)
-        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+        short = min(height, width)
+        new_h, new_w = size * height // short, size * width // short
         images = _resize(images, new_h, new_w)
         top, left = (new_h - size) // 2, (new_w - size) // 2
         images = images[..., top : top + size, left : left + size]

@@ -30,3 +30,19 @@ def noise_prediction(patcher, latent, sigma, context, cond_or_uncond=(0, 1)):
     with torch.no_grad():
         denoised = patcher.model.apply_model(latent, sigma, c_crossattn=context, transformer_options=options)
     return (latent - denoised) / sigma.view(-1, 1, 1, 1)
+
+
+def diffusers_unet_from_comfy(comfy, patcher, width: int):
+    """A diffusers UNet with the same weights as a scaled-down ComfyUI SD1.5 UNet (ComfyUI's own key map)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(width, 2 * width, 4 * width, 4 * width), layers_per_block=2,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    )
+    comfy_weights = patcher.model.diffusion_model.state_dict()
+    mapping = comfy.utils.unet_to_diffusers(sd15_unet_config(width))
+    state = {dk: comfy_weights[ck] for dk, ck in mapping.items() if ck in comfy_weights}  # the map lists optional layers too
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    assert not unexpected and not missing, (missing[:3], unexpected[:3])
+    return unet.eval()

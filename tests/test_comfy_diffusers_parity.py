@@ -3,25 +3,10 @@ import pytest
 import torch
 
 from adapter_factory import random_adapter
-from comfy_inprocess import build_sd15_model_patcher, noise_prediction, pack_module, sd15_unet_config
+from comfy_inprocess import build_sd15_model_patcher, diffusers_unet_from_comfy, noise_prediction, pack_module
 from ipadapter.checkpoint import IPAdapterCheckpoint
 
 WIDTH = 64
-
-
-def diffusers_unet_from_comfy(comfy, patcher):
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(WIDTH, 2 * WIDTH, 4 * WIDTH, 4 * WIDTH), layers_per_block=2,
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-    )
-    comfy_weights = patcher.model.diffusion_model.state_dict()
-    mapping = comfy.utils.unet_to_diffusers(sd15_unet_config(WIDTH))
-    state = {dk: comfy_weights[ck] for dk, ck in mapping.items() if ck in comfy_weights}  # the map lists optional layers too
-    missing, unexpected = unet.load_state_dict(state, strict=False)
-    assert not unexpected and not missing, (missing[:3], unexpected[:3])
-    return unet.eval()
 
 
 @pytest.mark.parametrize("weight", [1.0, 0.6])
@@ -31,7 +16,7 @@ def test_patched_comfy_model_matches_diffusers_load_ip_adapter(comfy, weight):
     patcher_module = pack_module("patcher")
     image_prompt = pack_module("ipadapter.image_prompt")
     model = build_sd15_model_patcher(WIDTH, seed=3)
-    unet = diffusers_unet_from_comfy(comfy, model)
+    unet = diffusers_unet_from_comfy(comfy, model, WIDTH)
 
     nested = random_adapter("base", base_width=WIDTH, seed=4)
     unet._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)

@@ -2,26 +2,11 @@
 to give the training model's noise prediction."""
 import torch
 
-from comfy_inprocess import build_sd15_model_patcher, noise_prediction, pack_module, sd15_unet_config
+from comfy_inprocess import build_sd15_model_patcher, diffusers_unet_from_comfy, noise_prediction, pack_module
 from training.adapter import IPAdapterModel
 from training.checkpointing import export_adapter
 
 WIDTH = 64
-
-
-def diffusers_unet_from_comfy(comfy, patcher):
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(WIDTH, 2 * WIDTH, 4 * WIDTH, 4 * WIDTH), layers_per_block=2,
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-    )
-    comfy_weights = patcher.model.diffusion_model.state_dict()
-    mapping = comfy.utils.unet_to_diffusers(sd15_unet_config(WIDTH))
-    state = {dk: comfy_weights[ck] for dk, ck in mapping.items() if ck in comfy_weights}
-    missing, unexpected = unet.load_state_dict(state, strict=False)
-    assert not unexpected and not missing, (missing[:3], unexpected[:3])
-    return unet.eval()
 
 
 def test_export_loads_in_the_comfyui_loader_node_and_gives_the_training_models_output(comfy, tmp_path):
@@ -35,7 +20,7 @@ def test_export_loads_in_the_comfyui_loader_node_and_gives_the_training_models_o
     generator = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        training_model = IPAdapterModel(diffusers_unet_from_comfy(comfy, patcher), embed_dim=1024).eval()
+        training_model = IPAdapterModel(diffusers_unet_from_comfy(comfy, patcher, WIDTH), embed_dim=1024).eval()
     with torch.no_grad():  # trained-looking weights
         for parameter in training_model.trainable_parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ipadapter.checkpoint import IPAdapterCheckpoint, check_encoder, load_adapter
+from .ipadapter.checkpoint import IPAdapterCheckpoint, load_adapter
 from .ipadapter.encoder import ImageEncoder, load_image_encoder
 from .ipadapter.image_prompt import (
     COMBINE_MODES,
@@ -149,9 +149,6 @@ def check_sd15_model(model, adapter: LoadedAdapter) -> None:
 def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0, start_at=0.0, end_at=1.0,
                 combine="average", layer_weights="all", attn_mask=None):
     check_sd15_model(model, adapter)
-    spec = adapter.checkpoint.spec
-    width = embeds.image_embeds.shape[-1] if spec.encoder_input == "image_embeds" else embeds.penultimate.shape[-1]
-    check_encoder(spec, width, width, adapter.checkpoint.source, embeds.encoder_name)
     cond, uncond = image_tokens(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate, combine)
     sampling = model.model.model_sampling
     mask = check_mask(attn_mask) if attn_mask is not None else None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import AdapterFormatError, IPAdapterCheckpoint
+from .checkpoint import IPAdapterCheckpoint, check_encoder
 from .layers import SD15_LAYERS
 
 COMBINE_MODES = ("average", "concat")
@@ -94,12 +94,7 @@ def image_tokens(
             uncond = default_uncond_penultimate
         else:
             raise ValueError(f"'{checkpoint.source}' ({spec.variant}) needs the encoder's output for a blank image")
-    width = cond.shape[-1]
-    if width != spec.encoder_width:
-        raise AdapterFormatError(
-            f"'{checkpoint.source}' expects {spec.encoder_name} features of width {spec.encoder_width}, "
-            f"but the image embeddings ({images.encoder_name}) are {width} wide"
-        )
+    check_encoder(spec, images.image_embeds.shape[-1], images.penultimate.shape[-1], checkpoint.source, images.encoder_name)
     parameter = next(projection.parameters())
     cond = cond.to(parameter)
     uncond = uncond.to(parameter)

@@ -65,7 +65,7 @@ def test_plus_uses_blank_image_features():
 def test_refuses_features_of_another_encoder(base):
     checkpoint, projection = base
     images = EncodedImages(torch.randn(1, 1280), torch.randn(1, 257, 1664), encoder_name="ViT-bigG/14")
-    with pytest.raises(AdapterFormatError, match="width 1024, but the image embeddings \\(ViT-bigG/14\\) are 1280"):
+    with pytest.raises(AdapterFormatError, match="image embeddings of width 1024, but the image encoder \\(ViT-bigG/14\\) gives 1280"):
         image_tokens(checkpoint, projection, images, None)
     with pytest.raises(ValueError, match="no image"):
         image_tokens(checkpoint, projection, EncodedImages(torch.zeros(0, 1024), torch.zeros(0, 257, 1280)), None)

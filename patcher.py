@@ -169,17 +169,16 @@ class AttentionPatch:
             out = self._attention(q, k, v, heads, extra_options, precision)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [COND]
         sigmas = extra_options.get("sigmas")
+        def attention(q_, k_, v_, heads_):
+            return self._attention(q_, k_, v_, heads_, extra_options, precision)
+
+        batch = q.shape[0]
         for term in self.terms:
             weight = term.layer_weight(self.key)
             if weight == 0 or not term.is_active(sigmas):
                 continue
-            batch = q.shape[0]
             k_ip, v_ip = term.batch_keys_values(self.key, cond_or_uncond, batch, q.device, q.dtype)
             mask = term.batch_mask(extra_options, q.shape[1], batch, q.device, q.dtype)
-
-            def attention(q_, k_, v_, heads_):
-                return self._attention(q_, k_, v_, heads_, extra_options, precision)
-
             out = out + image_attention(q, k_ip, v_ip, heads, weight, mask, attention)
         return out
 

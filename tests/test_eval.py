@@ -180,6 +180,11 @@ def test_wrong_clip_files_are_one_line_errors(tmp_path, tiny_clip):
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(path.read_bytes()[:3000])
     cases.append((truncated, "ViT-L-14", "truncated or corrupt"))
+    torchscript = tmp_path / "ViT-L-14.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(torchscript))
+    cases.append((torchscript, "ViT-L-14", "is a TorchScript archive"))
+    torch.save({k: v for k, v in model.state_dict().items()}, tmp_path / "open_clip.pt")  # a plain torch.save zip is no archive
+    assert isinstance(load_scoring_clip(tmp_path / "open_clip.pt", str(config)).model, open_clip.model.CLIP)
     for source, arch, fragment in cases:
         with pytest.raises(ClipFileError) as error:
             load_scoring_clip(source, arch)

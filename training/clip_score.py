@@ -125,6 +125,9 @@ def load_scoring_clip(path: str | Path, arch: str = "ViT-L-14") -> ScoringClip:
     if not path.is_file():
         raise ClipFileError(f"scoring CLIP '{path}' does not exist; expected a full OpenCLIP checkpoint "
                             "(.safetensors/.bin/.pt) or a transformers CLIPModel folder")
+    if _is_torchscript(path):
+        raise ClipFileError(f"scoring CLIP '{path.name}' is a TorchScript archive (as OpenAI's original CLIP files); "
+                            "expected plain weights: an OpenCLIP state dict or a transformers CLIPModel folder")
     state_dict, _ = read_weights(path, "scoring CLIP", ClipFileError)
     if isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
@@ -139,6 +142,15 @@ def load_scoring_clip(path: str | Path, arch: str = "ViT-L-14") -> ScoringClip:
                 else f"not a CLIP model (found keys like {', '.join(keys[:3]) or 'nothing'})")
         raise ClipFileError(f"scoring CLIP '{path.name}' is {what}; expected a full CLIP checkpoint with image and text towers")
     return _load_open_clip(path, arch, state_dict)
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
 def _open_clip_config(arch: str) -> tuple[str, dict]:

@@ -300,6 +300,10 @@ def test_generated_mode_scores_existing_images(tmp_path, tiny_clip, references, 
               "--output", str(tmp_path / "out2"), *clip_args(tiny_clip)])
     assert "lacks 1 of 8 images (first: ref2_1.png for reference 'ref2')" in str(error.value)
     assert "\n" not in str(error.value)
+    (generated / "ref2_1.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with pytest.raises(EvalError, match="ref2_1.png' cannot be used \\(broken image\\)"):
+        main(["--data", str(references), "--generated", str(generated), "--samples-per-image", "2",
+              "--output", str(tmp_path / "out2"), *clip_args(tiny_clip)])
 
 
 # --- generation mode end to end (tiny SD1.5 layout, random weights) ------------------------

@@ -24,7 +24,8 @@ GENERATION_SETTINGS = "generation.json"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training.eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.eval", description="CLIP-I and CLIP-T of an IP-Adapter with the paper's protocol "
+                                     "(see the Evaluation section of training/README.md).")
     parser.add_argument("--data", required=True, help="COCO-2017 folder (annotations/ + val2017/), captions_val2017.json, "
                         ".jsonl/.csv manifest, or a folder of images with .txt captions")
     parser.add_argument("--images", help="COCO images folder when it is not val2017/ next to annotations/")

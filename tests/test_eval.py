@@ -333,9 +333,10 @@ def generator_files(tmp_path_factory):
 def test_generation_mode_end_to_end(tmp_path, tiny_clip, references, generator_files):
     sd15, encoder, adapter = generator_files
     out = tmp_path / "out"
-    args = ["--data", str(references), "--limit", "2", "--samples-per-image", "2", "--sd15", str(sd15),
-            "--adapter", str(adapter), "--image-encoder", str(encoder), "--steps", "2", "--resolution", "64",
-            "--device", "cpu", "--output", str(out), *clip_args(tiny_clip)]
+    common = ["--data", str(references), "--limit", "2", "--samples-per-image", "2", "--sd15", str(sd15),
+              "--adapter", str(adapter), "--image-encoder", str(encoder), "--steps", "2", "--resolution", "64",
+              "--device", "cpu", *clip_args(tiny_clip)]
+    args = common + ["--output", str(out)]
     report = main(args)
     files = sorted(p.name for p in (out / "images").glob("*.png"))
     assert files == ["ref0_0.png", "ref0_1.png", "ref1_0.png", "ref1_1.png"]
@@ -351,6 +352,17 @@ def test_generation_mode_end_to_end(tmp_path, tiny_clip, references, generator_f
     again = main(["--data", str(references), "--limit", "2", "--samples-per-image", "2", "--generated", str(out / "images"),
                   "--output", str(tmp_path / "rescored"), *clip_args(tiny_clip)])
     assert again["summary"] == report["summary"]
+
+    # the images do not depend on the batching; a caption prompt changes them
+    def pixels(folder):
+        return torch.stack([torch.tensor(list(Image.open(folder / "images" / f).getdata()), dtype=torch.float32) for f in files])
+
+    one_by_one = tmp_path / "one_by_one"
+    main(common + ["--output", str(one_by_one), "--generation-batch", "1"])
+    assert (pixels(one_by_one) - pixels(out)).abs().max() <= 2  # float rounding of other batch shapes, then 8 bits
+    captioned = tmp_path / "captioned"
+    main(common + ["--output", str(captioned), "--prompt", "caption"])
+    assert (pixels(captioned) - pixels(out)).abs().mean() > 1
 
     # a rerun keeps finished images; other settings in the same folder are refused
     stamp = (out / "images" / files[0]).stat().st_mtime_ns

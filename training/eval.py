@@ -47,6 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="dtype of SD1.5 and the encoder")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--generation-batch", type=int, default=4,
+                        help="references generated together (x samples-per-image x 2 for guidance); images do not depend on it")
     parser.add_argument("--batch-size", type=int, default=32, help="images per CLIP scoring batch")
     parser.add_argument("--output", default="runs/eval", help="folder for report.json, per_image.csv and generated images")
     parser.add_argument("--overwrite", action="store_true", help="regenerate images that the output folder already holds")
@@ -58,7 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         absent = [f"--{n}" for n, v in zip(("sd15", "adapter", "image-encoder"), generation) if not v]
         raise EvalError(f"{', '.join(absent)} not given; expected --sd15, --adapter and --image-encoder to generate, "
                         "or --generated DIR to score existing images")
-    for name in ("samples_per_image", "steps", "resolution", "batch_size"):
+    for name in ("samples_per_image", "steps", "resolution", "batch_size", "generation_batch"):
         if getattr(args, name) < 1:
             raise EvalError(f"--{name.replace('_', '-')} = {getattr(args, name)}; expected a positive number")
     if args.limit < 0:
@@ -109,18 +111,25 @@ def generate_all(args: argparse.Namespace, references: list[Reference], folder: 
     folder.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(settings, indent=1))
     progress = _progress(len(todo), "generating")
-    for index in todo:
-        reference = references[index]
-        clip_pixels = image_tensors(open_image(reference.image), args.resolution)["clip_pixels"]
-        prompt = reference.caption if args.prompt == "caption" else ""
-        images = generate(model, frozen, clip_pixels[None].repeat(args.samples_per_image, 1, 1, 1), prompt, args.scale,
-                          args.resolution, args.steps, args.guidance, seed=args.seed * 1_000_003 + index)
-        for image, path in zip(images, files[index]):
+    samples = args.samples_per_image
+    for start in range(0, len(todo), args.generation_batch):
+        group = todo[start:start + args.generation_batch]
+        clip_pixels = torch.stack([image_tensors(open_image(references[i].image), args.resolution)["clip_pixels"]
+                                   for i in group]).repeat_interleave(samples, dim=0)
+        prompts = [references[i].caption if args.prompt == "caption" else "" for i in group for _ in range(samples)]
+        seeds = [sample_seed(args.seed, i, k) for i in group for k in range(samples)]
+        images = generate(model, frozen, clip_pixels, prompts, args.scale, args.resolution, args.steps, args.guidance, seeds)
+        for image, path in zip(images, [path for i in group for path in files[i]]):
             array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             Image.fromarray(array).save(path)
-        progress.update(1)
+        progress.update(len(group))
     progress.close()
     return files
+
+
+def sample_seed(seed: int, reference: int, sample: int) -> int:
+    """The noise seed of one generated image: fixed by (--seed, reference position, k), whatever the batching."""
+    return (seed * 1_000_003 + reference) * 1009 + sample
 
 
 def load_generator(args: argparse.Namespace, device: torch.device):

@@ -24,24 +24,33 @@ def generate(
     model: IPAdapterModel,
     frozen: FrozenModels,
     clip_pixels: torch.Tensor,
-    prompt: str,
+    prompt: str | list[str],
     scale: float,
     resolution: int,
     steps: int,
     guidance: float,
-    seed: int,
+    seed: int | list[int],
 ) -> torch.Tensor:
-    """One image per reference in ``clip_pixels``, as [N, 3, H, W] in 0..1."""
+    """One image per reference in ``clip_pixels``, as [N, 3, H, W] in 0..1.
+
+    ``prompt`` and ``seed`` are one for the batch or one per image (a list of N); per-image
+    seeds make each image independent of what else is in the batch.
+    """
     device = next(model.parameters()).device
     count = clip_pixels.shape[0]
     scheduler = DDIMScheduler.from_config(frozen.scheduler.config)
     scheduler.set_timesteps(steps, device=device)
     downsample = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
     shape = (count, frozen.vae.config.latent_channels, resolution // downsample, resolution // downsample)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, frozen.dtype)
+    if isinstance(seed, int):
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    else:
+        latents = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seed])
+    latents = latents.to(device, frozen.dtype)
+    prompts = [prompt] * count if isinstance(prompt, str) else list(prompt)
     image_embeds = frozen.encode_images(clip_pixels.to(device)).float()
     image_embeds = torch.cat([image_embeds, torch.zeros_like(image_embeds)])
-    text = frozen.encode_text(frozen.tokenizer([prompt] * count + [""] * count).to(device))
+    text = frozen.encode_text(frozen.tokenizer(prompts + [""] * count).to(device))
     for timestep in scheduler.timesteps:
         model_input = torch.cat([latents, latents])
         prediction = model(model_input, timestep.expand(2 * count), text, image_embeds, scale=scale)

@@ -177,6 +177,14 @@ def test_wrong_clip_files_are_one_line_errors(tmp_path, tiny_clip):
     transformers_file.parent.mkdir()
     save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 4)}, str(transformers_file))
     cases.append((transformers_file, "ViT-L-14", "no config.json beside it"))
+    vision_file = tmp_path / "clip_vision_h.safetensors"  # what ComfyUI's models/clip_vision holds
+    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(4, 3, 14, 14)}, str(vision_file))
+    cases.append((vision_file, "ViT-L-14", "image-only CLIP (a transformers vision model"))
+    vision_folder = tmp_path / "vision_folder"
+    vision_folder.mkdir()
+    (vision_folder / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(4, 3, 14, 14)}, str(vision_folder / "model.safetensors"))
+    cases.append((vision_folder, "ViT-L-14", "is a transformers 'clip_vision_model' model"))
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(path.read_bytes()[:3000])
     cases.append((truncated, "ViT-L-14", "truncated or corrupt"))

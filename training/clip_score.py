@@ -135,6 +135,9 @@ def load_scoring_clip(path: str | Path, arch: str = "ViT-L-14") -> ScoringClip:
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     keys = list(state_dict)
     if any(k.startswith(("text_model.", "vision_model.")) for k in keys):
+        if not any(k.startswith("text_model.") for k in keys):
+            raise ClipFileError(f"scoring CLIP '{path.name}' is an image-only CLIP (a transformers vision model, no text "
+                                "tower; CLIP-T needs one); expected a full CLIP checkpoint with image and text towers")
         return _load_transformers(path, path.parent / "config.json", [path], state_dict)
     has_text, has_visual = "token_embedding.weight" in state_dict, any(k.startswith("visual.") for k in keys)
     if not (has_text and has_visual):

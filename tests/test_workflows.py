@@ -1,0 +1,233 @@
+"""The shared workflows (``workflows/``) against a real ComfyUI with this pack loaded.
+
+* every UI workflow matches the live node definitions (``GET /object_info``):
+  node types exist, links join sockets of the same type, widget values are in
+  range and in their combo lists; broken copies fail with the node named;
+* every API twin is the conversion of its UI workflow;
+* every workflow runs headless (random-weight models of the real architectures
+  under the names the workflows use, 64x64, 1 step): it saves its image, the
+  image changes with λ and with the reference image, and λ = 0 gives exactly
+  the image of the same graph without this pack's nodes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import types
+
+import numpy as np
+import pytest
+from safetensors.torch import save_file
+
+from adapter_factory import random_adapter
+from comfyui_harness import REPO_ROOT
+from workflow_tools import (
+    ADAPTER, CHECKPOINT, ENCODER, FRONTEND_ONLY, REFERENCE_IMAGES, SOURCE_IMAGES, TRAINED_ADAPTER, USER_FILES,
+    WorkflowError, api_twin_path, check_workflow, load_workflow, our_node_types, shrink, ui_to_api,
+    ui_workflow_files, with_references, with_weight, without_adapter,
+)
+
+WORKFLOWS = ui_workflow_files()
+NAMES = [path.name for path in WORKFLOWS]
+SIZE, STEPS = 64, 1
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "workflows"
+
+
+@pytest.fixture(scope="module")
+def info(comfyui_server):
+    return comfyui_server.object_info()
+
+
+# -- static checks --------------------------------------------------------------------
+
+def test_the_issue_workflows_are_all_there():
+    stems = [name.split("-", 1)[0] for name in NAMES]
+    assert stems == ["1", "2", "3a", "3b", "4", "5", "6"], NAMES
+    for path in WORKFLOWS:
+        assert api_twin_path(path).is_file(), f"{path.name} has no API twin"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_matches_the_live_node_definitions(name, info):
+    workflow = load_workflow(REPO_ROOT / "workflows" / name)
+    assert check_workflow(workflow, info) == []
+    notes = [node for node in workflow["nodes"] if node["type"] in FRONTEND_ONLY]
+    assert len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 100, "each workflow explains itself in one note"
+    assert {"IPAdapterSD15Loader", "IPAdapterSD15EncoderLoader", "IPAdapterSD15Encode", "IPAdapterSD15Apply"} <= our_node_types(workflow)
+    # the file names are the ones users have (README: where each goes)
+    api = ui_to_api(workflow, info)
+    files = {node["inputs"][key] for node in api.values() for key in ("ckpt_name", "ipadapter_file", "clip_name")
+             if key in node["inputs"]}
+    assert CHECKPOINT in files and ENCODER in files and files & {ADAPTER, TRAINED_ADAPTER}
+    sampler = next(node["inputs"] for node in api.values() if node["class_type"] == "KSampler")
+    assert (sampler["sampler_name"], sampler["steps"], sampler["cfg"]) == ("ddim", 50, 7.5)  # the paper's sampling
+
+
+def test_workflow_1_is_the_papers_image_prompt_only_setting(info):
+    api = ui_to_api(load_workflow(WORKFLOWS[0]), info)
+    texts = [node["inputs"]["text"] for node in api.values() if node["class_type"] == "CLIPTextEncode"]
+    (apply,) = [node["inputs"] for node in api.values() if node["class_type"] == "IPAdapterSD15Apply"]
+    assert texts == ["", ""] and apply["weight"] == 1.0 and apply["layers"] == "all"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_twin_is_the_conversion_of_the_ui_workflow(name, info):
+    path = REPO_ROOT / "workflows" / name
+    assert load_workflow(api_twin_path(path)) == ui_to_api(load_workflow(path), info), \
+        "the API twin is out of date: run `python workflows/build.py` (or `python tests/workflow_tools.py api`)"
+
+
+def find(workflow, kind):
+    return next(node for node in workflow["nodes"] if node["type"] == kind)
+
+
+def test_broken_workflows_fail_with_the_node_named(info):
+    original = load_workflow(WORKFLOWS[1])
+
+    unknown = copy.deepcopy(original)
+    node = find(unknown, "IPAdapterSD15Encode")
+    node["type"] = "IPAdapterSD15EncodeTypo"
+    problems = check_workflow(unknown, info)
+    assert any(f"node {node['id']}" in p and "IPAdapterSD15EncodeTypo" in p and "unknown node type" in p for p in problems), problems
+    with pytest.raises(WorkflowError, match="IPAdapterSD15EncodeTypo"):
+        ui_to_api(unknown, info)
+
+    too_strong = copy.deepcopy(original)
+    node = find(too_strong, "IPAdapterSD15Apply")
+    node["widgets_values"][0] = 7.5  # λ; the node allows -1..3
+    (problem,) = check_workflow(too_strong, info)
+    assert f"node {node['id']}" in problem and "IPAdapterSD15Apply" in problem and "weight = 7.5 is above the maximum 3.0" in problem
+
+    bad_choice = copy.deepcopy(original)
+    node = find(bad_choice, "IPAdapterSD15Apply")
+    node["widgets_values"][4] = "everything"  # layers
+    (problem,) = check_workflow(bad_choice, info)
+    assert "IPAdapterSD15Apply" in problem and "layers = 'everything'" in problem
+
+    missing_file = copy.deepcopy(original)
+    node = find(missing_file, "IPAdapterSD15Loader")
+    node["widgets_values"][0] = "ip-adapter_sdxl.safetensors"
+    (problem,) = check_workflow(missing_file, info)
+    assert "IPAdapterSD15Loader" in problem and "ip-adapter_sdxl.safetensors" in problem
+
+    shifted = copy.deepcopy(original)
+    node = find(shifted, "KSampler")
+    del node["widgets_values"][1]  # the "control after generate" value: everything after it shifts
+    (problem,) = check_workflow(shifted, info)
+    assert "KSampler" in problem and "6 widget values, expected 7" in problem
+
+    crossed = copy.deepcopy(original)  # the embeds socket fed from the adapter loader
+    apply, loader = find(crossed, "IPAdapterSD15Apply"), find(crossed, "IPAdapterSD15Loader")
+    embeds_link = next(slot["link"] for slot in apply["inputs"] if slot["name"] == "embeds")
+    link = next(link for link in crossed["links"] if link[0] == embeds_link)
+    link[1], link[2], link[5] = loader["id"], 0, "IPADAPTER_SD15"
+    loader["outputs"][0]["links"].append(embeds_link)
+    problems = check_workflow(crossed, info)
+    assert any("IPAdapterSD15Apply" in p and "'embeds'" in p and "IPADAPTER_SD15_EMBEDS" in p for p in problems), problems
+
+    unconnected = copy.deepcopy(original)
+    apply = find(unconnected, "IPAdapterSD15Apply")
+    next(slot for slot in apply["inputs"] if slot["name"] == "ipadapter")["link"] = None
+    assert any("IPAdapterSD15Apply" in p and "required input 'ipadapter'" in p for p in check_workflow(unconnected, info))
+
+
+def test_the_command_line_check_fails_on_a_broken_file(tmp_path):
+    import subprocess
+    import sys
+
+    broken = load_workflow(WORKFLOWS[0])
+    find(broken, "IPAdapterSD15Apply")["widgets_values"][0] = -4.0
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(broken))
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "workflow_tools.py"), "check", str(path), str(WORKFLOWS[0])],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "broken.json:" in result.stdout and "IPAdapterSD15Apply" in result.stdout and "below the minimum -1.0" in result.stdout
+    assert f"{WORKFLOWS[0].name}: ok" in result.stdout
+
+
+# -- headless runs --------------------------------------------------------------------
+
+def write_flat_adapter(path, seed):
+    """A random full-size base adapter (K'/V' scaled up so that its effect shows after 2 steps), fp16, flat."""
+    flat = {}
+    for group, tensors in random_adapter("base", seed=seed).items():
+        flat.update({f"{group}.{k}": (v * 5 if group == "ip_adapter" else v).half() for k, v in tensors.items()})
+    save_file(flat, str(path))
+
+
+def write_trained_adapter(path, seed):
+    """A file written by the trainer's export (official layout with step and config metadata), random weights."""
+    from training.checkpointing import export_adapter
+
+    tensors = random_adapter("base", seed=seed)
+    ip_adapter = {k: v * 5 for k, v in tensors["ip_adapter"].items()}
+    model = types.SimpleNamespace(adapter_state_dicts=lambda: (tensors["image_proj"], ip_adapter),
+                                  unet=types.SimpleNamespace(config=types.SimpleNamespace(block_out_channels=[320])))
+    return export_adapter(model, path, 300, "train: {max_steps: 300}", "fp16")
+
+
+@pytest.fixture(scope="module")
+def models_server(comfyui_server, sd15_checkpoint):
+    """The session's ComfyUI with random-weight models under the names the workflows use, and their input images."""
+    from test_encoder import transformers_model
+
+    server = comfyui_server
+    link = server.models_dir("checkpoints") / CHECKPOINT
+    if not link.exists():
+        link.symlink_to(sd15_checkpoint)
+    write_flat_adapter(server.models_dir("ipadapter") / ADAPTER, seed=7)
+    write_trained_adapter(server.models_dir("ipadapter") / TRAINED_ADAPTER, seed=11)
+    # a narrow tower with ViT-H/14's 1024-d output, in the transformers format of the real file
+    encoder = transformers_model(width=128, layers=2, heads=2, patch=14, image=224, embed_dim=1024, seed=3)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(server.models_dir("clip_vision") / ENCODER))
+    rng = np.random.default_rng(0)
+    red, blue = REFERENCE_IMAGES
+    server.write_input_image(red, np.tile([0.9, 0.1, 0.1], (96, 128, 1)) + rng.normal(0, 0.05, (96, 128, 3)))
+    server.write_input_image(blue, np.tile([0.1, 0.2, 0.9], (96, 128, 1)) + rng.normal(0, 0.05, (96, 128, 3)))
+    source, masked = SOURCE_IMAGES
+    ramp = np.linspace(0.2, 0.8, SIZE)
+    pixels = np.stack([ramp[None, :].repeat(SIZE, 0), ramp[:, None].repeat(SIZE, 1), np.full((SIZE, SIZE), 0.5)], -1)
+    server.write_input_image(source, pixels)
+    from PIL import Image
+
+    rgba = np.concatenate([(pixels * 255).astype(np.uint8), np.full((SIZE, SIZE, 1), 255, np.uint8)], -1)
+    rgba[16:48, 16:48, 3] = 0  # transparent square: LoadImage's MASK is 1 there (the region to inpaint)
+    Image.fromarray(rgba, "RGBA").save(server.input_dir / masked)
+    assert set(USER_FILES["input"]) == {red, blue, source, masked}
+    return server
+
+
+def render(server, graph, tag):
+    graph = shrink(graph, SIZE, STEPS, prefix=f"workflows/{tag}")
+    result = server.run_prompt(graph)
+    assert len(result.images) == 1, result.history.get("outputs")
+    (image,) = result.load_images()
+    return image, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_headless_and_responds_to_lambda_and_reference(name, models_server):
+    server = models_server
+    stem = name.removesuffix(".json")
+    graph = load_workflow(api_twin_path(REPO_ROOT / "workflows" / name))
+
+    image, result = render(server, graph, f"{stem}-base")
+    assert image.shape == (SIZE, SIZE, 3) and np.isfinite(image).all() and image.std() > 0.01
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(result.images[0], ARTIFACTS / f"{stem}-{SIZE}px-{STEPS}step.png")
+
+    weaker, _ = render(server, with_weight(graph, 0.5), f"{stem}-half")
+    swapped, _ = render(server, with_references(graph, {REFERENCE_IMAGES[0]: REFERENCE_IMAGES[1],
+                                                        REFERENCE_IMAGES[1]: REFERENCE_IMAGES[0]}), f"{stem}-swapped")
+    zero, _ = render(server, with_weight(graph, 0.0), f"{stem}-zero")
+    plain_graph = without_adapter(graph)
+    assert not any(node["class_type"].startswith("IPAdapterSD15") for node in plain_graph.values())
+    plain, _ = render(server, plain_graph, f"{stem}-plain")
+
+    assert np.array_equal(zero, plain), "λ = 0 must give exactly the image without the adapter"
+    assert np.abs(image - plain).mean() > 1e-3, "the image prompt has no effect"
+    assert np.abs(weaker - image).mean() > 1e-3, "λ has no effect"
+    assert np.abs(swapped - image).mean() > 1e-3, "the reference image has no effect"

@@ -1,0 +1,385 @@
+"""The shared workflows in ``workflows/``: check them against a live ComfyUI, convert them to API format.
+
+A UI-format workflow (what ComfyUI's graph editor saves) stores each node's
+widget values as a positional list, ``widgets_values``, in the order the editor
+creates the widgets from the node's definition in ``GET /object_info``:
+required then optional inputs, every input whose type is a list (a combo),
+``INT``, ``FLOAT``, ``STRING`` or ``BOOLEAN`` (unless ``forceInput``) is a
+widget; an ``INT`` named ``seed`` / ``noise_seed`` (or with
+``control_after_generate``) is followed by the "control after generate" value;
+a node whose required ``image`` input has ``image_upload`` gets an ``upload``
+button after its required widgets (its value is ``"image"``). Everything else
+is a socket. This module reads that layout from the live definitions
+(:func:`widget_layout`), and with it
+
+* :func:`check_workflow` lists every problem of a UI workflow against those
+  definitions (unknown node type, a link between sockets of different types, a
+  widget value out of range or not in its combo list, a required input left
+  unconnected), each message naming the node by id, title and type;
+* :func:`ui_to_api` converts a UI workflow to the API format that
+  ``POST /prompt`` takes (the twins in ``workflows/api/``);
+* :func:`shrink`, :func:`with_weight`, :func:`with_references`,
+  :func:`without_adapter` derive the graphs the tests run.
+
+Command line (starts a ComfyUI with this pack, like the tests)::
+
+    python tests/workflow_tools.py check [FILE ...]   # check UI workflows (default: all)
+    python tests/workflow_tools.py api                # rewrite workflows/api/ from the UI files
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW_DIR = REPO_ROOT / "workflows"
+API_DIR = WORKFLOW_DIR / "api"
+
+# Nodes that exist only in the editor (never sent to the server).
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+SEED_NAMES = {"seed", "noise_seed"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+
+# The files the workflows name, by model folder: the names users already have
+# (and the trainer's export, copied under this name; see workflows/README.md).
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+ADAPTER = "ip-adapter_sd15.safetensors"
+TRAINED_ADAPTER = "ip-adapter_sd15_trained.safetensors"
+ENCODER = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+REFERENCE_IMAGES = ("reference.png", "reference_b.png")
+SOURCE_IMAGES = ("source.png", "source_masked.png")
+USER_FILES = {
+    "checkpoints": {CHECKPOINT},
+    "ipadapter": {ADAPTER, TRAINED_ADAPTER},
+    "clip_vision": {ENCODER},
+    "input": {*REFERENCE_IMAGES, *SOURCE_IMAGES},
+}
+# Combo inputs whose choices are the files of a folder: on a test server the
+# folder may lack the user's file, so the names above are accepted as well.
+FILE_INPUTS = {
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+    ("IPAdapterSD15Loader", "ipadapter_file"): "ipadapter",
+    ("IPAdapterSD15Simple", "ipadapter_file"): "ipadapter",
+    ("IPAdapterSD15EncoderLoader", "clip_name"): "clip_vision",
+    ("IPAdapterSD15Simple", "clip_name"): "clip_vision",
+    ("CLIPVisionLoader", "clip_name"): "clip_vision",
+    ("LoadImage", "image"): "input",
+}
+OUR_PREFIX = "IPAdapterSD15"
+# Our nodes that output a patched MODEL (their "model" input is the unpatched one).
+OUR_MODEL_NODES = {"IPAdapterSD15Apply", "IPAdapterSD15Simple"}
+
+
+class WorkflowError(ValueError):
+    """A workflow that does not match the live node definitions."""
+
+
+@dataclass(frozen=True)
+class Widget:
+    name: str
+    spec: tuple | None  # the input's definition; None for the editor's extra widgets
+    extra: str | None = None  # "control_after_generate" or "upload"
+
+    @property
+    def kind(self):
+        return "COMBO" if isinstance(self.spec[0], list) else self.spec[0]
+
+    @property
+    def options(self) -> dict:
+        return self.spec[1] if len(self.spec) > 1 and isinstance(self.spec[1], dict) else {}
+
+
+def node_inputs(definition: dict) -> dict:
+    return {**definition["input"].get("required", {}), **definition["input"].get("optional", {})}
+
+
+def is_widget(spec) -> bool:
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES) and not options.get("forceInput")
+
+
+def widget_layout(definition: dict) -> list[Widget]:
+    """The widgets the editor creates for a node definition, in ``widgets_values`` order."""
+    layout = []
+    required = definition["input"].get("required", {})
+    for section in ("required", "optional"):
+        for name, spec in definition["input"].get(section, {}).items():
+            if not is_widget(spec):
+                continue
+            widget = Widget(name, tuple(spec))
+            layout.append(widget)
+            if widget.options.get("control_after_generate") or (widget.kind == "INT" and name in SEED_NAMES):
+                layout.append(Widget("control_after_generate", None, "control_after_generate"))
+        if section == "required" and any(
+                len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("image_upload") for spec in required.values()):
+            layout.append(Widget("upload", None, "upload"))
+    return layout
+
+
+def socket_inputs(definition: dict) -> dict[str, str]:
+    """Input name -> socket type of the inputs that are sockets (not widgets)."""
+    return {name: spec[0] for name, spec in node_inputs(definition).items() if not is_widget(spec)}
+
+
+def node_label(node: dict, info: dict | None = None) -> str:
+    kind = node.get("type")
+    title = node.get("title") or ((info or {}).get(kind, {}).get("display_name")) or kind
+    return f"node {node.get('id')} '{title}' ({kind})"
+
+
+def check_value(widget: Widget, value, node_type: str) -> str | None:
+    """Why a widget value is not acceptable for its input, or None."""
+    if widget.extra == "control_after_generate":
+        return None if value in CONTROL_VALUES else f"{widget.name} = {value!r} is not one of {sorted(CONTROL_VALUES)}"
+    if widget.extra == "upload":
+        return None
+    kind, options, name = widget.kind, widget.options, widget.name
+    if kind == "COMBO":
+        choices = list(widget.spec[0])
+        folder = FILE_INPUTS.get((node_type, name))
+        if value in choices or (folder and value in USER_FILES[folder]):
+            return None
+        shown = choices if len(choices) <= 12 else choices[:12] + ["..."]
+        expected = f"one of {shown}" + (f" or a user file of models/{folder} {sorted(USER_FILES[folder])}" if folder else "")
+        return f"{name} = {value!r} is not {expected}"
+    if kind in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name} = {value!r} is not a number"
+        if kind == "INT" and value != int(value):
+            return f"{name} = {value!r} is not an integer"
+        if "min" in options and value < options["min"]:
+            return f"{name} = {value!r} is below the minimum {options['min']}"
+        if "max" in options and value > options["max"]:
+            return f"{name} = {value!r} is above the maximum {options['max']}"
+        return None
+    if kind == "STRING":
+        return None if isinstance(value, str) else f"{name} = {value!r} is not a string"
+    if kind == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{name} = {value!r} is not true/false"
+    return None
+
+
+def check_workflow(workflow: dict, info: dict) -> list[str]:
+    """Every problem of a UI-format workflow against the live definitions ``info`` (``GET /object_info``)."""
+    problems = []
+    if not isinstance(workflow.get("nodes"), list) or not isinstance(workflow.get("links"), list):
+        return ["not a UI-format workflow (no 'nodes' and 'links' lists)"]
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        label = node_label(node, info)
+        kind = node.get("type")
+        if kind in FRONTEND_ONLY:
+            continue
+        if kind not in info:
+            problems.append(f"{label}: unknown node type '{kind}': this ComfyUI has no such node (is the pack that provides it installed?)")
+            continue
+        definition = info[kind]
+        layout = widget_layout(definition)
+        values = node.get("widgets_values", [])
+        if not isinstance(values, list) or len(values) != len(layout):
+            problems.append(f"{label}: {len(values) if isinstance(values, list) else values!r} widget values, "
+                            f"expected {len(layout)} ({', '.join(w.name for w in layout)})")
+        else:
+            for widget, value in zip(layout, values):
+                if why := check_value(widget, value, kind):
+                    problems.append(f"{label}: {why}")
+        declared = socket_inputs(definition)
+        all_inputs = node_inputs(definition)
+        linked = set()
+        for slot in node.get("inputs", []) or []:
+            name = slot.get("name")
+            if name not in all_inputs:
+                problems.append(f"{label}: has an input '{name}' that {kind} does not have")
+                continue
+            expected = declared.get(name, "COMBO" if isinstance(all_inputs[name][0], list) else all_inputs[name][0])
+            if slot.get("type") != expected:
+                problems.append(f"{label}: input '{name}' has type {slot.get('type')}, the node declares {expected}")
+            if slot.get("link") is not None:
+                linked.add(name)
+        for name in definition["input"].get("required", {}):
+            if name in declared and name not in linked:
+                problems.append(f"{label}: required input '{name}' ({declared[name]}) is not connected")
+        outputs = definition.get("output", [])
+        for index, slot in enumerate(node.get("outputs", []) or []):
+            if index >= len(outputs):
+                problems.append(f"{label}: has output {index} '{slot.get('name')}', {kind} has only {len(outputs)}")
+            elif slot.get("type") != ("COMBO" if isinstance(outputs[index], list) else outputs[index]):
+                problems.append(f"{label}: output {index} has type {slot.get('type')}, the node declares {outputs[index]}")
+    for link in workflow["links"]:
+        if not isinstance(link, list) or len(link) != 6:
+            problems.append(f"link {link!r}: expected [id, from_node, from_slot, to_node, to_slot, type]")
+            continue
+        link_id, source_id, source_slot, target_id, target_slot, kind = link
+        source, target = nodes.get(source_id), nodes.get(target_id)
+        if source is None or target is None:
+            problems.append(f"link {link_id}: joins node {source_id} to node {target_id}, and one of them does not exist")
+            continue
+        where = f"link {link_id} from {node_label(source, info)} to {node_label(target, info)}"
+        if source.get("type") in info:
+            outputs = info[source["type"]].get("output", [])
+            declared = outputs[source_slot] if source_slot < len(outputs) else None
+            if declared != kind:
+                problems.append(f"{where}: carries {kind}, but output {source_slot} of {source['type']} is {declared}")
+        if target.get("type") in info:
+            slots = target.get("inputs", []) or []
+            name = slots[target_slot].get("name") if target_slot < len(slots) else None
+            spec = node_inputs(info[target["type"]]).get(name)
+            declared = None if spec is None else ("COMBO" if isinstance(spec[0], list) else spec[0])
+            if declared != kind:
+                problems.append(f"{where}: carries {kind}, but input {target_slot} ('{name}') of {target['type']} takes {declared}")
+            elif slots[target_slot].get("link") != link_id:
+                problems.append(f"{where}: input '{name}' does not refer back to the link")
+        source_outputs = source.get("outputs", []) or []
+        if source_slot >= len(source_outputs) or link_id not in (source_outputs[source_slot].get("links") or []):
+            problems.append(f"{where}: output {source_slot} of the source node does not list the link")
+    return problems
+
+
+def assert_workflow_valid(workflow: dict, info: dict, name: str = "workflow") -> None:
+    problems = check_workflow(workflow, info)
+    if problems:
+        raise WorkflowError(f"{name}: " + "; ".join(problems))
+
+
+# -- API format ---------------------------------------------------------------
+
+def ui_to_api(workflow: dict, info: dict) -> dict:
+    """The API-format graph (``POST /prompt``) of a UI workflow; node ids become strings."""
+    assert_workflow_valid(workflow, info)
+    links = {link[0]: link for link in workflow["links"]}
+    graph = {}
+    for node in sorted(workflow["nodes"], key=lambda n: n["id"]):
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        if node.get("mode", 0) != 0:
+            raise WorkflowError(f"{node_label(node, info)}: muted or bypassed nodes are not supported here")
+        inputs = {widget.name: value for widget, value in zip(widget_layout(info[node["type"]]), node.get("widgets_values", []))
+                  if widget.extra is None}
+        for slot in node.get("inputs", []) or []:
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        title = node.get("title") or info[node["type"]].get("display_name") or node["type"]
+        graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": title}}
+    return graph
+
+
+def load_workflow(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def ui_workflow_files() -> list[Path]:
+    return sorted(WORKFLOW_DIR.glob("*.json"))
+
+
+def api_twin_path(path: Path) -> Path:
+    return API_DIR / Path(path).name.replace(".json", ".api.json")
+
+
+def write_api_twins(info: dict) -> list[Path]:
+    API_DIR.mkdir(exist_ok=True)
+    written = []
+    for path in ui_workflow_files():
+        twin = api_twin_path(path)
+        twin.write_text(json.dumps(ui_to_api(load_workflow(path), info), indent=2) + "\n")
+        written.append(twin)
+    return written
+
+
+# -- graphs the tests derive --------------------------------------------------
+
+def shrink(graph: dict, size: int = 64, steps: int = 2, prefix: str | None = None) -> dict:
+    """A copy with small latents, few steps and (optionally) its own SaveImage prefix."""
+    graph = copy.deepcopy(graph)
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=size, height=size, batch_size=1)
+        elif node["class_type"] in ("KSampler", "KSamplerAdvanced"):
+            inputs["steps"] = steps
+            if "end_at_step" in inputs:
+                inputs["end_at_step"] = min(inputs["end_at_step"], steps)
+        elif node["class_type"] == "SaveImage" and prefix:
+            inputs["filename_prefix"] = prefix
+    return graph
+
+
+def with_weight(graph: dict, factor: float) -> dict:
+    """A copy whose image-prompt weights (λ) are multiplied by ``factor`` (0: all λ = 0)."""
+    graph = copy.deepcopy(graph)
+    for node in graph.values():
+        if node["class_type"] in OUR_MODEL_NODES:
+            node["inputs"]["weight"] = node["inputs"]["weight"] * factor
+    return graph
+
+
+def with_references(graph: dict, mapping: dict[str, str]) -> dict:
+    """A copy whose LoadImage nodes load other files (``mapping``: old name -> new name)."""
+    graph = copy.deepcopy(graph)
+    for node in graph.values():
+        if node["class_type"] == "LoadImage" and node["inputs"]["image"] in mapping:
+            node["inputs"]["image"] = mapping[node["inputs"]["image"]]
+    return graph
+
+
+def without_adapter(graph: dict) -> dict:
+    """The same graph with this pack's nodes taken out: consumers of a patched MODEL get the unpatched one."""
+    graph = copy.deepcopy(graph)
+
+    def unpatched(source):
+        while graph[source[0]]["class_type"] in OUR_MODEL_NODES:
+            source = graph[source[0]]["inputs"]["model"]
+        return source
+
+    ours = {key for key, node in graph.items() if node["class_type"].startswith(OUR_PREFIX)}
+    for key, node in graph.items():
+        if key in ours:
+            continue
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in ours:
+                if graph[value[0]]["class_type"] not in OUR_MODEL_NODES:
+                    raise WorkflowError(f"node {key} takes {name} from this pack's {graph[value[0]]['class_type']}")
+                node["inputs"][name] = unpatched(value)
+    for key in ours:
+        del graph[key]
+    return graph
+
+
+def our_node_types(workflow: dict) -> set[str]:
+    return {node["type"] for node in workflow["nodes"] if node["type"].startswith(OUR_PREFIX)}
+
+
+# -- command line ---------------------------------------------------------------
+
+def main(argv: list[str]) -> int:
+    import tempfile
+
+    from comfyui_harness import PACK_FOLDER_NAME, start_comfyui_server
+
+    command, files = (argv[0] if argv else "check"), [Path(a) for a in argv[1:]]
+    with tempfile.TemporaryDirectory(prefix="workflow-tools-") as temp:
+        server = start_comfyui_server(Path(temp), {PACK_FOLDER_NAME: REPO_ROOT})
+        try:
+            info = server.object_info()
+        finally:
+            server.stop()
+    if command == "api":
+        for path in write_api_twins(info):
+            print(path)
+        return 0
+    failed = 0
+    for path in files or ui_workflow_files():
+        problems = check_workflow(load_workflow(path), info)
+        print(f"{path.name}: " + ("ok" if not problems else "\n  " + "\n  ".join(problems)))
+        failed += bool(problems)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main(sys.argv[1:]))

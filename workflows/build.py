@@ -1,0 +1,330 @@
+"""Write the UI-format workflows of this folder (and their API twins) from the short descriptions below.
+
+The JSON files are what users load; this script is how they were made, so a
+change to a workflow is a change here, then::
+
+    python workflows/build.py
+
+It starts a ComfyUI with this pack (``tests/comfyui_harness.py``; the pinned
+one, or ``$COMFYUI_PATH``), reads the live node definitions, lays out each
+graph in the editor's format (``widgets_values`` in widget order, typed
+sockets, links ``[id, from_node, from_slot, to_node, to_slot, type]``) and
+writes ``workflows/*.json`` and ``workflows/api/*.api.json``. The tests check
+the committed files, not this script.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from workflow_tools import (  # noqa: E402
+    ADAPTER, CHECKPOINT, ENCODER, REFERENCE_IMAGES, SOURCE_IMAGES, TRAINED_ADAPTER, WORKFLOW_DIR,
+    socket_inputs, widget_layout, write_api_twins,
+)
+
+REFERENCE, REFERENCE_B = REFERENCE_IMAGES
+SOURCE, SOURCE_MASKED = SOURCE_IMAGES
+SEED = 42
+# The paper's sampling: DDIM, 50 steps, guidance 7.5.
+PAPER_SAMPLING = dict(seed=SEED, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+
+
+class Graph:
+    def __init__(self, info: dict):
+        self.info = info
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def node(self, kind: str, pos, title: str | None = None, box_width: int = 320, **values) -> dict:
+        definition = self.info[kind]
+        widgets = []
+        for widget in widget_layout(definition):
+            if widget.extra == "control_after_generate":
+                widgets.append("fixed")
+            elif widget.extra == "upload":
+                widgets.append("image")
+            elif widget.name in values:
+                widgets.append(values.pop(widget.name))
+            else:
+                default = widget.options.get("default")
+                widgets.append(default if default is not None else (widget.spec[0][0] if widget.kind == "COMBO" else None))
+        if values:
+            raise KeyError(f"{kind} has no widgets {sorted(values)}")
+        inputs = [{"name": name, "type": kind_, "link": None} for name, kind_ in socket_inputs(definition).items()]
+        outputs = [{"name": definition["output_name"][i] or output, "type": output, "links": [], "slot_index": i}
+                   for i, output in enumerate(definition["output"])]
+        rows = max(len(inputs), len(outputs))
+        height = 30 + 22 * rows + 26 * len(widgets) + (260 if kind == "LoadImage" else 0) + (60 if kind == "CLIPTextEncode" else 0)
+        node = {"id": len(self.nodes) + 1, "type": kind, "pos": list(pos), "size": [box_width, height], "flags": {},
+                "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs,
+                "properties": {"Node name for S&R": kind}, "widgets_values": widgets}
+        if title:
+            node["title"] = title
+        if not widgets:  # the editor saves no widgets_values for a node without widgets
+            del node["widgets_values"]
+        if not inputs:
+            del node["inputs"]
+        if not outputs:
+            del node["outputs"]
+        self.nodes.append(node)
+        return node
+
+    def note(self, pos, text: str, width: int = 340, height: int = 300) -> dict:
+        node = {"id": len(self.nodes) + 1, "type": "Note", "pos": list(pos), "size": [width, height], "flags": {},
+                "order": 0, "mode": 0, "title": "About this workflow", "properties": {"text": ""},
+                "widgets_values": [text], "color": "#432", "bgcolor": "#653"}
+        self.nodes.append(node)
+        return node
+
+    def link(self, source: dict, output: str, target: dict, input_name: str) -> None:
+        slot = next(i for i, o in enumerate(source["outputs"]) if o["name"] == output)
+        target_slot = next(i for i, s in enumerate(target["inputs"]) if s["name"] == input_name)
+        kind = source["outputs"][slot]["type"]
+        if target["inputs"][target_slot]["type"] != kind:
+            raise TypeError(f"{source['type']}.{output} ({kind}) -> {target['type']}.{input_name}")
+        link_id = len(self.links) + 1
+        self.links.append([link_id, source["id"], slot, target["id"], target_slot, kind])
+        source["outputs"][slot]["links"].append(link_id)
+        target["inputs"][target_slot]["link"] = link_id
+
+    def workflow(self) -> dict:
+        # execution order as the editor stores it: sources first
+        order, placed = {}, set()
+        while len(placed) < len(self.nodes):
+            for node in self.nodes:
+                if node["id"] in placed:
+                    continue
+                sources = {link[1] for link in self.links if link[3] == node["id"]}
+                if sources <= placed:
+                    order[node["id"]] = len(order)
+                    placed.add(node["id"])
+        for node in self.nodes:
+            node["order"] = order[node["id"]]
+            for output in node.get("outputs", []):
+                if not output["links"]:
+                    output["links"] = None
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.6, "offset": [40, 40]}}, "version": 0.4}
+
+
+# -- pieces shared by the workflows -------------------------------------------------
+
+def base(g: Graph, positive: str, negative: str = "", x0: int = 0):
+    """Checkpoint, the two text prompts, the adapter, the encoder; returns them."""
+    ckpt = g.node("CheckpointLoaderSimple", (x0, 0), ckpt_name=CHECKPOINT)
+    pos = g.node("CLIPTextEncode", (x0 + 360, 0), title="Text prompt", text=positive, box_width=380)
+    neg = g.node("CLIPTextEncode", (x0 + 360, 220), title="Negative prompt", text=negative, box_width=380)
+    g.link(ckpt, "CLIP", pos, "clip")
+    g.link(ckpt, "CLIP", neg, "clip")
+    return ckpt, pos, neg
+
+
+def adapter_and_encoder(g: Graph, y: int, adapter_file: str = ADAPTER):
+    adapter = g.node("IPAdapterSD15Loader", (0, y), ipadapter_file=adapter_file)
+    encoder = g.node("IPAdapterSD15EncoderLoader", (0, y + 110), clip_name=ENCODER)
+    return adapter, encoder
+
+
+def reference(g: Graph, pos, name: str, encoder: dict, title: str = "Reference image"):
+    image = g.node("LoadImage", pos, title=title, image=name)
+    encode = g.node("IPAdapterSD15Encode", (pos[0] + 340, pos[1]), crop="crop")
+    g.link(encoder, "image_encoder", encode, "image_encoder")
+    g.link(image, "IMAGE", encode, "image")
+    return image, encode
+
+
+def apply(g: Graph, pos, model_source: tuple[dict, str], adapter: dict, embeds: dict, **values):
+    node = g.node("IPAdapterSD15Apply", pos, **values)
+    g.link(model_source[0], model_source[1], node, "model")
+    g.link(adapter, "ipadapter", node, "ipadapter")
+    g.link(embeds, "embeds", node, "embeds")
+    return node
+
+
+def sample_and_save(g: Graph, x: int, model: tuple[dict, str], pos: dict, neg: dict, latent: tuple[dict, str],
+                    ckpt: dict, prefix: str, **sampling):
+    sampler = g.node("KSampler", (x, 0), **{**PAPER_SAMPLING, **sampling})
+    g.link(model[0], model[1], sampler, "model")
+    g.link(pos, "CONDITIONING", sampler, "positive")
+    g.link(neg, "CONDITIONING", sampler, "negative")
+    g.link(latent[0], latent[1], sampler, "latent_image")
+    decode = g.node("VAEDecode", (x, 330), box_width=220)
+    g.link(sampler, "LATENT", decode, "samples")
+    g.link(ckpt, "VAE", decode, "vae")
+    save = g.node("SaveImage", (x + 360, 0), filename_prefix=f"ipadapter_sd15/{prefix}", box_width=420)
+    save["size"] = [420, 460]
+    g.link(decode, "IMAGE", save, "images")
+    return sampler
+
+
+def empty_latent(g: Graph, pos, width=512, height=512):
+    return g.node("EmptyLatentImage", pos, width=width, height=height, batch_size=1)
+
+
+# -- the workflows -------------------------------------------------------------------
+
+def image_prompt_only(g: Graph):
+    ckpt, pos, neg = base(g, "")
+    adapter, encoder = adapter_and_encoder(g, 450)
+    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
+    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=1.0)
+    latent = empty_latent(g, (1100, 0))
+    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "image_prompt")
+    g.note((0, 700), "Image prompt only (the paper's setting).\n\nThe text prompts are empty: the reference image is "
+           "the whole prompt. λ (weight on Apply IP-Adapter) = 1.0, the paper's default; DDIM, 50 steps, CFG 7.5 as in "
+           "the paper.\n\nModels: v1-5-pruned-emaonly.safetensors in models/checkpoints, ip-adapter_sd15.safetensors in "
+           "models/ipadapter, CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors in models/clip_vision. Pick your reference "
+           "in Load Image.")
+
+
+def image_and_text(g: Graph):
+    ckpt, pos, neg = base(g, "best quality, wearing a hat on the beach", "monochrome, lowres, bad anatomy, worst quality, low quality")
+    adapter, encoder = adapter_and_encoder(g, 450)
+    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
+    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=0.6)
+    latent = empty_latent(g, (1100, 0))
+    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "image_and_text")
+    g.note((0, 700), "Image + text prompt (the paper's headline use).\n\nThe reference image gives the subject, the text "
+           "edits it ('wearing a hat on the beach'). λ = 0.6: below 1.0 the text gets more say, as in the paper's "
+           "multimodal examples; raise it to follow the image more closely. DDIM, 50 steps, CFG 7.5.")
+
+
+def img2img(g: Graph):
+    ckpt, pos, neg = base(g, "best quality, high quality", "lowres, worst quality")
+    adapter, encoder = adapter_and_encoder(g, 450)
+    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
+    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=0.8)
+    source = g.node("LoadImage", (1100, 650), title="Image to change", image=SOURCE)
+    encode = g.node("VAEEncode", (1100, 0), box_width=220)
+    g.link(source, "IMAGE", encode, "pixels")
+    g.link(ckpt, "VAE", encode, "vae")
+    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (encode, "LATENT"), ckpt, "img2img", denoise=0.6)
+    g.note((0, 700), "Image-to-image with an image prompt.\n\n'Image to change' is encoded by the VAE and re-noised "
+           "(denoise 0.6 on the KSampler: lower keeps more of it); the reference image steers what it becomes through "
+           "the IP-Adapter (λ = 0.8). The output has the size of the image to change (SD1.5 works best near 512 px).")
+
+
+def inpainting(g: Graph):
+    ckpt, pos, neg = base(g, "best quality, high quality", "lowres, worst quality")
+    adapter, encoder = adapter_and_encoder(g, 450)
+    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
+    source = g.node("LoadImage", (1100, 650), title="Image to inpaint (paint the mask)", image=SOURCE_MASKED)
+    patched = g.node("IPAdapterSD15Apply", (1100, 300), weight=1.0)
+    g.link(ckpt, "MODEL", patched, "model")
+    g.link(adapter, "ipadapter", patched, "ipadapter")
+    g.link(embeds, "embeds", patched, "embeds")
+    g.link(source, "MASK", patched, "attn_mask")
+    encode = g.node("VAEEncode", (1100, 0), box_width=220)
+    g.link(source, "IMAGE", encode, "pixels")
+    g.link(ckpt, "VAE", encode, "vae")
+    masked = g.node("SetLatentNoiseMask", (1100, 120), box_width=240)
+    g.link(encode, "LATENT", masked, "samples")
+    g.link(source, "MASK", masked, "mask")
+    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (masked, "LATENT"), ckpt, "inpaint")
+    g.note((0, 700), "Inpainting with an image prompt.\n\nOpen 'Image to inpaint' in the mask editor (right click > Open "
+           "in MaskEditor) and paint the region to replace; the mask comes from the image's alpha channel. Only the "
+           "masked region is re-generated (Set Latent Noise Mask), and the same mask is the IP-Adapter's attn_mask, so "
+           "the reference image acts only there. Works with the plain SD1.5 checkpoint.")
+
+
+def regional(g: Graph):
+    ckpt, pos, neg = base(g, "best quality, two animals side by side", "lowres, worst quality")
+    adapter, encoder = adapter_and_encoder(g, 450)
+    _, left_embeds = reference(g, (360, 450), REFERENCE, encoder, "Reference for the left half")
+    _, right_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Reference for the right half")
+    empty = g.node("SolidMask", (1100, 660), title="Canvas (0)", value=0.0, width=512, height=512)
+    half = g.node("SolidMask", (1100, 810), title="Left half (1)", value=1.0, width=256, height=512)
+    left = g.node("MaskComposite", (1100, 960), title="Left mask", x=0, y=0, operation="add")
+    g.link(empty, "MASK", left, "destination")
+    g.link(half, "MASK", left, "source")
+    right = g.node("InvertMask", (1100, 1130), title="Right mask", box_width=220)
+    g.link(left, "MASK", right, "mask")
+    first = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, left_embeds, weight=0.8)
+    g.link(left, "MASK", first, "attn_mask")
+    second = apply(g, (1480, 650), (first, "MODEL"), adapter, right_embeds, weight=0.8)
+    g.link(right, "MASK", second, "attn_mask")
+    latent = empty_latent(g, (1100, 0))
+    sample_and_save(g, 1480, (second, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "regional")
+    g.note((0, 1150), "Two reference images, each with its own weight and attention mask (regional prompting).\n\n"
+           "The first Apply IP-Adapter puts the left reference in the left half, the second (chained on the first's "
+           "MODEL) the right reference in the right half; each has its own λ. The masks are made here from solid "
+           "masks (512 x 512, the image size; any size with the same aspect works); a painted MASK works as well.")
+
+
+def style_composition(g: Graph):
+    ckpt, pos, neg = base(g, "best quality, a house in the mountains", "lowres, worst quality")
+    adapter, encoder = adapter_and_encoder(g, 450)
+    _, style_embeds = reference(g, (360, 450), REFERENCE, encoder, "Style reference")
+    _, layout_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Composition reference")
+    style = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, style_embeds, weight=1.0, layers="style")
+    style["title"] = "Style: up_blocks.1 only"
+    layout = apply(g, (1480, 650), (style, "MODEL"), adapter, layout_embeds, weight=1.0, layers="composition")
+    layout["title"] = "Composition: down_blocks.2 only"
+    latent = empty_latent(g, (1100, 0))
+    sample_and_save(g, 1480, (layout, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "style_composition")
+    g.note((0, 1150), "Style and composition through per-layer weights.\n\nThe first Apply takes only the style of "
+           "its reference (layers = style: the three layers of up_blocks.1, keys 13, 15, 17), the second only the "
+           "layout of another (layers = composition: down_blocks.2, keys 9, 11); the text says what to draw. "
+           "layers = custom takes 16 numbers (keys 1, 3, ..., 31) or pairs like '15:1, 11:0.5' in "
+           "custom_layer_weights.")
+
+
+def trained_checkpoint(g: Graph):
+    ckpt, pos, neg = base(g, "best quality, high quality", "lowres, worst quality")
+    adapter, encoder = adapter_and_encoder(g, 450, TRAINED_ADAPTER)
+    adapter["title"] = "Your trained adapter"
+    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
+    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=1.0)
+    latent = empty_latent(g, (1100, 0))
+    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "trained")
+    g.note((0, 700), "A checkpoint trained with `python -m training.run`.\n\nThe trainer exports "
+           "<output_dir>/ip-adapter_sd15_stepNNNNNNNN.safetensors in the official layout. Copy it to "
+           "models/ipadapter/ip-adapter_sd15_trained.safetensors (or pick its own name in the loader); the rest is "
+           "the image-prompt workflow. Train on SD1.5 and ViT-H/14 (the default run's scaled-down toy models give a "
+           "file that this SD1.5 checkpoint refuses, with a one-line reason).")
+
+
+WORKFLOWS = {
+    "1-image-prompt.json": image_prompt_only,
+    "2-image-and-text.json": image_and_text,
+    "3a-img2img.json": img2img,
+    "3b-inpainting.json": inpainting,
+    "4-regional-two-references.json": regional,
+    "5-style-and-composition.json": style_composition,
+    "6-trained-checkpoint.json": trained_checkpoint,
+}
+
+
+def build_all(info: dict) -> list[Path]:
+    written = []
+    for name, builder in WORKFLOWS.items():
+        graph = Graph(info)
+        builder(graph)
+        path = WORKFLOW_DIR / name
+        path.write_text(json.dumps(graph.workflow(), indent=2) + "\n")
+        written.append(path)
+    return written + write_api_twins(info)
+
+
+def main() -> int:
+    from comfyui_harness import PACK_FOLDER_NAME, REPO_ROOT, start_comfyui_server
+
+    with tempfile.TemporaryDirectory(prefix="workflows-build-") as temp:
+        server = start_comfyui_server(Path(temp), {PACK_FOLDER_NAME: REPO_ROOT})
+        try:
+            info = server.object_info()
+        finally:
+            server.stop()
+    for path in build_all(info):
+        print(path.relative_to(REPO_ROOT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

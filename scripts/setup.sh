@@ -8,3 +8,13 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt ".[train,test]"
 .venv/bin/python tests/comfyui_setup.py
+# The graph-editor test (tests/test_workflows_browser.py) drives Debian's
+# Chromium with Playwright (the test extra); Playwright never downloads a browser.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+  else
+    echo "setup.sh: no chromium; the browser test will be skipped (as root: apt-get install chromium)" >&2
+  fi
+fi

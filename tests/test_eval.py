@@ -387,6 +387,8 @@ def test_generation_input_errors(tmp_path, tiny_clip, references, generator_file
         main(base + ["--sd15", str(sd15)])
     with pytest.raises(EvalError, match="leave out --sd15"):
         main(base + ["--generated", str(tmp_path), "--sd15", str(sd15)])
+    with pytest.raises(EvalError, match="is not a device"):
+        main(base + ["--generated", str(tmp_path), "--device", "gpu0"])
     from ipadapter.checkpoint import AdapterFormatError
     from training.models import ModelFileError
 

@@ -73,7 +73,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation; returns the report (also written to ``<output>/report.json``). Errors are one line."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    except RuntimeError:
+        raise EvalError(f"--device '{args.device}' is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {args.device}: CUDA is not available here; expected --device cpu or auto")
     references, description = load_references(args.data, args.limit or None, args.images)
     clip = load_scoring_clip(args.clip, args.clip_model)  # before generating: a wrong file fails in seconds
     output = Path(args.output)

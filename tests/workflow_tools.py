@@ -46,7 +46,7 @@ SEED_NAMES = {"seed", "noise_seed"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
 # The files the workflows name, by model folder: the names users already have
-# (and the trainer's export, copied under this name; see workflows/README.md).
+# (and the trainer's export, copied under this name; README.md, "Workflows").
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 ADAPTER = "ip-adapter_sd15.safetensors"
 TRAINED_ADAPTER = "ip-adapter_sd15_trained.safetensors"

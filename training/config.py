@@ -79,6 +79,15 @@ class SampleConfig:
 
 
 @dataclass
+class CacheConfig:
+    use: str = "auto"  # auto: train from a matching cache if there is one, else encode online; off; require
+    dir: str | None = None  # default: next to the data (<manifest>.cache/, <folder>.cache/, <shard folder>/ipadapter-cache/)
+    text: str = "embeds"  # embeds: text-encoder outputs; ids: token ids only (the text encoder runs every step)
+    shard_size: int = 1000  # samples per cache shard for manifests and folders (WebDataset: one per tar)
+    encode_batch: int = 16  # images per encoder call in `python -m training.cache`
+
+
+@dataclass
 class DistributedConfig:
     strategy: str = "auto"  # auto | single | ddp | deepspeed
     zero_stage: int = 2
@@ -92,6 +101,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
@@ -278,6 +288,8 @@ def validate(config: Config) -> None:
         "distributed.strategy": (config.distributed.strategy, ("auto", "single", "ddp", "deepspeed")),
         "distributed.backend": (config.distributed.backend, ("auto", "nccl", "gloo")),
         "train.export_dtype": (config.train.export_dtype, ("fp16", "bf16", "fp32")),
+        "cache.use": (config.cache.use, ("auto", "off", "require")),
+        "cache.text": (config.cache.text, ("embeds", "ids")),
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
@@ -293,7 +305,8 @@ def validate(config: Config) -> None:
     drops = config.data.drop_image + config.data.drop_text + config.data.drop_both
     if min(config.data.drop_image, config.data.drop_text, config.data.drop_both) < 0 or drops > 1:
         raise ConfigError(f"condition drop probabilities sum to {drops:g} or are negative; expected each >= 0 and a sum <= 1")
-    for name in ("train.batch_size", "train.max_steps", "data.resolution", "train.log_every", "model.num_tokens", "sample.steps"):
+    for name in ("train.batch_size", "train.max_steps", "data.resolution", "train.log_every", "model.num_tokens", "sample.steps",
+                 "cache.shard_size", "cache.encode_batch"):
         section, key = name.split(".")
         if getattr(getattr(config, section), key) < 1:
             raise ConfigError(f"{name} = {getattr(getattr(config, section), key)}; expected a positive number")

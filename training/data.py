@@ -201,17 +201,21 @@ class IndexedPairs(Dataset):
             self._epoch, self._order = epoch, torch.randperm(len(self.pairs), generator=generator)
         return self._order
 
+    def load(self, index: int) -> dict:
+        """The tensors of pair ``index`` (``training.cache.CachedPairs`` reads them from the cache)."""
+        return image_tensors(open_image(self.pairs[index].image), self.resolution)
+
     def __getitem__(self, position: int) -> dict:
         epoch, offset = divmod(position, len(self.pairs))
         skipped = []
         for attempt in range(min(MAX_CONSECUTIVE_BAD, len(self.pairs))):
-            pair = self.pairs[int(self.order(epoch)[(offset + attempt) % len(self.pairs)])]
+            index = int(self.order(epoch)[(offset + attempt) % len(self.pairs)])
             try:
-                sample = image_tensors(open_image(pair.image), self.resolution)
+                sample = self.load(index)
             except BadSample as bad:
                 skipped.append(bad.reason)
                 continue
-            return {**sample, "caption": pair.caption, "skipped": skipped}
+            return {**sample, "caption": self.pairs[index].caption, "skipped": skipped}
         raise DataError(f"{len(skipped)} images in a row could not be read (last: {skipped[-1]}); check the data source")
 
 
@@ -324,6 +328,13 @@ class ShardStream(IterableDataset):
         self.start = start or {"batches": 0, "workers": {}}
         self.worker_override: tuple[int, int] | None = None  # (id, count), for tests without a DataLoader
 
+    def groups(self, shard: Path):
+        """The samples of one shard in file order, undecoded (``training.cache`` reads cached ones)."""
+        return (files for _, files in tar_samples(shard))
+
+    def decode(self, files) -> dict:
+        return decode_webdataset_sample(files, self.resolution)
+
     def shards_of(self, worker: int, num_workers: int) -> list[Path]:
         return self.shards[self.rank * num_workers + worker :: self.world_size * num_workers]
 
@@ -344,11 +355,11 @@ class ShardStream(IterableDataset):
             order = list(range(len(mine)))
             random.Random(hash((self.seed, epoch, self.rank, logical))).shuffle(order)
             for index in range(shard_index, len(order)):
-                for position, (_, files) in enumerate(tar_samples(mine[order[index]])):
+                for position, group in enumerate(self.groups(mine[order[index]])):
                     if position < sample_index:
                         continue
                     try:
-                        sample = decode_webdataset_sample(files, self.resolution)
+                        sample = self.decode(group)
                     except BadSample as bad:
                         pending.append(bad.reason)
                         continue
@@ -367,15 +378,19 @@ class ShardStream(IterableDataset):
 # --- batches -----------------------------------------------------------------------
 
 
+TENSOR_FIELDS = ("pixels", "clip_pixels", "moments", "image_embeds", "text_embeds", "input_ids")
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack the samples; skipped reasons and stream positions ride along."""
     skipped = Counter(reason for s in samples for reason in s["skipped"])
     positions = {}
     for sample in samples:
         positions.update(sample.get("position", {}))
+    # images (online encoding), or the frozen encoders' cached outputs (training.cache)
+    tensors = {key: torch.stack([s[key] for s in samples]) for key in TENSOR_FIELDS if key in samples[0]}
     return {
-        "pixels": torch.stack([s["pixels"] for s in samples]),
-        "clip_pixels": torch.stack([s["clip_pixels"] for s in samples]),
+        **tensors,
         "captions": [s["caption"] for s in samples],
         "skipped": skipped,
         "positions": positions,
@@ -428,14 +443,19 @@ def make_loader(
     world_size: int,
     num_workers: int,
     position: dict | None = None,
+    cache=None,
 ) -> DataLoader:
-    """An endless loader for this rank, continuing at ``position`` (from ``DataPosition.state``)."""
+    """An endless loader for this rank, continuing at ``position`` (from ``DataPosition.state``).
+
+    With a ``training.cache.FeatureCache`` the samples are the frozen encoders' cached
+    outputs instead of images, in the same order, with the same skips and positions.
+    """
     position = position or {}
     common = dict(num_workers=num_workers, collate_fn=collate, persistent_workers=False)
     if num_workers:
         common["prefetch_factor"] = 2
     if source.pairs is not None:
-        dataset = IndexedPairs(source.pairs, resolution, seed)
+        dataset = cache.pairs_dataset(source.pairs, seed) if cache is not None else IndexedPairs(source.pairs, resolution, seed)
         batches = PositionBatches(batch_size, rank, world_size, position.get("step", 0))
         return DataLoader(dataset, batch_sampler=batches, **common)
     readers = world_size * max(num_workers, 1)
@@ -449,7 +469,8 @@ def make_loader(
         log.warning("data: the stream position was saved with %s workers, now %s; shards restart from the beginning",
                     stream_start.get("num_workers"), max(num_workers, 1))
         stream_start = None
-    stream = ShardStream(source.shards, resolution, seed, rank, world_size, stream_start)
+    stream_class = cache.shard_stream_class() if cache is not None else ShardStream
+    stream = stream_class(source.shards, resolution, seed, rank, world_size, stream_start)
     return DataLoader(stream, batch_size=batch_size, **common)
 
 

@@ -95,9 +95,12 @@ def teardown(process: Process) -> None:
 
 def make_optimizer(model: IPAdapterModel, config: Config) -> torch.optim.Optimizer:
     optim = config.optim
+    parameters = model.trainable_parameters()
+    # fused AdamW (one kernel for all parameters) where it is available: CUDA
+    fused = {"fused": True} if parameters[0].device.type == "cuda" else {}
     return torch.optim.AdamW(
-        model.trainable_parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
-        betas=(optim.beta1, optim.beta2), eps=optim.eps,
+        parameters, lr=optim.lr, weight_decay=optim.weight_decay,
+        betas=(optim.beta1, optim.beta2), eps=optim.eps, **fused,
     )
 
 

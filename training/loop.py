@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,16 +60,42 @@ def batch_positions(step: int, process: Process, batch_size: int) -> list[int]:
 
 
 def compute_loss(engine: Engine, frozen: FrozenModels, batch: dict, draws: SampleDraws, device: torch.device) -> torch.Tensor:
-    captions = ["" if dropped else caption for caption, dropped in zip(batch["captions"], draws.drop_text)]
-    text_embeds = frozen.encode_text(frozen.tokenizer(captions).to(device))
-    image_embeds = frozen.encode_images(batch["clip_pixels"].to(device)).float()
+    """ε-MSE of one batch: images are encoded here, or their encoders' outputs come from ``training.cache``.
+
+    Both ways are the same computation: the cache holds what the encoders give (VAE
+    posterior moments, image embedding, text-encoder output or token ids), and every
+    random draw (posterior sample, drops, timestep, noise) is made here from ``draws``.
+    """
+    text_embeds = text_condition(frozen, batch, draws.drop_text, device)
+    if "image_embeds" in batch:
+        image_embeds = batch["image_embeds"].to(device).float()
+    else:
+        image_embeds = frozen.encode_images(batch["clip_pixels"].to(device)).float()
     image_embeds = image_embeds * draws.keep_image.to(device)[:, None]  # a dropped image is a zero embedding
-    latents = frozen.encode_latents(batch["pixels"].to(device), draws.posterior_noise.to(device))
+    if "moments" in batch:
+        latents = frozen.latents_from_moments(batch["moments"].to(device), draws.posterior_noise.to(device))
+    else:
+        latents = frozen.encode_latents(batch["pixels"].to(device), draws.posterior_noise.to(device))
     noise = draws.noise.to(device, latents.dtype)
     timesteps = draws.timesteps.to(device)
     noisy_latents = frozen.scheduler.add_noise(latents, noise, timesteps)
     prediction = engine(noisy_latents, timesteps, text_embeds, image_embeds)
     return F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+
+
+def text_condition(frozen: FrozenModels, batch: dict, drop_text: list[bool], device: torch.device) -> torch.Tensor:
+    """Text-encoder output per sample; a dropped caption gets the empty prompt's."""
+    dropped = torch.tensor(drop_text, device=device)
+    if "text_embeds" in batch:  # cached outputs; the empty prompt's is computed once
+        cached = batch["text_embeds"].to(device)
+        if not any(drop_text):
+            return cached
+        return torch.where(dropped[:, None, None], frozen.empty_text_embeds(device).to(cached.dtype), cached)
+    if "input_ids" in batch:  # cached token ids
+        empty = frozen.tokenizer([""])[0].to(device)
+        return frozen.encode_text(torch.where(dropped[:, None], empty, batch["input_ids"].to(device)))
+    captions = ["" if dropped else caption for caption, dropped in zip(batch["captions"], drop_text)]
+    return frozen.encode_text(frozen.tokenizer(captions).to(device))
 
 
 @dataclass
@@ -100,13 +125,21 @@ class Progress:
             except ImportError:
                 log.info("tensorboard is not installed; logging to the console only")
 
-    def update(self, step: int, loss: float, data_position: DataPosition) -> None:
-        self.window.append(loss)
+    def update(self, step: int, loss: torch.Tensor, data_position: DataPosition) -> None:
+        """``loss`` stays on the device; the host waits for it only every ``train.log_every`` steps."""
+        self.window.append(loss.detach())
         if self.bar is not None:
             self.bar.update(1)
-        if step % self.config.train.log_every and step != self.config.train.max_steps:
+        train = self.config.train
+        saving = train.save_every and step % train.save_every == 0  # never save a state past a non-finite loss
+        if step % train.log_every and step != train.max_steps and not saving:
             return
-        mean_loss = self.process.mean(sum(self.window) / len(self.window))
+        losses = torch.stack(self.window).float().cpu()
+        if not torch.isfinite(losses).all():
+            bad = int((~torch.isfinite(losses)).nonzero()[0, 0])
+            raise FloatingPointError(f"loss is {losses[bad].item()} at step {step - len(self.window) + bad + 1}; "
+                                     "lower optim.lr or use model.frozen_dtype fp32")
+        mean_loss = self.process.mean(losses.mean().item())
         elapsed = time.perf_counter() - self.window_started
         samples_per_second = len(self.window) * self.config.train.batch_size * self.process.world_size / max(elapsed, 1e-9)
         self.history.append(mean_loss)
@@ -166,12 +199,10 @@ def train(
             positions = batch_positions(step, process, config.train.batch_size)
             draws = sample_draws(config.train.seed, positions, latent_shape, num_timesteps, config)
             loss = compute_loss(engine, frozen, batch, draws, process.device)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower optim.lr or use model.frozen_dtype fp32")
             engine.step(loss)
             step += 1
             data_position.consumed(batch)
-            progress.update(step, loss.item(), data_position)
+            progress.update(step, loss, data_position)  # checks the window's losses are finite at each log step
             hooks_started = time.perf_counter()
             for hook in on_step:
                 hook(step)

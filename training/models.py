@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ipadapter.encoder import EncoderFormatError, ImageEncoder, build_vision_tower, load_image_encoder
@@ -70,10 +71,21 @@ class FrozenModels:
     tokenizer: PromptTokenizer
     scheduler: DDPMScheduler
     dtype: torch.dtype
+    empty_text: torch.Tensor | None = None  # text-encoder output of the empty prompt [77, 768]; computed once
 
-    def to(self, device: torch.device) -> "FrozenModels":
-        for module in (self.unet, self.vae, self.text_encoder, self.image_encoder):
-            module.to(device)
+    def empty_text_embeds(self, device: torch.device) -> torch.Tensor:
+        """The dropped-caption text condition, computed once (or read from the cache) and reused."""
+        if self.empty_text is None:
+            self.empty_text = self.encode_text(self.tokenizer([""]))[0]
+        return self.empty_text.to(device)
+
+    def to(self, device: torch.device, offload: tuple[str, ...] = ()) -> "FrozenModels":
+        """Move to ``device`` and cast to the frozen dtype. Modules named in ``offload`` (``"text_encoder"``,
+        ``"image_encoder"``) stay on the CPU: training from ``training.cache`` needs them only for sample grids."""
+        for name in ("unet", "vae", "text_encoder", "image_encoder"):
+            module = getattr(self, name)
+            if name not in offload:
+                module.to(device)
             if self.dtype != torch.float32:
                 module.to(self.dtype)
             module.requires_grad_(False).eval()
@@ -81,19 +93,29 @@ class FrozenModels:
 
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
+        """Text-encoder output on the device of ``input_ids``, wherever the encoder is."""
+        return self.text_encoder(input_ids.to(self.text_encoder.device))[0].to(input_ids.device)
 
     @torch.no_grad()
-    def encode_latents(self, pixels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters [B, 2 x latent channels, h, w] (mean, log-variance): what the cache stores."""
+        return self.vae.encode(pixels.to(self.vae.device, self.dtype)).latent_dist.parameters
+
+    def latents_from_moments(self, moments: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Sample of the VAE posterior (noise given, for reproducibility), scaled like SD1.5's."""
-        posterior = self.vae.encode(pixels.to(self.vae.device, self.dtype)).latent_dist
+        posterior = DiagonalGaussianDistribution(moments)
         latents = posterior.mean + posterior.std * noise.to(posterior.mean)
         return latents * self.vae.config.scaling_factor
 
     @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.latents_from_moments(self.encode_moments(pixels), noise)
+
+    @torch.no_grad()
     def encode_images(self, clip_pixels: torch.Tensor) -> torch.Tensor:
+        """Image embeddings on the device of ``clip_pixels``, wherever the encoder is."""
         parameter = next(self.image_encoder.parameters())
-        return self.image_encoder.encode(clip_pixels.to(parameter)).image_embeds
+        return self.image_encoder.encode(clip_pixels.to(parameter)).image_embeds.to(clip_pixels.device)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .adapter import IPAdapterModel
+from .cache import CacheError, open_cache
 from .checkpointing import export_adapter, find_state, load_state, save_state
 from .config import Config, ConfigError, load_config, usage
 from .data import DataError, DataPosition, describe_skips, make_loader, open_source, write_toy_dataset
@@ -66,7 +67,12 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
         frozen = load_frozen_models(config.model.sd15, config.model.image_encoder, dtype, config.model.encoder_embed_dim)
     with seeded(config.train.seed):  # the projection's initialisation; identical on every rank
         model = IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim, config.model.num_tokens)
-    frozen.to(process.device)
+    cache = open_cache(config, source, frozen)
+    if cache is not None:  # the encoders are needed only for sample grids: keep them off the accelerator
+        frozen.empty_text = cache.empty_text
+        frozen.to(process.device, offload=("image_encoder",) + (("text_encoder",) if cache.text == "embeds" else ()))
+    else:
+        frozen.to(process.device)
     model.to(process.device)
     log.info("trainable parameters: %s (image projection %s + 16 x to_k_ip/to_v_ip %s); frozen models in %s",
              f"{model.num_trainable():,}", f"{sum(p.numel() for p in model.image_proj.parameters()):,}",
@@ -93,7 +99,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
 
     data_position = DataPosition(config.data.num_workers, position)
     loader = make_loader(source, config.data.resolution, config.train.batch_size, config.train.seed,
-                         process.rank, process.world_size, config.data.num_workers, position)
+                         process.rank, process.world_size, config.data.num_workers, position, cache=cache)
     exports: list[Path] = []
     hooks = [*_periodic_hooks(config, process, engine, frozen, source, data_position, exports), *extra_hooks]
     history = train(config, process, frozen, engine, loader, start_step, data_position, hooks)
@@ -174,7 +180,7 @@ def _setup_logging() -> None:
 def cli() -> int:
     try:
         main()
-    except (ConfigError, DataError, ModelFileError) as error:
+    except (ConfigError, DataError, ModelFileError, CacheError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,464 @@
+"""``python -m training.cache [same options as training.run]``: the frozen encoders' outputs, computed once.
+
+The paper's recipe has no random augmentation, so what the frozen encoders make of a
+sample never changes between epochs. This pass writes, for every sample of the data
+source (manifest, image folder or WebDataset shards):
+
+- ``moments``: the VAE posterior's parameters (mean and log-variance, [8, h, w]); the
+  latent ``mean + std * noise`` is still sampled at train time from the run's per-sample
+  draws, exactly as the online path does;
+- ``image_embeds``: the ViT-H/14 image embedding ([1024]); a dropped image is still
+  zeroed at train time;
+- ``text_embeds``: the text encoder's output ([77, 768]), or with ``cache.text ids`` only
+  the token ids ([77]); the empty prompt of a dropped caption is stored once.
+
+Shards go next to the data (``<manifest>.cache/``, ``<folder>.cache/``,
+``<shard folder>/ipadapter-cache/``, or ``cache.dir``), in a subfolder named by a
+fingerprint of everything that changes the outputs: resolution, frozen dtype, the
+encoders' weights, the tokenizer, what is stored, and the list of samples. A run whose
+settings differ does not see the cache (``cache.use auto`` says why in one line and
+encodes online; ``require`` stops). Shards are written under a temporary name and
+renamed, so a killed pass resumes where it stopped: complete shards are skipped. Under
+torchrun / deepspeed (``RANK``, ``WORLD_SIZE``) every rank writes its own shards
+(``k % WORLD_SIZE == RANK``); no process group is needed.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+
+from .config import Config, ConfigError, load_config
+from .data import (
+    CLIP_SIZE,
+    BadSample,
+    DataError,
+    DataSource,
+    IndexedPairs,
+    ShardStream,
+    decode_webdataset_sample,
+    image_tensors,
+    open_image,
+    open_source,
+    tar_samples,
+    write_toy_dataset,
+)
+from .models import FrozenModels, ModelFileError, build_embedded_models, load_frozen_models, resolve_dtype
+
+log = logging.getLogger("training")
+
+FORMAT_VERSION = 1
+INFO_FILE = "cache.json"
+EMPTY_FILE = "empty-prompt.safetensors"
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used by this run; the message is one line."""
+
+
+# --- identity ------------------------------------------------------------------------
+
+
+def weights_digest(module: torch.nn.Module, dtype: torch.dtype) -> str:
+    """sha1 of every parameter's name, shape and a strided sample of its values, as cast to ``dtype``.
+
+    Cheap on ViT-H (no full pass over the weights), and the same whether the module is
+    already cast or not.
+    """
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        if flat.numel() == 0:
+            continue
+        step = max(1, flat.numel() // 4096)
+        sample = torch.cat([flat[:256], flat[::step], flat[-256:]]).cpu()
+        if sample.is_floating_point():
+            sample = sample.to(dtype).float()
+        digest.update(sample.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_digest(source: DataSource, base: Path) -> str:
+    digest = hashlib.sha1()
+    if source.pairs is not None:
+        for pair in source.pairs:
+            digest.update(f"{os.path.relpath(pair.image, base)}\t{pair.caption}\n".encode())
+    else:
+        for shard in source.shards:
+            digest.update(f"{shard.name}\t{shard.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def data_base(config: Config, source: DataSource) -> Path:
+    location = Path(config.data.path).expanduser()
+    if source.kind == "webdataset":
+        return source.shards[0].parent
+    return location.parent if location.is_file() else location
+
+
+def default_root(config: Config, source: DataSource) -> Path:
+    if config.cache.dir:
+        return Path(config.cache.dir).expanduser()
+    if source.kind == "webdataset":
+        return source.shards[0].parent / "ipadapter-cache"
+    location = Path(config.data.path).expanduser()
+    return location.with_name(location.name + ".cache")
+
+
+def fingerprint(config: Config, source: DataSource, frozen: FrozenModels) -> dict:
+    """Everything that changes what the encoders give for the data; equal fingerprints, same cache."""
+    dtype = frozen.dtype
+    vae_encoder = torch.nn.ModuleDict({"encoder": frozen.vae.encoder, "quant_conv": frozen.vae.quant_conv})
+    models = {
+        "vae_encoder": weights_digest(vae_encoder, dtype),
+        "image_encoder": weights_digest(frozen.image_encoder, dtype),
+        "tokenizer": hashlib.sha1(frozen.tokenizer(["a photo of a Cat, 1girl; naïve café"]).numpy().tobytes()).hexdigest(),
+    }
+    if config.cache.text == "embeds":
+        models["text_encoder"] = weights_digest(frozen.text_encoder, dtype)
+    return {
+        "version": FORMAT_VERSION,
+        "resolution": config.data.resolution,
+        "clip_size": CLIP_SIZE,
+        "dtype": str(dtype).replace("torch.", ""),
+        "text": config.cache.text,
+        "scaling_factor": float(frozen.vae.config.scaling_factor),
+        "models": models,
+        "data": {"kind": source.kind, "digest": data_digest(source, data_base(config, source)),
+                 "shard_size": config.cache.shard_size if source.pairs is not None else None},
+    }
+
+
+def key_of(identity: dict) -> str:
+    return f"{identity['resolution']}px-{identity['dtype']}-" + hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def describe_difference(wanted: dict, found: dict) -> str:
+    differences = []
+    for field in ("resolution", "dtype", "text", "clip_size", "version", "scaling_factor"):
+        if wanted.get(field) != found.get(field):
+            differences.append(f"{field} {found.get(field)} (this run: {wanted.get(field)})")
+    for name, digest in wanted["models"].items():
+        if found.get("models", {}).get(name) != digest:
+            differences.append(f"other {name.replace('_', ' ')} weights")
+    if wanted["data"] != found.get("data"):
+        differences.append("other samples or shard size")
+    return ", ".join(differences) or "unknown"
+
+
+# --- units: what one cache shard holds ---------------------------------------------------
+
+
+def units_of(source: DataSource, shard_size: int) -> list[tuple[str, object]]:
+    """(description, members): a slice of pairs per ``shard_size`` rows, or one tar."""
+    if source.pairs is not None:
+        return [(f"pairs {start}..{min(start + shard_size, len(source.pairs)) - 1}", range(start, min(start + shard_size, len(source.pairs))))
+                for start in range(0, len(source.pairs), shard_size)]
+    return [(shard.name, shard) for shard in source.shards]
+
+
+def unit_file(folder: Path, unit: int) -> Path:
+    return folder / f"shard-{unit:06d}.safetensors"
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
+    os.replace(temporary, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+# --- reading at train time -----------------------------------------------------------------
+
+
+class FeatureCache:
+    """A complete cache that matches the run: per-sample encoder outputs by (shard, row)."""
+
+    def __init__(self, folder: Path, identity: dict, source: DataSource, resolution: int):
+        self.folder, self.identity, self.resolution = folder, identity, resolution
+        self.shard_size = identity["data"]["shard_size"]
+        self.text = identity["text"]
+        self.unit_by_shard = {str(shard): index for index, shard in enumerate(source.shards or [])}
+        empty = _load_tensors(folder / EMPTY_FILE)
+        self.empty_text = empty["text_embeds"] if self.text == "embeds" else None
+        self.empty_ids = empty["input_ids"]
+        self._handles: dict[int, tuple] = {}
+
+    def __getstate__(self):  # DataLoader workers open their own file handles
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def _open(self, unit: int):
+        if unit not in self._handles:
+            if len(self._handles) >= 64:
+                self._handles.pop(next(iter(self._handles)))
+            handle = safe_open(str(unit_file(self.folder, unit)), "pt")
+            metadata = handle.metadata() or {}
+            self._handles[unit] = (handle, json.loads(metadata.get("reasons", "[]")), json.loads(metadata.get("captions", "[]")))
+        return self._handles[unit]
+
+    def count(self, unit: int) -> int:
+        return len(self._open(unit)[1])
+
+    def entry(self, unit: int, row: int) -> dict:
+        """The cached tensors of one sample; a sample the pass could not read raises ``BadSample``."""
+        handle, reasons, captions = self._open(unit)
+        if reasons[row]:
+            raise BadSample(reasons[row])
+        names = ("moments", "image_embeds", "text_embeds" if self.text == "embeds" else "input_ids")
+        sample = {name: handle.get_slice(name)[row : row + 1][0] for name in names}
+        if captions:
+            sample["caption"] = captions[row]
+        return sample
+
+    def pairs_dataset(self, pairs, seed: int) -> "CachedPairs":
+        return CachedPairs(pairs, self, seed)
+
+    def shard_stream_class(self):
+        return functools.partial(CachedShardStream, cache=self)
+
+
+class CachedPairs(IndexedPairs):
+    """``IndexedPairs`` with the same order, the same replacement of unreadable samples, from the cache."""
+
+    def __init__(self, pairs, cache: FeatureCache, seed: int):
+        super().__init__(pairs, cache.resolution, seed)
+        self.cache = cache
+
+    def load(self, index: int) -> dict:
+        unit, row = divmod(index, self.cache.shard_size)
+        sample = self.cache.entry(unit, row)
+        sample.pop("caption", None)
+        return sample
+
+
+class CachedShardStream(ShardStream):
+    """``ShardStream`` over the cached shards: same split, order, skips and stream positions as the tars."""
+
+    def __init__(self, *args, cache: FeatureCache, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cache = cache
+
+    def groups(self, shard: Path):
+        unit = self.cache.unit_by_shard[str(shard)]
+        return ((unit, row) for row in range(self.cache.count(unit)))
+
+    def decode(self, group) -> dict:
+        return self.cache.entry(*group)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def open_cache(config: Config, source: DataSource, frozen: FrozenModels) -> FeatureCache | None:
+    """The cache to train from, or None (encode online) with the reason logged; ``cache.use require`` raises."""
+    if config.cache.use == "off":
+        return None
+    root = default_root(config, source)
+    identity = fingerprint(config, source, frozen)
+    folder = root / key_of(identity)
+    command = "python -m training.cache (with this run's options)"
+    problem = None
+    if not (folder / INFO_FILE).is_file():
+        others = sorted(root.glob(f"*/{INFO_FILE}")) if root.is_dir() else []
+        if others:
+            found = json.loads(others[-1].read_text())
+            problem = f"the cache in {others[-1].parent} was built for {describe_difference(identity, found)}; run {command}"
+        else:
+            problem = f"no cache in {root}; run {command} to encode the data once"
+    else:
+        units = units_of(source, config.cache.shard_size)
+        missing = [unit for unit in range(len(units)) if not unit_file(folder, unit).is_file()]
+        if missing or not (folder / EMPTY_FILE).is_file():
+            problem = f"the cache in {folder} is incomplete ({len(units) - len(missing)} of {len(units)} shards); run {command} to finish it"
+    if problem:
+        if config.cache.use == "require":
+            raise CacheError(problem + " (cache.use is require)")
+        log.info("cache: encoding online: %s", problem)
+        return None
+    log.info("cache: training from %s (frozen encoders' outputs; text %s)", folder, config.cache.text)
+    return FeatureCache(folder, identity, source, config.data.resolution)
+
+
+# --- the pass -------------------------------------------------------------------------------
+
+
+class _Decoded(Dataset):
+    """Images of one unit decoded like the trainer does; a bad one becomes its skip reason."""
+
+    def __init__(self, items: list, resolution: int, webdataset: bool):
+        self.items, self.resolution, self.webdataset = items, resolution, webdataset
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        try:
+            if self.webdataset:
+                return decode_webdataset_sample(item, self.resolution)
+            return {**image_tensors(open_image(item.image), self.resolution), "caption": item.caption}
+        except BadSample as bad:
+            return bad.reason
+
+
+def _as_list(batch):
+    return batch
+
+
+def encode_unit(frozen: FrozenModels, config: Config, items: list, webdataset: bool, device: torch.device, progress=None) -> tuple[dict, dict]:
+    """Tensors and metadata of one cache shard."""
+    loader = DataLoader(_Decoded(items, config.data.resolution, webdataset), batch_size=config.cache.encode_batch,
+                        num_workers=config.data.num_workers, collate_fn=_as_list)
+    rows: list = []
+    for batch in loader:
+        good = [sample for sample in batch if isinstance(sample, dict)]
+        if good:
+            pixels = torch.stack([s["pixels"] for s in good]).to(device)
+            clip_pixels = torch.stack([s["clip_pixels"] for s in good]).to(device)
+            input_ids = frozen.tokenizer([s["caption"] for s in good])
+            encoded = {
+                "moments": frozen.encode_moments(pixels).cpu(),
+                "image_embeds": frozen.encode_images(clip_pixels).cpu(),
+            }
+            if config.cache.text == "embeds":
+                encoded["text_embeds"] = frozen.encode_text(input_ids.to(device)).cpu()
+            else:
+                encoded["input_ids"] = input_ids
+            outputs = iter(range(len(good)))
+        for sample in batch:
+            if isinstance(sample, dict):
+                index = next(outputs)
+                rows.append(("", sample["caption"], {name: value[index] for name, value in encoded.items()}))
+            else:
+                rows.append((sample, "", None))
+        if progress is not None:
+            progress.update(len(batch))
+    template = next((tensors for _, _, tensors in rows if tensors is not None), None)
+    if template is None:  # nothing readable in this unit: shapes from a dummy image
+        template = _dummy_outputs(frozen, config, device)
+    tensors = {name: torch.stack([t[name] if t is not None else torch.zeros_like(value) for _, _, t in rows]) if rows
+               else value[None][:0] for name, value in template.items()}
+    metadata = {"reasons": json.dumps([reason for reason, _, _ in rows]), "count": str(len(rows))}
+    if webdataset:
+        metadata["captions"] = json.dumps([caption for _, caption, _ in rows])
+    return tensors, metadata
+
+
+def _dummy_outputs(frozen: FrozenModels, config: Config, device: torch.device) -> dict:
+    size = config.data.resolution
+    outputs = {
+        "moments": frozen.encode_moments(torch.zeros(1, 3, size, size, device=device))[0].cpu(),
+        "image_embeds": frozen.encode_images(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE, device=device))[0].cpu(),
+    }
+    ids = frozen.tokenizer([""])
+    outputs["text_embeds" if config.cache.text == "embeds" else "input_ids"] = (
+        frozen.encode_text(ids.to(device))[0].cpu() if config.cache.text == "embeds" else ids[0])
+    return outputs
+
+
+def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device: torch.device,
+                rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
+    """Write this rank's missing shards; returns {"folder", "written", "skipped", "complete"}."""
+    identity = fingerprint(config, source, frozen)
+    folder = default_root(config, source) / key_of(identity)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / INFO_FILE).is_file():
+        _atomic_write_text(folder / INFO_FILE, json.dumps(identity, indent=1, sort_keys=True))
+    if not (folder / EMPTY_FILE).is_file():
+        ids = frozen.tokenizer([""])
+        empty = {"input_ids": ids[0]}
+        if config.cache.text == "embeds":
+            empty["text_embeds"] = frozen.encode_text(ids.to(device))[0].cpu()
+        _atomic_save(empty, folder / EMPTY_FILE)
+    units = units_of(source, config.cache.shard_size)
+    mine = [unit for unit in range(len(units)) if unit % world_size == rank]
+    todo = [unit for unit in mine if not unit_file(folder, unit).is_file()]
+    log.info("cache: %s: %d shards, %d for rank %d of %d, %d already written", folder, len(units), len(mine), rank,
+             world_size, len(mine) - len(todo))
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        total = sum(len(units[unit][1]) for unit in todo) if source.pairs is not None else None
+        bar = tqdm(total=total, unit="img", dynamic_ncols=True, desc=f"cache (rank {rank})")
+    try:
+        for unit in todo:
+            description, members = units[unit]
+            if source.pairs is not None:
+                items, webdataset = [source.pairs[index] for index in members], False
+            else:
+                items, webdataset = [files for _, files in tar_samples(members)], True
+            tensors, metadata = encode_unit(frozen, config, items, webdataset, device, bar)
+            metadata["source"] = description
+            _atomic_save(tensors, unit_file(folder, unit), metadata)
+    finally:
+        if bar is not None:
+            bar.close()
+    complete = all(unit_file(folder, unit).is_file() for unit in range(len(units)))
+    return {"folder": folder, "written": len(todo), "skipped": len(mine) - len(todo), "complete": complete}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The cache pass with the trainer's options; returns ``build_cache``'s summary."""
+    from .run import _setup_logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    _setup_logging()
+    config, flags = load_config(argv)
+    if "help" in flags:
+        print("usage: python -m training.cache [the options of python -m training.run]\n"
+              "Writes the frozen encoders' outputs for data.path; cache.* options choose where and what.")
+        return {}
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", flags.get("local_rank", "0")))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if config.embedded and config.data.path is None:
+        config.data.path = str(write_toy_dataset(Path(config.train.output_dir) / "toy_data", seed=config.train.seed))
+    source = open_source(config.data.path, config.data.format, config.data.image_column, config.data.caption_column)
+    dtype = resolve_dtype(config.model.frozen_dtype, device)
+    if config.embedded:
+        frozen = build_embedded_models(seed=config.train.seed, dtype=dtype)
+    else:
+        frozen = load_frozen_models(config.model.sd15, config.model.image_encoder, dtype, config.model.encoder_embed_dim)
+    frozen.unet = None  # the pass never runs the UNet
+    for name in ("vae", "text_encoder", "image_encoder"):
+        module = getattr(frozen, name).to(device)
+        if dtype != torch.float32:
+            module.to(dtype)
+        module.requires_grad_(False).eval()
+    summary = build_cache(config, source, frozen, device, rank, world_size, config.train.progress)
+    state = "complete" if summary["complete"] else "not complete yet (other ranks still writing, or run again)"
+    print(f"cache: {summary['folder']} ({summary['written']} shards written, {summary['skipped']} already there; {state})", flush=True)
+    return summary
+
+
+def cli() -> int:
+    try:
+        main()
+    except (ConfigError, DataError, ModelFileError, CacheError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

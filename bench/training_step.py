@@ -1,0 +1,226 @@
+"""Training step: the reference recipe's style vs our default, samples/s and peak memory.
+
+Full-size SD1.5 UNet, VAE and text encoder and OpenCLIP ViT-H/14 (random weights), the
+base adapter (22.3M trainable parameters), one optimiser step per training step.
+
+- ``reference``: as the authors' training script: VAE, ViT-H/14 and text encoder run on
+  every step (in the autocast dtype), the frozen UNet stays fp32 and the step runs under
+  autocast (fp16 on GPU, bf16 on CPU), AdamW.
+- ``reference-fp32``: the same without autocast (everything fp32): on CPUs without bf16
+  instructions this is the faster way to run the reference, so ``ours`` vs this is the
+  cache's own gain there.
+- ``ours``: our trainer's step (``training.loop.compute_loss`` + ``Engine.step``) from
+  cached encoder outputs (VAE moments, image embedding, text-encoder output), frozen
+  models in ``model.frozen_dtype auto`` (bf16 on GPU, fp32 on CPU), SDPA, fused AdamW on GPU.
+- ``ours-bf16``: ours with the frozen models in bf16 (the GPU default) on any device.
+
+Each variant runs in its own process (so peak memory is its own); rounds of all variants
+are interleaved ``--reps`` times and the figures are medians. Peak memory: on GPU
+``torch.cuda.max_memory_allocated``; on CPU the process's resident high-water mark
+(``VmHWM``, reset after the models are built, so it covers the training steps with the
+weights the step keeps in memory). ``ours`` does not build the text and image encoders:
+the trainer keeps them off the accelerator when training from the cache (they are only
+used for sample grids). Data loading is not timed (with the cache, ours also skips
+decoding and resizing the images).
+
+    python bench/training_step.py [--resolutions 512 256] [--batch 1] [--reps 3] [--steps 1] [--warmup 1] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VARIANTS = ("reference", "reference-fp32", "ours", "ours-bf16")
+
+
+def build_models(device, small: bool, encoders: bool):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ipadapter.encoder import build_vision_tower
+    from training.models import SD15_CONFIG_DIR, FrozenModels, PromptTokenizer, build_embedded_models, sd15_scheduler
+
+    if small:  # for trying the script out: the embedded default's scaled-down models
+        frozen = build_embedded_models(seed=0)
+        if not encoders:
+            frozen.text_encoder = frozen.image_encoder = None
+        return frozen
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15_CONFIG_DIR), subfolder="unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD15_CONFIG_DIR), subfolder="vae"))
+    text_encoder = image_encoder = None
+    if encoders:
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json")))
+        image_encoder = build_vision_tower("ViT-H-14")
+    return FrozenModels(unet, vae, text_encoder, image_encoder, PromptTokenizer(), sd15_scheduler(), torch.float32)
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        release_memory()
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def peak_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def worker(variant: str, resolution: int, batch: int, steps: int, small: bool, warmup: int) -> dict:
+    import torch
+
+    from training.adapter import IPAdapterModel
+    from training.config import Config
+    from training.distributed import Engine, Process
+    from training.loop import SampleDraws, compute_loss
+    from training.models import resolve_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    reference = variant.startswith("reference")
+    frozen = build_models(device, small, encoders=reference)
+    if variant == "ours":
+        frozen.dtype = resolve_dtype("auto", device)
+    elif variant == "ours-bf16":
+        frozen.dtype = torch.bfloat16
+    embed_dim = 32 if small else 1024
+    model = IPAdapterModel(frozen.unet, embed_dim)
+    for name in ("unet", "vae", "text_encoder", "image_encoder"):
+        module = getattr(frozen, name)
+        if module is None:
+            continue
+        module.to(device).requires_grad_(False).eval()
+        if variant == "reference" and name != "unet":
+            module.to(autocast_dtype)  # the reference casts VAE, text and image encoders; the UNet stays fp32
+        elif not reference and frozen.dtype != torch.float32:
+            module.to(frozen.dtype)
+    model.to(device)
+    config = Config()
+    process = Process("single", 0, 1, 0, device)
+    engine = Engine(model, config, process)
+    if reference:  # the reference trains with torch's default AdamW (foreach), not fused
+        engine.optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=0.01)
+
+    generator = torch.Generator().manual_seed(0)
+    latent = resolution // 8
+    draws = SampleDraws(torch.ones(batch), [False] * batch, torch.randint(0, 1000, (batch,), generator=generator),
+                        torch.randn(batch, 4, latent, latent, generator=generator), torch.randn(batch, 4, latent, latent, generator=generator))
+    if reference:
+        batch_data = {"pixels": torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1,
+                      "clip_pixels": torch.randn(batch, 3, 224, 224, generator=generator),
+                      "captions": ["a photo of a cat sitting on a red sofa, best quality"] * batch}
+    else:  # what the cache holds, in the frozen dtype
+        batch_data = {"moments": torch.randn(batch, 8, latent, latent, generator=generator).to(frozen.dtype),
+                      "image_embeds": torch.randn(batch, embed_dim, generator=generator).to(frozen.dtype),
+                      "text_embeds": torch.randn(batch, 77, 768, generator=generator).to(frozen.dtype),
+                      "captions": [""] * batch}
+
+    def step() -> float:
+        started = time.perf_counter()
+        if variant == "reference":
+            with torch.autocast(device.type, dtype=autocast_dtype):
+                loss = compute_loss(engine, frozen, batch_data, draws, device)
+        else:
+            loss = compute_loss(engine, frozen, batch_data, draws, device)
+        engine.step(loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    for _ in range(warmup):  # first-call allocations, AdamW state
+        step()
+    reset_peak(device)
+    times = [step() for _ in range(steps)]
+    return {"seconds": statistics.median(times), "peak": peak_bytes(device), "device": str(device),
+            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 256])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3, help="interleaved rounds of all variants (one process each)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per process, after one warm-up step")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per process before the timed ones")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--small", action="store_true", help="scaled-down models, to try the script")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.resolution, args.batch, args.steps, args.small, args.warmup)), flush=True)
+        return
+
+    results: dict = {}
+    started = time.time()
+    for rep in range(args.reps):
+        for resolution in args.resolutions:
+            for variant in args.variants:
+                command = [sys.executable, __file__, "--worker", variant, "--resolution", str(resolution), "--batch", str(args.batch),
+                           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)] + (["--small"] if args.small else [])
+                output = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+                line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
+                if line is None:
+                    raise SystemExit(f"{variant} at {resolution} failed:\n{output.stderr[-3000:]}")
+                result = json.loads(line[len("RESULT "):])
+                results.setdefault((resolution, variant), []).append(result)
+                print(f"# rep {rep + 1} {resolution}px {variant}: {result['seconds']:.2f} s/step, peak {result['peak'] / 2**30:.2f} GiB",
+                      file=sys.stderr, flush=True)
+    first = next(iter(results.values()))[0]
+    print(f"machine: {first['device_name']}, device {first['device']}, {torch.get_num_threads()} torch threads; torch {torch.__version__}")
+    print(f"{'scaled-down' if args.small else 'full-size'} SD1.5 + ViT-H/14 (random weights), batch {args.batch}, "
+          f"{args.reps} interleaved rounds x {args.steps} timed step(s) after {args.warmup} warm-up, medians; {time.time() - started:.0f} s in all")
+    print("| resolution | variant | s/step | samples/s | peak memory (GiB) | samples/s vs reference | peak vs reference |")
+    print("|---|---|---|---|---|---|---|")
+    for resolution in args.resolutions:
+        base = results.get((resolution, "reference"))
+        base_seconds = statistics.median(r["seconds"] for r in base) if base else None
+        base_peak = statistics.median(r["peak"] for r in base) if base else None
+        for variant in args.variants:
+            runs = results[(resolution, variant)]
+            seconds = statistics.median(r["seconds"] for r in runs)
+            peak = statistics.median(r["peak"] for r in runs)
+            speed = f"{base_seconds / seconds:.2f}x" if base_seconds else "-"
+            memory = f"{peak / base_peak:.2f}x" if base_peak else "-"
+            print(f"| {resolution} | {variant} | {seconds:.2f} | {args.batch / seconds:.3f} | {peak / 2**30:.2f} | {speed} | {memory} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -243,3 +243,25 @@ def test_cli_splits_by_rank_environment_and_reports_the_folder(tmp_path):
     assert "1 shards written, 0 already there; not complete yet" in outputs[0]
     assert "2 shards written, 0 already there; complete" in outputs[1]
     assert len(list((tmp_path / "images.cache").glob("*/shard-*.safetensors"))) == 3
+
+
+def test_a_non_finite_loss_stops_the_run_at_the_next_log_or_save_step_naming_its_step(tmp_path, toy_data, monkeypatch):
+    """Losses are read back only every train.log_every steps (no host sync per step); a NaN is still caught,
+    with its own step number, and never saved in a training state."""
+    from training import loop
+
+    real_loss, calls = loop.compute_loss, []
+
+    def nan_at_step_3(*args):
+        loss = real_loss(*args)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop, "compute_loss", nan_at_step_3)
+    args = ["--train.output_dir", str(tmp_path), "--data.path", str(toy_data), "--data.resolution", "32", "--train.max_steps", "9",
+            "--train.batch_size", "2", "--train.save_every", "4", "--train.log_every", "8", "--sample.every", "0",
+            "--train.progress", "false", "--data.num_workers", "0", "--cache.use", "off"]
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3;"):
+        main(args)
+    assert len(calls) == 4  # found at the save step 4, before the state was written
+    assert not (tmp_path / "state" / "step-00000004").exists()

@@ -132,7 +132,7 @@ def test_broken_workflows_fail_with_the_node_named(info):
     assert any("IPAdapterSD15Apply" in p and "required input 'ipadapter'" in p for p in check_workflow(unconnected, info))
 
 
-def test_the_command_line_check_fails_on_a_broken_file(tmp_path):
+def test_the_command_line_check_fails_on_a_broken_file(tmp_path, comfyui_server):
     import subprocess
     import sys
 
@@ -140,7 +140,8 @@ def test_the_command_line_check_fails_on_a_broken_file(tmp_path):
     find(broken, "IPAdapterSD15Apply")["widgets_values"][0] = -4.0
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(broken))
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "workflow_tools.py"), "check", str(path), str(WORKFLOWS[0])],
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "workflow_tools.py"), "check", "--url", comfyui_server.url,
+                             str(path), str(WORKFLOWS[0])],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "broken.json:" in result.stdout and "IPAdapterSD15Apply" in result.stdout and "below the minimum -1.0" in result.stdout

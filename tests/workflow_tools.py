@@ -25,6 +25,9 @@ Command line (starts a ComfyUI with this pack, like the tests)::
 
     python tests/workflow_tools.py check [FILE ...]   # check UI workflows (default: all)
     python tests/workflow_tools.py api                # rewrite workflows/api/ from the UI files
+
+``--url http://127.0.0.1:8188`` checks against a running ComfyUI instead (your
+own, with its other packs).
 """
 from __future__ import annotations
 
@@ -356,24 +359,40 @@ def our_node_types(workflow: dict) -> set[str]:
 
 # -- command line ---------------------------------------------------------------
 
-def main(argv: list[str]) -> int:
+def live_object_info(url: str | None = None) -> dict:
+    """``GET /object_info`` of the ComfyUI at ``url``, or of a ComfyUI started here with this pack."""
+    if url:
+        import urllib.request
+
+        with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=60) as response:
+            return json.loads(response.read())
     import tempfile
 
     from comfyui_harness import PACK_FOLDER_NAME, start_comfyui_server
 
-    command, files = (argv[0] if argv else "check"), [Path(a) for a in argv[1:]]
     with tempfile.TemporaryDirectory(prefix="workflow-tools-") as temp:
         server = start_comfyui_server(Path(temp), {PACK_FOLDER_NAME: REPO_ROOT})
         try:
-            info = server.object_info()
+            return server.object_info()
         finally:
             server.stop()
-    if command == "api":
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Check the UI workflows, or rewrite their API twins.")
+    parser.add_argument("command", choices=("check", "api"))
+    parser.add_argument("files", nargs="*", type=Path, help="UI workflows to check (default: workflows/*.json)")
+    parser.add_argument("--url", help="a running ComfyUI to check against (default: start one with this pack)")
+    options = parser.parse_intermixed_args(argv)
+    info = live_object_info(options.url)
+    if options.command == "api":
         for path in write_api_twins(info):
             print(path)
         return 0
     failed = 0
-    for path in files or ui_workflow_files():
+    for path in options.files or ui_workflow_files():
         problems = check_workflow(load_workflow(path), info)
         print(f"{path.name}: " + ("ok" if not problems else "\n  " + "\n  ".join(problems)))
         failed += bool(problems)

@@ -55,8 +55,9 @@ LOAD = """async (workflow) => {
     for (const modal of document.querySelectorAll('.comfy-modal')) modal.style.display = 'none';
     await app.loadGraphData(workflow);
     await new Promise((done) => setTimeout(done, 300));
-    const dialogs = [...document.querySelectorAll('.comfy-modal')]
-        .filter((modal) => getComputedStyle(modal).display !== 'none')
+    // the March-2024 editor's dialogs are .comfy-modal; later editors use [role=dialog]
+    const dialogs = [...document.querySelectorAll('.comfy-modal, [role=dialog]')]
+        .filter((modal) => getComputedStyle(modal).display !== 'none' && modal.innerText)
         .map((modal) => modal.innerText);
     // fit the whole graph into the window for the screenshot
     const nodes = app.graph._nodes;

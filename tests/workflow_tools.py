@@ -42,8 +42,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 API_DIR = WORKFLOW_DIR / "api"
 
-# Nodes that exist only in the editor (never sent to the server).
-FRONTEND_ONLY = {"Note", "MarkdownNote"}
+# Nodes that exist only in the editor (never sent to the server). Only the
+# plain Note: the March-2024 editor has no MarkdownNote, and Reroute /
+# PrimitiveNode would need rewiring in the conversion.
+FRONTEND_ONLY = {"Note"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 SEED_NAMES = {"seed", "noise_seed"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}

@@ -1,0 +1,1 @@
+"""Experiments: reproductions that anyone can rerun (see each subpackage's docstring)."""

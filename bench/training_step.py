@@ -207,10 +207,11 @@ def main() -> None:
     print(f"machine: {first['device_name']}, device {first['device']}, {torch.get_num_threads()} torch threads; torch {torch.__version__}")
     print(f"{'scaled-down' if args.small else 'full-size'} SD1.5 + ViT-H/14 (random weights), batch {args.batch}, "
           f"{args.reps} interleaved rounds x {args.steps} timed step(s) after {args.warmup} warm-up, medians; {time.time() - started:.0f} s in all")
-    print("| resolution | variant | s/step | samples/s | peak memory (GiB) | samples/s vs reference | peak vs reference |")
+    baseline = "reference" if "reference" in args.variants else args.variants[0]
+    print(f"| resolution | variant | s/step | samples/s | peak memory (GiB) | samples/s vs {baseline} | peak vs {baseline} |")
     print("|---|---|---|---|---|---|---|")
     for resolution in args.resolutions:
-        base = results.get((resolution, "reference"))
+        base = results.get((resolution, baseline))
         base_seconds = statistics.median(r["seconds"] for r in base) if base else None
         base_peak = statistics.median(r["peak"] for r in base) if base else None
         for variant in args.variants:

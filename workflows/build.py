@@ -126,8 +126,8 @@ def base(g: Graph, positive: str, negative: str = "", x0: int = 0):
 
 
 def adapter_and_encoder(g: Graph, y: int, adapter_file: str = ADAPTER):
-    adapter = g.node("IPAdapterSD15Loader", (0, y), ipadapter_file=adapter_file)
-    encoder = g.node("IPAdapterSD15EncoderLoader", (0, y + 110), clip_name=ENCODER)
+    adapter = g.node("IPAdapterSD15Loader", (0, y), ipadapter_file=adapter_file, box_width=340)
+    encoder = g.node("IPAdapterSD15EncoderLoader", (0, y + 110), clip_name=ENCODER, box_width=340)
     return adapter, encoder
 
 
@@ -238,12 +238,12 @@ def regional(g: Graph):
     adapter, encoder = adapter_and_encoder(g, 450)
     _, left_embeds = reference(g, (360, 450), REFERENCE, encoder, "Reference for the left half")
     _, right_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Reference for the right half")
-    empty = g.node("SolidMask", (1100, 660), title="Canvas (0)", value=0.0, width=512, height=512)
-    half = g.node("SolidMask", (1100, 810), title="Left half (1)", value=1.0, width=256, height=512)
-    left = g.node("MaskComposite", (1100, 960), title="Left mask", x=0, y=0, operation="add")
+    empty = g.node("SolidMask", (1100, 680), title="Canvas (0)", value=0.0, width=512, height=512)
+    half = g.node("SolidMask", (1100, 870), title="Left half (1)", value=1.0, width=256, height=512)
+    left = g.node("MaskComposite", (1100, 1060), title="Left mask", x=0, y=0, operation="add")
     g.link(empty, "MASK", left, "destination")
     g.link(half, "MASK", left, "source")
-    right = g.node("InvertMask", (1100, 1130), title="Right mask", box_width=220)
+    right = g.node("InvertMask", (1100, 1290), title="Right mask", box_width=220)
     g.link(left, "MASK", right, "mask")
     first = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, left_embeds, weight=0.8)
     g.link(left, "MASK", first, "attn_mask")

@@ -96,6 +96,12 @@ def editor(comfyui_server):
             page.goto(comfyui_server.url, wait_until="load", timeout=60_000)
             page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph"
                                    " && LiteGraph.registered_node_types['IPAdapterSD15Apply']", timeout=60_000)
+            # Later editors open a template gallery on a first visit, and some raise errors of their own while
+            # they start (seen: a settings hook in frontend 1.27); neither comes from a workflow, so the
+            # gallery is closed and only errors raised while a workflow loads count.
+            page.wait_for_timeout(1000)
+            page.keyboard.press("Escape")
+            page.startup_errors = list(page.errors)
             yield page
         finally:
             browser.close()
@@ -115,6 +121,7 @@ def same_value(a, b) -> bool:
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
 def test_the_editor_loads_the_workflow_without_missing_nodes(path, editor, info):
     workflow = load_workflow(path)
+    editor.errors.clear()
     state = editor.evaluate(LOAD, workflow)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     editor.screenshot(path=str(ARTIFACTS / f"browser-{path.stem}.png"))

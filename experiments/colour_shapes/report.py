@@ -1,0 +1,46 @@
+"""The results as a markdown table (what README.md quotes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def table_markdown(result: dict) -> str:
+    chance = result["chance"]
+    lines = [
+        "| λ | samples | colour of the reference | shape of the caption | shape of the caption, caption ≠ reference shape | shape of the reference, caption ≠ reference shape | nothing drawn |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["table"]:
+        lines.append(
+            f"| {row['weight']:g} | {row['samples']} | {row['colour_of_reference']:.0%} | {row['shape_of_caption']:.0%} | "
+            f"{row['shape_of_caption_when_reference_differs']:.0%} | {row['shape_of_reference_when_caption_differs']:.0%} | "
+            f"{row['nothing_drawn']:.0%} |"
+        )
+    lines.append(f"| chance | | {chance['colour']:.0%} | {chance['shape']:.0%} | {chance['shape']:.0%} | {chance['shape']:.0%} | |")
+    return "\n".join(lines)
+
+
+def write_report(result: dict, path: str | Path) -> Path:
+    checks = result["classifier_checks"]
+    s = result["settings"]
+    text = "\n".join([
+        "# colour_shapes: results",
+        "",
+        f"Command: `python -m experiments.colour_shapes` with settings `{s}`.",
+        f"Machine: {result['machine']}. Wall time per stage (s): {result['timings_s']}.",
+        "",
+        table_markdown(result),
+        "",
+        f"Classifier accuracy on held-out dataset images (colour / shape): as drawn "
+        f"{checks['drawn']['colour']:.0%} / {checks['drawn']['shape']:.0%}, after a VAE round trip "
+        f"{checks['vae_round_trip']['colour']:.0%} / {checks['vae_round_trip']['shape']:.0%}.",
+        f"Image encoder (random, frozen): nearest-centroid colour accuracy of its embedding {result['image_encoder_colour_probe']:.0%}.",
+        f"Base model: {result['base']['steps']} steps, batch {result['base']['batch_size']}, final loss {result['base']['final_loss']:.3f}; "
+        f"VAE: {result['vae']['steps']} steps, final loss {result['vae']['final_loss']:.4f}.",
+        "",
+        "![grid](grid.png)",
+        "",
+    ])
+    path = Path(path)
+    path.write_text(text)
+    return path

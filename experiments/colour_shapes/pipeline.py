@@ -168,8 +168,11 @@ def reference_images(settings: Settings) -> list[tuple[np.ndarray, str, str]]:
 
 def summarise(rows: list[dict], weights) -> list[dict]:
     table = []
+    plain = {(r["reference"], r["caption_shape"], r["sample"]): r["image"] for r in rows if r["weight"] == 0.0}
     for weight in weights:
         at = [r for r in rows if r["weight"] == weight]
+        changed = [np.abs(r["image"].astype(np.float64) - plain[(r["reference"], r["caption_shape"], r["sample"])]).mean() / 255
+                   for r in at if plain]
         other = [r for r in at if r["caption_shape"] != r["ref_shape"]]
         table.append({
             "weight": weight,
@@ -179,6 +182,7 @@ def summarise(rows: list[dict], weights) -> list[dict]:
             "shape_of_caption_when_reference_differs": measure.accuracy([r["shape"] for r in other], [r["caption_shape"] for r in other]),
             "shape_of_reference_when_caption_differs": measure.accuracy([r["shape"] for r in other], [r["ref_shape"] for r in other]),
             "nothing_drawn": float(np.mean([r["shape"] is None for r in at])),
+            "pixel_change_from_weight_0": float(np.mean(changed)) if changed else float("nan"),  # same noise, |Δ| / 255
         })
     return table
 

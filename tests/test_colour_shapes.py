@@ -1,0 +1,43 @@
+"""The colour_shapes experiment, reduced (``--quick`` settings): base model, adapter trained by
+``training.run``, sampling through ComfyUI with our nodes, classical measurements.
+The full run and its numbers: experiments/colour_shapes/README.md."""
+import numpy as np
+import pytest
+
+from experiments.colour_shapes import measure
+from experiments.colour_shapes.__main__ import QUICK
+from experiments.colour_shapes.pipeline import Settings, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def result(comfy, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("colour_shapes")
+    outcome = run(Settings(output_dir=str(folder), **QUICK))
+    print(outcome["table"], outcome["timings_s"])
+    return outcome
+
+
+def test_reduced_run_goes_end_to_end_through_the_trainer_export_and_comfyui_nodes(result):
+    from pathlib import Path
+
+    assert Path(result["adapter_file"]).name == f"ip-adapter_sd15_step{QUICK['adapter_steps']:08d}.safetensors"
+    assert Path(result["grid"]).is_file()
+    cases = 6 * QUICK["references_per_colour"] * 3 * QUICK["samples_per_case"]
+    assert [row["samples"] for row in result["table"]] == [cases] * len(QUICK["weights"])
+    # the measuring instruments work on the data and survive the VAE
+    checks = result["classifier_checks"]
+    assert checks["drawn"] == {"colour": 1.0, "shape": 1.0}
+    assert checks["vae_round_trip"]["colour"] >= 0.9
+    assert result["image_encoder_colour_probe"] >= 0.9  # the frozen encoder sees colour
+    by_weight = {row["weight"]: row for row in result["table"]}
+    assert by_weight[1.0]["pixel_change_from_weight_0"] > 0.005  # the image prompt changes the samples (same noise)
+    assert np.isfinite(by_weight[1.0]["colour_of_reference"])
+
+
+@pytest.mark.xfail(strict=False, reason="colour transfer is not reached at this scale yet; see experiments/colour_shapes/README.md")
+def test_reduced_run_takes_the_reference_colour(result):
+    by_weight = {row["weight"]: row for row in result["table"]}
+    assert by_weight[1.0]["colour_of_reference"] >= measure.CHANCE_COLOUR + 0.3
+    assert by_weight[1.0]["colour_of_reference"] - by_weight[0.0]["colour_of_reference"] >= 0.25

@@ -107,9 +107,9 @@ def test_broken_workflows_fail_with_the_node_named(info):
 
     missing_file = copy.deepcopy(original)
     node = find(missing_file, "IPAdapterSD15Loader")
-    node["widgets_values"][0] = "ip-adapter_sdxl.safetensors"
+    node["widgets_values"][0] = "ip-adapter_not_downloaded.safetensors"
     (problem,) = check_workflow(missing_file, info)
-    assert "IPAdapterSD15Loader" in problem and "ip-adapter_sdxl.safetensors" in problem
+    assert "IPAdapterSD15Loader" in problem and "ip-adapter_not_downloaded.safetensors" in problem
 
     shifted = copy.deepcopy(original)
     node = find(shifted, "KSampler")

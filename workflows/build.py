@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from workflow_tools import (  # noqa: E402
-    ADAPTER, CHECKPOINT, ENCODER, REFERENCE_IMAGES, SOURCE_IMAGES, TRAINED_ADAPTER, WORKFLOW_DIR,
-    socket_inputs, widget_layout, write_api_twins,
+    ADAPTER, CHECKPOINT, ENCODER, REFERENCE_IMAGES, REPO_ROOT, SOURCE_IMAGES, TRAINED_ADAPTER, WORKFLOW_DIR,
+    live_object_info, socket_inputs, widget_layout, write_api_twins,
 )
 
 REFERENCE, REFERENCE_B = REFERENCE_IMAGES
@@ -215,10 +214,7 @@ def inpainting(g: Graph):
     adapter, encoder = adapter_and_encoder(g, 450)
     _, embeds = reference(g, (360, 450), REFERENCE, encoder)
     source = g.node("LoadImage", (1100, 650), title="Image to inpaint (paint the mask)", image=SOURCE_MASKED)
-    patched = g.node("IPAdapterSD15Apply", (1100, 300), weight=1.0)
-    g.link(ckpt, "MODEL", patched, "model")
-    g.link(adapter, "ipadapter", patched, "ipadapter")
-    g.link(embeds, "embeds", patched, "embeds")
+    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=1.0)
     g.link(source, "MASK", patched, "attn_mask")
     encode = g.node("VAEEncode", (1100, 0), box_width=220)
     g.link(source, "IMAGE", encode, "pixels")
@@ -313,15 +309,7 @@ def build_all(info: dict) -> list[Path]:
 
 
 def main() -> int:
-    from comfyui_harness import PACK_FOLDER_NAME, REPO_ROOT, start_comfyui_server
-
-    with tempfile.TemporaryDirectory(prefix="workflows-build-") as temp:
-        server = start_comfyui_server(Path(temp), {PACK_FOLDER_NAME: REPO_ROOT})
-        try:
-            info = server.object_info()
-        finally:
-            server.stop()
-    for path in build_all(info):
+    for path in build_all(live_object_info()):
         print(path.relative_to(REPO_ROOT))
     return 0
 

@@ -114,20 +114,16 @@ class Graph:
 
 # -- pieces shared by the workflows -------------------------------------------------
 
-def base(g: Graph, positive: str, negative: str = "", x0: int = 0):
+def base(g: Graph, positive: str, negative: str = "", adapter_file: str = ADAPTER):
     """Checkpoint, the two text prompts, the adapter, the encoder; returns them."""
-    ckpt = g.node("CheckpointLoaderSimple", (x0, 0), ckpt_name=CHECKPOINT)
-    pos = g.node("CLIPTextEncode", (x0 + 360, 0), title="Text prompt", text=positive, box_width=380)
-    neg = g.node("CLIPTextEncode", (x0 + 360, 220), title="Negative prompt", text=negative, box_width=380)
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
+    pos = g.node("CLIPTextEncode", (360, 0), title="Text prompt", text=positive, box_width=380)
+    neg = g.node("CLIPTextEncode", (360, 220), title="Negative prompt", text=negative, box_width=380)
     g.link(ckpt, "CLIP", pos, "clip")
     g.link(ckpt, "CLIP", neg, "clip")
-    return ckpt, pos, neg
-
-
-def adapter_and_encoder(g: Graph, y: int, adapter_file: str = ADAPTER):
-    adapter = g.node("IPAdapterSD15Loader", (0, y), ipadapter_file=adapter_file, box_width=340)
-    encoder = g.node("IPAdapterSD15EncoderLoader", (0, y + 110), clip_name=ENCODER, box_width=340)
-    return adapter, encoder
+    adapter = g.node("IPAdapterSD15Loader", (0, 450), ipadapter_file=adapter_file, box_width=340)
+    encoder = g.node("IPAdapterSD15EncoderLoader", (0, 560), clip_name=ENCODER, box_width=340)
+    return ckpt, pos, neg, adapter, encoder
 
 
 def reference(g: Graph, pos, name: str, encoder: dict, title: str = "Reference image"):
@@ -169,8 +165,7 @@ def empty_latent(g: Graph, pos, width=512, height=512):
 # -- the workflows -------------------------------------------------------------------
 
 def image_prompt_only(g: Graph):
-    ckpt, pos, neg = base(g, "")
-    adapter, encoder = adapter_and_encoder(g, 450)
+    ckpt, pos, neg, adapter, encoder = base(g, "")
     _, embeds = reference(g, (360, 450), REFERENCE, encoder)
     patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=1.0)
     latent = empty_latent(g, (1100, 0))
@@ -183,8 +178,8 @@ def image_prompt_only(g: Graph):
 
 
 def image_and_text(g: Graph):
-    ckpt, pos, neg = base(g, "best quality, wearing a hat on the beach", "monochrome, lowres, bad anatomy, worst quality, low quality")
-    adapter, encoder = adapter_and_encoder(g, 450)
+    ckpt, pos, neg, adapter, encoder = base(g, "best quality, wearing a hat on the beach",
+                                            "monochrome, lowres, bad anatomy, worst quality, low quality")
     _, embeds = reference(g, (360, 450), REFERENCE, encoder)
     patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=0.6)
     latent = empty_latent(g, (1100, 0))
@@ -195,8 +190,7 @@ def image_and_text(g: Graph):
 
 
 def img2img(g: Graph):
-    ckpt, pos, neg = base(g, "best quality, high quality", "lowres, worst quality")
-    adapter, encoder = adapter_and_encoder(g, 450)
+    ckpt, pos, neg, adapter, encoder = base(g, "best quality, high quality", "lowres, worst quality")
     _, embeds = reference(g, (360, 450), REFERENCE, encoder)
     patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=0.8)
     source = g.node("LoadImage", (1100, 650), title="Image to change", image=SOURCE)
@@ -210,8 +204,7 @@ def img2img(g: Graph):
 
 
 def inpainting(g: Graph):
-    ckpt, pos, neg = base(g, "best quality, high quality", "lowres, worst quality")
-    adapter, encoder = adapter_and_encoder(g, 450)
+    ckpt, pos, neg, adapter, encoder = base(g, "best quality, high quality", "lowres, worst quality")
     _, embeds = reference(g, (360, 450), REFERENCE, encoder)
     source = g.node("LoadImage", (1100, 650), title="Image to inpaint (paint the mask)", image=SOURCE_MASKED)
     patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=1.0)
@@ -230,8 +223,7 @@ def inpainting(g: Graph):
 
 
 def regional(g: Graph):
-    ckpt, pos, neg = base(g, "best quality, two animals side by side", "lowres, worst quality")
-    adapter, encoder = adapter_and_encoder(g, 450)
+    ckpt, pos, neg, adapter, encoder = base(g, "best quality, two animals side by side", "lowres, worst quality")
     _, left_embeds = reference(g, (360, 450), REFERENCE, encoder, "Reference for the left half")
     _, right_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Reference for the right half")
     empty = g.node("SolidMask", (1100, 680), title="Canvas (0)", value=0.0, width=512, height=512)
@@ -254,8 +246,7 @@ def regional(g: Graph):
 
 
 def style_composition(g: Graph):
-    ckpt, pos, neg = base(g, "best quality, a house in the mountains", "lowres, worst quality")
-    adapter, encoder = adapter_and_encoder(g, 450)
+    ckpt, pos, neg, adapter, encoder = base(g, "best quality, a house in the mountains", "lowres, worst quality")
     _, style_embeds = reference(g, (360, 450), REFERENCE, encoder, "Style reference")
     _, layout_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Composition reference")
     style = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, style_embeds, weight=1.0, layers="style")
@@ -272,8 +263,7 @@ def style_composition(g: Graph):
 
 
 def trained_checkpoint(g: Graph):
-    ckpt, pos, neg = base(g, "best quality, high quality", "lowres, worst quality")
-    adapter, encoder = adapter_and_encoder(g, 450, TRAINED_ADAPTER)
+    ckpt, pos, neg, adapter, encoder = base(g, "best quality, high quality", "lowres, worst quality", adapter_file=TRAINED_ADAPTER)
     adapter["title"] = "Your trained adapter"
     _, embeds = reference(g, (360, 450), REFERENCE, encoder)
     patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=1.0)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from training.clip_score import ClipFileError, clipscore, cosine, load_scoring_clip, score_samples, summarize
 from training.eval import build_report, main
 from training.eval_data import EvalError, Reference, load_references
+from training_fixtures import write_model_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -322,20 +323,15 @@ def generator_files(tmp_path_factory):
     """A scaled-down SD1.5 diffusers folder, an OpenCLIP image encoder file and an exported adapter."""
     from training.adapter import IPAdapterModel
     from training.checkpointing import export_adapter
-    from training.models import build_embedded_models
 
     root = tmp_path_factory.mktemp("generator")
-    frozen = build_embedded_models(seed=5)
-    for name in ("unet", "vae", "text_encoder", "scheduler"):
-        getattr(frozen, name).save_pretrained(str(root / "sd15" / name))
-    encoder = root / "encoder.safetensors"
-    save_file({f"visual.{k}": v.contiguous() for k, v in frozen.image_encoder.visual.state_dict().items()}, str(encoder))
+    sd15, encoder, frozen = write_model_files(root)
     model = IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim)
     with torch.no_grad():
         for parameter in model.trainable_parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
     adapter = export_adapter(model, root / "adapter.safetensors", 1, "config: test", dtype="fp32")
-    return root / "sd15", encoder, adapter
+    return sd15, encoder, adapter
 
 
 def test_generation_mode_end_to_end(tmp_path, tiny_clip, references, generator_files):

@@ -29,6 +29,7 @@ from training_fixtures import (
     reference_adapter_modules,
     write_folder_with_bad_rows,
     write_manifest_with_bad_rows,
+    write_model_files,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -350,15 +351,8 @@ def test_missing_model_files_are_clear_errors_before_training(tmp_path, toy_data
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory) -> tuple[Path, Path]:
     """A scaled-down SD1.5 as a diffusers folder and an OpenCLIP-format image encoder file."""
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("models")
-    frozen = build_embedded_models(seed=5)
-    for name in ("unet", "vae", "text_encoder", "scheduler"):
-        getattr(frozen, name).save_pretrained(str(root / "sd15" / name))
-    encoder = root / "open_clip_small.safetensors"
-    save_file({f"visual.{k}": v.contiguous() for k, v in frozen.image_encoder.visual.state_dict().items()}, str(encoder))
-    return root / "sd15", encoder
+    sd15, encoder, _ = write_model_files(tmp_path_factory.mktemp("models"))
+    return sd15, encoder
 
 
 def test_training_from_a_diffusers_folder_and_an_encoder_file(tmp_path, toy_data, model_files):

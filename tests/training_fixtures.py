@@ -165,3 +165,20 @@ def write_shards(folder: Path, shards: int = 4, per_shard: int = 5, bad: bool = 
                 archive.addfile(info, io.BytesIO(data))
         paths.append(path)
     return paths
+
+
+def write_model_files(root: Path, seed: int = 5):
+    """A scaled-down SD1.5 as a diffusers folder (``root/sd15``) and an OpenCLIP-format image encoder file.
+
+    Returns the folder, the encoder file and the in-memory models they were written from.
+    """
+    from safetensors.torch import save_file
+
+    from training.models import build_embedded_models
+
+    frozen = build_embedded_models(seed=seed)
+    for name in ("unet", "vae", "text_encoder", "scheduler"):
+        getattr(frozen, name).save_pretrained(str(root / "sd15" / name))
+    encoder = root / "open_clip_small.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in frozen.image_encoder.visual.state_dict().items()}, str(encoder))
+    return root / "sd15", encoder, frozen

@@ -72,3 +72,13 @@ def random_adapter(
         for name in ("to_k_ip", "to_v_ip"):
             ip_adapter[f"{key}.{name}.weight"] = (0.02 * torch.randn(multiplier * base_width, cross, generator=generator)).to(dtype)
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def write_flat_adapter(path, seed: int) -> None:
+    """A random full-size base adapter (K'/V' scaled up so that its effect shows after 2 steps), fp16, flat keys."""
+    from safetensors.torch import save_file
+
+    flat = {}
+    for group, tensors in random_adapter("base", seed=seed).items():
+        flat.update({f"{group}.{k}": (v * 5 if group == "ip_adapter" else v).half() for k, v in tensors.items()})
+    save_file(flat, str(path))

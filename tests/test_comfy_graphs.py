@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapter_factory import random_adapter
+from adapter_factory import random_adapter, write_flat_adapter
 from comfyui_harness import ComfyUIError, txt2img_graph
 from test_encoder import transformers_model
 
@@ -16,10 +16,7 @@ ENCODER = "clip-vision-test-small.safetensors"  # a narrow tower with ViT-H's 10
 
 @pytest.fixture(scope="module")
 def server(comfyui_server, sd15_checkpoint_name):
-    flat = {}
-    for group, tensors in random_adapter("base", seed=7).items():
-        flat.update({f"{group}.{k}": (v * 5 if group == "ip_adapter" else v).half() for k, v in tensors.items()})
-    save_file(flat, str(comfyui_server.models_dir("ipadapter") / ADAPTER))
+    write_flat_adapter(comfyui_server.models_dir("ipadapter") / ADAPTER, seed=7)
     encoder = transformers_model(width=128, layers=2, heads=2, patch=14, image=224, embed_dim=1024, seed=3)
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(comfyui_server.models_dir("clip_vision") / ENCODER))
     rng = np.random.default_rng(0)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from adapter_factory import random_adapter
+from adapter_factory import random_adapter, write_flat_adapter
 from comfyui_harness import REPO_ROOT
 from workflow_tools import (
     ADAPTER, CHECKPOINT, ENCODER, FRONTEND_ONLY, REFERENCE_IMAGES, SOURCE_IMAGES, TRAINED_ADAPTER, USER_FILES,
@@ -149,14 +149,6 @@ def test_the_command_line_check_fails_on_a_broken_file(tmp_path, comfyui_server)
 
 
 # -- headless runs --------------------------------------------------------------------
-
-def write_flat_adapter(path, seed):
-    """A random full-size base adapter (K'/V' scaled up so that its effect shows after 2 steps), fp16, flat."""
-    flat = {}
-    for group, tensors in random_adapter("base", seed=seed).items():
-        flat.update({f"{group}.{k}": (v * 5 if group == "ip_adapter" else v).half() for k, v in tensors.items()})
-    save_file(flat, str(path))
-
 
 def write_trained_adapter(path, seed):
     """A file written by the trainer's export (official layout with step and config metadata), random weights."""

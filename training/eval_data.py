@@ -123,9 +123,10 @@ def generated_files(folder: str | Path, references: list[Reference], samples: in
     for reference in references:
         row = []
         for k in range(samples):
-            match = next((present[f"{reference.key}_{k}{e}"] for e in GENERATED_EXTENSIONS if f"{reference.key}_{k}{e}" in present), None)
+            stem = f"{reference.key}_{k}"
+            match = next((present[stem + e] for e in GENERATED_EXTENSIONS if stem + e in present), None)
             if match is None:
-                missing.append(f"{reference.key}_{k}")
+                missing.append(stem)
             row.append(match)
         files.append(row)
     if missing:

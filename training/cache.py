@@ -37,11 +37,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .data import (
     CLIP_SIZE,
     BadSample,
-    DataError,
     DataSource,
     IndexedPairs,
     ShardStream,
@@ -52,7 +51,7 @@ from .data import (
     tar_samples,
     write_toy_dataset,
 )
-from .models import FrozenModels, ModelFileError, build_embedded_models, load_frozen_models, resolve_dtype
+from .models import FrozenModels, build_embedded_models, load_frozen_models, resolve_dtype
 
 log = logging.getLogger("training")
 
@@ -452,12 +451,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli() -> int:
-    try:
-        main()
-    except (ConfigError, DataError, ModelFileError, CacheError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    from .run import run_cli  # training.run imports this module
+
+    return run_cli(main)
 
 
 if __name__ == "__main__":

@@ -177,13 +177,18 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def cli() -> int:
+def run_cli(entry) -> int:
+    """Exit status of a command-line entry point: 2 with a one-line ``error: ...`` for the user's mistakes."""
     try:
-        main()
+        entry()
     except (ConfigError, DataError, ModelFileError, CacheError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def cli() -> int:
+    return run_cli(main)
 
 
 if __name__ == "__main__":

@@ -439,11 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         frozen = load_frozen_models(config.model.sd15, config.model.image_encoder, dtype, config.model.encoder_embed_dim)
     frozen.unet = None  # the pass never runs the UNet
-    for name in ("vae", "text_encoder", "image_encoder"):
-        module = getattr(frozen, name).to(device)
-        if dtype != torch.float32:
-            module.to(dtype)
-        module.requires_grad_(False).eval()
+    frozen.to(device)
     summary = build_cache(config, source, frozen, device, rank, world_size, config.train.progress)
     state = "complete" if summary["complete"] else "not complete yet (other ranks still writing, or run again)"
     print(f"cache: {summary['folder']} ({summary['written']} shards written, {summary['skipped']} already there; {state})", flush=True)

@@ -84,6 +84,8 @@ class FrozenModels:
         ``"image_encoder"``) stay on the CPU: training from ``training.cache`` needs them only for sample grids."""
         for name in ("unet", "vae", "text_encoder", "image_encoder"):
             module = getattr(self, name)
+            if module is None:  # left out (the cache pass has no UNet)
+                continue
             if name not in offload:
                 module.to(device)
             if self.dtype != torch.float32:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from experiments.colour_shapes.__main__ import QUICK
+from experiments.colour_shapes.diagnose import TIMESTEPS
 from experiments.colour_shapes.pipeline import Settings, run
 
 pytestmark = pytest.mark.slow
@@ -30,6 +31,13 @@ def test_reduced_run_goes_end_to_end_through_the_trainer_export_and_comfyui_node
     assert checks["drawn"] == {"colour": 1.0, "shape": 1.0}
     assert checks["vae_round_trip"]["colour"] >= 0.9
     assert result["image_encoder_colour_probe"] >= 0.9  # the frozen encoder sees colour
+    # its CLIP-style pretraining learned the colour names: 18 captions at chance is ln 18 = 2.9, colour known ln 3 = 1.1
+    assert result["image_encoder"]["final_loss"] < 1.5
+    # the loss diagnosis ran on the saved files: every column at every timestep, and the model beats a blind guess at low noise
+    rows = result["loss_by_timestep"]
+    assert [row["timestep"] for row in rows] == list(TIMESTEPS)
+    assert all(np.isfinite(value) for row in rows for value in row.values())
+    assert rows[0]["no_adapter"] < rows[0]["mean_latent_guess"] / 5
     by_weight = {row["weight"]: row for row in result["table"]}
     assert by_weight[1.0]["pixel_change_from_weight_0"] > 0.005  # the image prompt changes the samples (same noise)
     assert np.isfinite(by_weight[1.0]["colour_of_reference"])

@@ -71,7 +71,7 @@ class ComfySampler:
     def sample(self, reference: np.ndarray, positive: torch.Tensor, negative: torch.Tensor, weight: float, count: int,
                seed: int, steps: int, cfg: float, sampler: str = "euler", scheduler: str = "normal") -> np.ndarray:
         """``count`` images [count, H, W, 3] uint8 for one reference (uint8 [H, W, 3]) and text context at λ = weight."""
-        image = torch.from_numpy(np.ascontiguousarray(reference)).float().div(255)[None]
+        image = torch.from_numpy(np.array(reference)).float().div(255)[None]  # a copy: the reference may be read-only
         (embeds,) = self.nodes["IPAdapterSD15Encode"]().encode(self.encoder, image, "crop")
         (model,) = self.nodes["IPAdapterSD15Apply"]().apply(
             self.model, self.adapter, weight, 0.0, 1.0, "average", "all", "", embeds=embeds)

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from training.models import PromptTokenizer
 
-from . import base, data, measure
+from . import base, data, diagnose, measure
 
 log = logging.getLogger("colour_shapes")
 WEIGHTS = (0.0, 0.5, 1.0)
@@ -28,13 +28,15 @@ class Settings:
     dataset_size: int = 2000
     vae_steps: int = 300
     vae_batch: int = 16
-    unet_width: int = 32
+    encoder_steps: int = 300  # CLIP-style pretraining of the image encoder on full captions; 0: random, frozen
+    encoder_batch: int = 64
+    unet_width: int = 64  # ComfyUI fixes 32 norm groups: at 32 channels each group is one channel and the last norm erases every channel's mean
     base_steps: int = 1200
     base_batch: int = 16
-    base_lr: float = 1e-3
-    adapter_steps: int = 2000
+    base_lr: float = 5e-4  # 1e-3 diverges at width 64
+    adapter_steps: int = 1500
     adapter_batch: int = 8  # the paper's batch per device
-    adapter_lr: float = 3e-3  # the paper: 1e-4 (too slow to show anything in CPU minutes: see README)
+    adapter_lr: float = 1e-3  # the paper: 1e-4 (too slow to show anything in CPU minutes: see README)
     samples_per_case: int = 4  # samples per (reference, caption, λ), one KSampler batch
     references_per_colour: int = 1  # shapes rotate over the colours
     sampling_steps: int = 15
@@ -44,7 +46,7 @@ class Settings:
     reuse_base: bool = False  # reuse <output_dir>/base_model when it was trained with the same settings
 
 
-BASE_SETTINGS = ("seed", "dataset_size", "vae_steps", "vae_batch", "unet_width", "base_steps", "base_batch", "base_lr")
+BASE_SETTINGS = ("seed", "dataset_size", "vae_steps", "vae_batch", "encoder_steps", "encoder_batch", "unet_width", "base_steps", "base_batch", "base_lr")
 
 
 def run(settings: Settings) -> dict:
@@ -67,19 +69,20 @@ def run(settings: Settings) -> dict:
     if settings.reuse_base and done.is_file() and json.loads(done.read_text())["settings"] == base_settings:
         log.info("base model: reusing %s (same settings)", done.parent)
         unet, vae, text_encoder, image_encoder, reports = base.load_models(done.parent)
-        vae_report, base_report, probe = reports["vae"], reports["base"], reports["probe"]
+        vae_report, encoder_report, base_report, probe = reports["vae"], reports["encoder"], reports["base"], reports["probe"]
     else:
         vae = base.build_vae(settings.seed + 1)
         vae_report = base.train_vae(vae, settings.vae_steps, settings.vae_batch, settings.seed + 1)
         text_encoder = base.build_text_encoder(settings.seed + 2)
         image_encoder = base.build_image_encoder(settings.seed + 3)
+        encoder_report = base.pretrain_image_encoder(image_encoder, settings.encoder_steps, settings.encoder_batch, settings.seed + 9)
         probe = base.colour_probe(image_encoder, settings.seed + 4)
         unet = base.build_unet(settings.unet_width, settings.seed + 5)
         base_report = base.train_base(unet, vae, text_encoder, images, captions, settings.base_steps, settings.base_batch,
                                       settings.seed + 6, lr=settings.base_lr)
         base.save_models(out / "base_model", unet, vae, text_encoder, image_encoder)
-        done.write_text(json.dumps({"settings": base_settings, "vae": vae_report, "base": base_report, "probe": probe}, indent=2))
-    timings["vae"], timings["base"] = vae_report["seconds"], base_report["seconds"]
+        done.write_text(json.dumps({"settings": base_settings, "vae": vae_report, "encoder": encoder_report, "base": base_report, "probe": probe}, indent=2))
+    timings["vae"], timings["encoder"], timings["base"] = vae_report["seconds"], encoder_report["seconds"], base_report["seconds"]
     log.info("image encoder: nearest-centroid colour accuracy %.3f (chance %.3f)", probe, measure.CHANCE_COLOUR)
     sd_folder, encoder_file = out / "base_model", out / "base_model" / "image_encoder.safetensors"
 
@@ -87,29 +90,12 @@ def run(settings: Settings) -> dict:
     t = time.perf_counter()
     adapter_file = train_adapter(settings, sd_folder, encoder_file, folder, out / "adapter")
     timings["adapter"] = time.perf_counter() - t
+    diagnosis = diagnose.loss_by_timestep(sd_folder, encoder_file, adapter_file, settings.seed + 10)
 
     # 4. sampling through ComfyUI and our nodes, from the exported file
     t = time.perf_counter()
-    from .comfy_sampling import ComfySampler
-
-    sampler = ComfySampler(unet, vae, adapter_file, encoder_file)
-    tokenizer = PromptTokenizer()
-    prompts = [data.caption(s) for s in data.SHAPES]
-    contexts = base.text_embeddings(text_encoder, tokenizer, prompts + [""])
-    negative = contexts[-1:]
+    rows = sample_grid(settings, unet, vae, text_encoder, adapter_file, encoder_file)
     references = reference_images(settings)
-    rows = []
-    for ref_index, (ref_image, ref_shape, ref_colour) in enumerate(references):
-        for cap_index, cap_shape in enumerate(data.SHAPES):
-            seed = settings.seed * 100_000 + ref_index * 10 + cap_index  # the same noise at every λ
-            for weight in settings.weights:
-                samples = sampler.sample(ref_image, contexts[cap_index:cap_index + 1], negative, weight,
-                                         settings.samples_per_case, seed, settings.sampling_steps, settings.guidance)
-                for k, sample in enumerate(samples):
-                    rows.append({"reference": ref_index, "ref_shape": ref_shape, "ref_colour": ref_colour,
-                                 "caption_shape": cap_shape, "weight": weight, "sample": k,
-                                 "colour": measure.classify_colour(sample), "shape": measure.classify_shape(sample),
-                                 "image": sample})
     timings["sampling"] = time.perf_counter() - t
 
     # 5. measurements
@@ -123,7 +109,8 @@ def run(settings: Settings) -> dict:
         "table": table,
         "classifier_checks": checks,
         "image_encoder_colour_probe": probe,
-        "vae": vae_report, "base": base_report,
+        "loss_by_timestep": diagnosis,
+        "vae": vae_report, "image_encoder": encoder_report, "base": base_report,
         "adapter_file": str(adapter_file),
         "samples": len(rows),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -136,16 +123,23 @@ def run(settings: Settings) -> dict:
 
 
 def train_adapter(settings: Settings, sd_folder: Path, encoder_file: Path, data_folder: Path, output_dir: Path) -> Path:
-    """``python -m training.run`` on the saved base model: the paper's drops, zero embedding, everything else frozen."""
+    """``python -m training.cache``, then ``python -m training.run`` on the saved base model: the paper's drops,
+    zero embedding, everything else frozen; the frozen encoders run once per image, in the cache pass."""
+    from training.cache import main as cache_main
     from training.run import main as train_main
 
-    argv = [
+    files = [
         "--model.sd15", str(sd_folder), "--model.image_encoder", str(encoder_file),
         "--data.path", str(data_folder), "--data.resolution", str(data.SIZE), "--data.num_workers", "0",
+        "--cache.dir", str(output_dir / "cache"), "--train.progress", "false",
+    ]
+    cache_main(files)
+    argv = files + [
+        "--cache.use", "require",
         "--train.batch_size", str(settings.adapter_batch), "--train.max_steps", str(settings.adapter_steps),
         "--optim.lr", str(settings.adapter_lr), "--train.seed", str(settings.seed + 8),
         "--train.output_dir", str(output_dir), "--train.save_every", "0", "--train.export_every", "0",
-        "--train.export_formats", "safetensors", "--train.log_every", "50", "--train.progress", "false",
+        "--train.export_formats", "safetensors", "--train.log_every", "50",
         "--sample.every", "0",
     ]
     result = train_main(argv)
@@ -153,6 +147,29 @@ def train_adapter(settings: Settings, sd_folder: Path, encoder_file: Path, data_
     history = result["history"]
     log.info("adapter: %d steps, loss %.4f -> %.4f, exported %s", result["step"], history[0], history[-1], adapter_file)
     return Path(adapter_file)
+
+
+def sample_grid(settings: Settings, unet, vae, text_encoder, adapter_file: Path, encoder_file: Path) -> list[dict]:
+    """Every reference with every caption at every λ through ComfyUI and our nodes, classified."""
+    from .comfy_sampling import ComfySampler
+
+    sampler = ComfySampler(unet, vae, adapter_file, encoder_file)
+    prompts = [data.caption(s) for s in data.SHAPES]
+    contexts = base.text_embeddings(text_encoder, PromptTokenizer(), prompts + [""])
+    negative = contexts[-1:]
+    rows = []
+    for ref_index, (ref_image, ref_shape, ref_colour) in enumerate(reference_images(settings)):
+        for cap_index, cap_shape in enumerate(data.SHAPES):
+            seed = settings.seed * 100_000 + ref_index * 10 + cap_index  # the same noise at every λ
+            for weight in settings.weights:
+                samples = sampler.sample(ref_image, contexts[cap_index:cap_index + 1], negative, weight,
+                                         settings.samples_per_case, seed, settings.sampling_steps, settings.guidance)
+                for k, sample in enumerate(samples):
+                    rows.append({"reference": ref_index, "ref_shape": ref_shape, "ref_colour": ref_colour,
+                                 "caption_shape": cap_shape, "weight": weight, "sample": k,
+                                 "colour": measure.classify_colour(sample), "shape": measure.classify_shape(sample),
+                                 "image": sample})
+    return rows
 
 
 def reference_images(settings: Settings) -> list[tuple[np.ndarray, str, str]]:

@@ -20,6 +20,21 @@ def table_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def loss_markdown(result: dict) -> str:
+    lines = ["| t | reference = the image | reference in another colour | λ = 0 | guess: the mean latent |", "|---|---|---|---|---|"]
+    for row in result.get("loss_by_timestep", []):
+        lines.append(f"| {row['timestep']} | {row['match']:.4f} | {row['other_colour']:.4f} | {row['no_adapter']:.4f} | "
+                     f"{row['mean_latent_guess']:.4f} |")
+    return "\n".join(lines)
+
+
+def encoder_text(result: dict) -> str:
+    pretraining = result.get("image_encoder") or {}
+    if not pretraining.get("steps"):
+        return "random"
+    return f"CLIP-style pretraining on full captions, {pretraining['steps']} steps of {pretraining['batch_size']}, final loss {pretraining['final_loss']:.3f}"
+
+
 def write_report(result: dict, path: str | Path) -> Path:
     checks = result["classifier_checks"]
     s = result["settings"]
@@ -34,9 +49,14 @@ def write_report(result: dict, path: str | Path) -> Path:
         f"Classifier accuracy on held-out dataset images (colour / shape): as drawn "
         f"{checks['drawn']['colour']:.0%} / {checks['drawn']['shape']:.0%}, after a VAE round trip "
         f"{checks['vae_round_trip']['colour']:.0%} / {checks['vae_round_trip']['shape']:.0%}.",
-        f"Image encoder (random, frozen): nearest-centroid colour accuracy of its embedding {result['image_encoder_colour_probe']:.0%}.",
-        f"Base model: {result['base']['steps']} steps, batch {result['base']['batch_size']}, final loss {result['base']['final_loss']:.3f}; "
-        f"VAE: {result['vae']['steps']} steps, final loss {result['vae']['final_loss']:.4f}.",
+        f"Image encoder ({encoder_text(result)}, then frozen): nearest-centroid colour accuracy of its embedding "
+        f"{result['image_encoder_colour_probe']:.0%}.",
+        f"Base model: {result['base']['steps']} steps, batch {result['base']['batch_size']}, final loss {result['base']['final_loss']:.3f}, "
+        f"EMA weights (decay {result['base'].get('ema_decay', 0):g}); VAE: {result['vae']['steps']} steps, final loss {result['vae']['final_loss']:.4f}.",
+        "",
+        "ε-MSE of the base model and the adapter per timestep (`diagnose.py`; held-out images, the same noise in a row):",
+        "",
+        loss_markdown(result),
         "",
         "![grid](grid.png)",
         "",

@@ -43,6 +43,16 @@ def pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def optimise(optimiser, loss: torch.Tensor, losses: list[float], what: str) -> None:
+    """One AdamW step on ``loss``; logs the mean of the last 100 losses every 100 steps."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    losses.append(loss.item())
+    if len(losses) % 100 == 0:
+        log.info("%s step %d  loss %.4f", what, len(losses), float(np.mean(losses[-100:])))
+
+
 def build_vae(seed: int) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(
@@ -57,18 +67,13 @@ def train_vae(vae: AutoencoderKL, steps: int, batch_size: int, seed: int, lr: fl
     optimiser = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     started, losses = time.perf_counter(), []
-    for step in range(steps):
+    for _ in range(steps):
         images, *_ = data.batch(rng, batch_size)
         x = pixels(images)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            log.info("vae step %d  loss %.4f", step + 1, float(np.mean(losses[-100:])))
+        optimise(optimiser, loss, losses, "vae")
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # SD1.5's convention: latents * scaling_factor have unit variance
         images, *_ = data.batch(random.Random(seed + 1), 256)
@@ -123,18 +128,12 @@ def pretrain_image_encoder(encoder, steps: int, batch_size: int, seed: int, lr: 
     optimiser = torch.optim.AdamW([*encoder.parameters(), text_table, log_temperature], lr=lr, weight_decay=0.1)
     encoder.train().requires_grad_(True)
     started, losses = time.perf_counter(), []
-    for step in range(steps):
+    for _ in range(steps):
         images, _, shapes, colours = data.batch(rng, batch_size)
         target = torch.tensor([captions.index(pair) for pair in zip(shapes, colours)])
         image_side = F.normalize(image_embeddings(encoder, images), dim=-1)
         logits = log_temperature.exp().clamp(max=100) * image_side @ F.normalize(text_table, dim=-1).T
-        loss = F.cross_entropy(logits, target)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            log.info("image encoder step %d  loss %.4f", step + 1, float(np.mean(losses[-100:])))
+        optimise(optimiser, F.cross_entropy(logits, target), losses, "image encoder")
     encoder.eval().requires_grad_(False)
     return {"steps": steps, "batch_size": batch_size, "final_loss": float(np.mean(losses[-50:])) if losses else None,
             "seconds": time.perf_counter() - started}

@@ -94,8 +94,8 @@ def run(settings: Settings) -> dict:
 
     # 4. sampling through ComfyUI and our nodes, from the exported file
     t = time.perf_counter()
-    rows = sample_grid(settings, unet, vae, text_encoder, adapter_file, encoder_file)
     references = reference_images(settings)
+    rows = sample_grid(settings, references, unet, vae, text_encoder, adapter_file, encoder_file)
     timings["sampling"] = time.perf_counter() - t
 
     # 5. measurements
@@ -149,7 +149,7 @@ def train_adapter(settings: Settings, sd_folder: Path, encoder_file: Path, data_
     return Path(adapter_file)
 
 
-def sample_grid(settings: Settings, unet, vae, text_encoder, adapter_file: Path, encoder_file: Path) -> list[dict]:
+def sample_grid(settings: Settings, references, unet, vae, text_encoder, adapter_file: Path, encoder_file: Path) -> list[dict]:
     """Every reference with every caption at every λ through ComfyUI and our nodes, classified."""
     from .comfy_sampling import ComfySampler
 
@@ -158,7 +158,7 @@ def sample_grid(settings: Settings, unet, vae, text_encoder, adapter_file: Path,
     contexts = base.text_embeddings(text_encoder, PromptTokenizer(), prompts + [""])
     negative = contexts[-1:]
     rows = []
-    for ref_index, (ref_image, ref_shape, ref_colour) in enumerate(reference_images(settings)):
+    for ref_index, (ref_image, ref_shape, ref_colour) in enumerate(references):
         for cap_index, cap_shape in enumerate(data.SHAPES):
             seed = settings.seed * 100_000 + ref_index * 10 + cap_index  # the same noise at every λ
             for weight in settings.weights:

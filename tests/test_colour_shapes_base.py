@@ -21,3 +21,17 @@ def test_base_training_saves_the_moving_average_not_the_last_weights():
     # the average lags the last weights: different, and closer to where training started
     assert not torch.equal(trained[0.999], trained[0.0])
     assert (trained[0.999] - start).norm() < (trained[0.0] - start).norm()
+
+
+def test_vae_colour_term_puts_the_mean_colour_in_latent_channels_0_to_2():
+    images = data.batch(random.Random(3), 32)[0]
+    x = base.pixels(images)
+    errors = {}
+    for weight in (0.0, 1.0):
+        vae = base.build_vae(1)
+        base.train_vae(vae, steps=40, batch_size=8, seed=1, colour_weight=weight)
+        with torch.no_grad():
+            mean = vae.encode(x).latent_dist.mean
+        errors[weight] = torch.nn.functional.mse_loss(mean[:, :3], torch.nn.functional.avg_pool2d(x, 8)).item()
+    # without the term channels 0-2 hold whatever reconstruction found; with it, the 8x8 mean colour
+    assert errors[1.0] < 0.2 * errors[0.0], errors

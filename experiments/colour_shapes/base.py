@@ -2,7 +2,8 @@
 trained here on the shapes with text conditioning only, and the frozen image encoder.
 
 - VAE: diffusers ``AutoencoderKL`` with SD1.5's layout (4 blocks, 8x downsampling, 4 latent
-  channels), narrower, trained briefly on the shapes (reconstruction + a small KL term).
+  channels), narrower, trained briefly on the shapes (reconstruction + a small KL term + latent
+  channels 0-2 pulled towards the 8x8 average colour).
 - Text encoder: transformers ``CLIPTextModel`` with SD1.5's width (768) and one layer, random
   and frozen: the captions tokenise differently, so their embeddings differ, and the UNet
   learns to read them.
@@ -62,7 +63,13 @@ def build_vae(seed: int) -> AutoencoderKL:
     )
 
 
-def train_vae(vae: AutoencoderKL, steps: int, batch_size: int, seed: int, lr: float = 1e-3, kl_weight: float = 1e-6) -> dict:
+def train_vae(vae: AutoencoderKL, steps: int, batch_size: int, seed: int, lr: float = 1e-3, kl_weight: float = 1e-6,
+              colour_weight: float = 1.0) -> dict:
+    """Reconstruction + a small KL term + ``colour_weight`` x a pull of latent channels 0-2 towards the 8x8 average
+    of the RGB image. SD's VAE latents are close to a linear map of the downsampled colours (ComfyUI's latent
+    previews rely on it); a few hundred steps of reconstruction alone squeeze the six hues onto nearly one line
+    of the latent (yellow next to green, red next to blue), where the diffusion model can hardly tell them apart.
+    """
     rng = random.Random(seed)
     optimiser = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
@@ -73,6 +80,8 @@ def train_vae(vae: AutoencoderKL, steps: int, batch_size: int, seed: int, lr: fl
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
+        if colour_weight:
+            loss = loss + colour_weight * F.mse_loss(posterior.mean[:, :3], F.avg_pool2d(x, 8))
         optimise(optimiser, loss, losses, "vae")
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # SD1.5's convention: latents * scaling_factor have unit variance

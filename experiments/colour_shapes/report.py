@@ -52,7 +52,8 @@ def write_report(result: dict, path: str | Path) -> Path:
         f"Image encoder ({encoder_text(result)}, then frozen): nearest-centroid colour accuracy of its embedding "
         f"{result['image_encoder_colour_probe']:.0%}.",
         f"Base model: {result['base']['steps']} steps, batch {result['base']['batch_size']}, final loss {result['base']['final_loss']:.3f}, "
-        f"EMA weights (decay {result['base'].get('ema_decay', 0):g}); VAE: {result['vae']['steps']} steps, final loss {result['vae']['final_loss']:.4f}.",
+        f"EMA weights (decay {result['base'].get('ema_decay', 0):g}); VAE: {result['vae']['steps']} steps, "
+        f"colour term weight {s.get('vae_colour_weight', 0):g}, final loss {result['vae']['final_loss']:.4f}.",
         "",
         "ε-MSE of the base model and the adapter per timestep (`diagnose.py`; held-out images, the same noise in a row):",
         "",

@@ -40,5 +40,9 @@ def test_reduced_run_goes_end_to_end_through_the_trainer_export_and_comfyui_node
     assert rows[0]["no_adapter"] < rows[0]["mean_latent_guess"] / 5
     by_weight = {row["weight"]: row for row in result["table"]}
     assert by_weight[1.0]["pixel_change_from_weight_0"] > 0.005  # the image prompt changes the samples (same noise)
-    assert np.isfinite(by_weight[1.0]["colour_of_reference"])
+
+    # the image prompt works, with loose thresholds (72 samples per λ, ± about 6 points; a local run gave 19% -> 49%):
+    # at λ = 1 the reference's colour well above chance (1/6) and above λ = 0
+    assert by_weight[1.0]["colour_of_reference"] >= 0.3, result["table"]
+    assert by_weight[1.0]["colour_of_reference"] >= by_weight[0.0]["colour_of_reference"] + 0.1, result["table"]
 

@@ -15,7 +15,7 @@ import sys
 from .pipeline import Settings, run
 from .report import write_report
 
-QUICK = dict(dataset_size=500, vae_steps=250, encoder_steps=150, unet_width=32, base_lr=1e-3, base_steps=300, base_batch=16, adapter_steps=300, samples_per_case=2, weights=(0.0, 1.0),
+QUICK = dict(dataset_size=500, vae_steps=250, encoder_steps=150, unet_width=32, base_lr=1e-3, base_steps=300, base_batch=16, adapter_steps=600, samples_per_case=4, weights=(0.0, 1.0),
              references_per_colour=1, sampling_steps=10)
 
 

@@ -17,8 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ipadapter.preprocess import preprocess
-
 from . import base, data
 
 TIMESTEPS = (100, 400, 700, 800, 900, 950, 999)
@@ -36,11 +34,7 @@ def loss_by_timestep(sd_folder: Path, encoder_file: Path, adapter_file: Path, se
     others = [data.COLOUR_NAMES[(data.COLOUR_NAMES.index(c) + rng.randint(1, len(data.COLOUR_NAMES) - 1)) % len(data.COLOUR_NAMES)]
               for c in colours]
     recoloured = np.stack([np.asarray(data.render(s, o, rng)) for s, o in zip(shapes, others)])
-
-    def embed(batch: np.ndarray) -> torch.Tensor:
-        return frozen.encode_images(preprocess(torch.from_numpy(batch).float() / 255, frozen.image_encoder.image_size, "crop"))
-
-    match, other = embed(images), embed(recoloured)
+    match, other = base.image_embeddings(frozen.image_encoder, images), base.image_embeddings(frozen.image_encoder, recoloured)
     latents = frozen.vae.encode(base.pixels(images)).latent_dist.mean * frozen.vae.config.scaling_factor
     mean_latent = latents.mean((0, 2, 3), keepdim=True)
     text = frozen.encode_text(frozen.tokenizer(captions))

@@ -65,8 +65,8 @@ def build_vae(seed: int) -> AutoencoderKL:
 
 def train_vae(vae: AutoencoderKL, steps: int, batch_size: int, seed: int, lr: float = 1e-3, kl_weight: float = 1e-6,
               colour_weight: float = 1.0) -> dict:
-    """Reconstruction + a small KL term + ``colour_weight`` x a pull of latent channels 0-2 towards the 8x8 average
-    of the RGB image. SD's VAE latents are close to a linear map of the downsampled colours (ComfyUI's latent
+    """Reconstruction + a small KL term + ``colour_weight`` x a pull of latent channels 0-2 towards the RGB image
+    averaged over each latent pixel's 8x8 patch. SD's VAE latents are close to a linear map of the downsampled colours (ComfyUI's latent
     previews rely on it); a few hundred steps of reconstruction alone squeeze the six hues onto nearly one line
     of the latent (yellow next to green, red next to blue), where the diffusion model can hardly tell them apart.
     """
@@ -81,7 +81,7 @@ def train_vae(vae: AutoencoderKL, steps: int, batch_size: int, seed: int, lr: fl
         recon = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
         if colour_weight:
-            loss = loss + colour_weight * F.mse_loss(posterior.mean[:, :3], F.avg_pool2d(x, 8))
+            loss = loss + colour_weight * F.mse_loss(posterior.mean[:, :3], F.adaptive_avg_pool2d(x, posterior.mean.shape[-2:]))
         optimise(optimiser, loss, losses, "vae")
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # SD1.5's convention: latents * scaling_factor have unit variance

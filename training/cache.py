@@ -47,11 +47,9 @@ from .data import (
     decode_webdataset_sample,
     image_tensors,
     open_image,
-    open_source,
     tar_samples,
-    write_toy_dataset,
 )
-from .models import FrozenModels, build_embedded_models, load_frozen_models, resolve_dtype
+from .models import FrozenModels
 
 log = logging.getLogger("training")
 
@@ -195,7 +193,6 @@ class FeatureCache:
         self.unit_by_shard = {str(shard): index for index, shard in enumerate(source.shards or [])}
         empty = _load_tensors(folder / EMPTY_FILE)
         self.empty_text = empty["text_embeds"] if self.text == "embeds" else None
-        self.empty_ids = empty["input_ids"]
         self._handles: dict[int, tuple] = {}
 
     def __getstate__(self):  # DataLoader workers open their own file handles
@@ -418,7 +415,7 @@ def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device
 
 def main(argv: list[str] | None = None) -> dict:
     """The cache pass with the trainer's options; returns ``build_cache``'s summary."""
-    from .run import _setup_logging
+    from .run import _setup_logging, open_data_and_models
 
     argv = sys.argv[1:] if argv is None else argv
     _setup_logging()
@@ -430,14 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", flags.get("local_rank", "0")))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if config.embedded and config.data.path is None:
-        config.data.path = str(write_toy_dataset(Path(config.train.output_dir) / "toy_data", seed=config.train.seed))
-    source = open_source(config.data.path, config.data.format, config.data.image_column, config.data.caption_column)
-    dtype = resolve_dtype(config.model.frozen_dtype, device)
-    if config.embedded:
-        frozen = build_embedded_models(seed=config.train.seed, dtype=dtype)
-    else:
-        frozen = load_frozen_models(config.model.sd15, config.model.image_encoder, dtype, config.model.encoder_embed_dim)
+    source, frozen, _ = open_data_and_models(config, device)  # no process group here: each rank writes the toy data
     frozen.unet = None  # the pass never runs the UNet
     frozen.to(device)
     summary = build_cache(config, source, frozen, device, rank, world_size, config.train.progress)

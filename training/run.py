@@ -50,21 +50,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     if config.embedded:
         log.info("No model files given: running the embedded default (scaled-down random-weight models, toy data).")
         log.info(REAL_MODELS_HINT)
-        if config.data.path is None:
-            toy = output_dir / "toy_data"
-            if process.is_main:
-                write_toy_dataset(toy, seed=config.train.seed)
-            process.barrier()
-            config.data.path = str(toy)
-
-    source = open_source(config.data.path, config.data.format, config.data.image_column, config.data.caption_column)
-    log.info("data: %s%s", source.description,
-             f"; skipped {sum(source.scan_skipped.values())} rows ({describe_skips(source.scan_skipped)})" if source.scan_skipped else "")
-    dtype = resolve_dtype(config.model.frozen_dtype, process.device)
-    if config.embedded:
-        frozen = build_embedded_models(seed=config.train.seed, dtype=dtype)
-    else:
-        frozen = load_frozen_models(config.model.sd15, config.model.image_encoder, dtype, config.model.encoder_embed_dim)
+    source, frozen, dtype = open_data_and_models(config, process.device, process.is_main, process.barrier)
     with seeded(config.train.seed):  # the projection's initialisation; identical on every rank
         model = IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim, config.model.num_tokens)
     cache = open_cache(config, source, frozen)
@@ -115,6 +101,25 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
         if config.embedded:
             print("This was the embedded toy run. " + REAL_MODELS_HINT, flush=True)
     return {"export": exports, "history": history, "step": final_step}
+
+
+def open_data_and_models(config: Config, device, is_main: bool = True, barrier=lambda: None):
+    """(data source, frozen models, their dtype) of a run; the embedded default writes its toy data first."""
+    if config.embedded and config.data.path is None:
+        toy = Path(config.train.output_dir) / "toy_data"
+        if is_main:
+            write_toy_dataset(toy, seed=config.train.seed)
+        barrier()
+        config.data.path = str(toy)
+    source = open_source(config.data.path, config.data.format, config.data.image_column, config.data.caption_column)
+    log.info("data: %s%s", source.description,
+             f"; skipped {sum(source.scan_skipped.values())} rows ({describe_skips(source.scan_skipped)})" if source.scan_skipped else "")
+    dtype = resolve_dtype(config.model.frozen_dtype, device)
+    if config.embedded:
+        frozen = build_embedded_models(seed=config.train.seed, dtype=dtype)
+    else:
+        frozen = load_frozen_models(config.model.sd15, config.model.image_encoder, dtype, config.model.encoder_embed_dim)
+    return source, frozen, dtype
 
 
 def check_same_weights(process: Process, model: IPAdapterModel) -> None:

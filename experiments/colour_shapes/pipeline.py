@@ -5,6 +5,7 @@ import json
 import logging
 import platform
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,6 +137,8 @@ def train_adapter(settings: Settings, sd_folder: Path, encoder_file: Path, data_
         "--cache.dir", str(output_dir / "cache"), "--train.progress", "false",
     ]
     cache_main(files)
+    # a rerun in the same folder trains from step 0 again; the last run's state is not resumed
+    shutil.rmtree(output_dir / "state", ignore_errors=True)
     argv = files + [
         "--cache.use", "require",
         "--train.batch_size", str(settings.adapter_batch), "--train.max_steps", str(settings.adapter_steps),

@@ -7,6 +7,7 @@ have (``CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors``), converted in memory.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -44,6 +45,9 @@ class ImageEncoder(nn.Module):
         self.patch_size = visual.conv1.weight.shape[-1]
         self.image_size = int(math.isqrt(self.num_tokens - 1)) * self.patch_size
         layers = len(visual.transformer.resblocks)
+        block = visual.transformer.resblocks[0]
+        # what the weights do not fix: equal weights with another head count or activation give other outputs
+        self.architecture = f"{block.attn.num_heads} heads, {type(block.mlp.gelu).__name__}"
         self.name = name or KNOWN_TOWERS.get(
             (self.hidden_width, layers, self.patch_size),
             f"OpenCLIP ViT (width {self.hidden_width}, {layers} layers, patch {self.patch_size})",
@@ -99,7 +103,7 @@ def build_vision_tower(name: str = "ViT-H-14", **overrides) -> ImageEncoder:
         raise ValueError(f"OpenCLIP has no model config '{name}'; expected a name like 'ViT-H-14'")
     embed_dim = overrides.pop("embed_dim", config["embed_dim"])
     vision_cfg = {**config["vision_cfg"], **overrides}
-    visual = open_clip.model._build_vision_tower(embed_dim, vision_cfg)
+    visual = open_clip.model._build_vision_tower(embed_dim, vision_cfg, quick_gelu=config.get("quick_gelu", False))
     return ImageEncoder(visual)
 
 
@@ -202,11 +206,12 @@ def _vision_config(tower: dict[str, torch.Tensor], source: str, heads: int | Non
     return embed_dim, vision_cfg
 
 
-def encoder_from_state_dict(state_dict: dict, source: str = "<memory>", heads: int | None = None) -> ImageEncoder:
+def encoder_from_state_dict(state_dict: dict, source: str = "<memory>", heads: int | None = None,
+                            quick_gelu: bool = False) -> ImageEncoder:
     tower = _tower_state_dict(state_dict, source)
     embed_dim, vision_cfg = _vision_config(tower, source, heads)
     try:
-        visual = open_clip.model._build_vision_tower(embed_dim, vision_cfg)
+        visual = open_clip.model._build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
     except (AssertionError, ValueError, RuntimeError):
         raise EncoderFormatError(
             f"'{source}' gives a tower that cannot be built (width {vision_cfg['width']}, "
@@ -237,14 +242,53 @@ def load_image_encoder(
 ) -> ImageEncoder:
     """An ImageEncoder from a file (or a state dict already in memory).
 
-    ``heads`` overrides the attention head count, which transformers files do not
-    record in their shapes (the default assumes ViT-H's or ViT-bigG's head width,
-    else 64).
+    The tensors do not record the attention head count nor the activation. A
+    config file beside the weights gives them (transformers' ``config.json``,
+    OpenCLIP's ``open_clip_config.json``); without one the tower uses GELU, as
+    ViT-H/14 and ViT-bigG/14 do, and their head width (else 64). ``heads``
+    overrides the head count.
     """
     if isinstance(source, dict):
         encoder = encoder_from_state_dict(source, "<state dict>", heads)
     else:
         path = Path(source)
         state_dict, _ = read_weights(path, "image encoder", EncoderFormatError)
-        encoder = encoder_from_state_dict(state_dict, path.name, heads)
+        config = config_beside(path)
+        encoder = encoder_from_state_dict(state_dict, path.name, heads or config.get("heads"),
+                                          config.get("quick_gelu", False))
     return encoder.to(device=device, dtype=dtype)
+
+
+# The config file that the library saves beside weights of these names; a file renamed (as ComfyUI users do,
+# many in one folder) is not tied to any config there.
+CONFIG_OF_WEIGHTS = {
+    "model.safetensors": "config.json", "pytorch_model.bin": "config.json",
+    "open_clip_model.safetensors": "open_clip_config.json", "open_clip_pytorch_model.bin": "open_clip_config.json",
+}
+
+
+def config_beside(path: Path) -> dict:
+    """``{"heads": int, "quick_gelu": bool}``, as far as the CLIP config saved with ``path`` says; else ``{}``.
+
+    A file that is not a CLIP config (another model's ``config.json``, broken JSON) is not ours to judge: ignored.
+    """
+    name = CONFIG_OF_WEIGHTS.get(path.name)
+    try:
+        config = json.loads((path.parent / name).read_text()) if name else None
+    except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and isinstance(config.get("model_cfg"), dict):  # OpenCLIP
+        return {"quick_gelu": bool(config["model_cfg"].get("quick_gelu", False))}
+    if isinstance(config, dict) and str(config.get("model_type", "")).startswith("clip"):
+        vision = config.get("vision_config", config)  # transformers CLIPModel or CLIPVisionModel
+        if not isinstance(vision, dict):
+            return {}
+        activation = vision.get("hidden_act", "quick_gelu")  # transformers' default, left out of a saved config
+        if activation not in ("gelu", "quick_gelu"):
+            raise EncoderFormatError(f"'{path.parent / name}' gives the activation '{activation}'; "
+                                     "expected gelu or quick_gelu (a CLIP vision tower)")
+        found = {"quick_gelu": activation == "quick_gelu"}
+        if isinstance(vision.get("num_attention_heads"), int):
+            found["heads"] = vision["num_attention_heads"]
+        return found
+    return {}

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -27,12 +28,12 @@ def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> No
                 parameter.copy_(scale * noise)
 
 
-def transformers_model(width, layers, heads, patch, image, embed_dim, seed=0, scale=0.05):
+def transformers_model(width, layers, heads, patch, image, embed_dim, seed=0, scale=0.05, activation="gelu"):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(
         hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
-        image_size=image, patch_size=patch, projection_dim=embed_dim, hidden_act="gelu", layer_norm_eps=1e-5,
+        image_size=image, patch_size=patch, projection_dim=embed_dim, hidden_act=activation, layer_norm_eps=1e-5,
     )
     model = CLIPVisionModelWithProjection(config).eval()
     randomise(model, seed, scale)
@@ -82,6 +83,45 @@ def test_transformers_file_matches_transformers_model(tmp_path, layout):
     # heads left to inference (64-wide for an unknown width) except in one layout
     encoder = assert_parity(reference, path, SMALL["image"], heads=SMALL["heads"] if layout == "state_dict" else None)
     assert (encoder.embed_dim, encoder.hidden_width, encoder.num_tokens, encoder.image_size) == (32, 128, 17, 56)
+
+
+def test_config_json_beside_the_file_gives_the_activation_and_head_count(tmp_path):
+    """Shapes do not record QuickGELU or the heads: transformers' config.json does, and the tower follows it."""
+    reference = transformers_model(**{**SMALL, "heads": 4}, activation="quick_gelu")  # 32-wide heads, not the 64 guessed
+    reference.save_pretrained(tmp_path / "clip")
+    encoder = assert_parity(reference, tmp_path / "clip" / "model.safetensors", SMALL["image"])
+    assert encoder.architecture == "4 heads, QuickGELU"
+
+    (tmp_path / "alone").mkdir()  # the same weights without their config: GELU and a guessed head count
+    shutil.copy(tmp_path / "clip" / "model.safetensors", tmp_path / "alone" / "model.safetensors")
+    (tmp_path / "alone" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')  # not a CLIP config
+    guessed = load_image_encoder(tmp_path / "alone" / "model.safetensors")
+    assert guessed.architecture == "2 heads, GELU"
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (guessed.encode(pixels).image_embeds - encoder.encode(pixels).image_embeds).abs().max() > 1e-3
+    assert load_image_encoder(tmp_path / "alone" / "model.safetensors", heads=4).architecture == "4 heads, GELU"
+    # a renamed file (a ComfyUI models folder) is not tied to a config.json that happens to lie beside it
+    shutil.copy(tmp_path / "clip" / "model.safetensors", tmp_path / "clip" / "CLIP-ViT-renamed.safetensors")
+    assert load_image_encoder(tmp_path / "clip" / "CLIP-ViT-renamed.safetensors").architecture == "2 heads, GELU"
+
+    (tmp_path / "alone" / "config.json").write_text('{"model_type": "clip_vision_model", "hidden_act": "relu"}')
+    with pytest.raises(EncoderFormatError) as error:
+        load_image_encoder(tmp_path / "alone" / "model.safetensors")
+    assert_one_line(error, "config.json", "'relu'", "expected gelu or quick_gelu")
+
+
+def test_open_clip_config_beside_the_file_gives_quick_gelu(tmp_path):
+    tower = build_vision_tower("ViT-H-14-quickgelu", width=128, layers=3, head_width=64, image_size=56, embed_dim=32)
+    randomise(tower, seed=4)
+    assert tower.architecture == "2 heads, QuickGELU"
+    save_file({f"visual.{k}": v.contiguous() for k, v in tower.visual.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {"embed_dim": 32, "quick_gelu": true}}')
+    loaded = load_image_encoder(tmp_path / "open_clip_model.safetensors")
+    assert loaded.architecture == "2 heads, QuickGELU"
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(tower.encode(pixels).image_embeds, loaded.encode(pixels).image_embeds)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ same skips, same per-sample draws, same loss.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from ipadapter.encoder import encoder_from_state_dict
 from training import cache as cache_module
 from training.adapter import IPAdapterModel
 from training.cache import CacheError, build_cache, default_root, key_of, fingerprint, open_cache
@@ -181,6 +183,12 @@ def test_a_cache_for_other_settings_is_not_used_and_says_why(tmp_path, toy_data,
         open_cache(config_for(toy_data, "--data.resolution", "64", "--cache.use", "require"), source, frozen)
     with pytest.raises(CacheError, match="other vae encoder weights, other image encoder weights, other text encoder weights"):
         open_cache(config_for(toy_data, "--cache.use", "require"), source, build_embedded_models(seed=7))
+    # the same encoder weights with QuickGELU give other embeddings: not the same cache
+    tower = {f"visual.{k}": v for k, v in frozen.image_encoder.visual.state_dict().items()}
+    heads = frozen.image_encoder.visual.transformer.resblocks[0].attn.num_heads
+    quick = dataclasses.replace(frozen, image_encoder=encoder_from_state_dict(tower, heads=heads, quick_gelu=True))
+    with pytest.raises(CacheError, match="built for other image encoder weights;"):
+        open_cache(config_for(toy_data, "--cache.use", "require"), source, quick)
     assert open_cache(config_for(toy_data, "--cache.use", "off"), source, frozen) is None
     assert open_cache(config, source, frozen) is not None
 

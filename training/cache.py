@@ -53,7 +53,7 @@ from .models import FrozenModels
 
 log = logging.getLogger("training")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INFO_FILE = "cache.json"
 EMPTY_FILE = "empty-prompt.safetensors"
 
@@ -118,7 +118,7 @@ def fingerprint(config: Config, source: DataSource, frozen: FrozenModels) -> dic
     vae_encoder = torch.nn.ModuleDict({"encoder": frozen.vae.encoder, "quant_conv": frozen.vae.quant_conv})
     models = {
         "vae_encoder": weights_digest(vae_encoder, dtype),
-        "image_encoder": weights_digest(frozen.image_encoder, dtype),
+        "image_encoder": weights_digest(frozen.image_encoder, dtype) + f" ({frozen.image_encoder.architecture})",
         "tokenizer": hashlib.sha1(frozen.tokenizer(["a photo of a Cat, 1girl; naïve café"]).numpy().tobytes()).hexdigest(),
     }
     if config.cache.text == "embeds":

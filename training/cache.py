@@ -365,9 +365,10 @@ def _dummy_outputs(frozen: FrozenModels, config: Config, device: torch.device) -
         "moments": frozen.encode_moments(torch.zeros(1, 3, size, size, device=device))[0].cpu(),
         "image_embeds": frozen.encode_images(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE, device=device))[0].cpu(),
     }
-    ids = frozen.tokenizer([""])
-    outputs["text_embeds" if config.cache.text == "embeds" else "input_ids"] = (
-        frozen.encode_text(ids.to(device))[0].cpu() if config.cache.text == "embeds" else ids[0])
+    if config.cache.text == "embeds":
+        outputs["text_embeds"] = frozen.empty_text_embeds(device).cpu()
+    else:
+        outputs["input_ids"] = frozen.tokenizer([""])[0]
     return outputs
 
 
@@ -380,10 +381,9 @@ def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device
     if not (folder / INFO_FILE).is_file():
         _atomic_write_text(folder / INFO_FILE, json.dumps(identity, indent=1, sort_keys=True))
     if not (folder / EMPTY_FILE).is_file():
-        ids = frozen.tokenizer([""])
-        empty = {"input_ids": ids[0]}
+        empty = {"input_ids": frozen.tokenizer([""])[0]}
         if config.cache.text == "embeds":
-            empty["text_embeds"] = frozen.encode_text(ids.to(device))[0].cpu()
+            empty["text_embeds"] = frozen.empty_text_embeds(device).cpu()
         _atomic_save(empty, folder / EMPTY_FILE)
     units = units_of(source, config.cache.shard_size)
     mine = [unit for unit in range(len(units)) if unit % world_size == rank]

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import platform
 import sys
 from pathlib import Path
@@ -23,21 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-
-def trim() -> None:
-    """Collect garbage and hand freed heap back to the OS, so later allocations show in the resident size."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+from proc_memory import release_memory, status_bytes  # noqa: E402
 
 
 def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return status_bytes("VmRSS")
 
 
 def patch_tensors(patcher) -> list:
@@ -120,12 +108,12 @@ def main() -> None:
 
     rows = []
     for count in args.clones:
-        trim()
+        release_memory()
         before = rss_bytes()
         clones = [patched.clone() for _ in range(count)]
         for clone in clones[:10]:  # UNet calls on up to 10 clones (they would make any per-clone copies)
             noise_prediction(clone, latent, sigma, context)
-        trim()
+        release_memory()
         grown = rss_bytes() - before
         reached = [t for clone in clones for t in patch_tensors(clone)]
         unique = storage_bytes(reached, unique=True)
@@ -135,14 +123,14 @@ def main() -> None:
         del clones, reached
 
     # the counterfactual: what a clone that copied the image keys/values would cost
-    trim()
+    release_memory()
     before = rss_bytes()
     copies = [copy.deepcopy(patched.model_options["transformer_options"]["patches_replace"]["attn2"]) for _ in range(10)]
     for options in copies:  # clones that copy each image prompt term once (shared by its 16 layers)
         memo: dict = {}
         for patch in options.values():
             patch.terms = tuple(copy.deepcopy(t, memo) for t in patch.terms)
-    trim()
+    release_memory()
     copied_growth = (rss_bytes() - before) / 10
     copied_storage = storage_bytes([t for options in copies for patch in options.values() for t in patch_tensors_of(patch)], unique=True) / 10
     del copies

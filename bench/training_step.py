@@ -28,8 +28,6 @@ decoding and resizing the images).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import platform
 import statistics
@@ -40,6 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from proc_memory import release_memory, status_bytes  # noqa: E402
 
 VARIANTS = ("reference", "reference-fp32", "ours", "ours-bf16")
 
@@ -67,14 +67,6 @@ def build_models(device, small: bool, encoders: bool):
     return FrozenModels(unet, vae, text_encoder, image_encoder, PromptTokenizer(), sd15_scheduler(), torch.float32)
 
 
-def release_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def reset_peak(device) -> None:
     import torch
 
@@ -91,10 +83,7 @@ def peak_bytes(device) -> int:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return status_bytes("VmHWM")
 
 
 def worker(variant: str, resolution: int, batch: int, steps: int, small: bool, warmup: int) -> dict:

@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", flags.get("local_rank", "0")))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    source, frozen, _ = open_data_and_models(config, device)  # no process group here: each rank writes the toy data
+    source, frozen = open_data_and_models(config, device)  # no process group here: each rank writes the toy data
     frozen.unet = None  # the pass never runs the UNet
     frozen.to(device)
     summary = build_cache(config, source, frozen, device, rank, world_size, config.train.progress)

@@ -50,7 +50,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     if config.embedded:
         log.info("No model files given: running the embedded default (scaled-down random-weight models, toy data).")
         log.info(REAL_MODELS_HINT)
-    source, frozen, dtype = open_data_and_models(config, process.device, process.is_main, process.barrier)
+    source, frozen = open_data_and_models(config, process.device, process.is_main, process.barrier)
     with seeded(config.train.seed):  # the projection's initialisation; identical on every rank
         model = IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim, config.model.num_tokens)
     cache = open_cache(config, source, frozen)
@@ -62,7 +62,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     model.to(process.device)
     log.info("trainable parameters: %s (image projection %s + 16 x to_k_ip/to_v_ip %s); frozen models in %s",
              f"{model.num_trainable():,}", f"{sum(p.numel() for p in model.image_proj.parameters()):,}",
-             f"{sum(p.numel() for p in model.layers.parameters()):,}", str(dtype).replace("torch.", ""))
+             f"{sum(p.numel() for p in model.layers.parameters()):,}", str(frozen.dtype).replace("torch.", ""))
     engine = Engine(model, config, process)
     if process.world_size > 1:
         zero = f" ZeRO-{config.distributed.zero_stage}" if process.strategy == "deepspeed" else ""
@@ -104,7 +104,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
 
 
 def open_data_and_models(config: Config, device, is_main: bool = True, barrier=lambda: None):
-    """(data source, frozen models, their dtype) of a run; the embedded default writes its toy data first."""
+    """(data source, frozen models) of a run; the embedded default writes its toy data first."""
     if config.embedded and config.data.path is None:
         toy = Path(config.train.output_dir) / "toy_data"
         if is_main:
@@ -119,7 +119,7 @@ def open_data_and_models(config: Config, device, is_main: bool = True, barrier=l
         frozen = build_embedded_models(seed=config.train.seed, dtype=dtype)
     else:
         frozen = load_frozen_models(config.model.sd15, config.model.image_encoder, dtype, config.model.encoder_embed_dim)
-    return source, frozen, dtype
+    return source, frozen
 
 
 def check_same_weights(process: Process, model: IPAdapterModel) -> None:

@@ -242,11 +242,10 @@ def load_image_encoder(
 ) -> ImageEncoder:
     """An ImageEncoder from a file (or a state dict already in memory).
 
-    The tensors do not record the attention head count nor the activation. A
-    config file beside the weights gives them (transformers' ``config.json``,
-    OpenCLIP's ``open_clip_config.json``); without one the tower uses GELU, as
-    ViT-H/14 and ViT-bigG/14 do, and their head width (else 64). ``heads``
-    overrides the head count.
+    The tensors do not record the attention head count nor the activation. For
+    the file names the libraries save (``CONFIG_OF_WEIGHTS``) the config beside
+    the weights gives them; any other file gets GELU, as ViT-H/14 and ViT-bigG/14
+    have, and their head width (else 64). ``heads`` overrides the head count.
     """
     if isinstance(source, dict):
         encoder = encoder_from_state_dict(source, "<state dict>", heads)

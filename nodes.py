@@ -1,7 +1,9 @@
 """ComfyUI nodes: sockets in, a call into ``ipadapter/``, sockets out.
 
-Node ids and socket types carry an ``SD15`` suffix so this pack installs next
-to other IP-Adapter packs without either overriding the other.
+One node set serves every family in ``ipadapter.architecture`` (SD1.5, SDXL):
+the family is read from the MODEL and the adapter's tensors. Node ids and
+socket types start with ``IPAdapterKit`` / ``IPADAPTER_KIT`` so this pack
+installs next to other IP-Adapter packs without either overriding the other.
 """
 from __future__ import annotations
 
@@ -15,20 +17,19 @@ from .ipadapter.checkpoint import IPAdapterCheckpoint, load_adapter
 from .ipadapter.encoder import ImageEncoder, load_image_encoder
 from .ipadapter.image_prompt import (
     COMBINE_MODES,
-    LAYER_WEIGHT_PRESETS,
+    LAYER_PRESETS,
     EncodedImages,
     check_mask,
     image_tokens,
     parse_layer_weights,
 )
-from .ipadapter.layers import SD15_CROSS_ATTENTION_DIM
 from .ipadapter.preprocess import CROP_MODES
-from .patcher import ImagePromptTerm, apply_image_prompt
+from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits
 
-ADAPTER = "IPADAPTER_SD15"
-ENCODER = "IPADAPTER_SD15_ENCODER"
-EMBEDS = "IPADAPTER_SD15_EMBEDS"
-CATEGORY = "ipadapter_sd15"
+ADAPTER = "IPADAPTER_KIT"
+ENCODER = "IPADAPTER_KIT_ENCODER"
+EMBEDS = "IPADAPTER_KIT_EMBEDS"
+CATEGORY = "ipadapter_kit"
 MODEL_FOLDER = "ipadapter"
 EMBEDS_SUBFOLDER = "ipadapter_embeds"
 
@@ -128,32 +129,14 @@ def encode_images(encoder: ManagedEncoder, image, crop: str, negative_image=None
     return EncodedImages(embeds, penultimate, uncond_embeds, uncond_penultimate, encoder.encoder.name)
 
 
-def check_sd15_model(model, adapter: LoadedAdapter) -> None:
-    unet_config = getattr(model.model, "model_config", None)
-    unet_config = getattr(unet_config, "unet_config", {}) or {}
-    context = unet_config.get("context_dim")
-    if context != SD15_CROSS_ATTENTION_DIM:
-        family = {2048: "SDXL", 1024: "SD2.x"}.get(context, "not SD1.5")
-        raise ValueError(
-            f"the MODEL has cross-attention context width {context} ({family}); "
-            f"expected an SD1.5 model ({SD15_CROSS_ATTENTION_DIM}) for '{adapter.checkpoint.source}'"
-        )
-    channels = unet_config.get("model_channels")
-    if channels != adapter.checkpoint.spec.base_width:
-        raise ValueError(
-            f"the MODEL's UNet starts {channels} channels wide; '{adapter.checkpoint.source}' "
-            f"was made for {adapter.checkpoint.spec.base_width} (SD1.5 is 320)"
-        )
-
-
 def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0, start_at=0.0, end_at=1.0,
                 combine="average", layer_weights="all", attn_mask=None):
-    check_sd15_model(model, adapter)
+    architecture = check_model_fits(model.model.diffusion_model, adapter.checkpoint)
     cond, uncond = image_tokens(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate, combine)
     sampling = model.model.model_sampling
     mask = check_mask(attn_mask) if attn_mask is not None else None
     term = ImagePromptTerm.build(
-        adapter.checkpoint, cond, uncond, weight, parse_layer_weights(layer_weights),
+        adapter.checkpoint, cond, uncond, weight, parse_layer_weights(layer_weights, architecture),
         sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at), mask,
     )
     return apply_image_prompt(model, term)
@@ -173,8 +156,9 @@ WEIGHT = ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05,
 CROP = (list(CROP_MODES), {"default": "crop", "tooltip": "How a non-square image becomes 224×224: center crop (the reference), pad, or stretch."})
 
 
-class IPAdapterSD15Loader:
-    DESCRIPTION = "Loads an SD1.5 IP-Adapter (base, light, plus, plus-face or full-face) from models/ipadapter."
+class IPAdapterKitLoader:
+    DESCRIPTION = ("Loads an IP-Adapter from models/ipadapter: SD1.5 or SDXL, base, light, plus, plus-face or full-face. "
+                   "Family and variant are read from the tensors, never from the file name.")
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (ADAPTER,)
     RETURN_NAMES = ("ipadapter",)
@@ -188,8 +172,9 @@ class IPAdapterSD15Loader:
         return (load_adapter_file(ipadapter_file),)
 
 
-class IPAdapterSD15EncoderLoader:
-    DESCRIPTION = "Loads the OpenCLIP ViT-H/14 image encoder from models/clip_vision (OpenCLIP or transformers format)."
+class IPAdapterKitEncoderLoader:
+    DESCRIPTION = ("Loads a CLIP image encoder from models/clip_vision (OpenCLIP or transformers format): "
+                   "ViT-H/14 for SD1.5 and the SDXL _vit-h adapters, ViT-bigG/14 for ip-adapter_sdxl.")
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (ENCODER,)
     RETURN_NAMES = ("image_encoder",)
@@ -197,13 +182,13 @@ class IPAdapterSD15EncoderLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"clip_name": (_files("clip_vision"), {"tooltip": "e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"})}}
+        return {"required": {"clip_name": (_files("clip_vision"), {"tooltip": "e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors or CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"})}}
 
     def load(self, clip_name):
         return (load_encoder_file(clip_name),)
 
 
-class IPAdapterSD15EncoderFromCLIPVision:
+class IPAdapterKitEncoderFromCLIPVision:
     DESCRIPTION = "Uses the weights of ComfyUI's own Load CLIP Vision output as this pack's image encoder."
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (ENCODER,)
@@ -212,17 +197,17 @@ class IPAdapterSD15EncoderFromCLIPVision:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"clip_vision": ("CLIP_VISION", {"tooltip": "The output of ComfyUI's Load CLIP Vision node (ViT-H/14)."})}}
+        return {"required": {"clip_vision": ("CLIP_VISION", {"tooltip": "The output of ComfyUI's Load CLIP Vision node (ViT-H/14 or ViT-bigG/14)."})}}
 
     def convert(self, clip_vision):
-        cached = getattr(clip_vision, "_ipadapter_sd15_encoder", None)
+        cached = getattr(clip_vision, "_ipadapter_kit_encoder", None)
         if cached is None:
             cached = ManagedEncoder(load_image_encoder(clip_vision.get_sd()))
-            clip_vision._ipadapter_sd15_encoder = cached
+            clip_vision._ipadapter_kit_encoder = cached
         return (cached,)
 
 
-class IPAdapterSD15Encode:
+class IPAdapterKitEncode:
     DESCRIPTION = "Encodes reference images (a batch) into image-prompt embeddings."
     CATEGORY = CATEGORY
     RETURN_TYPES = (EMBEDS,)
@@ -246,8 +231,9 @@ class IPAdapterSD15Encode:
         return (encode_images(image_encoder, image, crop, negative_image),)
 
 
-class IPAdapterSD15Apply:
-    DESCRIPTION = "Gives an SD1.5 MODEL an image prompt: adds λ·Attention(Q, K', V') to all 16 cross-attention layers."
+class IPAdapterKitApply:
+    DESCRIPTION = ("Gives a MODEL an image prompt: adds λ·Attention(Q, K', V') to every cross-attention layer "
+                   "(16 in SD1.5, 70 in SDXL). The adapter must be of the MODEL's family.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
@@ -256,14 +242,14 @@ class IPAdapterSD15Apply:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD1.5 model; it is cloned, never changed."}),
+                "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL model; it is cloned, never changed."}),
                 "ipadapter": (ADAPTER, {"tooltip": "From Load IP-Adapter."}),
                 "weight": WEIGHT,
                 "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where the image prompt starts."}),
                 "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where it stops."}),
                 "combine": (list(COMBINE_MODES), {"default": "average", "tooltip": "Several references: average their embeddings, or concatenate their tokens."}),
-                "layers": ([*LAYER_WEIGHT_PRESETS, "custom"], {"default": "all", "tooltip": "Which layers take the image prompt: all, style (up_blocks.1), composition (down_blocks.2), or custom."}),
-                "custom_layer_weights": ("STRING", {"default": "", "tooltip": "With layers = custom: 16 comma-separated numbers (keys 1, 3, ..., 31) or key:value pairs like '15:1, 11:0.5'."}),
+                "layers": ([*LAYER_PRESETS, "custom"], {"default": "all", "tooltip": "Which layers take the image prompt: all; style (SD1.5 up_blocks.1, SDXL up_blocks.0.attentions.1); composition (SD1.5 down_blocks.2, SDXL down_blocks.2.attentions.1); or custom."}),
+                "custom_layer_weights": ("STRING", {"default": "", "tooltip": "With layers = custom: one number per layer in key order (16 for SD1.5, keys 1, 3, ..., 31; 70 for SDXL, keys 1, 3, ..., 139), or key:value pairs like '15:1, 11:0.5', where every layer not listed gets 0."}),
             },
             "optional": {
                 "embeds": (EMBEDS, {"tooltip": "From IP-Adapter Encode Image or Load Embeds."}),
@@ -283,7 +269,7 @@ class IPAdapterSD15Apply:
         return (patch_model(model, ipadapter, embeds, weight, start_at, end_at, combine, layer_weights, attn_mask),)
 
 
-class IPAdapterSD15Simple:
+class IPAdapterKitSimple:
     DESCRIPTION = "The common path in one node: model + reference image + λ."
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
@@ -293,11 +279,11 @@ class IPAdapterSD15Simple:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD1.5 model."}),
+                "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL model."}),
                 "image": ("IMAGE", {"tooltip": "The reference image."}),
                 "weight": WEIGHT,
-                "ipadapter_file": (_files(MODEL_FOLDER), {"tooltip": "e.g. ip-adapter_sd15.safetensors in models/ipadapter."}),
-                "clip_name": (_files("clip_vision"), {"tooltip": "The ViT-H/14 encoder in models/clip_vision."}),
+                "ipadapter_file": (_files(MODEL_FOLDER), {"tooltip": "e.g. ip-adapter_sd15.safetensors or ip-adapter_sdxl_vit-h.safetensors in models/ipadapter; it must match the MODEL's family."}),
+                "clip_name": (_files("clip_vision"), {"tooltip": "The adapter's image encoder in models/clip_vision (ViT-H/14, or ViT-bigG/14 for ip-adapter_sdxl)."}),
             }
         }
 
@@ -306,7 +292,7 @@ class IPAdapterSD15Simple:
         return (patch_model(model, load_adapter_file(ipadapter_file), embeds, weight),)
 
 
-class IPAdapterSD15SaveEmbeds:
+class IPAdapterKitSaveEmbeds:
     DESCRIPTION = "Saves image-prompt embeddings as .safetensors in output/ipadapter_embeds."
     CATEGORY = f"{CATEGORY}/embeds"
     RETURN_TYPES = ()
@@ -335,7 +321,7 @@ class IPAdapterSD15SaveEmbeds:
         return {"ui": {"text": [path]}}
 
 
-class IPAdapterSD15LoadEmbeds:
+class IPAdapterKitLoadEmbeds:
     DESCRIPTION = "Loads image-prompt embeddings saved by Save Embeds (from input/ or output/ipadapter_embeds)."
     CATEGORY = f"{CATEGORY}/embeds"
     RETURN_TYPES = (EMBEDS,)
@@ -369,23 +355,23 @@ class IPAdapterSD15LoadEmbeds:
 
 
 NODE_CLASS_MAPPINGS = {
-    "IPAdapterSD15Loader": IPAdapterSD15Loader,
-    "IPAdapterSD15EncoderLoader": IPAdapterSD15EncoderLoader,
-    "IPAdapterSD15EncoderFromCLIPVision": IPAdapterSD15EncoderFromCLIPVision,
-    "IPAdapterSD15Encode": IPAdapterSD15Encode,
-    "IPAdapterSD15Apply": IPAdapterSD15Apply,
-    "IPAdapterSD15Simple": IPAdapterSD15Simple,
-    "IPAdapterSD15SaveEmbeds": IPAdapterSD15SaveEmbeds,
-    "IPAdapterSD15LoadEmbeds": IPAdapterSD15LoadEmbeds,
+    "IPAdapterKitLoader": IPAdapterKitLoader,
+    "IPAdapterKitEncoderLoader": IPAdapterKitEncoderLoader,
+    "IPAdapterKitEncoderFromCLIPVision": IPAdapterKitEncoderFromCLIPVision,
+    "IPAdapterKitEncode": IPAdapterKitEncode,
+    "IPAdapterKitApply": IPAdapterKitApply,
+    "IPAdapterKitSimple": IPAdapterKitSimple,
+    "IPAdapterKitSaveEmbeds": IPAdapterKitSaveEmbeds,
+    "IPAdapterKitLoadEmbeds": IPAdapterKitLoadEmbeds,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "IPAdapterSD15Loader": "Load IP-Adapter (SD1.5)",
-    "IPAdapterSD15EncoderLoader": "Load IP-Adapter Image Encoder (SD1.5)",
-    "IPAdapterSD15EncoderFromCLIPVision": "IP-Adapter Encoder from CLIP Vision (SD1.5)",
-    "IPAdapterSD15Encode": "IP-Adapter Encode Image (SD1.5)",
-    "IPAdapterSD15Apply": "Apply IP-Adapter (SD1.5)",
-    "IPAdapterSD15Simple": "IP-Adapter (SD1.5, simple)",
-    "IPAdapterSD15SaveEmbeds": "Save IP-Adapter Embeds (SD1.5)",
-    "IPAdapterSD15LoadEmbeds": "Load IP-Adapter Embeds (SD1.5)",
+    "IPAdapterKitLoader": "Load IP-Adapter",
+    "IPAdapterKitEncoderLoader": "Load IP-Adapter Image Encoder",
+    "IPAdapterKitEncoderFromCLIPVision": "IP-Adapter Encoder from CLIP Vision",
+    "IPAdapterKitEncode": "IP-Adapter Encode Image",
+    "IPAdapterKitApply": "Apply IP-Adapter",
+    "IPAdapterKitSimple": "IP-Adapter (simple)",
+    "IPAdapterKitSaveEmbeds": "Save IP-Adapter Embeds",
+    "IPAdapterKitLoadEmbeds": "Load IP-Adapter Embeds",
 }

@@ -1,4 +1,4 @@
-"""ComfyUI glue: attn2 replace patches that add image-prompt terms to SD1.5 layers.
+"""ComfyUI glue: attn2 replace patches that add image-prompt terms to a UNet's cross-attention layers.
 
 The math lives in ``ipadapter/``; this module only speaks ComfyUI's patch
 protocol (``patches_replace["attn2"]`` callables get projected q, k, v and the
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .ipadapter.attention import image_attention
-from .ipadapter.checkpoint import IPAdapterCheckpoint
+from .ipadapter.checkpoint import AdapterFormatError, IPAdapterCheckpoint
 from .ipadapter.image_prompt import layer_keys_values, mask_to_tokens
-from .ipadapter.layers import SD15_LAYERS
+from .ipadapter.architecture import Architecture, family_names, family_of_comfy_layout
 
 COND, UNCOND = 0, 1  # the values of ComfyUI's cond_or_uncond list
 
@@ -50,6 +50,7 @@ class ImagePromptTerm:
     the CPU) and then copied once per device and dtype the UNet runs in.
     """
 
+    architecture: Architecture
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer key -> [2, T, C] (cond, uncond)
     weight: float
     layer_weights: dict[int, float]
@@ -65,7 +66,7 @@ class ImagePromptTerm:
               sigma_start, sigma_end, mask=None) -> "ImagePromptTerm":
         tokens = torch.cat([cond_tokens, uncond_tokens.to(cond_tokens)])
         keys_values = layer_keys_values(checkpoint, tokens, torch.device("cpu"), torch.float32)
-        return cls(keys_values, float(weight), dict(layer_weights), sigma_start, sigma_end, mask)
+        return cls(checkpoint.spec.architecture, keys_values, float(weight), dict(layer_weights), sigma_start, sigma_end, mask)
 
     def layer_weight(self, key: int) -> float:
         return self.weight * self.layer_weights.get(key, 1.0)
@@ -197,24 +198,68 @@ class AttentionPatch:
         return clone
 
 
-def cross_attention_modules(diffusion_model):
-    """The attn2 module of each SD1.5 layer in a ComfyUI UNet, by official key."""
-    blocks = {"input": diffusion_model.input_blocks, "output": diffusion_model.output_blocks}
-    modules = {}
-    for layer in SD15_LAYERS:
-        kind, number = layer.comfy_block
-        block = diffusion_model.middle_block if kind == "middle" else blocks[kind][number]
-        transformer = next(m for m in block if hasattr(m, "transformer_blocks"))
-        modules[layer.key] = transformer.transformer_blocks[0].attn2
-    return modules
+def _spatial_transformers(diffusion_model):
+    """(ComfyUI block, transformer module) for every block of a ComfyUI UNet that has one."""
+    blocks = [(("input", i), b) for i, b in enumerate(diffusion_model.input_blocks)]
+    blocks.append((("middle", 0), diffusion_model.middle_block))
+    blocks += [(("output", i), b) for i, b in enumerate(diffusion_model.output_blocks)]
+    for name, block in blocks:
+        transformer = next((m for m in block if hasattr(m, "transformer_blocks")), None) if block is not None else None
+        if transformer is not None:
+            yield name, transformer
+
+
+def unet_family(diffusion_model) -> Architecture:
+    """The family of a ComfyUI UNet, from where its cross-attention layers are and their context width."""
+    patch_keys, context = set(), set()
+    for name, transformer in _spatial_transformers(diffusion_model):
+        for index, block in enumerate(transformer.transformer_blocks):
+            patch_keys.add((*name, index))
+            context.add(block.attn2.to_k.weight.shape[1])
+    context_dim = context.pop() if len(context) == 1 else None
+    family = family_of_comfy_layout(patch_keys, context_dim)
+    if family is None:
+        raise ValueError(
+            f"the MODEL's UNet has {len(patch_keys)} cross-attention layers with context width {context_dim}; "
+            f"expected {family_names()} (an SDXL refiner, SD2 or a video model takes no IP-Adapter here)"
+        )
+    return family
+
+
+def check_model_fits(diffusion_model, checkpoint: IPAdapterCheckpoint) -> Architecture:
+    """The UNet's family, after refusing an adapter of another family or of another width."""
+    family = unet_family(diffusion_model)
+    spec = checkpoint.spec
+    if spec.architecture is not family:
+        raise AdapterFormatError(
+            f"'{checkpoint.source}' is an {spec.family} adapter, but the MODEL is {family.name} "
+            f"({family.describe_layers()}, context width {family.context_dim}); expected an {family.name} adapter"
+        )
+    first = family.layers[0]
+    found = cross_attention_modules(diffusion_model, family)[first.key].to_q.weight.shape[0] // first.width_multiplier
+    if found != spec.base_width:
+        raise AdapterFormatError(
+            f"the MODEL's UNet starts {found} channels wide; '{checkpoint.source}' was made for "
+            f"{spec.base_width} ({family.name} is {family.base_width})"
+        )
+    return family
+
+
+def cross_attention_modules(diffusion_model, architecture: Architecture):
+    """The attn2 module of each layer of the family in a ComfyUI UNet, by official key."""
+    transformers = dict(_spatial_transformers(diffusion_model))
+    return {
+        layer.key: transformers[layer.comfy_block].transformer_blocks[layer.transformer_index].attn2
+        for layer in architecture.layers
+    }
 
 
 def apply_image_prompt(model, term: ImagePromptTerm):
-    """A clone of ``model`` (a ComfyUI ModelPatcher) with ``term`` added to all 16 layers."""
+    """A clone of ``model`` (a ComfyUI ModelPatcher) with ``term`` added to every cross-attention layer."""
     patched = model.clone()
     replace = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
-    attention_modules = cross_attention_modules(patched.model.diffusion_model)
-    for layer in SD15_LAYERS:
+    attention_modules = cross_attention_modules(patched.model.diffusion_model, term.architecture)
+    for layer in term.architecture.layers:
         # ComfyUI looks up (block, id, transformer index) first, then (block, id)
         existing = replace.get(layer.comfy_patch_key) or replace.get(layer.comfy_block)
         if isinstance(existing, AttentionPatch):

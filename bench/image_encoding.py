@@ -105,9 +105,9 @@ def part_two(args) -> list[str]:
             def graph(reference: str, prefix: str) -> dict:
                 return {
                     "image": {"class_type": "LoadImage", "inputs": {"image": reference}},
-                    "encoder": {"class_type": "IPAdapterSD15EncoderLoader", "inputs": {"clip_name": ENCODER_FILE}},
-                    "encode": {"class_type": "IPAdapterSD15Encode", "inputs": {"image_encoder": ["encoder", 0], "image": ["image", 0], "crop": "crop"}},
-                    "save": {"class_type": "IPAdapterSD15SaveEmbeds", "inputs": {"embeds": ["encode", 0], "filename_prefix": prefix}},
+                    "encoder": {"class_type": "IPAdapterKitEncoderLoader", "inputs": {"clip_name": ENCODER_FILE}},
+                    "encode": {"class_type": "IPAdapterKitEncode", "inputs": {"image_encoder": ["encoder", 0], "image": ["image", 0], "crop": "crop"}},
+                    "save": {"class_type": "IPAdapterKitSaveEmbeds", "inputs": {"embeds": ["encode", 0], "filename_prefix": prefix}},
                 }
 
             def run(reference: str, prefix: str) -> tuple[float, set]:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .files import read_weights
-from .layers import SD15_BASE_WIDTH, SD15_CROSS_ATTENTION_DIM, SDXL_CROSS_ATTENTION_DIM, SD15_LAYERS, layer_widths
+from .architecture import FAMILIES, Architecture, family_of_adapter_keys
 from .projection import LinearProjection, MLPProjection, Resampler
 
 GROUP_ALIASES = {
@@ -31,6 +31,8 @@ GROUP_ALIASES = {
 }
 IGNORED_PREFIXES = ("unet.",)  # frozen UNet weights in a reference training state
 
+FULL_SIZE = "full size"  # base_width: the family's own (320)
+
 ENCODERS_BY_INPUT_WIDTH = {
     ("image_embeds", 1024): "OpenCLIP ViT-H/14",
     ("image_embeds", 1280): "OpenCLIP ViT-bigG/14",
@@ -40,7 +42,7 @@ ENCODERS_BY_INPUT_WIDTH = {
 
 
 class AdapterFormatError(ValueError):
-    """A file that is not a usable SD1.5 IP-Adapter; the message is one line."""
+    """A file that is not a usable IP-Adapter for a known family; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,13 @@ class AdapterSpec:
     cross_attention_dim: int
     encoder_input: str  # "image_embeds" (projected CLS, 1-d) or "penultimate" (hidden states)
     encoder_width: int
-    base_width: int  # width of the first UNet block, 320 for SD1.5
+    base_width: int  # width of the first UNet block, 320 at full size
     resampler: dict = field(default_factory=dict)  # depth / heads / dim_head / dim for "plus"
+    architecture: Architecture | None = None  # the model family, read from the layer keys
+
+    @property
+    def family(self) -> str:
+        return self.architecture.name if self.architecture else "unknown family"
 
     @property
     def encoder_name(self) -> str:
@@ -61,7 +68,7 @@ class AdapterSpec:
 
     def describe(self) -> str:
         tokens = self.num_tokens if self.num_tokens is not None else "per-patch"
-        return f"{self.variant} ({tokens} tokens, {self.encoder_name} {self.encoder_input} {self.encoder_width}-d)"
+        return f"{self.family} {self.variant} ({tokens} tokens, {self.encoder_name} {self.encoder_input} {self.encoder_width}-d)"
 
 
 @dataclass
@@ -78,12 +85,13 @@ class IPAdapterCheckpoint:
         image_proj: dict[str, torch.Tensor],
         ip_adapter: dict[str, torch.Tensor],
         source: str = "<memory>",
-        base_width: int | None = SD15_BASE_WIDTH,
+        base_width: int | None | str = FULL_SIZE,
         metadata: dict[str, str] | None = None,
+        architecture: Architecture | None = None,
     ) -> "IPAdapterCheckpoint":
         image_proj = {str(k): v for k, v in image_proj.items()}
         ip_adapter = {str(k): v for k, v in ip_adapter.items()}
-        spec = detect_spec(image_proj, ip_adapter, source, base_width)
+        spec = detect_spec(image_proj, ip_adapter, source, base_width, architecture)
         return cls(image_proj, ip_adapter, spec, source, dict(metadata or {}))
 
     def layer_weights(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,17 +143,21 @@ def build_projection(spec: AdapterSpec) -> nn.Module:
 # --- reading -----------------------------------------------------------------
 
 
-def load_adapter(path: str | os.PathLike, base_width: int | None = SD15_BASE_WIDTH) -> IPAdapterCheckpoint:
+def load_adapter(
+    path: str | os.PathLike, base_width: int | None | str = FULL_SIZE, architecture: Architecture | None = None
+) -> IPAdapterCheckpoint:
     """Read and validate an IP-Adapter file (``.bin``/``.pt``/``.pth`` or ``.safetensors``).
 
-    ``base_width`` is the width of the UNet's first block (320 for SD1.5); pass
-    ``None`` to accept a scaled-down copy of the SD1.5 layout (tests, toy models).
+    The family (SD1.5, SDXL) is read from the layer keys; ``architecture`` refuses
+    any other. ``base_width`` is the width of the UNet's first block (by default
+    the family's full size, 320); ``None`` accepts a scaled-down copy of the
+    layout (tests, toy models).
     """
     path = Path(path)
     name = path.name
     state_dict, metadata = read_state_dict(path)
     image_proj, ip_adapter = split_groups(state_dict, name)
-    return IPAdapterCheckpoint.from_state_dicts(image_proj, ip_adapter, name, base_width, metadata)
+    return IPAdapterCheckpoint.from_state_dicts(image_proj, ip_adapter, name, base_width, metadata, architecture)
 
 
 def read_state_dict(path: Path) -> tuple[dict, dict[str, str]]:
@@ -185,7 +197,8 @@ def detect_spec(
     image_proj: dict[str, torch.Tensor],
     ip_adapter: dict[str, torch.Tensor],
     source: str,
-    base_width: int | None = SD15_BASE_WIDTH,
+    base_width: int | None | str = FULL_SIZE,
+    architecture: Architecture | None = None,
 ) -> AdapterSpec:
     if "perceiver_resampler.proj_in.weight" in image_proj or "norm.weight" in image_proj and "proj.0.weight" in image_proj:
         raise AdapterFormatError(
@@ -195,18 +208,38 @@ def detect_spec(
     if any("lora" in key for key in ip_adapter):
         raise AdapterFormatError(f"'{source}' carries LoRA weights (a FaceID adapter); expected plain to_k_ip/to_v_ip weights")
     spec = _detect_projection(image_proj, source)
-    if spec.cross_attention_dim == SDXL_CROSS_ATTENTION_DIM:
+    family = _detect_family(ip_adapter, source)
+    if architecture is not None and family is not architecture:
         raise AdapterFormatError(
-            f"'{source}' is an SDXL adapter (image tokens {SDXL_CROSS_ATTENTION_DIM} wide); "
-            f"expected an SD1.5 adapter ({SD15_CROSS_ATTENTION_DIM})"
+            f"'{source}' is an {family.name} adapter ({len(family.layers)} layers, image tokens "
+            f"{spec.cross_attention_dim} wide); expected an {architecture.name} adapter "
+            f"({len(architecture.layers)} layers, {architecture.context_dim} wide)"
         )
-    if spec.cross_attention_dim != SD15_CROSS_ATTENTION_DIM:
+    if spec.cross_attention_dim != family.context_dim:
         raise AdapterFormatError(
             f"'{source}' makes image tokens {spec.cross_attention_dim} wide; "
-            f"expected {SD15_CROSS_ATTENTION_DIM}, the SD1.5 cross-attention width"
+            f"expected {family.context_dim}, the {family.name} cross-attention width"
         )
-    found_base = _validate_layers(ip_adapter, spec.cross_attention_dim, source, base_width)
-    return AdapterSpec(**{**spec.__dict__, "base_width": found_base})
+    width = family.base_width if base_width == FULL_SIZE else base_width
+    found_base = _validate_layers(ip_adapter, family, spec.cross_attention_dim, source, width)
+    return AdapterSpec(**{**spec.__dict__, "base_width": found_base, "architecture": family})
+
+
+def _detect_family(ip_adapter: dict[str, torch.Tensor], source: str) -> Architecture:
+    family = family_of_adapter_keys(ip_adapter)
+    if family is not None:
+        return family
+    found = set(ip_adapter)
+    # name the family whose keys come closest, and what differs
+    closest = max(FAMILIES, key=lambda f: len(found & f.adapter_tensor_names()) - len(found - f.adapter_tensor_names()))
+    expected = closest.adapter_tensor_names()
+    extra = sorted(found - expected, key=_natural)
+    missing = sorted(expected - found, key=_natural)
+    detail = f"unexpected {extra[:2]}" if extra else f"missing {missing[:2]}"
+    options = " or ".join(f"{2 * len(f.layers)} for {f.name}'s {f.describe_layers()}" for f in FAMILIES)
+    raise AdapterFormatError(
+        f"'{source}' has {len(found)} ip_adapter tensors ({detail}); expected to_k_ip/to_v_ip weights: {options}"
+    )
 
 
 def _shape(tensors: dict[str, torch.Tensor], key: str, source: str) -> tuple[int, ...]:
@@ -249,29 +282,20 @@ def _detect_projection(image_proj: dict[str, torch.Tensor], source: str) -> Adap
 
 
 def _validate_layers(
-    ip_adapter: dict[str, torch.Tensor], cross: int, source: str, base_width: int | None
+    ip_adapter: dict[str, torch.Tensor], family: Architecture, cross: int, source: str, base_width: int | None
 ) -> int:
-    expected_keys = {f"{layer.key}.{name}.weight" for layer in SD15_LAYERS for name in ("to_k_ip", "to_v_ip")}
-    found_keys = set(ip_adapter)
-    if found_keys != expected_keys:
-        extra = sorted(found_keys - expected_keys, key=_natural)
-        missing = sorted(expected_keys - found_keys, key=_natural)
-        detail = f"unexpected {extra[:2]}" if extra else f"missing {missing[:2]}"
-        raise AdapterFormatError(
-            f"'{source}' has {len(found_keys)} ip_adapter tensors ({detail}); "
-            "expected 32: to_k_ip/to_v_ip for the 16 SD1.5 cross-attention layers (keys 1, 3, ..., 31)"
-        )
+    first = family.layers[0]
     if base_width is None:
-        base_width = ip_adapter["1.to_k_ip.weight"].shape[0]
-    widths = layer_widths(base_width)
-    for layer in SD15_LAYERS:
+        base_width = ip_adapter[f"{first.key}.to_k_ip.weight"].shape[0] // first.width_multiplier
+    widths = family.layer_widths(base_width)
+    for layer in family.layers:
         for name in ("to_k_ip", "to_v_ip"):
             shape = tuple(ip_adapter[f"{layer.key}.{name}.weight"].shape)
             if shape != (widths[layer.key], cross):
                 raise AdapterFormatError(
                     f"'{source}': ip_adapter.{layer.key}.{name}.weight is {list(shape)}, "
-                    f"expected {[widths[layer.key], cross]} (SD1.5 layer {layer.diffusers_name}"
-                    + (f", base width {base_width})" if base_width != SD15_BASE_WIDTH else ")")
+                    f"expected {[widths[layer.key], cross]} ({family.name} layer {layer.diffusers_name}"
+                    + (f", base width {base_width})" if base_width != family.base_width else ")")
                 )
     return base_width
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .architecture import Architecture
 from .checkpoint import IPAdapterCheckpoint, check_encoder
-from .layers import SD15_LAYERS
 
 COMBINE_MODES = ("average", "concat")
 
@@ -73,7 +73,7 @@ def image_tokens(
     default_uncond_penultimate: torch.Tensor | None,
     combine: str = "average",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Conditional and unconditional image tokens, each [1, tokens, 768].
+    """Conditional and unconditional image tokens, each [1, tokens, context width].
 
     The unconditional input follows the reference implementation: a zero
     embedding for base adapters, the encoder's features of an all-zero
@@ -115,7 +115,7 @@ def layer_keys_values(
     """K' and V' of every layer for these image tokens; they do not depend on the step."""
     tokens = tokens.to(device=device, dtype=torch.float32)
     result = {}
-    for layer in SD15_LAYERS:
+    for layer in checkpoint.spec.architecture.layers:
         to_k, to_v = checkpoint.layer_weights(layer.key)
         k = tokens @ to_k.to(device=device, dtype=torch.float32).T
         v = tokens @ to_v.to(device=device, dtype=torch.float32).T
@@ -149,39 +149,33 @@ def check_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-LAYER_WEIGHT_PRESETS = {
-    # Weight by official key. "style" and "composition" transfer InstantStyle's
-    # finding on SDXL (one up block carries style, one down block layout) to the
-    # SD1.5 blocks of the same role and width: up_blocks.1 and down_blocks.2.
-    "all": {layer.key: 1.0 for layer in SD15_LAYERS},
-    "style": {layer.key: float(layer.comfy_block[0] == "output" and layer.comfy_block[1] in (3, 4, 5)) for layer in SD15_LAYERS},
-    "composition": {layer.key: float(layer.comfy_block in (("input", 7), ("input", 8))) for layer in SD15_LAYERS},
-}
+LAYER_PRESETS = ("all", "style", "composition")  # every family defines these (Architecture.presets)
 
 
-def parse_layer_weights(text: str) -> dict[int, float]:
-    """Per-layer multipliers from a preset name or 16 comma-separated numbers (keys 1..31 in order).
+def parse_layer_weights(text: str, architecture: Architecture) -> dict[int, float]:
+    """Per-layer multipliers from a preset name, one number per layer (in key order), or ``key:value`` pairs.
 
-    Also accepts ``key:value`` pairs (``"15:1, 11:0.5"``); unnamed layers then get 0.
+    With ``key:value`` pairs (``"15:1, 11:0.5"``) the layers not named get 0.
     """
     text = text.strip()
     if not text:
-        return dict(LAYER_WEIGHT_PRESETS["all"])
-    if text in LAYER_WEIGHT_PRESETS:
-        return dict(LAYER_WEIGHT_PRESETS[text])
+        return architecture.preset_weights("all")
+    if text in architecture.preset_names:
+        return architecture.preset_weights(text)
     parts = [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
-    keys = [layer.key for layer in SD15_LAYERS]
+    keys = architecture.keys
     try:
         if all(":" in part for part in parts):
             pairs = {int(k): float(v) for k, v in (part.split(":") for part in parts)}
             unknown = sorted(set(pairs) - set(keys))
             if unknown:
-                raise ValueError(f"layer keys {unknown} are not SD1.5 cross-attention keys")
+                raise ValueError(f"layer keys {unknown} are not {architecture.name} cross-attention keys")
             return {key: pairs.get(key, 0.0) for key in keys}
         values = [float(part) for part in parts]
     except ValueError as error:
         raise ValueError(f"layer weights '{text[:60]}' are not readable ({error}); expected a preset "
-                         f"({', '.join(LAYER_WEIGHT_PRESETS)}), 16 numbers or key:value pairs") from None
+                         f"({', '.join(architecture.preset_names)}), {len(keys)} numbers or key:value pairs") from None
     if len(values) != len(keys):
-        raise ValueError(f"layer weights give {len(values)} numbers; expected 16, one per cross-attention layer (keys 1, 3, ..., 31)")
+        raise ValueError(f"layer weights give {len(values)} numbers; expected {len(keys)}, one per layer of the "
+                         f"{architecture.name} model's {architecture.describe_layers()}")
     return dict(zip(keys, values))

@@ -1,4 +1,4 @@
-"""Random tensors with the exact shapes of the released SD1.5 adapters.
+"""Random tensors with the exact shapes of the released SD1.5 and SDXL adapters.
 
 The key tables are written out here, independently of ``ipadapter.projection``,
 so that a strict load of them checks our module names against the official ones.
@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import torch
 
-LAYER_KEYS = list(range(1, 32, 2))
-LAYER_MULTIPLIERS = [1, 1, 2, 2, 4, 4, 4, 4, 4, 2, 2, 2, 1, 1, 1, 4]
+# width multiplier of each layer in key order (1, 3, 5, ...); widths are multiplier x 320 at full size
+LAYER_MULTIPLIERS = {
+    "sd15": [1, 1, 2, 2, 4, 4, 4, 4, 4, 2, 2, 2, 1, 1, 1, 4],
+    # down_blocks.1 (2 x 2), down_blocks.2 (2 x 10), up_blocks.0 (3 x 10), up_blocks.1 (3 x 2), mid_block (10)
+    "sdxl": [2] * 4 + [4] * 20 + [4] * 30 + [2] * 6 + [4] * 10,
+}
+CONTEXT_WIDTH = {"sd15": 768, "sdxl": 2048}
+RESAMPLER_WIDTH = {"sd15": 768, "sdxl": 1280}  # plus: 12 / 20 heads of 64
 
 
-def image_proj_shapes(variant: str, cross: int = 768, encoder_width: int | None = None) -> dict[str, tuple]:
+def image_proj_shapes(variant: str, cross: int = 768, encoder_width: int | None = None,
+                      resampler_width: int | None = None) -> dict[str, tuple]:
     if variant == "base":
         width = encoder_width or 1024
         return {"proj.weight": (4 * cross, width), "proj.bias": (4 * cross,), "norm.weight": (cross,), "norm.bias": (cross,)}
@@ -24,7 +31,7 @@ def image_proj_shapes(variant: str, cross: int = 768, encoder_width: int | None 
         }
     if variant == "plus":
         width = encoder_width or 1280
-        dim = cross  # SD1.5 plus: dim 768, 12 heads of 64, depth 4, 16 queries
+        dim = resampler_width or cross  # depth 4, 16 queries, heads of 64 filling dim
         shapes = {
             "latents": (1, 16, dim),
             "proj_in.weight": (dim, width), "proj_in.bias": (dim,),
@@ -59,16 +66,23 @@ def random_tensors(shapes: dict[str, tuple], generator: torch.Generator, dtype=t
 def random_adapter(
     variant: str = "base",
     base_width: int = 320,
-    cross: int = 768,
+    cross: int | None = None,
     encoder_width: int | None = None,
     seed: int = 0,
     dtype=torch.float32,
+    family: str = "sd15",
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """A nested ``{"image_proj", "ip_adapter"}`` dict like the official ``.bin``."""
+    """A nested ``{"image_proj", "ip_adapter"}`` dict like the official ``.bin``.
+
+    ``family`` "sd15" or "sdxl" sets the layer keys and widths; ``cross`` (default:
+    the family's context width) the width of the image tokens.
+    """
     generator = torch.Generator().manual_seed(seed)
-    image_proj = random_tensors(image_proj_shapes(variant, cross, encoder_width), generator, dtype)
+    cross = cross or CONTEXT_WIDTH[family]
+    image_proj = random_tensors(image_proj_shapes(variant, cross, encoder_width, RESAMPLER_WIDTH[family]), generator, dtype)
     ip_adapter = {}
-    for key, multiplier in zip(LAYER_KEYS, LAYER_MULTIPLIERS):
+    multipliers = LAYER_MULTIPLIERS[family]
+    for key, multiplier in zip(range(1, 2 * len(multipliers), 2), multipliers):
         for name in ("to_k_ip", "to_v_ip"):
             ip_adapter[f"{key}.{name}.weight"] = (0.02 * torch.randn(multiplier * base_width, cross, generator=generator)).to(dtype)
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}

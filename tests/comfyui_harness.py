@@ -51,7 +51,7 @@ from comfyui_setup import cache_root, ensure_comfyui  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A dash in the name proves the pack imports under any folder name (ComfyUI
 # imports a custom-node folder as a package named after the folder).
-PACK_FOLDER_NAME = "ComfyUI-IPAdapter-SD15-under-test"
+PACK_FOLDER_NAME = "ComfyUI-IPAdapter-Kit-under-test"
 # Model folders created in every server's base folder ("ipadapter" is ours).
 MODEL_FOLDERS = ("checkpoints", "clip_vision", "ipadapter", "vae", "loras", "clip", "configs", "embeddings")
 SERVER_START_TIMEOUT_S = 300

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapter_factory import random_adapter
+from ipadapter.architecture import SD15, SDXL
 from ipadapter.checkpoint import (
     AdapterFormatError,
     IPAdapterCheckpoint,
@@ -127,14 +128,41 @@ def test_refuses_missing_layer(tmp_path):
     del nested["ip_adapter"]["31.to_v_ip.weight"]
     with pytest.raises(AdapterFormatError) as error:
         load_adapter(write_bin(tmp_path / "short.bin", nested))
-    assert_one_line(error, "short.bin", "31 ip_adapter tensors", "31.to_v_ip.weight", "expected 32")
+    assert_one_line(error, "short.bin", "31 ip_adapter tensors", "31.to_v_ip.weight", "expected to_k_ip/to_v_ip weights: 32")
 
 
-def test_refuses_sdxl_adapter(tmp_path):
-    nested = random_adapter("base", cross=2048, encoder_width=1280)
+def test_refuses_sdxl_adapter_where_sd15_is_expected(tmp_path):
+    nested = random_adapter("base", encoder_width=1280, family="sdxl")
+    path = write_flat(tmp_path / "ip-adapter_sdxl.safetensors", nested)
     with pytest.raises(AdapterFormatError) as error:
-        load_adapter(write_flat(tmp_path / "ip-adapter_sdxl.safetensors", nested))
-    assert_one_line(error, "ip-adapter_sdxl.safetensors", "SDXL adapter", "2048", "expected an SD1.5 adapter (768)")
+        load_adapter(path, architecture=SD15)
+    assert_one_line(error, "ip-adapter_sdxl.safetensors", "is an SDXL adapter (70 layers", "2048",
+                    "expected an SD1.5 adapter (16 layers, 768 wide)")
+    with pytest.raises(AdapterFormatError) as error:
+        load_adapter(write_flat(tmp_path / "ip-adapter_sd15.safetensors", random_adapter("base")), architecture=SDXL)
+    assert_one_line(error, "is an SD1.5 adapter (16 layers", "expected an SDXL adapter (70 layers, 2048 wide)")
+
+
+@pytest.mark.parametrize(
+    "variant, encoder_width, tokens, encoder_name",
+    [("base", 1280, 4, "OpenCLIP ViT-bigG/14"), ("base", 1024, 4, "OpenCLIP ViT-H/14"), ("plus", 1280, 16, "OpenCLIP ViT-H/14")],
+)
+def test_detects_released_sdxl_adapters(tmp_path, variant, encoder_width, tokens, encoder_name):
+    nested = random_adapter(variant, encoder_width=encoder_width, family="sdxl", dtype=torch.float16)
+    spec = load_adapter(write_flat(tmp_path / "a.safetensors", nested)).spec
+    assert spec.architecture is SDXL and spec.variant == variant and spec.num_tokens == tokens
+    assert spec.cross_attention_dim == 2048 and spec.base_width == 320 and spec.encoder_name == encoder_name
+    if variant == "plus":  # the authors' SDXL plus Resampler: width 1280, 20 heads of 64
+        assert spec.resampler == {"dim": 1280, "depth": 4, "dim_head": 64, "heads": 20, "ff_mult": 4}
+        projection = IPAdapterCheckpoint.from_state_dicts(**nested).build_projection()
+        assert projection(torch.randn(1, 257, 1280)).shape == (1, 16, 2048)
+
+
+def test_refuses_sdxl_layers_with_sd15_token_width(tmp_path):
+    nested = random_adapter("base", cross=768, family="sdxl")
+    with pytest.raises(AdapterFormatError) as error:
+        load_adapter(write_bin(tmp_path / "odd.bin", nested))
+    assert_one_line(error, "odd.bin", "makes image tokens 768 wide", "expected 2048, the SDXL cross-attention width")
 
 
 def test_refuses_faceid_adapter(tmp_path):

@@ -29,7 +29,7 @@ def render(server, checkpoint, weight=None, reference="red.png", prefix="plain")
     graph = txt2img_graph(checkpoint, positive="a photo", negative="", steps=2, filename_prefix=prefix)
     if weight is not None:
         graph["reference"] = {"class_type": "LoadImage", "inputs": {"image": reference}}
-        graph["ipadapter"] = {"class_type": "IPAdapterSD15Simple", "inputs": {
+        graph["ipadapter"] = {"class_type": "IPAdapterKitSimple", "inputs": {
             "model": ["checkpoint", 0], "image": ["reference", 0], "weight": weight,
             "ipadapter_file": ADAPTER, "clip_name": ENCODER}}
         graph["sampler"]["inputs"]["model"] = ["ipadapter", 0]
@@ -53,17 +53,17 @@ def test_simple_node_in_a_real_graph(server, sd15_checkpoint_name):
 
 def test_nodes_are_registered_with_tooltips(server):
     info = server.object_info()
-    ours = {name: node for name, node in info.items() if name.startswith("IPAdapterSD15")}
+    ours = {name: node for name, node in info.items() if name.startswith("IPAdapterKit")}
     assert set(ours) == {
-        "IPAdapterSD15Loader", "IPAdapterSD15EncoderLoader", "IPAdapterSD15EncoderFromCLIPVision",
-        "IPAdapterSD15Encode", "IPAdapterSD15Apply", "IPAdapterSD15Simple", "IPAdapterSD15SaveEmbeds",
-        "IPAdapterSD15LoadEmbeds",
+        "IPAdapterKitLoader", "IPAdapterKitEncoderLoader", "IPAdapterKitEncoderFromCLIPVision",
+        "IPAdapterKitEncode", "IPAdapterKitApply", "IPAdapterKitSimple", "IPAdapterKitSaveEmbeds",
+        "IPAdapterKitLoadEmbeds",
     }
-    assert ADAPTER in ours["IPAdapterSD15Loader"]["input"]["required"]["ipadapter_file"][0]
-    weight = ours["IPAdapterSD15Apply"]["input"]["required"]["weight"][1]
+    assert ADAPTER in ours["IPAdapterKitLoader"]["input"]["required"]["ipadapter_file"][0]
+    weight = ours["IPAdapterKitApply"]["input"]["required"]["weight"][1]
     assert weight["min"] <= -1 and weight["max"] >= 3 and weight["default"] == 1.0
     for node in ours.values():
-        assert node["category"].startswith("ipadapter_sd15")
+        assert node["category"].startswith("ipadapter_kit")
         for section in ("required", "optional"):
             for name, spec in node["input"].get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), (node["name"], name)
@@ -73,8 +73,8 @@ def test_graph_errors_are_one_line(server, sd15_checkpoint_name):
     bad = {f"ip_adapter.{k}": v for k, v in random_adapter("base", cross=2048, encoder_width=1280)["ip_adapter"].items()}
     bad.update({f"image_proj.{k}": v for k, v in random_adapter("base", cross=2048, encoder_width=1280)["image_proj"].items()})
     save_file(bad, str(server.models_dir("ipadapter") / "ip-adapter_sdxl.safetensors"))
-    graph = {"loader": {"class_type": "IPAdapterSD15Loader", "inputs": {"ipadapter_file": "ip-adapter_sdxl.safetensors"}},
-             "apply": {"class_type": "IPAdapterSD15Apply", "inputs": {
+    graph = {"loader": {"class_type": "IPAdapterKitLoader", "inputs": {"ipadapter_file": "ip-adapter_sdxl.safetensors"}},
+             "apply": {"class_type": "IPAdapterKitApply", "inputs": {
                  "model": ["checkpoint", 0], "ipadapter": ["loader", 0], "weight": 1.0, "start_at": 0.0, "end_at": 1.0,
                  "combine": "average", "layers": "all", "custom_layer_weights": ""}}}
     graph.update(txt2img_graph(sd15_checkpoint_name))
@@ -85,5 +85,5 @@ def test_graph_errors_are_one_line(server, sd15_checkpoint_name):
     status = server.request("GET", f"/history/{prompt_id}")[prompt_id]["status"]
     (error,) = [m[1] for m in status["messages"] if m[0] == "execution_error"]
     message = error["exception_message"].strip()
-    assert error["node_type"] == "IPAdapterSD15Loader"
+    assert error["node_type"] == "IPAdapterKitLoader"
     assert "\n" not in message and "SDXL adapter" in message and "ip-adapter_sdxl.safetensors" in message

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from adapter_factory import random_adapter
+from ipadapter.architecture import SD15, SDXL
 from ipadapter.checkpoint import AdapterFormatError, IPAdapterCheckpoint
 from ipadapter.image_prompt import (
     EncodedImages,
@@ -94,13 +95,24 @@ def test_mask_follows_each_unet_level():
 
 
 def test_layer_weights():
-    assert parse_layer_weights("") == {k: 1.0 for k in range(1, 32, 2)}
-    style = parse_layer_weights("style")
+    assert parse_layer_weights("", SD15) == {k: 1.0 for k in range(1, 32, 2)}
+    style = parse_layer_weights("style", SD15)
     assert [k for k, w in style.items() if w] == [13, 15, 17]
-    assert [k for k, w in parse_layer_weights("composition").items() if w] == [9, 11]
-    values = parse_layer_weights(",".join(str(i) for i in range(16)))
+    assert [k for k, w in parse_layer_weights("composition", SD15).items() if w] == [9, 11]
+    values = parse_layer_weights(",".join(str(i) for i in range(16)), SD15)
     assert values[1] == 0 and values[31] == 15
-    assert parse_layer_weights("15:1, 31:0.5") == {**{k: 0.0 for k in range(1, 32, 2)}, 15: 1.0, 31: 0.5}
+    assert parse_layer_weights("15:1, 31:0.5", SD15) == {**{k: 0.0 for k in range(1, 32, 2)}, 15: 1.0, 31: 0.5}
     for bad, message in [("1,2,3", "expected 16"), ("2:1", "not SD1.5"), ("a,b", "not readable")]:
         with pytest.raises(ValueError, match=message):
-            parse_layer_weights(bad)
+            parse_layer_weights(bad, SD15)
+
+
+def test_sdxl_layer_weights_follow_instantstyle():
+    # InstantStyle: up_blocks.0.attentions.1 carries style, down_blocks.2.attentions.1 the layout
+    assert [k for k, w in parse_layer_weights("style", SDXL).items() if w] == list(range(69, 88, 2))
+    assert [k for k, w in parse_layer_weights("composition", SDXL).items() if w] == list(range(29, 48, 2))
+    assert len(parse_layer_weights("all", SDXL)) == 70
+    assert parse_layer_weights(",".join(["0.5"] * 70), SDXL)[139] == 0.5
+    for bad, message in [(",".join(["1"] * 16), "expected 70"), ("141:1", "not SDXL")]:
+        with pytest.raises(ValueError, match=message):
+            parse_layer_weights(bad, SDXL)

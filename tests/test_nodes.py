@@ -56,12 +56,12 @@ def test_embeds_save_and_load_round_trip(nodes, encoder, tmp_path):
 
     folder_paths.set_output_directory(str(tmp_path))
     embeds = nodes.encode_images(encoder, torch.rand(2, 56, 56, 3), "crop")
-    result = nodes.IPAdapterSD15SaveEmbeds().save(embeds, "ref")
+    result = nodes.IPAdapterKitSaveEmbeds().save(embeds, "ref")
     saved = result["ui"]["text"][0]
     assert saved.endswith("ipadapter_embeds/ref_00001.safetensors")
-    choices = nodes.IPAdapterSD15LoadEmbeds.INPUT_TYPES()["required"]["embeds_file"][0]
+    choices = nodes.IPAdapterKitLoadEmbeds.INPUT_TYPES()["required"]["embeds_file"][0]
     assert "ipadapter_embeds/ref_00001.safetensors [output]" in choices
-    (loaded,) = nodes.IPAdapterSD15LoadEmbeds().load("ipadapter_embeds/ref_00001.safetensors [output]")
+    (loaded,) = nodes.IPAdapterKitLoadEmbeds().load("ipadapter_embeds/ref_00001.safetensors [output]")
     for name in ("image_embeds", "penultimate", "uncond_image_embeds", "uncond_penultimate"):
         assert torch.equal(getattr(loaded, name), getattr(embeds, name))
     assert loaded.encoder_name == embeds.encoder_name
@@ -69,7 +69,7 @@ def test_embeds_save_and_load_round_trip(nodes, encoder, tmp_path):
 
 def test_apply_node_patches_and_keeps_input(nodes, encoder, adapter, model):
     embeds = nodes.encode_images(encoder, torch.rand(1, 56, 56, 3), "crop")
-    (patched,) = nodes.IPAdapterSD15Apply().apply(model, adapter, 0.8, 0.0, 1.0, "average", "style", "", embeds=embeds)
+    (patched,) = nodes.IPAdapterKitApply().apply(model, adapter, 0.8, 0.0, 1.0, "average", "style", "", embeds=embeds)
     attn2 = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert len(attn2) == 16
     term = attn2[("middle", 0, 0)].terms[0]
@@ -80,7 +80,7 @@ def test_apply_node_patches_and_keeps_input(nodes, encoder, adapter, model):
 
 def test_bad_input_gets_one_line_errors(nodes, comfy, encoder, adapter, model):
     embeds = nodes.encode_images(encoder, torch.rand(1, 56, 56, 3), "crop")
-    apply = nodes.IPAdapterSD15Apply().apply
+    apply = nodes.IPAdapterKitApply().apply
 
     with pytest.raises(ValueError) as error:
         nodes.encode_images(encoder, torch.zeros(0, 56, 56, 3), "crop")
@@ -96,7 +96,7 @@ def test_bad_input_gets_one_line_errors(nodes, comfy, encoder, adapter, model):
         load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     with pytest.raises(ValueError) as error:
         apply(sd2, adapter, 1.0, 0.0, 1.0, "average", "all", "", embeds=embeds)
-    assert "context width 1024 (SD2.x)" in one_line(error) and "expected an SD1.5 model" in one_line(error)
+    assert "16 cross-attention layers with context width 1024; expected SD1.5 or SDXL" in one_line(error)
 
     full_width = build_sd15_model_patcher(32)
     with pytest.raises(ValueError) as error:
@@ -141,7 +141,7 @@ def test_comfy_clip_vision_output_gives_the_same_embeddings(nodes, comfy, vit_h_
     import comfy.clip_vision
 
     clip_vision = comfy.clip_vision.load(str(vit_h_file))  # what ComfyUI's Load CLIP Vision returns
-    (from_comfy,) = nodes.IPAdapterSD15EncoderFromCLIPVision().convert(clip_vision)
+    (from_comfy,) = nodes.IPAdapterKitEncoderFromCLIPVision().convert(clip_vision)
     ours = nodes.ManagedEncoder(pack_module("ipadapter.encoder").load_image_encoder(vit_h_file))
     image = torch.rand(2, 240, 300, 3, generator=torch.Generator().manual_seed(0))
     a = nodes.encode_images(from_comfy, image, "crop")

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from ipadapter.attention import decoupled_attention
 from ipadapter.checkpoint import load_adapter
 from ipadapter.image_prompt import layer_keys_values
-from ipadapter.layers import LAYER_BY_DIFFUSERS_NAME
+from ipadapter.architecture import SD15
 from training import checkpointing
 from training.adapter import IPAdapterModel
 from training.checkpointing import export_adapter
@@ -157,7 +157,7 @@ def _core_forward(unet, checkpoint, latents, timesteps, text, embeds):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor({
-        name: CoreProcessor(LAYER_BY_DIFFUSERS_NAME[name[: -len(".processor")]].key) if name.endswith("attn2.processor") else AttnProcessor2_0()
+        name: CoreProcessor(SD15.layer_by_diffusers_name[name[: -len(".processor")]].key) if name.endswith("attn2.processor") else AttnProcessor2_0()
         for name in unet.attn_processors
     })
     return unet(latents, timesteps, encoder_hidden_states=text).sample

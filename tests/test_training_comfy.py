@@ -27,7 +27,7 @@ def test_export_loads_in_the_comfyui_loader_node_and_gives_the_training_models_o
     export_adapter(training_model, tmp_path / "trained_adapter.safetensors", 10, "config: test", dtype="fp32")
 
     folder_paths.add_model_folder_path(nodes.MODEL_FOLDER, str(tmp_path))
-    (adapter,) = nodes.IPAdapterSD15Loader().load("trained_adapter.safetensors")
+    (adapter,) = nodes.IPAdapterKitLoader().load("trained_adapter.safetensors")
     image_embeds = torch.randn(1, 1024, generator=generator) * 3
     images = image_prompt.EncodedImages(image_embeds, torch.zeros(1, 257, 1280))
     cond, uncond = image_prompt.image_tokens(adapter.checkpoint, adapter.projection, images, None)

@@ -54,7 +54,7 @@ def test_workflow_matches_the_live_node_definitions(name, info):
     assert check_workflow(workflow, info) == []
     notes = [node for node in workflow["nodes"] if node["type"] in FRONTEND_ONLY]
     assert len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 100, "each workflow explains itself in one note"
-    assert {"IPAdapterSD15Loader", "IPAdapterSD15EncoderLoader", "IPAdapterSD15Encode", "IPAdapterSD15Apply"} <= our_node_types(workflow)
+    assert {"IPAdapterKitLoader", "IPAdapterKitEncoderLoader", "IPAdapterKitEncode", "IPAdapterKitApply"} <= our_node_types(workflow)
     # the file names are the ones users have (README: where each goes)
     api = ui_to_api(workflow, info)
     files = {node["inputs"][key] for node in api.values() for key in ("ckpt_name", "ipadapter_file", "clip_name")
@@ -67,7 +67,7 @@ def test_workflow_matches_the_live_node_definitions(name, info):
 def test_workflow_1_is_the_papers_image_prompt_only_setting(info):
     api = ui_to_api(load_workflow(WORKFLOWS[0]), info)
     texts = [node["inputs"]["text"] for node in api.values() if node["class_type"] == "CLIPTextEncode"]
-    (apply,) = [node["inputs"] for node in api.values() if node["class_type"] == "IPAdapterSD15Apply"]
+    (apply,) = [node["inputs"] for node in api.values() if node["class_type"] == "IPAdapterKitApply"]
     assert texts == ["", ""] and apply["weight"] == 1.0 and apply["layers"] == "all"
 
 
@@ -86,30 +86,30 @@ def test_broken_workflows_fail_with_the_node_named(info):
     original = load_workflow(WORKFLOWS[1])
 
     unknown = copy.deepcopy(original)
-    node = find(unknown, "IPAdapterSD15Encode")
-    node["type"] = "IPAdapterSD15EncodeTypo"
+    node = find(unknown, "IPAdapterKitEncode")
+    node["type"] = "IPAdapterKitEncodeTypo"
     problems = check_workflow(unknown, info)
-    assert any(f"node {node['id']}" in p and "IPAdapterSD15EncodeTypo" in p and "unknown node type" in p for p in problems), problems
-    with pytest.raises(WorkflowError, match="IPAdapterSD15EncodeTypo"):
+    assert any(f"node {node['id']}" in p and "IPAdapterKitEncodeTypo" in p and "unknown node type" in p for p in problems), problems
+    with pytest.raises(WorkflowError, match="IPAdapterKitEncodeTypo"):
         ui_to_api(unknown, info)
 
     too_strong = copy.deepcopy(original)
-    node = find(too_strong, "IPAdapterSD15Apply")
+    node = find(too_strong, "IPAdapterKitApply")
     node["widgets_values"][0] = 7.5  # λ; the node allows -1..3
     (problem,) = check_workflow(too_strong, info)
-    assert f"node {node['id']}" in problem and "IPAdapterSD15Apply" in problem and "weight = 7.5 is above the maximum 3.0" in problem
+    assert f"node {node['id']}" in problem and "IPAdapterKitApply" in problem and "weight = 7.5 is above the maximum 3.0" in problem
 
     bad_choice = copy.deepcopy(original)
-    node = find(bad_choice, "IPAdapterSD15Apply")
+    node = find(bad_choice, "IPAdapterKitApply")
     node["widgets_values"][4] = "everything"  # layers
     (problem,) = check_workflow(bad_choice, info)
-    assert "IPAdapterSD15Apply" in problem and "layers = 'everything'" in problem
+    assert "IPAdapterKitApply" in problem and "layers = 'everything'" in problem
 
     missing_file = copy.deepcopy(original)
-    node = find(missing_file, "IPAdapterSD15Loader")
+    node = find(missing_file, "IPAdapterKitLoader")
     node["widgets_values"][0] = "ip-adapter_not_downloaded.safetensors"
     (problem,) = check_workflow(missing_file, info)
-    assert "IPAdapterSD15Loader" in problem and "ip-adapter_not_downloaded.safetensors" in problem
+    assert "IPAdapterKitLoader" in problem and "ip-adapter_not_downloaded.safetensors" in problem
 
     shifted = copy.deepcopy(original)
     node = find(shifted, "KSampler")
@@ -118,18 +118,18 @@ def test_broken_workflows_fail_with_the_node_named(info):
     assert "KSampler" in problem and "6 widget values, expected 7" in problem
 
     crossed = copy.deepcopy(original)  # the embeds socket fed from the adapter loader
-    apply, loader = find(crossed, "IPAdapterSD15Apply"), find(crossed, "IPAdapterSD15Loader")
+    apply, loader = find(crossed, "IPAdapterKitApply"), find(crossed, "IPAdapterKitLoader")
     embeds_link = next(slot["link"] for slot in apply["inputs"] if slot["name"] == "embeds")
     link = next(link for link in crossed["links"] if link[0] == embeds_link)
-    link[1], link[2], link[5] = loader["id"], 0, "IPADAPTER_SD15"
+    link[1], link[2], link[5] = loader["id"], 0, "IPADAPTER_KIT"
     loader["outputs"][0]["links"].append(embeds_link)
     problems = check_workflow(crossed, info)
-    assert any("IPAdapterSD15Apply" in p and "'embeds'" in p and "IPADAPTER_SD15_EMBEDS" in p for p in problems), problems
+    assert any("IPAdapterKitApply" in p and "'embeds'" in p and "IPADAPTER_KIT_EMBEDS" in p for p in problems), problems
 
     unconnected = copy.deepcopy(original)
-    apply = find(unconnected, "IPAdapterSD15Apply")
+    apply = find(unconnected, "IPAdapterKitApply")
     next(slot for slot in apply["inputs"] if slot["name"] == "ipadapter")["link"] = None
-    assert any("IPAdapterSD15Apply" in p and "required input 'ipadapter'" in p for p in check_workflow(unconnected, info))
+    assert any("IPAdapterKitApply" in p and "required input 'ipadapter'" in p for p in check_workflow(unconnected, info))
 
 
 def test_the_command_line_check_fails_on_a_broken_file(tmp_path, comfyui_server):
@@ -137,14 +137,14 @@ def test_the_command_line_check_fails_on_a_broken_file(tmp_path, comfyui_server)
     import sys
 
     broken = load_workflow(WORKFLOWS[0])
-    find(broken, "IPAdapterSD15Apply")["widgets_values"][0] = -4.0
+    find(broken, "IPAdapterKitApply")["widgets_values"][0] = -4.0
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(broken))
     result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "workflow_tools.py"), "check", "--url", comfyui_server.url,
                              str(path), str(WORKFLOWS[0])],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "broken.json:" in result.stdout and "IPAdapterSD15Apply" in result.stdout and "below the minimum -1.0" in result.stdout
+    assert "broken.json:" in result.stdout and "IPAdapterKitApply" in result.stdout and "below the minimum -1.0" in result.stdout
     assert f"{WORKFLOWS[0].name}: ok" in result.stdout
 
 
@@ -217,7 +217,7 @@ def test_workflow_runs_headless_and_responds_to_lambda_and_reference(name, model
                                                         REFERENCE_IMAGES[1]: REFERENCE_IMAGES[0]}), f"{stem}-swapped")
     zero, _ = render(server, with_weight(graph, 0.0), f"{stem}-zero")
     plain_graph = without_adapter(graph)
-    assert not any(node["class_type"].startswith("IPAdapterSD15") for node in plain_graph.values())
+    assert not any(node["class_type"].startswith("IPAdapterKit") for node in plain_graph.values())
     plain, _ = render(server, plain_graph, f"{stem}-plain")
 
     assert np.array_equal(zero, plain), "λ = 0 must give exactly the image without the adapter"

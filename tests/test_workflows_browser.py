@@ -95,7 +95,7 @@ def editor(comfyui_server):
             page.on("pageerror", lambda error: page.errors.append(str(error)))
             page.goto(comfyui_server.url, wait_until="load", timeout=60_000)
             page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph"
-                                   " && LiteGraph.registered_node_types['IPAdapterSD15Apply']", timeout=60_000)
+                                   " && LiteGraph.registered_node_types['IPAdapterKitApply']", timeout=60_000)
             # Later editors open a template gallery on a first visit, and some raise errors of their own while
             # they start (seen: a settings hook in frontend 1.27); neither comes from a workflow, so the
             # gallery is closed and only errors raised while a workflow loads count.
@@ -137,7 +137,7 @@ def test_the_editor_loads_the_workflow_without_missing_nodes(path, editor, info)
         values, saved_values = node.get("widgets_values", []), saved[node["id"]].get("widgets_values", [])
         assert len(saved_values) == len(values) and all(map(same_value, saved_values, values)), \
             (node["id"], node["type"], saved_values, values)
-        if node["type"].startswith("IPAdapterSD15"):
+        if node["type"].startswith("IPAdapterKit"):
             assert live["comfyClass"] == node["type"]
             expected = [widget.name for widget in widget_layout(info[node["type"]])]
             assert [widget["name"] for widget in live["widgets"]] == expected, node["type"]
@@ -149,9 +149,9 @@ def test_the_editor_loads_the_workflow_without_missing_nodes(path, editor, info)
 
 def test_the_editor_names_a_node_type_the_pack_does_not_have(editor):
     broken = copy.deepcopy(load_workflow(WORKFLOWS[0]))
-    node = next(node for node in broken["nodes"] if node["type"] == "IPAdapterSD15Apply")
-    node["type"] = "IPAdapterSD15ApplyTypo"
+    node = next(node for node in broken["nodes"] if node["type"] == "IPAdapterKitApply")
+    node["type"] = "IPAdapterKitApplyTypo"
     state = editor.evaluate(LOAD, broken)
     editor.screenshot(path=str(ARTIFACTS / "browser-missing-node.png"))
     (dialog,) = [text for text in state["dialogs"] if MISSING_NODES_TEXT in text]
-    assert "IPAdapterSD15ApplyTypo" in dialog
+    assert "IPAdapterKitApplyTypo" in dialog

@@ -68,16 +68,16 @@ USER_FILES = {
 # folder may lack the user's file, so the names above are accepted as well.
 FILE_INPUTS = {
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
-    ("IPAdapterSD15Loader", "ipadapter_file"): "ipadapter",
-    ("IPAdapterSD15Simple", "ipadapter_file"): "ipadapter",
-    ("IPAdapterSD15EncoderLoader", "clip_name"): "clip_vision",
-    ("IPAdapterSD15Simple", "clip_name"): "clip_vision",
+    ("IPAdapterKitLoader", "ipadapter_file"): "ipadapter",
+    ("IPAdapterKitSimple", "ipadapter_file"): "ipadapter",
+    ("IPAdapterKitEncoderLoader", "clip_name"): "clip_vision",
+    ("IPAdapterKitSimple", "clip_name"): "clip_vision",
     ("CLIPVisionLoader", "clip_name"): "clip_vision",
     ("LoadImage", "image"): "input",
 }
-OUR_PREFIX = "IPAdapterSD15"
+OUR_PREFIX = "IPAdapterKit"
 # Our nodes that output a patched MODEL (their "model" input is the unpatched one).
-OUR_MODEL_NODES = {"IPAdapterSD15Apply", "IPAdapterSD15Simple"}
+OUR_MODEL_NODES = {"IPAdapterKitApply", "IPAdapterKitSimple"}
 
 
 class WorkflowError(ValueError):

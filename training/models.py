@@ -17,7 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ipadapter.encoder import EncoderFormatError, ImageEncoder, build_vision_tower, load_image_encoder
 from ipadapter.files import read_weights
-from ipadapter.layers import LAYER_BY_KEY, SD15_CROSS_ATTENTION_DIM, official_keys_from_processor_names
+from ipadapter.architecture import SD15, Architecture, family_names, family_of_processor_names
 
 SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 VIT_H_EMBED_DIM = 1024
@@ -248,22 +248,20 @@ def check_finite(module: torch.nn.Module, what: str) -> None:
             raise ModelFileError(f"{what} has NaN/inf in {name}; the file is damaged, expected finite weights")
 
 
-def check_unet_layout(unet: UNet2DConditionModel, source: str) -> dict[str, int]:
-    """The official key of each cross-attention processor; refuse a UNet that is not laid out like SD1.5."""
-    keys = official_keys_from_processor_names(list(unet.attn_processors))
-    layout_ok = len(keys) == len(LAYER_BY_KEY) and all(
-        key in LAYER_BY_KEY and name == LAYER_BY_KEY[key].diffusers_processor for name, key in keys.items()
-    )
-    if not layout_ok:
+def check_unet_layout(unet: UNet2DConditionModel, source: str, expected: Architecture = SD15) -> dict[str, int]:
+    """The official key of each cross-attention processor; refuse a UNet not laid out like ``expected``."""
+    processor_names = list(unet.attn_processors)
+    family = family_of_processor_names(processor_names)
+    if family is not expected:
+        crosses = sum(name.endswith("attn2.processor") for name in processor_names)
+        found = f"is laid out like {family.name}" if family else f"has {crosses} cross-attention layers, not those of {family_names()}"
+        raise ModelFileError(f"UNet of '{source}' {found}; expected {expected.name}'s {expected.describe_layers()}")
+    if unet.config.cross_attention_dim != expected.context_dim:
         raise ModelFileError(
-            f"UNet of '{source}' has {len(keys)} cross-attention layers in a different order; "
-            "expected SD1.5's 16 (keys 1, 3, ..., 31)"
+            f"UNet of '{source}' takes {unet.config.cross_attention_dim}-d text tokens; "
+            f"expected {expected.context_dim} ({expected.name})"
         )
-    if unet.config.cross_attention_dim != SD15_CROSS_ATTENTION_DIM:
-        raise ModelFileError(
-            f"UNet of '{source}' takes {unet.config.cross_attention_dim}-d text tokens; expected {SD15_CROSS_ATTENTION_DIM} (SD1.5)"
-        )
-    return keys
+    return {layer.diffusers_processor: layer.key for layer in expected.layers}
 
 
 # --- the embedded default ---------------------------------------------------------
@@ -279,7 +277,7 @@ def build_embedded_models(seed: int = 0, dtype: torch.dtype = torch.float32) -> 
             sample_size=8,
             block_out_channels=(EMBEDDED_BASE_WIDTH, 2 * EMBEDDED_BASE_WIDTH, 4 * EMBEDDED_BASE_WIDTH, 4 * EMBEDDED_BASE_WIDTH),
             layers_per_block=2,
-            cross_attention_dim=SD15_CROSS_ATTENTION_DIM,
+            cross_attention_dim=SD15.context_dim,
             attention_head_dim=8,
             norm_num_groups=8,
         )

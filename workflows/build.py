@@ -121,21 +121,21 @@ def base(g: Graph, positive: str, negative: str = "", adapter_file: str = ADAPTE
     neg = g.node("CLIPTextEncode", (360, 220), title="Negative prompt", text=negative, box_width=380)
     g.link(ckpt, "CLIP", pos, "clip")
     g.link(ckpt, "CLIP", neg, "clip")
-    adapter = g.node("IPAdapterSD15Loader", (0, 450), ipadapter_file=adapter_file, box_width=340)
-    encoder = g.node("IPAdapterSD15EncoderLoader", (0, 560), clip_name=ENCODER, box_width=340)
+    adapter = g.node("IPAdapterKitLoader", (0, 450), ipadapter_file=adapter_file, box_width=340)
+    encoder = g.node("IPAdapterKitEncoderLoader", (0, 560), clip_name=ENCODER, box_width=340)
     return ckpt, pos, neg, adapter, encoder
 
 
 def reference(g: Graph, pos, name: str, encoder: dict, title: str = "Reference image"):
     image = g.node("LoadImage", pos, title=title, image=name)
-    encode = g.node("IPAdapterSD15Encode", (pos[0] + 340, pos[1]), crop="crop")
+    encode = g.node("IPAdapterKitEncode", (pos[0] + 340, pos[1]), crop="crop")
     g.link(encoder, "image_encoder", encode, "image_encoder")
     g.link(image, "IMAGE", encode, "image")
     return image, encode
 
 
 def apply(g: Graph, pos, model_source: tuple[dict, str], adapter: dict, embeds: dict, **values):
-    node = g.node("IPAdapterSD15Apply", pos, **values)
+    node = g.node("IPAdapterKitApply", pos, **values)
     g.link(model_source[0], model_source[1], node, "model")
     g.link(adapter, "ipadapter", node, "ipadapter")
     g.link(embeds, "embeds", node, "embeds")
@@ -152,7 +152,7 @@ def sample_and_save(g: Graph, x: int, model: tuple[dict, str], pos: dict, neg: d
     decode = g.node("VAEDecode", (x, 330), box_width=220)
     g.link(sampler, "LATENT", decode, "samples")
     g.link(ckpt, "VAE", decode, "vae")
-    save = g.node("SaveImage", (x + 360, 0), filename_prefix=f"ipadapter_sd15/{prefix}", box_width=420)
+    save = g.node("SaveImage", (x + 360, 0), filename_prefix=f"ipadapter_kit/{prefix}", box_width=420)
     save["size"] = [420, 460]
     g.link(decode, "IMAGE", save, "images")
     return sampler

@@ -45,8 +45,8 @@ class ComfySampler:
         self.adapter_name, self.encoder_name = Path(adapter_file).name, Path(encoder_file).name
         self.vae = vae
         self.model = self._comfy_model(harness, unet, vae.config.scaling_factor)
-        (self.adapter,) = self.nodes["IPAdapterSD15Loader"]().load(self.adapter_name)
-        (self.encoder,) = self.nodes["IPAdapterSD15EncoderLoader"]().load(self.encoder_name)
+        (self.adapter,) = self.nodes["IPAdapterKitLoader"]().load(self.adapter_name)
+        (self.encoder,) = self.nodes["IPAdapterKitEncoderLoader"]().load(self.encoder_name)
 
     def _comfy_model(self, harness, unet, scaling_factor: float):
         """ComfyUI's SD1.5 model class with the UNet's config (ComfyUI's detection assumes full size), weights mapped by ComfyUI's own key map."""
@@ -72,8 +72,8 @@ class ComfySampler:
                seed: int, steps: int, cfg: float, sampler: str = "euler", scheduler: str = "normal") -> np.ndarray:
         """``count`` images [count, H, W, 3] uint8 for one reference (uint8 [H, W, 3]) and text context at λ = weight."""
         image = torch.from_numpy(np.array(reference)).float().div(255)[None]  # a copy: the reference may be read-only
-        (embeds,) = self.nodes["IPAdapterSD15Encode"]().encode(self.encoder, image, "crop")
-        (model,) = self.nodes["IPAdapterSD15Apply"]().apply(
+        (embeds,) = self.nodes["IPAdapterKitEncode"]().encode(self.encoder, image, "crop")
+        (model,) = self.nodes["IPAdapterKitApply"]().apply(
             self.model, self.adapter, weight, 0.0, 1.0, "average", "all", "", embeds=embeds)
         size = reference.shape[0] // 8
         latent = {"samples": torch.zeros(count, 4, size, size)}

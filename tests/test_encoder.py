@@ -28,11 +28,12 @@ def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> No
                 parameter.copy_(scale * noise)
 
 
-def transformers_model(width, layers, heads, patch, image, embed_dim, seed=0, scale=0.05, activation="gelu"):
+def transformers_model(width, layers, heads, patch, image, embed_dim, seed=0, scale=0.05, activation="gelu",
+                       intermediate=None):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(
-        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+        hidden_size=width, intermediate_size=intermediate or 4 * width, num_hidden_layers=layers, num_attention_heads=heads,
         image_size=image, patch_size=patch, projection_dim=embed_dim, hidden_act=activation, layer_norm_eps=1e-5,
     )
     model = CLIPVisionModelWithProjection(config).eval()
@@ -132,6 +133,19 @@ def test_full_vit_h_matches_transformers(vit_h_file):
     encoder = assert_parity(reference, vit_h_file, 224)  # heads inferred: ViT-H has 80-wide heads
     assert encoder.name == "OpenCLIP ViT-H/14"
     assert (encoder.embed_dim, encoder.hidden_width, encoder.num_tokens) == (1024, 1280, 257)
+
+
+def test_vit_bigg_layout_matches_transformers(tmp_path):
+    # ViT-bigG/14's width, heads (16 of 104), MLP (8192) and projection (1280), with 2 of its 48 layers and a
+    # 56-pixel image; a renamed file, as in models/clip_vision, so the head width comes from the width table
+    reference = transformers_model(width=1664, layers=2, heads=16, patch=14, image=56, embed_dim=1280,
+                                   intermediate=8192, scale=0.02)
+    path = tmp_path / "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    encoder = assert_parity(reference, path, 56)
+    assert (encoder.embed_dim, encoder.hidden_width, encoder.architecture) == (1280, 1664, "16 heads, GELU")
+    # the tower really is bigG's: the MLP is 8192 wide, not width x 4
+    assert encoder.visual.transformer.resblocks[0].mlp.c_fc.out_features == 8192
 
 
 def small_tower():

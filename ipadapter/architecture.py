@@ -20,7 +20,7 @@ class CrossAttentionLayer:
     key: int  # index in the official checkpoint (1, 3, 5, ...)
     diffusers_name: str  # module path of the attn2 Attention in diffusers' UNet
     comfy_block: tuple[str, int]  # ("input", 4) ... ("middle", 0)
-    transformer_index: int  # position inside the block's transformer (SDXL blocks hold 2 or 10)
+    transformer_index: int  # position inside the block's transformer (SDXL blocks hold 2 or 10); ComfyUI's block_index
     width_multiplier: int  # layer width = multiplier x the UNet's first-block width
     width: int  # at the family's full size
 
@@ -42,6 +42,10 @@ class Architecture:
     context_dim: int  # width of the text tokens, and so of the image tokens
     base_width: int  # channels of the UNet's first block
     presets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> diffusers block prefixes
+    # The blocks that the "style transfer" / "composition" weight types use (ipadapter.weighting), with the
+    # composition blocks' share of the composition weight.
+    style_blocks: tuple[tuple[str, int], ...] = ()
+    composition_blocks: dict[tuple[str, int], float] = field(default_factory=dict)
 
     @cached_property
     def layer_by_key(self) -> dict[int, CrossAttentionLayer]:
@@ -54,6 +58,16 @@ class Architecture:
     @cached_property
     def layer_by_patch_key(self) -> dict[tuple[str, int, int], CrossAttentionLayer]:
         return {layer.comfy_patch_key: layer for layer in self.layers}
+
+    @cached_property
+    def blocks(self) -> list[tuple[str, int]]:
+        """The ComfyUI blocks with cross-attention in the order the UNet runs them: input, middle, output."""
+        order = {"input": 0, "middle": 1, "output": 2}
+        return sorted({layer.comfy_block for layer in self.layers}, key=lambda block: (order[block[0]], block[1]))
+
+    def block_position(self, layer: CrossAttentionLayer) -> int:
+        """Where the layer's block runs among the blocks with cross-attention (ComfyUI's transformer_index)."""
+        return self.blocks.index(layer.comfy_block)
 
     @property
     def keys(self) -> list[int]:
@@ -140,6 +154,11 @@ SD15 = Architecture(
     # InstantStyle found style in one SDXL up block and layout in one down block; in SD1.5
     # the blocks of the same role and width are up_blocks.1 (keys 13-17) and down_blocks.2 (keys 9, 11).
     presets={"style": ("up_blocks.1",), "composition": ("down_blocks.2",)},
+    # the weight types' blocks as cubiq's ComfyUI_IPAdapter_plus defines them for SD1.5 (by transformer_index 0-3, 9-15
+    # and 4, 5): the first two down levels and the last up levels carry style, down_blocks.2 the layout
+    style_blocks=(("input", 1), ("input", 2), ("input", 4), ("input", 5),
+                  *(("output", i) for i in range(5, 12))),
+    composition_blocks={("input", 7): 0.25, ("input", 8): 1.0},
 )
 
 SDXL = Architecture(
@@ -162,6 +181,8 @@ SDXL = Architecture(
     base_width=320,
     # InstantStyle: up_blocks.0.attentions.1 (keys 69-87) carries style, down_blocks.2.attentions.1 (keys 29-47) layout.
     presets={"style": ("up_blocks.0.attentions.1",), "composition": ("down_blocks.2.attentions.1",)},
+    style_blocks=(("output", 1),),  # up_blocks.0.attentions.1
+    composition_blocks={("input", 8): 1.0},  # down_blocks.2.attentions.1
 )
 
 FAMILIES: tuple[Architecture, ...] = (SD15, SDXL)

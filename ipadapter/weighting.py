@@ -1,0 +1,118 @@
+"""How strongly each layer takes the image prompt: weight types and embeds scaling.
+
+A *weight type* turns the user's λ into one weight per cross-attention layer,
+defined over the family's table (``Architecture.blocks`` runs input, middle,
+output; a block's position there is ComfyUI's ``transformer_index``). The names
+and numbers are the ones ComfyUI users know from cubiq's ComfyUI_IPAdapter_plus;
+where that pack leaves the middle block unpatched, ours patches it with the
+weight its definition gives the middle block's position.
+
+*Embeds scaling* says where the weight goes: on the attention's output (V only,
+the paper's λ), or into the image keys and values themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .architecture import Architecture
+
+WEIGHT_TYPES = (
+    "linear", "ease in", "ease out", "ease in-out", "reverse in-out",
+    "weak input", "weak output", "weak middle", "strong middle",
+    "style transfer", "composition", "strong style transfer", "style and composition",
+    "style transfer precise", "composition precise",
+)
+EMBEDS_SCALING = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
+WEAK = 0.2  # the "weak" / "strong" types' factor
+FAINT = 0.1  # "composition precise" on the blocks that are neither style nor composition
+
+
+@dataclass(frozen=True)
+class LayerWeight:
+    weight: float
+    # "precise" types: at this layer the reference conditions the unconditional half of the
+    # CFG batch and the conditional half gets empty image tokens, which pushes the sample away
+    # from what this layer takes from the reference
+    swapped: bool = False
+
+
+def weight_schedule(weight_type: str, architecture: Architecture, weight: float,
+                    composition_weight: float = 1.0) -> dict[int, LayerWeight]:
+    """Each layer's weight (by official key) for a weight type; λ = ``weight``.
+
+    ``composition_weight`` is the composition blocks' weight for "style and composition"
+    (the other types that touch those blocks use ``weight``).
+    """
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight type '{weight_type}' is unknown; expected one of {', '.join(WEIGHT_TYPES)}")
+    by_block = _block_weights(weight_type, architecture, weight, composition_weight)
+    swapped = _swapped_blocks(weight_type, architecture)
+    return {
+        layer.key: LayerWeight(by_block.get(layer.comfy_block, 0.0), layer.comfy_block in swapped)
+        for layer in architecture.layers
+    }
+
+
+def _block_weights(weight_type, architecture, weight, composition_weight) -> dict[tuple[str, int], float]:
+    blocks = architecture.blocks
+    count = len(blocks)
+    half = count / 2
+    ramps = {
+        "linear": lambda t: 1.0,
+        "ease in": lambda t: 0.05 + 0.95 * (1 - t / count),
+        "ease out": lambda t: 0.05 + 0.95 * (t / count),
+        "ease in-out": lambda t: 0.05 + 0.95 * (1 - abs(t - half) / half),
+        "reverse in-out": lambda t: 0.05 + 0.95 * (abs(t - half) / half),
+    }
+    if weight_type in ramps:
+        return {block: weight * ramps[weight_type](t) for t, block in enumerate(blocks)}
+    weak = {"weak input": {"input"}, "weak output": {"output"}, "weak middle": {"middle"},
+            "strong middle": {"input", "output"}}
+    if weight_type in weak:
+        return {block: weight * (WEAK if block[0] in weak[weight_type] else 1.0) for block in blocks}
+
+    style = {block: weight for block in architecture.style_blocks}
+    composition = architecture.composition_blocks
+    if weight_type == "style transfer":
+        return style
+    if weight_type == "composition":
+        return {block: weight * share for block, share in composition.items()}
+    if weight_type == "strong style transfer":
+        return {block: weight for block in blocks if block not in composition}
+    if weight_type == "style and composition":
+        return {**style, **{block: composition_weight * share for block, share in composition.items()}}
+    with_composition = {**style, **{block: weight * share for block, share in composition.items()}}
+    if weight_type == "style transfer precise":
+        return with_composition
+    # composition precise: the other blocks keep a tenth
+    return {**{block: weight * FAINT for block in blocks}, **with_composition}
+
+
+def _swapped_blocks(weight_type, architecture) -> set[tuple[str, int]]:
+    composition = set(architecture.composition_blocks)
+    if weight_type == "style transfer precise":
+        return composition
+    if weight_type == "composition precise":
+        return set(architecture.blocks) - composition
+    return set()
+
+
+def scale_keys_values(k: torch.Tensor, v: torch.Tensor, weight: float, scaling: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Image keys and values with the weight moved into them, and the weight left for the output.
+
+    V only: the output is scaled, ``w·Attn(q, K', V')``. K+V: ``Attn(q, w·K', w·V')``.
+    The C-penalty modes first multiply w by (layer width / 1280), so narrow layers get
+    less; K+mean(V) scales only the mean of V' over the image tokens.
+    """
+    if scaling not in EMBEDS_SCALING:
+        raise ValueError(f"embeds scaling '{scaling}' is unknown; expected one of {', '.join(EMBEDS_SCALING)}")
+    if scaling == "V only":
+        return k, v, weight
+    if scaling != "K+V":
+        weight = weight * k.shape[-1] / 1280.0
+    if scaling == "K+mean(V) w/ C penalty":
+        mean = v.mean(dim=-2, keepdim=True)
+        return k * weight, v - mean + mean * weight, 1.0
+    return k * weight, v * weight, 1.0

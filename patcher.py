@@ -15,6 +15,7 @@ import torch
 from .ipadapter.attention import image_attention
 from .ipadapter.checkpoint import AdapterFormatError, IPAdapterCheckpoint
 from .ipadapter.image_prompt import layer_keys_values, mask_to_tokens
+from .ipadapter.weighting import scale_keys_values
 from .ipadapter.architecture import Architecture, family_names, family_of_comfy_layout
 
 COND, UNCOND = 0, 1  # the values of ComfyUI's cond_or_uncond list
@@ -53,7 +54,7 @@ class ImagePromptTerm:
     architecture: Architecture
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer key -> [2, T, C] (cond, uncond)
     weight: float
-    layer_weights: dict[int, float]
+    layer_weights: dict[int, float]  # what multiplies each layer's attention output
     sigma_start: float
     sigma_end: float
     mask: torch.Tensor | None = None  # [M, H, W] in 0..1
@@ -63,13 +64,26 @@ class ImagePromptTerm:
 
     @classmethod
     def build(cls, checkpoint: IPAdapterCheckpoint, cond_tokens, uncond_tokens, weight, layer_weights,
-              sigma_start, sigma_end, mask=None) -> "ImagePromptTerm":
+              sigma_start, sigma_end, mask=None, scaling="V only", swapped=frozenset()) -> "ImagePromptTerm":
+        """``layer_weights`` multiply ``weight`` per layer key (a key not given: 1). ``scaling`` says
+        where the weight goes (``ipadapter.weighting.scale_keys_values``); on the ``swapped`` layers
+        the conditional half gets empty image tokens and the unconditional half the reference's."""
         tokens = torch.cat([cond_tokens, uncond_tokens.to(cond_tokens)])
         keys_values = layer_keys_values(checkpoint, tokens, torch.device("cpu"), torch.float32)
-        return cls(checkpoint.spec.architecture, keys_values, float(weight), dict(layer_weights), sigma_start, sigma_end, mask)
+        output_weights = {}
+        for key, (k, v) in keys_values.items():
+            layer_weight = float(weight) * layer_weights.get(key, 1.0)
+            if key in swapped:
+                k, v = (torch.stack([torch.zeros_like(x[0]), x[0]]) for x in (k, v))
+            if layer_weight == 0:  # skipped at sampling time, so λ = 0 stays exact whatever the scaling
+                output_weights[key] = 0.0
+                continue
+            k, v, output_weights[key] = scale_keys_values(k, v, layer_weight, scaling)
+            keys_values[key] = (k, v)
+        return cls(checkpoint.spec.architecture, keys_values, float(weight), output_weights, sigma_start, sigma_end, mask)
 
     def layer_weight(self, key: int) -> float:
-        return self.weight * self.layer_weights.get(key, 1.0)
+        return self.layer_weights[key]
 
     def is_active(self, sigmas: torch.Tensor | None) -> bool:
         """Whether this step is inside [start_at, end_at]; one host sync per step, not per layer."""

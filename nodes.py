@@ -24,6 +24,7 @@ from .ipadapter.image_prompt import (
     parse_layer_weights,
 )
 from .ipadapter.preprocess import CROP_MODES
+from .ipadapter.weighting import EMBEDS_SCALING, WEIGHT_TYPES, weight_schedule
 from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits
 
 ADAPTER = "IPADAPTER_KIT"
@@ -130,14 +131,18 @@ def encode_images(encoder: ManagedEncoder, image, crop: str, negative_image=None
 
 
 def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0, start_at=0.0, end_at=1.0,
-                combine="average", layer_weights="all", attn_mask=None):
+                combine="average", layer_weights="all", attn_mask=None, weight_type="linear",
+                embeds_scaling="V only", composition_weight=1.0):
     architecture = check_model_fits(model.model.diffusion_model, adapter.checkpoint)
     cond, uncond = image_tokens(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate, combine)
     sampling = model.model.model_sampling
     mask = check_mask(attn_mask) if attn_mask is not None else None
+    schedule = weight_schedule(weight_type, architecture, weight, weight * composition_weight)
+    multipliers = parse_layer_weights(layer_weights, architecture)
     term = ImagePromptTerm.build(
-        adapter.checkpoint, cond, uncond, weight, parse_layer_weights(layer_weights, architecture),
+        adapter.checkpoint, cond, uncond, 1.0, {key: lw.weight * multipliers[key] for key, lw in schedule.items()},
         sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at), mask,
+        embeds_scaling, {key for key, lw in schedule.items() if lw.swapped},
     )
     return apply_image_prompt(model, term)
 

@@ -1,0 +1,79 @@
+"""Weight types and embeds scaling through the Apply node's code path, in a real ComfyUI UNet (SD1.5 layout)."""
+import pytest
+import torch
+
+from comfy_inprocess import noise_prediction
+from ipadapter.weighting import EMBEDS_SCALING, WEIGHT_TYPES as ALL_WEIGHT_TYPES
+from test_nodes import adapter, encoder, model, nodes  # noqa: F401  (module fixtures)
+
+WEIGHT_TYPES = ("linear", "ease in", "weak middle", "style transfer", "style and composition",
+                "style transfer precise", "composition precise")
+
+
+@pytest.fixture(scope="module")
+def embeds(nodes, encoder):
+    return nodes.encode_images(encoder, torch.rand(1, 56, 56, 3, generator=torch.Generator().manual_seed(3)), "crop")
+
+
+@pytest.fixture(scope="module")
+def sample(model):
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 77, 768, generator=generator)
+    sigma = model.model.model_sampling.sigmas[500].expand(2).clone()
+    return latent, sigma, context
+
+
+def prediction(patched, sample):
+    return noise_prediction(patched, *sample, cond_or_uncond=(0, 1))
+
+
+def term_of(patched):
+    return patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)].terms[-1]
+
+
+def test_weight_zero_is_exact_for_every_weight_type_and_scaling(nodes, adapter, model, embeds, sample):
+    plain = prediction(model, sample)
+    for weight_type in ALL_WEIGHT_TYPES:
+        for scaling in EMBEDS_SCALING:
+            patched = nodes.patch_model(model, adapter, embeds, 0.0, weight_type=weight_type, embeds_scaling=scaling,
+                                        composition_weight=2.0)
+            assert torch.equal(prediction(patched, sample), plain), (weight_type, scaling)
+
+
+@pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
+def test_each_weight_type_changes_the_prediction_its_own_way(nodes, adapter, model, embeds, sample, weight_type):
+    linear = prediction(nodes.patch_model(model, adapter, embeds, 1.0), sample)
+    ours = prediction(nodes.patch_model(model, adapter, embeds, 1.0, weight_type=weight_type), sample)
+    plain = prediction(model, sample)
+    assert not torch.equal(ours, plain)
+    assert torch.equal(ours, linear) == (weight_type == "linear")
+
+
+def test_precise_types_give_the_reference_to_the_unconditional_half(nodes, adapter, model, embeds):
+    straight = term_of(nodes.patch_model(model, adapter, embeds, 1.0, weight_type="style and composition"))
+    precise = term_of(nodes.patch_model(model, adapter, embeds, 1.0, weight_type="style transfer precise"))
+    for key in (9, 11):  # the composition blocks, down_blocks.2: cond empty, uncond = the reference
+        k, v = precise.keys_values[key]
+        assert not k[0].any() and not v[0].any()
+        assert torch.equal(k[1], straight.keys_values[key][0][0])
+    assert torch.equal(precise.keys_values[1][0], straight.keys_values[1][0])  # a style block: unchanged
+    composition = term_of(nodes.patch_model(model, adapter, embeds, 1.0, weight_type="composition precise"))
+    assert not composition.keys_values[1][0][0].any() and composition.keys_values[9][0][0].any()
+
+
+def test_k_plus_v_scaling_moves_the_weight_into_keys_and_values(nodes, adapter, model, embeds):
+    v_only = term_of(nodes.patch_model(model, adapter, embeds, 0.5))
+    k_and_v = term_of(nodes.patch_model(model, adapter, embeds, 0.5, embeds_scaling="K+V"))
+    penalty = term_of(nodes.patch_model(model, adapter, embeds, 0.5, embeds_scaling="K+V w/ C penalty"))
+    k, v = v_only.keys_values[1]
+    assert v_only.layer_weight(1) == 0.5 and k_and_v.layer_weight(1) == 1.0
+    assert torch.allclose(k_and_v.keys_values[1][0], 0.5 * k) and torch.allclose(k_and_v.keys_values[1][1], 0.5 * v)
+    width = k.shape[-1]  # 64 in this scaled-down UNet: the C penalty is width / 1280
+    assert torch.allclose(penalty.keys_values[1][0], 0.5 * width / 1280 * k)
+
+
+def test_layer_presets_multiply_the_weight_type(nodes, adapter, model, embeds):
+    term = term_of(nodes.patch_model(model, adapter, embeds, 1.0, layer_weights="style", weight_type="weak output"))
+    on = {key: term.layer_weight(key) for key in range(1, 32, 2) if term.layer_weight(key)}
+    assert on == pytest.approx({13: 0.2, 15: 0.2, 17: 0.2})  # up_blocks.1 only, at the weak output factor

@@ -14,7 +14,27 @@ import torch.nn.functional as F
 from .architecture import Architecture
 from .checkpoint import IPAdapterCheckpoint, check_encoder
 
-COMBINE_MODES = ("average", "concat")
+COMBINE_MODES = ("average", "concat", "add", "subtract", "norm average")
+
+
+def combine_features(features: torch.Tensor, mode: str) -> torch.Tensor:
+    """Several references' features [N, ...] as one [1, ...] (every mode but concat).
+
+    average / add: the mean / sum; subtract: the first minus the mean of the others;
+    norm average: the mean of the references scaled to equal length (each feature vector
+    L2-normalised over its last axis), at their mean length, so that one reference with
+    large features does not outweigh the others.
+    """
+    if mode not in COMBINE_MODES or mode == "concat":
+        raise ValueError(f"combine mode '{mode}' cannot merge features; expected one of {', '.join(COMBINE_MODES[:1] + COMBINE_MODES[2:])}")
+    if mode == "average" or features.shape[0] == 1:
+        return features.mean(dim=0, keepdim=True)
+    if mode == "add":
+        return features.sum(dim=0, keepdim=True)
+    if mode == "subtract":
+        return features[:1] - features[1:].mean(dim=0, keepdim=True)
+    norms = features.norm(dim=-1, keepdim=True)
+    return (features / norms.clamp_min(1e-12)).mean(dim=0, keepdim=True) * norms.mean(dim=0, keepdim=True)
 
 
 @dataclass
@@ -56,6 +76,14 @@ class EncodedImages:
             encoder_name,
         )
 
+    def weighted(self, weights: list[float]) -> "EncodedImages":
+        """Each reference's features times its weight (one weight per image, or one for all)."""
+        if len(weights) not in (1, len(self)):
+            raise ValueError(f"{len(weights)} image weights for {len(self)} images; expected one or one per image")
+        factor = torch.tensor(weights, dtype=self.image_embeds.dtype)
+        return EncodedImages(self.image_embeds * factor[:, None], self.penultimate * factor[:, None, None],
+                             self.uncond_image_embeds, self.uncond_penultimate, self.encoder_name)
+
     def concatenated(self, other: "EncodedImages") -> "EncodedImages":
         return EncodedImages(
             torch.cat([self.image_embeds, other.image_embeds.to(self.image_embeds)]),
@@ -64,6 +92,24 @@ class EncodedImages:
             self.uncond_penultimate,
             self.encoder_name,
         )
+
+
+def combine_embeds(parts: list[EncodedImages], mode: str) -> EncodedImages:
+    """Several encodings as one: concat keeps every reference, the other modes merge them into one."""
+    if not parts:
+        raise ValueError("no embeds to combine; expected at least one")
+    names = {part.encoder_name for part in parts}
+    widths = {(part.image_embeds.shape[-1], part.penultimate.shape[-1]) for part in parts}
+    if len(widths) > 1:
+        raise ValueError(f"the embeds come from encoders of different widths {sorted(widths)} ({', '.join(sorted(names))}); "
+                         "expected embeds of one image encoder")
+    combined = parts[0]
+    for part in parts[1:]:
+        combined = combined.concatenated(part)
+    if mode == "concat":
+        return combined
+    return EncodedImages(combine_features(combined.image_embeds, mode), combine_features(combined.penultimate, mode),
+                         combined.uncond_image_embeds, combined.uncond_penultimate, combined.encoder_name)
 
 
 def image_tokens(
@@ -99,10 +145,10 @@ def image_tokens(
     cond = cond.to(parameter)
     uncond = uncond.to(parameter)
     with torch.no_grad():
-        if combine == "average":
-            cond_tokens = projection(cond.mean(dim=0, keepdim=True))
-        else:
+        if combine == "concat":
             cond_tokens = projection(cond).reshape(1, -1, spec.cross_attention_dim)
+        else:
+            cond_tokens = projection(combine_features(cond, combine))
         uncond_tokens = projection(uncond.mean(dim=0, keepdim=True))
         if combine == "concat":
             uncond_tokens = uncond_tokens.repeat(1, len(images), 1)

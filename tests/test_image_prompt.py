@@ -7,6 +7,8 @@ from ipadapter.checkpoint import AdapterFormatError, IPAdapterCheckpoint
 from ipadapter.image_prompt import (
     EncodedImages,
     check_mask,
+    combine_embeds,
+    combine_features,
     image_tokens,
     layer_keys_values,
     mask_to_tokens,
@@ -116,3 +118,51 @@ def test_sdxl_layer_weights_follow_instantstyle():
     for bad, message in [(",".join(["1"] * 16), "expected 70"), ("141:1", "not SDXL")]:
         with pytest.raises(ValueError, match=message):
             parse_layer_weights(bad, SDXL)
+
+
+def test_combine_modes_merge_the_features_before_the_projection(base):
+    checkpoint, projection = base
+    images = encoded(3, seed=7)
+    x = images.image_embeds
+    expected = {  # written out: the peer pack's add / subtract / average, and our norm average
+        "add": x[0] + x[1] + x[2],
+        "subtract": x[0] - (x[1] + x[2]) / 2,
+        "average": (x[0] + x[1] + x[2]) / 3,
+        "norm average": sum(x[i] / x[i].norm() for i in range(3)) / 3 * (x.norm(dim=1).mean()),
+    }
+    results = {}
+    for mode, features in expected.items():
+        tokens, uncond = image_tokens(checkpoint, projection, images, None, mode)
+        assert torch.allclose(tokens, projection(features[None]), atol=1e-5), mode
+        assert uncond.shape == tokens.shape == (1, 4, 768)
+        results[mode] = tokens
+    assert all(not torch.allclose(results[a], results[b], atol=1e-3) for a in results for b in results if a < b)
+
+
+def test_norm_average_gives_each_reference_the_same_say():
+    small, large = torch.randn(1, 1024), torch.randn(1, 1024)
+    large = large / large.norm() * 100 * small.norm()
+    merged = combine_features(torch.cat([small, large]), "norm average")
+    direction = merged / merged.norm()
+    cosines = [float(direction @ (v / v.norm()).T) for v in (small, large)]
+    assert cosines[0] == pytest.approx(cosines[1], abs=1e-5)  # a plain average would follow the large one
+    average = combine_features(torch.cat([small, large]), "average")
+    assert float((average / average.norm()) @ (large / large.norm()).T) > 0.99
+
+
+def test_combine_embeds_and_per_image_weights():
+    a, b = encoded(2, seed=1), encoded(1, seed=2)
+    both = combine_embeds([a, b], "concat")
+    assert len(both) == 3 and torch.equal(both.image_embeds[2], b.image_embeds[0])
+    merged = combine_embeds([a, b], "subtract")
+    assert len(merged) == 1
+    assert torch.allclose(merged.penultimate[0], a.penultimate[0] - (a.penultimate[1] + b.penultimate[0]) / 2)
+    weighted = a.weighted([1.0, 0.5])
+    assert torch.equal(weighted.image_embeds[1], a.image_embeds[1] * 0.5) and torch.equal(weighted.penultimate[0], a.penultimate[0])
+    with pytest.raises(ValueError, match="3 image weights for 2 images"):
+        a.weighted([1.0, 1.0, 1.0])
+    other = EncodedImages(torch.randn(1, 1280), torch.randn(1, 257, 1664), encoder_name="OpenCLIP ViT-bigG/14")
+    with pytest.raises(ValueError, match="different widths"):
+        combine_embeds([a, other], "average")
+    with pytest.raises(ValueError, match="cannot merge"):
+        combine_features(a.image_embeds, "concat")

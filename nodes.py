@@ -20,6 +20,7 @@ from .ipadapter.image_prompt import (
     LAYER_PRESETS,
     EncodedImages,
     check_mask,
+    combine_embeds,
     image_tokens,
     parse_layer_weights,
 )
@@ -130,6 +131,18 @@ def encode_images(encoder: ManagedEncoder, image, crop: str, negative_image=None
     return EncodedImages(embeds, penultimate, uncond_embeds, uncond_penultimate, encoder.encoder.name)
 
 
+def parse_image_weights(text: str, count: int) -> list[float]:
+    """Per-image weights from '1, 0.5'; empty gives 1 each; one number applies to all."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        weights = [float(part) for part in parts] or [1.0]
+    except ValueError:
+        raise ValueError(f"image weights '{text[:60]}' are not numbers; expected comma-separated numbers like '1, 0.5'") from None
+    if len(weights) not in (1, count):
+        raise ValueError(f"{len(weights)} image weights for {count} images; expected one per image of the batch")
+    return weights
+
+
 def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0, start_at=0.0, end_at=1.0,
                 combine="average", layer_weights="all", attn_mask=None, weight_type="linear",
                 embeds_scaling="V only", composition_weight=1.0):
@@ -158,6 +171,20 @@ def _files(folder):
 
 WEIGHT = ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05,
                     "tooltip": "λ, the image prompt's weight: 0 gives the model without the adapter, 1 the paper's default."})
+WEIGHT_TYPE_TOOLTIP = (
+    "How λ is spread over the layers (blocks counted in the order the UNet runs them; the layer preset multiplies it). "
+    "linear: λ everywhere. ease in / ease out: from full to 5% / from 5% to full over the blocks; ease in-out: strongest "
+    "in the middle; reverse in-out: weakest there. weak input / output / middle: that part at 20%; strong middle: input "
+    "and output at 20%. style transfer / composition: only the style / layout blocks (SDXL: up_blocks.0.attentions.1 / "
+    "down_blocks.2.attentions.1); strong style transfer: every block but the layout ones; style and composition: both, "
+    "the layout blocks at composition_weight. The precise forms also push away from the reference where it should not "
+    "act: style transfer precise on the layout blocks, composition precise on all others (which keep 10%)."
+)
+EMBEDS_SCALING_TOOLTIP = (
+    "Where the weight goes. V only: on the image attention's output (the paper's λ). K+V: into the image keys and values. "
+    "K+V w/ C penalty: the same, with narrow layers weighted less (width / 1280). K+mean(V) w/ C penalty: the keys and "
+    "only the mean of the values."
+)
 CROP = (list(CROP_MODES), {"default": "crop", "tooltip": "How a non-square image becomes 224×224: center crop (the reference), pad, or stretch."})
 
 
@@ -229,11 +256,38 @@ class IPAdapterKitEncode:
             },
             "optional": {
                 "negative_image": ("IMAGE", {"tooltip": "Replaces the unconditional image input (default: a zero embedding for base adapters, a blank image for plus/full-face)."}),
+                "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05, "tooltip": "Multiplies the features of every image of this batch: how much these references count when combined with others."}),
+                "image_weights": ("STRING", {"default": "", "tooltip": "One number per image of the batch, comma-separated (e.g. '1, 0.5'), multiplied with weight; empty: 1 for each."}),
             },
         }
 
-    def encode(self, image_encoder, image, crop, negative_image=None):
-        return (encode_images(image_encoder, image, crop, negative_image),)
+    def encode(self, image_encoder, image, crop, negative_image=None, weight=1.0, image_weights=""):
+        embeds = encode_images(image_encoder, image, crop, negative_image)
+        weights = parse_image_weights(image_weights, len(embeds))
+        return (embeds.weighted([weight * w for w in weights]) if weight != 1 or any(w != 1 for w in weights) else embeds,)
+
+
+class IPAdapterKitCombineEmbeds:
+    DESCRIPTION = "Joins or merges encoded references (from Encode Image or Load Embeds) into one embeds input."
+    CATEGORY = f"{CATEGORY}/embeds"
+    RETURN_TYPES = (EMBEDS,)
+    RETURN_NAMES = ("embeds",)
+    FUNCTION = "combine"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        slot = {"tooltip": "More embeds, from the same image encoder."}
+        return {
+            "required": {
+                "embeds_1": (EMBEDS, {"tooltip": "The first embeds; with subtract, the one the others are taken from."}),
+                "method": (list(COMBINE_MODES), {"default": "concat", "tooltip": "concat keeps every reference (Apply's combine then decides); the other methods merge them into one reference here: average, add, subtract (the first minus the mean of the others), norm average."}),
+            },
+            "optional": {f"embeds_{i}": (EMBEDS, slot) for i in range(2, 6)},
+        }
+
+    def combine(self, embeds_1, method, **more):
+        parts = [embeds_1, *(more[name] for name in sorted(more) if more[name] is not None)]
+        return (combine_embeds(parts, method),)
 
 
 class IPAdapterKitApply:
@@ -252,7 +306,7 @@ class IPAdapterKitApply:
                 "weight": WEIGHT,
                 "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where the image prompt starts."}),
                 "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where it stops."}),
-                "combine": (list(COMBINE_MODES), {"default": "average", "tooltip": "Several references: average their embeddings, or concatenate their tokens."}),
+                "combine": (list(COMBINE_MODES), {"default": "average", "tooltip": "Several references: average their features, concatenate their tokens (each keeps its own), add them, subtract (the first minus the mean of the others), or norm average (each scaled to the same length first, so none outweighs the others)."}),
                 "layers": ([*LAYER_PRESETS, "custom"], {"default": "all", "tooltip": "Which layers take the image prompt: all; style (SD1.5 up_blocks.1, SDXL up_blocks.0.attentions.1); composition (SD1.5 down_blocks.2, SDXL down_blocks.2.attentions.1); or custom."}),
                 "custom_layer_weights": ("STRING", {"default": "", "tooltip": "With layers = custom: one number per layer in key order (16 for SD1.5, keys 1, 3, ..., 31; 70 for SDXL, keys 1, 3, ..., 139), or key:value pairs like '15:1, 11:0.5', where every layer not listed gets 0."}),
             },
@@ -261,17 +315,22 @@ class IPAdapterKitApply:
                 "image": ("IMAGE", {"tooltip": "Instead of embeds: a reference image, encoded with image_encoder."}),
                 "image_encoder": (ENCODER, {"tooltip": "Needed with image."}),
                 "attn_mask": ("MASK", {"tooltip": "Where the image prompt applies (1) and where not (0): regional prompting."}),
+                "weight_type": (list(WEIGHT_TYPES), {"default": "linear", "tooltip": WEIGHT_TYPE_TOOLTIP}),
+                "embeds_scaling": (list(EMBEDS_SCALING), {"default": "V only", "tooltip": EMBEDS_SCALING_TOOLTIP}),
+                "composition_weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip": "With weight type 'style and composition': the composition blocks' weight, as a multiple of λ (so λ = 0 still turns everything off)."}),
             },
         }
 
     def apply(self, model, ipadapter, weight, start_at, end_at, combine, layers, custom_layer_weights,
-              embeds=None, image=None, image_encoder=None, attn_mask=None):
+              embeds=None, image=None, image_encoder=None, attn_mask=None, weight_type="linear",
+              embeds_scaling="V only", composition_weight=1.0):
         if embeds is None:
             if image is None or image_encoder is None:
                 raise ValueError("Apply IP-Adapter got no embeds and no image + image_encoder; expected one of the two")
             embeds = encode_images(image_encoder, image, "crop")
         layer_weights = custom_layer_weights if layers == "custom" else layers
-        return (patch_model(model, ipadapter, embeds, weight, start_at, end_at, combine, layer_weights, attn_mask),)
+        return (patch_model(model, ipadapter, embeds, weight, start_at, end_at, combine, layer_weights, attn_mask,
+                            weight_type, embeds_scaling, composition_weight),)
 
 
 class IPAdapterKitSimple:
@@ -364,6 +423,7 @@ NODE_CLASS_MAPPINGS = {
     "IPAdapterKitEncoderLoader": IPAdapterKitEncoderLoader,
     "IPAdapterKitEncoderFromCLIPVision": IPAdapterKitEncoderFromCLIPVision,
     "IPAdapterKitEncode": IPAdapterKitEncode,
+    "IPAdapterKitCombineEmbeds": IPAdapterKitCombineEmbeds,
     "IPAdapterKitApply": IPAdapterKitApply,
     "IPAdapterKitSimple": IPAdapterKitSimple,
     "IPAdapterKitSaveEmbeds": IPAdapterKitSaveEmbeds,
@@ -375,6 +435,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAdapterKitEncoderLoader": "Load IP-Adapter Image Encoder",
     "IPAdapterKitEncoderFromCLIPVision": "IP-Adapter Encoder from CLIP Vision",
     "IPAdapterKitEncode": "IP-Adapter Encode Image",
+    "IPAdapterKitCombineEmbeds": "Combine IP-Adapter Embeds",
     "IPAdapterKitApply": "Apply IP-Adapter",
     "IPAdapterKitSimple": "IP-Adapter (simple)",
     "IPAdapterKitSaveEmbeds": "Save IP-Adapter Embeds",

@@ -1,4 +1,4 @@
-"""Weight types and embeds scaling through the Apply node's code path, in a real ComfyUI UNet (SD1.5 layout)."""
+"""The controls users tune (weight types, embeds scaling, combining references) through the nodes, in a real ComfyUI UNet."""
 import pytest
 import torch
 
@@ -77,3 +77,20 @@ def test_layer_presets_multiply_the_weight_type(nodes, adapter, model, embeds):
     term = term_of(nodes.patch_model(model, adapter, embeds, 1.0, layer_weights="style", weight_type="weak output"))
     on = {key: term.layer_weight(key) for key in range(1, 32, 2) if term.layer_weight(key)}
     assert on == pytest.approx({13: 0.2, 15: 0.2, 17: 0.2})  # up_blocks.1 only, at the weak output factor
+
+
+def test_encode_weights_and_combine_node(nodes, encoder, adapter, model, sample):
+    images = torch.rand(2, 56, 56, 3, generator=torch.Generator().manual_seed(4))
+    (plain,) = nodes.IPAdapterKitEncode().encode(encoder, images, "crop")
+    (weighted,) = nodes.IPAdapterKitEncode().encode(encoder, images, "crop", weight=0.5, image_weights="1, 0.2")
+    assert torch.allclose(weighted.image_embeds, plain.image_embeds * torch.tensor([[0.5], [0.1]]))
+    (other,) = nodes.IPAdapterKitEncode().encode(encoder, images[:1], "crop")
+    (joined,) = nodes.IPAdapterKitCombineEmbeds().combine(plain, "concat", embeds_3=other)
+    assert len(joined) == 3
+    (merged,) = nodes.IPAdapterKitCombineEmbeds().combine(plain, "average", embeds_2=other)
+    assert len(merged) == 1 and torch.allclose(merged.image_embeds[0], joined.image_embeds.mean(0))
+    # merging in the node or at Apply gives the same image prompt
+    at_apply = prediction(nodes.patch_model(model, adapter, joined, 1.0, combine="average"), sample)
+    assert torch.allclose(prediction(nodes.patch_model(model, adapter, merged, 1.0), sample), at_apply, atol=1e-6)
+    with pytest.raises(ValueError, match="3 image weights for 2 images"):
+        nodes.IPAdapterKitEncode().encode(encoder, images, "crop", image_weights="1, 1, 1")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from dataclasses import dataclass
 
 from comfyui_harness import REPO_ROOT, build_sd15_model_patcher, import_comfy, sd15_unet_config  # noqa: F401
+from sdxl_models import POOLED_WIDTH, sdxl_added_conditioning
 
 PACK_NAME = "ipadapter_sd15_pack_under_test"
 
@@ -22,14 +24,53 @@ def pack_module(name: str):
     return importlib.import_module(f"{PACK_NAME}.{name}")
 
 
-def noise_prediction(patcher, latent, sigma, context, cond_or_uncond=(0, 1)):
-    """ε from ComfyUI's apply_model, with the transformer options a sampler would pass."""
+def noise_prediction(patcher, latent, sigma, context, cond_or_uncond=(0, 1), **conditioning):
+    """ε from ComfyUI's apply_model, with the transformer options a sampler would pass.
+
+    ``conditioning`` holds the model's extra inputs, e.g. SDXL's added conditioning ``y``.
+    """
     import torch
 
     options = {**patcher.model_options["transformer_options"], "cond_or_uncond": list(cond_or_uncond), "sigmas": sigma}
     with torch.no_grad():
-        denoised = patcher.model.apply_model(latent, sigma, c_crossattn=context, transformer_options=options)
+        denoised = patcher.model.apply_model(latent, sigma, c_crossattn=context, transformer_options=options, **conditioning)
     return (latent - denoised) / sigma.view(-1, 1, 1, 1)
+
+
+@dataclass
+class UNetInputs:
+    """One batch of UNet inputs: latent, text context and, for SDXL, the added conditioning ``y``."""
+
+    latent: "torch.Tensor"
+    context: "torch.Tensor"
+    y: "torch.Tensor | None" = None
+
+    def __getitem__(self, rows) -> "UNetInputs":
+        return UNetInputs(self.latent[rows], self.context[rows], None if self.y is None else self.y[rows])
+
+    def predict(self, patcher, sigma, cond_or_uncond=(0, 1)):
+        conditioning = {} if self.y is None else {"y": self.y}
+        return noise_prediction(patcher, self.latent, sigma, self.context, cond_or_uncond, **conditioning)
+
+
+def random_unet_inputs(patcher, context_dim: int, batch: int = 2, seed: int = 0, size=8) -> UNetInputs:
+    """Random latent (``size`` or (height, width)) and text tokens; models with added conditioning get SDXL's ``y``."""
+    import torch
+
+    height, width = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator().manual_seed(seed)
+    latent = torch.randn(batch, 4, height, width, generator=generator)
+    context = torch.randn(batch, 77, context_dim, generator=generator)
+    y = None
+    if patcher.model.adm_channels:
+        pooled = torch.randn(batch, POOLED_WIDTH, generator=generator)
+        y = sdxl_added_conditioning(patcher.model, pooled, 8 * height, 8 * width)
+    return UNetInputs(latent, context, y)
+
+
+def sigma_at(patcher, t: int = 500, batch: int = 2):
+    """The model's σ of timestep ``t``, one per sample (a fresh tensor, as a sampler passes)."""
+    return patcher.model.model_sampling.sigmas[t].expand(batch).clone()
 
 
 def diffusers_unet_from_comfy(comfy, patcher, width: int):

@@ -1,14 +1,17 @@
-"""The attn2 patches inside a real ComfyUI UNet (SD1.5 layout, scaled down)."""
+"""The attn2 patches inside a real ComfyUI UNet, for every family (SD1.5: 16 layers, SDXL: 70), scaled down."""
 import copy
 
 import pytest
 import torch
 
 from adapter_factory import random_adapter
-from comfy_inprocess import build_sd15_model_patcher, noise_prediction, pack_module
+from comfy_inprocess import build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at
+from ipadapter.architecture import family_by_id
 from ipadapter.checkpoint import IPAdapterCheckpoint
+from sdxl_models import build_sdxl_model_patcher
 
-WIDTH = 64  # model_channels of the scaled-down UNet
+WIDTH = 64  # model_channels of the scaled-down UNets
+BUILDERS = {"sd15": build_sd15_model_patcher, "sdxl": build_sdxl_model_patcher}
 
 
 @pytest.fixture(scope="module")
@@ -16,100 +19,106 @@ def patcher_module(comfy):
     return pack_module("patcher")
 
 
-@pytest.fixture(scope="module")
-def model(comfy):
-    return build_sd15_model_patcher(WIDTH)
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def architecture(request):
+    return family_by_id(request.param)
 
 
 @pytest.fixture(scope="module")
-def checkpoint():
-    return IPAdapterCheckpoint.from_state_dicts(**random_adapter("base", base_width=WIDTH, seed=1), base_width=None)
+def model(comfy, architecture):
+    return BUILDERS[architecture.id](WIDTH)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(architecture):
+    nested = random_adapter("base", base_width=WIDTH, seed=1, family=architecture.id)
+    return IPAdapterCheckpoint.from_state_dicts(**nested, base_width=None)
+
+
+@pytest.fixture(scope="module")
+def middle(architecture):
+    """The first middle-block layer: in both families 4 x WIDTH wide."""
+    return architecture.layer_by_patch_key[("middle", 0, 0)]
 
 
 def make_term(patcher_module, checkpoint, weight=1.0, sigma_start=1e9, sigma_end=0.0, mask=None, seed=0, layers=None):
+    architecture = checkpoint.spec.architecture
     generator = torch.Generator().manual_seed(seed)
-    cond = torch.randn(1, 4, 768, generator=generator)
-    uncond = torch.randn(1, 4, 768, generator=generator)
-    layer_weights = layers or {k: 1.0 for k in range(1, 32, 2)}
+    cond = torch.randn(1, 4, architecture.context_dim, generator=generator)
+    uncond = torch.randn(1, 4, architecture.context_dim, generator=generator)
+    layer_weights = layers or {k: 1.0 for k in architecture.keys}
     return patcher_module.ImagePromptTerm.build(checkpoint, cond, uncond, weight, layer_weights, sigma_start, sigma_end, mask)
 
 
-def inputs(batch=2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    latent = torch.randn(batch, 4, 8, 8, generator=generator)
-    context = torch.randn(batch, 77, 768, generator=generator)
-    return latent, context
+@pytest.fixture(scope="module")
+def inputs(model, architecture):
+    return random_unet_inputs(model, architecture.context_dim, batch=2)
 
 
-def sigma_of(model, batch=2, t=500):
-    return model.model.model_sampling.sigmas[t].expand(batch).clone()
-
-
-def test_weight_zero_is_exactly_the_unpatched_model(patcher_module, model, checkpoint):
-    latent, context = inputs()
-    sigma = sigma_of(model)
-    plain = noise_prediction(model, latent, sigma, context)
+def test_weight_zero_is_exactly_the_unpatched_model(patcher_module, model, checkpoint, inputs):
+    sigma = sigma_at(model)
+    plain = inputs.predict(model, sigma)
     patched = patcher_module.apply_image_prompt(model, make_term(patcher_module, checkpoint, weight=0.0))
-    assert torch.equal(noise_prediction(patched, latent, sigma, context), plain)
+    assert torch.equal(inputs.predict(patched, sigma), plain)
     active = patcher_module.apply_image_prompt(model, make_term(patcher_module, checkpoint, weight=1.0))
-    assert (noise_prediction(active, latent, sigma, context) - plain).abs().max() > 1e-3
+    assert (inputs.predict(active, sigma) - plain).abs().max() > 1e-3
 
 
-def test_outside_the_step_window_is_exactly_the_unpatched_model(patcher_module, model, checkpoint):
-    latent, context = inputs()
+def test_outside_the_step_window_is_exactly_the_unpatched_model(patcher_module, model, checkpoint, inputs):
     sampling = model.model.model_sampling
     term = make_term(patcher_module, checkpoint, sigma_start=sampling.percent_to_sigma(0.5), sigma_end=sampling.percent_to_sigma(1.0))
     patched = patcher_module.apply_image_prompt(model, term)
-    early, late = sigma_of(model, t=900), sigma_of(model, t=100)
-    assert torch.equal(noise_prediction(patched, latent, early, context), noise_prediction(model, latent, early, context))
-    assert not torch.equal(noise_prediction(patched, latent, late, context), noise_prediction(model, latent, late, context))
+    early, late = sigma_at(model, t=900), sigma_at(model, t=100)
+    assert torch.equal(inputs.predict(patched, early), inputs.predict(model, early))
+    assert not torch.equal(inputs.predict(patched, late), inputs.predict(model, late))
 
 
-def test_all_sixteen_layers_patched_and_a_foreign_patch_is_called_through(patcher_module, model, checkpoint):
+@pytest.mark.parametrize("foreign_key", ["layer", "block"])  # set per (block, id, index), or per (block, id) for all its layers
+def test_every_layer_patched_and_a_foreign_patch_is_called_through(patcher_module, model, checkpoint, inputs, architecture, foreign_key):
     seen = []
 
     def foreign(q, k, v, extra_options):  # another pack's attn2 replacement: plain attention, recorded
         from comfy.ldm.modules.attention import optimized_attention
 
-        seen.append(tuple(extra_options["block"]))
+        seen.append((*extra_options["block"], extra_options["block_index"]))
         return optimized_attention(q, k, v, extra_options["n_heads"])
 
     other = model.clone()
-    blocks = [("input", 1), ("input", 2), ("input", 4), ("input", 5), ("input", 7), ("input", 8), *[("output", i) for i in range(3, 12)], ("middle", 0)]
-    for block in blocks:
-        other.set_model_attn2_replace(foreign, *block, 0)
+    layer_keys = [layer.comfy_patch_key for layer in architecture.layers]
+    foreign_keys = set(layer_keys) if foreign_key == "layer" else {layer.comfy_block for layer in architecture.layers}
+    for key in foreign_keys:
+        other.set_model_attn2_replace(foreign, *key)
     patched = patcher_module.apply_image_prompt(other, make_term(patcher_module, checkpoint))
     attn2 = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
-    assert set(attn2) == {(*b, 0) for b in blocks}
-    assert all(isinstance(p, patcher_module.AttentionPatch) and p.previous is foreign for p in attn2.values())
+    ours = {key: patch for key, patch in attn2.items() if isinstance(patch, patcher_module.AttentionPatch)}
+    assert set(ours) == set(layer_keys) and len(ours) == len(architecture.layers)  # 16 or 70, every transformer index
+    assert all(patch.key == architecture.layer_by_patch_key[key].key and patch.previous is foreign for key, patch in ours.items())
 
-    latent, context = inputs()
-    sigma = sigma_of(model)
-    with_foreign_only = noise_prediction(other, latent, sigma, context)
+    sigma = sigma_at(model)
+    with_foreign_only = inputs.predict(other, sigma)
     seen.clear()
-    result = noise_prediction(patched, latent, sigma, context)
-    assert sorted(seen) == sorted(blocks)  # every layer ran our patch, which called the foreign one
-    assert ("middle", 0) in seen
+    result = inputs.predict(patched, sigma)
+    assert sorted(seen) == sorted(layer_keys)  # every layer ran our patch once, which called the foreign one
     assert (result - with_foreign_only).abs().max() > 1e-3
 
 
-def test_conditional_and_unconditional_halves_get_their_own_tokens(patcher_module, model, checkpoint):
+def test_conditional_and_unconditional_halves_get_their_own_tokens(patcher_module, model, checkpoint, architecture):
     patched = patcher_module.apply_image_prompt(model, make_term(patcher_module, checkpoint))
-    latent, context = inputs(batch=4)
-    sigma = sigma_of(model, batch=4)
-    together = noise_prediction(patched, latent, sigma, context, cond_or_uncond=(1, 0))  # uncond first, 2 each
-    uncond_alone = noise_prediction(patched, latent[:2], sigma[:2], context[:2], cond_or_uncond=(1,))
-    cond_alone = noise_prediction(patched, latent[2:], sigma[2:], context[2:], cond_or_uncond=(0,))
+    inputs = random_unet_inputs(model, architecture.context_dim, batch=4)
+    sigma = sigma_at(model, batch=4)
+    together = inputs.predict(patched, sigma, cond_or_uncond=(1, 0))  # uncond first, 2 each
+    uncond_alone = inputs[:2].predict(patched, sigma[:2], cond_or_uncond=(1,))
+    cond_alone = inputs[2:].predict(patched, sigma[2:], cond_or_uncond=(0,))
     assert torch.allclose(together, torch.cat([uncond_alone, cond_alone]), atol=1e-5)
-    swapped = noise_prediction(patched, latent, sigma, context, cond_or_uncond=(0, 1))
+    swapped = inputs.predict(patched, sigma, cond_or_uncond=(0, 1))
     assert (swapped - together).abs().max() > 1e-3
 
 
-def test_two_applications_add_both_terms(patcher_module, model, checkpoint):
+def test_two_applications_add_both_terms(patcher_module, model, checkpoint, middle):
     first = make_term(patcher_module, checkpoint, weight=0.7, seed=1)
     second = make_term(patcher_module, checkpoint, weight=-0.4, seed=2)
     twice = patcher_module.apply_image_prompt(patcher_module.apply_image_prompt(model, first), second)
-    patch = twice.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)]
+    patch = twice.model_options["transformer_options"]["patches_replace"]["attn2"][middle.comfy_patch_key]
     assert patch.terms == (first, second)
 
     from comfy.ldm.modules.attention import optimized_attention
@@ -122,17 +131,21 @@ def test_two_applications_add_both_terms(patcher_module, model, checkpoint):
     options = {"n_heads": 8, "cond_or_uncond": [0, 1], "sigmas": torch.ones(2)}
     expected = optimized_attention(q, k, v, 8)
     for term in (first, second):
-        k_ip, v_ip = (t[[0, 1]] for t in term.keys_values[31])
+        k_ip, v_ip = (t[[0, 1]] for t in term.keys_values[middle.key])
         expected = expected + image_attention(q, k_ip, v_ip, 8, term.weight)
     assert torch.allclose(patch(q, k, v, options), expected, atol=1e-5)
 
 
-def test_input_model_is_not_mutated_and_clones_share_the_image_weights(patcher_module, model, checkpoint):
+def test_input_model_is_not_mutated_and_clones_share_the_image_weights(patcher_module, model, checkpoint, inputs):
     before = copy.deepcopy(model.model_options)
     term = make_term(patcher_module, checkpoint)
     patched = patcher_module.apply_image_prompt(model, term)
     assert model.model_options == before
     assert "patches_replace" not in model.model_options["transformer_options"]
+    weights = {name: tensor.clone() for name, tensor in model.model.diffusion_model.state_dict().items()}
+    inputs.predict(patched, sigma_at(model))
+    assert model.model_options == before
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.model.diffusion_model.state_dict().items())
 
     clone = patched.clone().clone()
     for key, patch in clone.model_options["transformer_options"]["patches_replace"]["attn2"].items():
@@ -141,25 +154,36 @@ def test_input_model_is_not_mutated_and_clones_share_the_image_weights(patcher_m
     assert clone.model is patched.model is model.model  # UNet weights shared as well
 
 
-def test_image_weights_follow_the_unet_dtype_and_device(patcher_module, model, checkpoint):
+def test_image_weights_follow_the_unet_dtype_and_device(patcher_module, model, checkpoint, inputs, middle):
     term = make_term(patcher_module, checkpoint)
     patched = patcher_module.apply_image_prompt(model, term)
-    latent, context = inputs()
-    noise_prediction(patched, latent, sigma_of(model), context)
+    inputs.predict(patched, sigma_at(model))
     assert list(term._on_device) == [(torch.device("cpu"), torch.float32)]
     patched.model_patches_to(torch.bfloat16)  # what ComfyUI's model management calls on load
     assert list(term._on_device) == [(torch.device("cpu"), torch.bfloat16)]
-    assert term._on_device[(torch.device("cpu"), torch.bfloat16)][31][0].dtype == torch.bfloat16
+    assert term._on_device[(torch.device("cpu"), torch.bfloat16)][middle.key][0].dtype == torch.bfloat16
     patched.model_patches_to(torch.device("cpu"))  # and on offload
     assert all(device == torch.device("cpu") for device, _ in term._on_device)
 
 
-def test_region_mask_limits_the_image_prompt(patcher_module, model, checkpoint):
-    latent, context = inputs()
-    sigma = sigma_of(model)
-    plain = noise_prediction(model, latent, sigma, context)
+def test_region_mask_limits_the_image_prompt(patcher_module, model, checkpoint, inputs):
+    sigma = sigma_at(model)
+    plain = inputs.predict(model, sigma)
     nowhere = patcher_module.apply_image_prompt(model, make_term(patcher_module, checkpoint, mask=torch.zeros(1, 64, 64)))
-    assert torch.equal(noise_prediction(nowhere, latent, sigma, context), plain)
+    assert torch.equal(inputs.predict(nowhere, sigma), plain)
     everywhere = patcher_module.apply_image_prompt(model, make_term(patcher_module, checkpoint, mask=torch.ones(64, 64)[None]))
     unmasked = patcher_module.apply_image_prompt(model, make_term(patcher_module, checkpoint))
-    assert torch.allclose(noise_prediction(everywhere, latent, sigma, context), noise_prediction(unmasked, latent, sigma, context), atol=1e-6)
+    assert torch.allclose(inputs.predict(everywhere, sigma), inputs.predict(unmasked, sigma), atol=1e-6)
+
+
+def test_region_mask_on_an_odd_non_square_latent_reaches_every_level(patcher_module, model, checkpoint, architecture):
+    # 9 x 13 latents give 5 x 7 and 3 x 4 token grids (SDXL's two attention levels; SD1.5 has a third, 2 x 2)
+    inputs = random_unet_inputs(model, architecture.context_dim, batch=2, seed=1, size=(9, 13))
+    sigma = sigma_at(model)
+    mask = torch.zeros(1, 72, 104)
+    mask[:, :, :52] = 1  # left half
+    half = patcher_module.apply_image_prompt(model, make_term(patcher_module, checkpoint, mask=mask))
+    everywhere = patcher_module.apply_image_prompt(model, make_term(patcher_module, checkpoint))
+    plain, masked, unmasked = (inputs.predict(m, sigma) for m in (model, half, everywhere))
+    assert masked.shape == plain.shape == (2, 4, 9, 13)
+    assert (masked - plain).abs().max() > 1e-3 and (masked - unmasked).abs().max() > 1e-3

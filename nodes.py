@@ -25,6 +25,7 @@ from .ipadapter.image_prompt import (
     parse_layer_weights,
 )
 from .ipadapter.preprocess import CROP_MODES
+from .ipadapter.reference_prep import CROP_POSITIONS, INTERPOLATIONS, NOISE_TYPES, make_noise, prepare_reference
 from .ipadapter.weighting import EMBEDS_SCALING, WEIGHT_TYPES, weight_schedule
 from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits
 
@@ -267,6 +268,51 @@ class IPAdapterKitEncode:
         return (embeds.weighted([weight * w for w in weights]) if weight != 1 or any(w != 1 for w in weights) else embeds,)
 
 
+class IPAdapterKitPrepImage:
+    DESCRIPTION = ("Chooses the square of a reference image that the encoder sees (224×224): where to crop a "
+                   "non-square image, or pad it whole; the resize filter; optional sharpening.")
+    CATEGORY = f"{CATEGORY}/utils"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "prepare"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Reference images."}),
+            "interpolation": (list(INTERPOLATIONS), {"default": "LANCZOS", "tooltip": "The resize filter (PIL's)."}),
+            "crop_position": (list(CROP_POSITIONS), {"default": "center", "tooltip": "Which square of a non-square image to keep, or pad: the whole image with black bars."}),
+            "sharpening": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "Contrast-adaptive sharpening after the resize; 0: none."}),
+        }}
+
+    def prepare(self, image, interpolation, crop_position, sharpening):
+        return (prepare_reference(image, crop_position, interpolation, sharpening),)
+
+
+class IPAdapterKitNoise:
+    DESCRIPTION = ("Makes a negative image for Encode Image's negative_image: noise from black or from the reference. "
+                   "The image prompt is then steered away from it instead of from an empty image.")
+    CATEGORY = f"{CATEGORY}/utils"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("noise",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "type": (list(NOISE_TYPES), {"default": "fade", "tooltip": "fade: the image mixed with noise; dissolve: a share of the pixels replaced; gaussian: the image plus normal noise; shuffle: its tiles shuffled and mirrored, plus noise."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "How much noise: 0 leaves the image (or black) as it is."}),
+                "blur": ("INT", {"default": 0, "min": 0, "max": 32, "step": 1, "tooltip": "Gaussian blur kernel size in pixels after the noise; 0: none."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "The same seed gives the same noise."}),
+            },
+            "optional": {"image": ("IMAGE", {"tooltip": "Make the noise from this image (its center square); without it, from black."})},
+        }
+
+    def make(self, type, strength, blur, seed, image=None):  # noqa: A002  (the widget's name)
+        return (make_noise(type, strength, blur, image, seed),)
+
+
 class IPAdapterKitCombineEmbeds:
     DESCRIPTION = "Joins or merges encoded references (from Encode Image or Load Embeds) into one embeds input."
     CATEGORY = f"{CATEGORY}/embeds"
@@ -424,6 +470,8 @@ NODE_CLASS_MAPPINGS = {
     "IPAdapterKitEncoderFromCLIPVision": IPAdapterKitEncoderFromCLIPVision,
     "IPAdapterKitEncode": IPAdapterKitEncode,
     "IPAdapterKitCombineEmbeds": IPAdapterKitCombineEmbeds,
+    "IPAdapterKitPrepImage": IPAdapterKitPrepImage,
+    "IPAdapterKitNoise": IPAdapterKitNoise,
     "IPAdapterKitApply": IPAdapterKitApply,
     "IPAdapterKitSimple": IPAdapterKitSimple,
     "IPAdapterKitSaveEmbeds": IPAdapterKitSaveEmbeds,
@@ -436,6 +484,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAdapterKitEncoderFromCLIPVision": "IP-Adapter Encoder from CLIP Vision",
     "IPAdapterKitEncode": "IP-Adapter Encode Image",
     "IPAdapterKitCombineEmbeds": "Combine IP-Adapter Embeds",
+    "IPAdapterKitPrepImage": "Prepare Image for IP-Adapter",
+    "IPAdapterKitNoise": "IP-Adapter Noise (negative image)",
     "IPAdapterKitApply": "Apply IP-Adapter",
     "IPAdapterKitSimple": "IP-Adapter (simple)",
     "IPAdapterKitSaveEmbeds": "Save IP-Adapter Embeds",

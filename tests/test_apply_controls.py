@@ -94,3 +94,15 @@ def test_encode_weights_and_combine_node(nodes, encoder, adapter, model, sample)
     assert torch.allclose(prediction(nodes.patch_model(model, adapter, merged, 1.0), sample), at_apply, atol=1e-6)
     with pytest.raises(ValueError, match="3 image weights for 2 images"):
         nodes.IPAdapterKitEncode().encode(encoder, images, "crop", image_weights="1, 1, 1")
+
+
+def test_noise_as_negative_image_changes_only_the_unconditional_tokens(nodes, encoder, adapter, model):
+    image = torch.rand(1, 80, 120, 3, generator=torch.Generator().manual_seed(5))
+    (prepared,) = nodes.IPAdapterKitPrepImage().prepare(image, "BICUBIC", "left", 0.3)
+    assert prepared.shape == (1, 224, 224, 3)
+    (noise,) = nodes.IPAdapterKitNoise().make("dissolve", 0.6, 3, 1, image=prepared)
+    (plain,) = nodes.IPAdapterKitEncode().encode(encoder, prepared, "crop")
+    (negative,) = nodes.IPAdapterKitEncode().encode(encoder, prepared, "crop", negative_image=noise)
+    a, b = term_of(nodes.patch_model(model, adapter, plain, 1.0)), term_of(nodes.patch_model(model, adapter, negative, 1.0))
+    assert torch.equal(a.keys_values[1][0][0], b.keys_values[1][0][0])  # the reference's side is the same
+    assert not torch.allclose(a.keys_values[1][0][1], b.keys_values[1][0][1])  # the unconditional side is the noise

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from proc_memory import release_memory, status_bytes  # noqa: E402
+from proc_memory import peak_bytes, reset_peak  # noqa: E402
+from timing import building_on, device_name  # noqa: E402
 
 VARIANTS = ("reference", "reference-fp32", "ours", "ours-bf16")
 
@@ -58,32 +58,14 @@ def build_models(device, small: bool, encoders: bool):
             frozen.text_encoder = frozen.image_encoder = None
         return frozen
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15_CONFIG_DIR), subfolder="unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD15_CONFIG_DIR), subfolder="vae"))
-    text_encoder = image_encoder = None
-    if encoders:
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json")))
-        image_encoder = build_vision_tower("ViT-H-14")
+    with building_on(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15_CONFIG_DIR), subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD15_CONFIG_DIR), subfolder="vae"))
+        text_encoder = image_encoder = None
+        if encoders:
+            text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json")))
+            image_encoder = build_vision_tower("ViT-H-14")
     return FrozenModels(unet, vae, text_encoder, image_encoder, PromptTokenizer(), sd15_scheduler(), torch.float32)
-
-
-def reset_peak(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        release_memory()
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-
-def peak_bytes(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return status_bytes("VmHWM")
 
 
 def worker(variant: str, resolution: int, batch: int, steps: int, small: bool, warmup: int) -> dict:
@@ -151,8 +133,41 @@ def worker(variant: str, resolution: int, batch: int, steps: int, small: bool, w
         step()
     reset_peak(device)
     times = [step() for _ in range(steps)]
-    return {"seconds": statistics.median(times), "peak": peak_bytes(device), "device": str(device),
-            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()}
+    return {"seconds": statistics.median(times), "peak": peak_bytes(device), "device": str(device), "device_name": device_name(device)}
+
+
+def run_variant(variant: str, resolution: int, batch: int = 1, steps: int = 1, warmup: int = 1, threads: int = 0,
+                small: bool = False) -> dict:
+    """One variant's training steps in a fresh process (so that its peak memory is its own)."""
+    command = [sys.executable, __file__, "--worker", variant, "--resolution", str(resolution), "--batch", str(batch),
+               "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)] + (["--small"] if small else [])
+    output = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{variant} at {resolution} failed:\n{output.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def compare(variants, resolutions, reps: int, **options) -> dict:
+    """``{(resolution, variant): [result per round]}``: ``reps`` interleaved rounds of every variant.
+
+    ``options`` go to :func:`run_variant` (batch, steps, warmup, threads, small).
+    """
+    results: dict = {}
+    for rep in range(reps):
+        for resolution in resolutions:
+            for variant in variants:
+                result = run_variant(variant, resolution, **options)
+                results.setdefault((resolution, variant), []).append(result)
+                print(f"# rep {rep + 1} {resolution}px {variant}: {result['seconds']:.2f} s/step, peak {result['peak'] / 2**30:.2f} GiB",
+                      file=sys.stderr, flush=True)
+    return results
+
+
+def medians(runs: list[dict], batch: int) -> dict:
+    """s/step, samples/s and peak memory of one variant: medians over its rounds."""
+    seconds = statistics.median(r["seconds"] for r in runs)
+    return {"s_per_step": seconds, "samples_per_s": batch / seconds, "peak_bytes": statistics.median(r["peak"] for r in runs)}
 
 
 def main() -> None:
@@ -177,21 +192,12 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args.worker, args.resolution, args.batch, args.steps, args.small, args.warmup)), flush=True)
         return
 
-    results: dict = {}
     started = time.time()
-    for rep in range(args.reps):
-        for resolution in args.resolutions:
-            for variant in args.variants:
-                command = [sys.executable, __file__, "--worker", variant, "--resolution", str(resolution), "--batch", str(args.batch),
-                           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)] + (["--small"] if args.small else [])
-                output = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-                line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
-                    raise SystemExit(f"{variant} at {resolution} failed:\n{output.stderr[-3000:]}")
-                result = json.loads(line[len("RESULT "):])
-                results.setdefault((resolution, variant), []).append(result)
-                print(f"# rep {rep + 1} {resolution}px {variant}: {result['seconds']:.2f} s/step, peak {result['peak'] / 2**30:.2f} GiB",
-                      file=sys.stderr, flush=True)
+    try:
+        results = compare(args.variants, args.resolutions, args.reps, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                          threads=args.threads, small=args.small)
+    except RuntimeError as error:
+        raise SystemExit(str(error))
     first = next(iter(results.values()))[0]
     print(f"machine: {first['device_name']}, device {first['device']}, {torch.get_num_threads()} torch threads; torch {torch.__version__}")
     print(f"{'scaled-down' if args.small else 'full-size'} SD1.5 + ViT-H/14 (random weights), batch {args.batch}, "
@@ -200,16 +206,11 @@ def main() -> None:
     print(f"| resolution | variant | s/step | samples/s | peak memory (GiB) | samples/s vs {baseline} | peak vs {baseline} |")
     print("|---|---|---|---|---|---|---|")
     for resolution in args.resolutions:
-        base = results.get((resolution, baseline))
-        base_seconds = statistics.median(r["seconds"] for r in base) if base else None
-        base_peak = statistics.median(r["peak"] for r in base) if base else None
+        base = medians(results[(resolution, baseline)], args.batch)
         for variant in args.variants:
-            runs = results[(resolution, variant)]
-            seconds = statistics.median(r["seconds"] for r in runs)
-            peak = statistics.median(r["peak"] for r in runs)
-            speed = f"{base_seconds / seconds:.2f}x" if base_seconds else "-"
-            memory = f"{peak / base_peak:.2f}x" if base_peak else "-"
-            print(f"| {resolution} | {variant} | {seconds:.2f} | {args.batch / seconds:.3f} | {peak / 2**30:.2f} | {speed} | {memory} |")
+            figures = medians(results[(resolution, variant)], args.batch)
+            print(f"| {resolution} | {variant} | {figures['s_per_step']:.2f} | {figures['samples_per_s']:.3f} | {figures['peak_bytes'] / 2**30:.2f} | "
+                  f"{base['s_per_step'] / figures['s_per_step']:.2f}x | {figures['peak_bytes'] / base['peak_bytes']:.2f}x |")
 
 
 if __name__ == "__main__":

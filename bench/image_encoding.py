@@ -21,56 +21,77 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
+from timing import building_on, free_memory, interleaved, median, pick_device  # noqa: E402
+
 ENCODER_FILE = "vit-h-14-random.safetensors"
 
 
-def part_one(args) -> list[str]:
-    import torch
+SMALL_TOWER = dict(width=128, layers=2, head_width=64)  # a narrow tower; the output widths stay the named one's
 
+
+def build_tower(name: str, small: bool, device, dtype):
     from ipadapter.encoder import build_vision_tower
 
-    torch.manual_seed(0)
-    overrides = dict(width=128, layers=2, head_width=64, patch_size=14, embed_dim=1024) if args.small else {}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    encoder = build_vision_tower("ViT-H-14", **overrides).eval().to(device, dtype)
-    generator = torch.Generator().manual_seed(0)
-    images = {count: torch.rand(count, 512, 640, 3, generator=generator).to(device) for count in (1, 4)}  # ComfyUI IMAGE layout
+    import torch
 
-    def encode(count: int) -> float:
-        started = time.perf_counter()
+    torch.manual_seed(0)
+    with building_on(device):
+        encoder = build_vision_tower(name, **(SMALL_TOWER if small else {}))
+    return encoder.eval().to(device, dtype)
+
+
+def encoding_times(name: str, small: bool, batches: tuple[int, ...], reps: int, device, dtype) -> dict:
+    """Median encoding time per image of an OpenCLIP tower (random weights) through ``encode_images``,
+    CLIP preprocessing of 512x640 images included, for each batch size; interleaved repetitions."""
+    import torch
+
+    encoder = build_tower(name, small, device, dtype)
+    generator = torch.Generator().manual_seed(0)
+    images = {count: torch.rand(count, 512, 640, 3, generator=generator).to(device) for count in batches}  # ComfyUI IMAGE layout
+
+    def encode(count: int):
         with torch.no_grad():
             encoder.encode_images(images[count], mode="crop")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - started) / count
 
-    for count in images:
-        encode(count)  # warm-up
-    times = {count: [] for count in images}
-    for _ in range(args.reps):
-        for count in images:
-            times[count].append(encode(count))
-    one = statistics.median(times[1])
+    times = interleaved({count: (lambda count=count: encode(count)) for count in batches}, reps, device)
+    one = median(times[batches[0]]) / batches[0]
+    result = {
+        "parameters": sum(p.numel() for p in encoder.parameters()), "image_size": encoder.image_size,
+        "dtype": str(dtype).replace("torch.", ""), "reps": reps,
+        **{f"batch_{count}": {"median_s_per_image": median(values) / count, "ratio_to_batch_1": median(values) / count / one}
+           for count, values in times.items()},
+    }
+    del encoder
+    free_memory(device)
+    return result
+
+
+def encoding_table(name: str, small: bool, result: dict, device) -> list[str]:
     lines = [
-        f"{'scaled-down test tower' if args.small else 'OpenCLIP ViT-H/14'} ({sum(p.numel() for p in encoder.parameters()) / 1e6:.0f}M parameters, "
-        f"{str(dtype).replace('torch.', '')} on {device.type}), 512x640 images, center crop to 224, {args.reps} interleaved reps, {torch.get_num_threads()} torch threads",
+        f"{'scaled-down ' if small else ''}OpenCLIP {name} ({result['parameters'] / 1e6:.0f}M parameters, {result['dtype']} on {device.type}), "
+        f"512x640 images, center crop to {result['image_size']}, {result['reps']} interleaved reps",
+        "",
         "| reference images per call | median time per image (s) | ratio to one per call |",
         "|---|---|---|",
     ]
-    for count, values in times.items():
-        lines.append(f"| {count} | {statistics.median(values):.3f} | {statistics.median(values) / one:.2f}x |")
+    for key, figures in result.items():
+        if key.startswith("batch_"):
+            lines.append(f"| {key[len('batch_'):]} | {figures['median_s_per_image']:.4f} | {figures['ratio_to_batch_1']:.2f}× |")
     return lines
+
+
+def part_one(args) -> list[str]:
+    device, dtype = pick_device()
+    result = encoding_times("ViT-H-14", args.small, (1, 4), args.reps, device, dtype)
+    return encoding_table("ViT-H-14", args.small, result, device)
 
 
 def write_encoder(folder: Path, small: bool) -> None:
@@ -137,7 +158,7 @@ def part_two(args) -> list[str]:
         loaded = sum("encoder" in ran for ran in runs)
         return f"encode ran {encoded}/{len(runs)}, encoder loaded {loaded}/{len(runs)}"
 
-    median_same, median_changed = statistics.median(same), statistics.median(changed)
+    median_same, median_changed = median(same), median(changed)
     return [
         f"ComfyUI server, {'scaled-down test tower' if args.small else 'ViT-H/14'} from models/clip_vision (fp16 file), "
         f"OMP_NUM_THREADS={args.threads or 1}, {args.reps} interleaved pairs of queues",

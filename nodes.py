@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ipadapter.checkpoint import IPAdapterCheckpoint, load_adapter
+from .ipadapter.checkpoint import IPAdapterCheckpoint, check_encoder, load_adapter
 from .ipadapter.encoder import ImageEncoder, load_image_encoder
 from .ipadapter.image_prompt import (
     COMBINE_MODES,
@@ -24,10 +24,11 @@ from .ipadapter.image_prompt import (
     image_tokens,
     parse_layer_weights,
 )
+from .ipadapter.model_files import PRESETS, preset_files
 from .ipadapter.preprocess import CROP_MODES
 from .ipadapter.reference_prep import CROP_POSITIONS, INTERPOLATIONS, NOISE_TYPES, make_noise, prepare_reference
 from .ipadapter.weighting import EMBEDS_SCALING, WEIGHT_TYPES, weight_schedule
-from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits
+from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits, unet_family
 
 ADAPTER = "IPADAPTER_KIT"
 ENCODER = "IPADAPTER_KIT_ENCODER"
@@ -203,6 +204,38 @@ class IPAdapterKitLoader:
 
     def load(self, ipadapter_file):
         return (load_adapter_file(ipadapter_file),)
+
+
+class IPAdapterKitUnifiedLoader:
+    DESCRIPTION = ("Finds the released adapter of a preset for the MODEL's family (SD1.5 or SDXL) in models/ipadapter, "
+                   "and the image encoder it needs in models/clip_vision, by their usual file names; checks the pair "
+                   "from the tensors. Loaded files stay cached across queues.")
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = ("MODEL", ADAPTER, ENCODER)
+    RETURN_NAMES = ("model", "ipadapter", "image_encoder")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "Passed through unchanged; its family picks the files."}),
+            "preset": (list(PRESETS), {"default": "standard", "tooltip": "light (SD1.5 only, subtle), standard, vit-bigg (ViT-bigG/14 encoder), plus (16 tokens, stronger), plus-face (portraits), full-face (SD1.5 only)."}),
+        }}
+
+    def load(self, model, preset):
+        import folder_paths
+
+        family = unet_family(model.model.diffusion_model)
+        files = preset_files(
+            family, preset, folder_paths.get_filename_list(MODEL_FOLDER), folder_paths.get_filename_list("clip_vision"),
+            folder_paths.get_folder_paths(MODEL_FOLDER), folder_paths.get_folder_paths("clip_vision"),
+        )
+        adapter = load_adapter_file(files.adapter)
+        encoder = load_encoder_file(files.encoder)
+        check_model_fits(model.model.diffusion_model, adapter.checkpoint)
+        check_encoder(adapter.checkpoint.spec, encoder.encoder.embed_dim, encoder.encoder.hidden_width,
+                      adapter.checkpoint.source, files.encoder)
+        return (model, adapter, encoder)
 
 
 class IPAdapterKitEncoderLoader:
@@ -466,6 +499,7 @@ class IPAdapterKitLoadEmbeds:
 
 NODE_CLASS_MAPPINGS = {
     "IPAdapterKitLoader": IPAdapterKitLoader,
+    "IPAdapterKitUnifiedLoader": IPAdapterKitUnifiedLoader,
     "IPAdapterKitEncoderLoader": IPAdapterKitEncoderLoader,
     "IPAdapterKitEncoderFromCLIPVision": IPAdapterKitEncoderFromCLIPVision,
     "IPAdapterKitEncode": IPAdapterKitEncode,
@@ -480,6 +514,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAdapterKitLoader": "Load IP-Adapter",
+    "IPAdapterKitUnifiedLoader": "IP-Adapter Unified Loader",
     "IPAdapterKitEncoderLoader": "Load IP-Adapter Image Encoder",
     "IPAdapterKitEncoderFromCLIPVision": "IP-Adapter Encoder from CLIP Vision",
     "IPAdapterKitEncode": "IP-Adapter Encode Image",

@@ -1,0 +1,68 @@
+"""The unified loader inside a real ComfyUI: files found by name, pair checked, cached across queues."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adapter_factory import random_adapter
+from ipadapter.encoder import build_vision_tower
+from test_nodes import WIDTH, model, nodes  # noqa: F401  (module fixtures)
+
+
+@pytest.fixture
+def model_folders(tmp_path, nodes):
+    import folder_paths
+
+    saved = {name: folder_paths.folder_names_and_paths.get(name) for name in ("ipadapter", "clip_vision")}
+    cache = getattr(folder_paths, "filename_list_cache", {})  # ComfyUI caches each folder's listing
+    for name in saved:
+        cache.pop(name, None)
+        (tmp_path / name).mkdir()
+        folder_paths.folder_names_and_paths[name] = ([str(tmp_path / name)], {".safetensors", ".bin"})
+    yield tmp_path
+    for name, value in saved.items():
+        cache.pop(name, None)
+        if value is not None:
+            folder_paths.folder_names_and_paths[name] = value
+
+
+def write_adapter(path, **kwargs):
+    flat = {f"{group}.{k}": v for group, tensors in random_adapter(**kwargs).items() for k, v in tensors.items()}
+    save_file(flat, str(path))
+
+
+def write_encoder(path, embed_dim):
+    tower = build_vision_tower("ViT-H-14", width=128, layers=2, head_width=64, image_size=56, embed_dim=embed_dim)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tower.visual.state_dict().items()}, str(path))
+
+
+def test_unified_loader_finds_checks_and_caches(nodes, model, model_folders):
+    write_adapter(model_folders / "ipadapter" / "ip-adapter-plus_sd15.safetensors", variant="plus", base_width=WIDTH,
+                  encoder_width=128)
+    write_adapter(model_folders / "ipadapter" / "ip-adapter_sd15.safetensors", variant="base", base_width=WIDTH)
+    write_encoder(model_folders / "clip_vision" / "models" / "image_encoder" / "model.safetensors", 1024)
+    loader = nodes.IPAdapterKitUnifiedLoader()
+    same_model, adapter, encoder = loader.load(model, "plus")
+    assert same_model is model and adapter.checkpoint.spec.variant == "plus"
+    assert adapter.checkpoint.source == "ip-adapter-plus_sd15.safetensors"
+    _, again, encoder_again = loader.load(model, "plus")
+    assert again is adapter and encoder_again is encoder  # the next queue reuses what was loaded
+    (patched,) = nodes.IPAdapterKitApply().apply(model, adapter, 1.0, 0.0, 1.0, "average", "all", "",
+                                                 image=torch.rand(1, 56, 56, 3), image_encoder=encoder)
+    assert len(patched.model_options["transformer_options"]["patches_replace"]["attn2"]) == 16
+
+    with pytest.raises(FileNotFoundError) as error:
+        loader.load(model, "plus-face")
+    assert "ip-adapter-plus-face_sd15.safetensors/.bin" in str(error.value) and str(model_folders) in str(error.value)
+    with pytest.raises(FileNotFoundError, match="no ViT-bigG/14 image encoder"):
+        write_adapter(model_folders / "ipadapter" / "ip-adapter_sd15_vit-G.safetensors", variant="base",
+                      base_width=WIDTH, encoder_width=1280)
+        loader.load(model, "vit-bigg")
+
+
+def test_a_mismatched_pair_is_refused(nodes, model, model_folders):
+    # a base adapter whose projection wants 1024-d embeddings next to an encoder that gives 512-d ones
+    write_adapter(model_folders / "ipadapter" / "ip-adapter_sd15.safetensors", variant="base", base_width=WIDTH)
+    write_encoder(model_folders / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", 512)
+    with pytest.raises(ValueError, match="expects OpenCLIP ViT-H/14 image embeddings of width 1024, but the image encoder"):
+        nodes.IPAdapterKitUnifiedLoader().load(model, "standard")

@@ -22,12 +22,20 @@ from .ipadapter.image_prompt import (
     check_mask,
     combine_embeds,
     image_tokens,
+    tokens_per_reference,
     parse_layer_weights,
 )
 from .ipadapter.model_files import PRESETS, preset_files
 from .ipadapter.preprocess import CROP_MODES
 from .ipadapter.reference_prep import CROP_POSITIONS, INTERPOLATIONS, NOISE_TYPES, make_noise, prepare_reference
-from .ipadapter.weighting import EMBEDS_SCALING, WEIGHT_TYPES, weight_schedule
+from .ipadapter.weighting import (
+    EMBEDS_SCALING,
+    FRAME_TIMINGS,
+    WEIGHT_TYPES,
+    frame_schedule,
+    parse_frame_weights,
+    weight_schedule,
+)
 from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits, unet_family
 
 ADAPTER = "IPADAPTER_KIT"
@@ -145,11 +153,19 @@ def parse_image_weights(text: str, count: int) -> list[float]:
     return weights
 
 
+BATCH_MODES = ("all latents", "one per latent")
+
+
 def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0, start_at=0.0, end_at=1.0,
                 combine="average", layer_weights="all", attn_mask=None, weight_type="linear",
-                embeds_scaling="V only", composition_weight=1.0):
+                embeds_scaling="V only", composition_weight=1.0, batch_mode="all latents", frame_weights=""):
     architecture = check_model_fits(model.model.diffusion_model, adapter.checkpoint)
-    cond, uncond = image_tokens(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate, combine)
+    if batch_mode not in BATCH_MODES:
+        raise ValueError(f"batch mode '{batch_mode}' is unknown; expected one of {', '.join(BATCH_MODES)}")
+    if batch_mode == "one per latent":
+        cond, uncond = tokens_per_reference(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate)
+    else:
+        cond, uncond = image_tokens(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate, combine)
     sampling = model.model.model_sampling
     mask = check_mask(attn_mask) if attn_mask is not None else None
     schedule = weight_schedule(weight_type, architecture, weight, weight * composition_weight)
@@ -157,7 +173,7 @@ def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0
     term = ImagePromptTerm.build(
         adapter.checkpoint, cond, uncond, 1.0, {key: lw.weight * multipliers[key] for key, lw in schedule.items()},
         sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at), mask,
-        embeds_scaling, {key for key, lw in schedule.items() if lw.swapped},
+        embeds_scaling, {key for key, lw in schedule.items() if lw.swapped}, parse_frame_weights(frame_weights),
     )
     return apply_image_prompt(model, term)
 
@@ -301,6 +317,26 @@ class IPAdapterKitEncode:
         return (embeds.weighted([weight * w for w in weights]) if weight != 1 or any(w != 1 for w in weights) else embeds,)
 
 
+class IPAdapterKitFrameWeights:
+    DESCRIPTION = "Makes a weight per frame (latent) for Apply's frame_weights: a ramp from start to end over the frames."
+    CATEGORY = f"{CATEGORY}/utils"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("frame_weights",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "timing": (list(FRAME_TIMINGS), {"default": "linear", "tooltip": "The ramp's shape: linear, ease in (slow start), ease out (fast start), ease in-out (slow at both ends)."}),
+            "frames": ("INT", {"default": 16, "min": 1, "max": 9999, "tooltip": "How many frames the ramp covers; later frames keep the end value."}),
+            "start": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05, "tooltip": "The first frame's weight (a multiple of λ)."}),
+            "end": ("FLOAT", {"default": 0.0, "min": -1.0, "max": 3.0, "step": 0.05, "tooltip": "The last frame's weight."}),
+        }}
+
+    def make(self, timing, frames, start, end):
+        return (", ".join(f"{w:.4g}" for w in frame_schedule(timing, frames, start, end)),)
+
+
 class IPAdapterKitPrepImage:
     DESCRIPTION = ("Chooses the square of a reference image that the encoder sees (224×224): where to crop a "
                    "non-square image, or pad it whole; the resize filter; optional sharpening.")
@@ -397,19 +433,21 @@ class IPAdapterKitApply:
                 "weight_type": (list(WEIGHT_TYPES), {"default": "linear", "tooltip": WEIGHT_TYPE_TOOLTIP}),
                 "embeds_scaling": (list(EMBEDS_SCALING), {"default": "V only", "tooltip": EMBEDS_SCALING_TOOLTIP}),
                 "composition_weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip": "With weight type 'style and composition': the composition blocks' weight, as a multiple of λ (so λ = 0 still turns everything off)."}),
+                "batch_mode": (list(BATCH_MODES), {"default": "all latents", "tooltip": "all latents: every latent of the batch gets the same image prompt (references combined). one per latent: reference i conditions latent i, and latents beyond the last reference get the last one (animation, batches of variations); combine is then not used."}),
+                "frame_weights": ("STRING", {"default": "", "multiline": True, "tooltip": "A weight per latent of the batch (frame), comma-separated, multiplying λ; latents beyond the list get its last value; empty: 1. IP-Adapter Frame Weights makes such lists. Follows context windows (the frame numbers ComfyUI or AnimateDiff hand over)."}),
             },
         }
 
     def apply(self, model, ipadapter, weight, start_at, end_at, combine, layers, custom_layer_weights,
               embeds=None, image=None, image_encoder=None, attn_mask=None, weight_type="linear",
-              embeds_scaling="V only", composition_weight=1.0):
+              embeds_scaling="V only", composition_weight=1.0, batch_mode="all latents", frame_weights=""):
         if embeds is None:
             if image is None or image_encoder is None:
                 raise ValueError("Apply IP-Adapter got no embeds and no image + image_encoder; expected one of the two")
             embeds = encode_images(image_encoder, image, "crop")
         layer_weights = custom_layer_weights if layers == "custom" else layers
         return (patch_model(model, ipadapter, embeds, weight, start_at, end_at, combine, layer_weights, attn_mask,
-                            weight_type, embeds_scaling, composition_weight),)
+                            weight_type, embeds_scaling, composition_weight, batch_mode, frame_weights),)
 
 
 class IPAdapterKitSimple:
@@ -504,6 +542,7 @@ NODE_CLASS_MAPPINGS = {
     "IPAdapterKitEncoderFromCLIPVision": IPAdapterKitEncoderFromCLIPVision,
     "IPAdapterKitEncode": IPAdapterKitEncode,
     "IPAdapterKitCombineEmbeds": IPAdapterKitCombineEmbeds,
+    "IPAdapterKitFrameWeights": IPAdapterKitFrameWeights,
     "IPAdapterKitPrepImage": IPAdapterKitPrepImage,
     "IPAdapterKitNoise": IPAdapterKitNoise,
     "IPAdapterKitApply": IPAdapterKitApply,
@@ -519,6 +558,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAdapterKitEncoderFromCLIPVision": "IP-Adapter Encoder from CLIP Vision",
     "IPAdapterKitEncode": "IP-Adapter Encode Image",
     "IPAdapterKitCombineEmbeds": "Combine IP-Adapter Embeds",
+    "IPAdapterKitFrameWeights": "IP-Adapter Frame Weights",
     "IPAdapterKitPrepImage": "Prepare Image for IP-Adapter",
     "IPAdapterKitNoise": "IP-Adapter Noise (negative image)",
     "IPAdapterKitApply": "Apply IP-Adapter",

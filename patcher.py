@@ -52,23 +52,27 @@ class ImagePromptTerm:
     """
 
     architecture: Architecture
-    keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer key -> [2, T, C] (cond, uncond)
+    keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer key -> [2 (cond, uncond), references, T, C]
     weight: float
     layer_weights: dict[int, float]  # what multiplies each layer's attention output
     sigma_start: float
     sigma_end: float
     mask: torch.Tensor | None = None  # [M, H, W] in 0..1
+    frame_weights: torch.Tensor | None = None  # [F]: a weight per latent of the batch
     _on_device: dict = field(default_factory=dict, repr=False)
     _window: tuple = field(default=(None, False), repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, checkpoint: IPAdapterCheckpoint, cond_tokens, uncond_tokens, weight, layer_weights,
-              sigma_start, sigma_end, mask=None, scaling="V only", swapped=frozenset()) -> "ImagePromptTerm":
-        """``layer_weights`` multiply ``weight`` per layer key (a key not given: 1). ``scaling`` says
-        where the weight goes (``ipadapter.weighting.scale_keys_values``); on the ``swapped`` layers
-        the conditional half gets empty image tokens and the unconditional half the reference's."""
-        tokens = torch.cat([cond_tokens, uncond_tokens.to(cond_tokens)])
+              sigma_start, sigma_end, mask=None, scaling="V only", swapped=frozenset(), frame_weights=None) -> "ImagePromptTerm":
+        """``cond_tokens`` [N, T, C]: N = 1 conditions every latent alike, N > 1 conditions latent i with
+        reference i (the last one for the latents beyond N). ``layer_weights`` multiply ``weight`` per
+        layer key (a key not given: 1). ``scaling`` says where the weight goes
+        (``ipadapter.weighting.scale_keys_values``); on the ``swapped`` layers the conditional half gets
+        empty image tokens and the unconditional half the reference's. ``frame_weights`` [F] multiply
+        the weight of latent i by entry i (the last one beyond F)."""
+        tokens = torch.stack([cond_tokens, uncond_tokens.to(cond_tokens).expand_as(cond_tokens)])
         keys_values = layer_keys_values(checkpoint, tokens, torch.device("cpu"), torch.float32)
         output_weights = {}
         for key, (k, v) in keys_values.items():
@@ -80,7 +84,10 @@ class ImagePromptTerm:
                 continue
             k, v, output_weights[key] = scale_keys_values(k, v, layer_weight, scaling)
             keys_values[key] = (k, v)
-        return cls(checkpoint.spec.architecture, keys_values, float(weight), output_weights, sigma_start, sigma_end, mask)
+        if frame_weights is not None:
+            frame_weights = torch.as_tensor(frame_weights, dtype=torch.float32).flatten()
+        return cls(checkpoint.spec.architecture, keys_values, float(weight), output_weights, sigma_start, sigma_end,
+                   mask, frame_weights)
 
     def layer_weight(self, key: int) -> float:
         return self.layer_weights[key]
@@ -98,17 +105,30 @@ class ImagePromptTerm:
             self._window = (sigmas, active)
         return active
 
-    def batch_keys_values(self, key, cond_or_uncond, batch, device, dtype):
-        """K', V' for a batch made of ``cond_or_uncond`` chunks (0: conditional, 1: unconditional)."""
-        layout = (tuple(cond_or_uncond), batch // len(cond_or_uncond))
+    def batch_keys_values(self, key, cond_or_uncond, frames, device, dtype):
+        """K', V' for a batch of ``cond_or_uncond`` chunks (0: conditional, 1: unconditional), each
+        holding the latents ``frames``; reference i goes to latent i (the last reference beyond)."""
         cache = self._device_copy(device, dtype)
-        if (key, layout) not in cache:
+        layout = (key, tuple(cond_or_uncond))
+        cached = cache.get(layout)
+        if cached is None or cached[0] != frames:  # keep one frame window per layer: windows change per call
             k, v = cache[key]
-            cache[(key, layout)] = (
-                torch.cat([k[c : c + 1].expand(layout[1], -1, -1) for c in layout[0]]),
-                torch.cat([v[c : c + 1].expand(layout[1], -1, -1) for c in layout[0]]),
-            )
-        return cache[(key, layout)]
+            if k.shape[1] == 1:
+                pick = [x[:, 0:1].expand(-1, len(frames), -1, -1) for x in (k, v)]
+            else:
+                refs = torch.tensor([min(f, k.shape[1] - 1) for f in frames], device=k.device)
+                pick = [x[:, refs] for x in (k, v)]
+            cached = (frames, *(torch.cat([x[c] for c in cond_or_uncond]) for x in pick))
+            cache[layout] = cached
+        return cached[1], cached[2]
+
+    def batch_weight(self, key, chunks, frames, device, dtype):
+        """The layer's weight, a tensor [batch, 1, 1] when there are frame weights."""
+        weight = self.layer_weights[key]
+        if self.frame_weights is None:
+            return weight
+        per_frame = self.frame_weights[[min(f, len(self.frame_weights) - 1) for f in frames]]
+        return (weight * per_frame.repeat(chunks)).view(-1, 1, 1).to(device, dtype)
 
     def _device_copy(self, device, dtype):
         cache = self._on_device.get((device, dtype))
@@ -117,7 +137,7 @@ class ImagePromptTerm:
             self._on_device = {(device, dtype): cache}  # keep one copy: the device and dtype in use
         return cache
 
-    def batch_mask(self, extra_options, tokens, batch, device, dtype):
+    def batch_mask(self, extra_options, tokens, frames, device, dtype):
         if self.mask is None:
             return None
         shape = extra_options.get("original_shape") or extra_options.get("activations_shape")
@@ -126,33 +146,43 @@ class ImagePromptTerm:
         if cached is None:
             cached = mask_to_tokens(self.mask, height, width, tokens).to(device, dtype)
             self._masks = {(tokens, height, width, device, dtype): cached}
-        chunks = len(extra_options["cond_or_uncond"])
-        per_chunk = batch // chunks
+        chunks = len(extra_options.get("cond_or_uncond") or [COND])
         if cached.shape[0] == 1:
-            return cached.expand(batch, -1)
-        if cached.shape[0] != per_chunk:
+            return cached.expand(chunks * len(frames), -1)
+        if cached.shape[0] <= max(frames):
             raise ValueError(
-                f"the attention mask has {cached.shape[0]} frames; expected 1 or {per_chunk}, the batch size"
+                f"the attention mask has {cached.shape[0]} frames; expected 1 or one per latent ({max(frames) + 1})"
             )
-        return cached.repeat(chunks, 1)
+        return cached[list(frames)].repeat(chunks, 1)
 
     def to(self, device_or_dtype):
-        """Follow the UNet when ComfyUI loads or offloads it (``model_patches_to``)."""
+        """Follow the UNet when ComfyUI loads or offloads it (``model_patches_to``); batch layouts are remade."""
+        def moved(copy_):
+            return {k: (a.to(device_or_dtype), b.to(device_or_dtype)) for k, (a, b) in
+                    ((k, pair) for k, pair in copy_.items() if isinstance(k, int))}
+
         if isinstance(device_or_dtype, torch.dtype):
-            self._on_device = {
-                (device, device_or_dtype): {
-                    k: (a.to(device_or_dtype), b.to(device_or_dtype)) for k, (a, b) in c.items() if isinstance(k, int)
-                }
-                for (device, _), c in self._on_device.items()
-            }
+            self._on_device = {(device, device_or_dtype): moved(c) for (device, _), c in self._on_device.items()}
         else:
             device = torch.device(device_or_dtype)
-            self._on_device = {
-                (device, dtype): {k: (a.to(device), b.to(device)) for k, (a, b) in c.items() if isinstance(k, int)}
-                for (_, dtype), c in self._on_device.items()
-            }
+            self._on_device = {(device, dtype): moved(c) for (_, dtype), c in self._on_device.items()}
             self._masks = {}
         return self
+
+
+def frame_indices(extra_options, per_chunk: int) -> tuple[int, ...]:
+    """Which latents of the whole batch this call holds: all of them, or a context window's.
+
+    ComfyUI's own context windows put the window (its ``index_list``) in the transformer
+    options; AnimateDiff-Evolved puts ``ad_params["sub_idxs"]``.
+    """
+    window = extra_options.get("context_window")
+    indices = getattr(window, "index_list", None) if getattr(window, "dim", 0) == 0 else None
+    if indices is None:
+        indices = (extra_options.get("ad_params") or {}).get("sub_idxs")
+    if indices is not None and len(indices) == per_chunk:
+        return tuple(int(i) for i in indices)
+    return tuple(range(per_chunk))
 
 
 class AttentionPatch:
@@ -187,13 +217,13 @@ class AttentionPatch:
         def attention(q_, k_, v_, heads_):
             return self._attention(q_, k_, v_, heads_, extra_options, precision)
 
-        batch = q.shape[0]
+        frames = frame_indices(extra_options, q.shape[0] // len(cond_or_uncond))
         for term in self.terms:
-            weight = term.layer_weight(self.key)
-            if weight == 0 or not term.is_active(sigmas):
+            if term.layer_weight(self.key) == 0 or not term.is_active(sigmas):
                 continue
-            k_ip, v_ip = term.batch_keys_values(self.key, cond_or_uncond, batch, q.device, q.dtype)
-            mask = term.batch_mask(extra_options, q.shape[1], batch, q.device, q.dtype)
+            k_ip, v_ip = term.batch_keys_values(self.key, cond_or_uncond, frames, q.device, q.dtype)
+            mask = term.batch_mask(extra_options, q.shape[1], frames, q.device, q.dtype)
+            weight = term.batch_weight(self.key, len(cond_or_uncond), frames, q.device, q.dtype)
             out = out + image_attention(q, k_ip, v_ip, heads, weight, mask, attention)
         return out
 
@@ -276,7 +306,7 @@ def apply_image_prompt(model, term: ImagePromptTerm):
     for layer in term.architecture.layers:
         # ComfyUI looks up (block, id, transformer index) first, then (block, id)
         existing = replace.get(layer.comfy_patch_key) or replace.get(layer.comfy_block)
-        if isinstance(existing, AttentionPatch):
+        if isinstance(existing, AttentionPatch) and existing.key == layer.key:
             patch = existing.with_term(term)
         else:
             precision = getattr(attention_modules[layer.key], "attn_precision", None)

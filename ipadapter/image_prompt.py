@@ -125,10 +125,36 @@ def image_tokens(
     embedding for base adapters, the encoder's features of an all-zero
     (normalised) image for the others, unless a negative image was encoded.
     """
-    if len(images) == 0:
-        raise ValueError("the image prompt holds no image; expected at least one reference image")
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine mode '{combine}' is unknown; expected one of {', '.join(COMBINE_MODES)}")
+    cond, uncond = _features(checkpoint, projection, images, default_uncond_penultimate)
+    with torch.no_grad():
+        if combine == "concat":
+            cond_tokens = projection(cond).reshape(1, -1, checkpoint.spec.cross_attention_dim)
+        else:
+            cond_tokens = projection(combine_features(cond, combine))
+        uncond_tokens = projection(uncond.mean(dim=0, keepdim=True))
+        if combine == "concat":
+            uncond_tokens = uncond_tokens.repeat(1, len(images), 1)
+    return cond_tokens, uncond_tokens
+
+
+def tokens_per_reference(
+    checkpoint: IPAdapterCheckpoint,
+    projection: torch.nn.Module,
+    images: EncodedImages,
+    default_uncond_penultimate: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each reference's own tokens [N, tokens, width], and the unconditional ones [1, tokens, width]."""
+    cond, uncond = _features(checkpoint, projection, images, default_uncond_penultimate)
+    with torch.no_grad():
+        return projection(cond), projection(uncond.mean(dim=0, keepdim=True))
+
+
+def _features(checkpoint, projection, images, default_uncond_penultimate):
+    """The projection's conditional and unconditional inputs, on its device and dtype."""
+    if len(images) == 0:
+        raise ValueError("the image prompt holds no image; expected at least one reference image")
     spec = checkpoint.spec
     uses_embeds = spec.encoder_input == "image_embeds"
     cond = images.image_embeds if uses_embeds else images.penultimate
@@ -142,17 +168,7 @@ def image_tokens(
             raise ValueError(f"'{checkpoint.source}' ({spec.variant}) needs the encoder's output for a blank image")
     check_encoder(spec, images.image_embeds.shape[-1], images.penultimate.shape[-1], checkpoint.source, images.encoder_name)
     parameter = next(projection.parameters())
-    cond = cond.to(parameter)
-    uncond = uncond.to(parameter)
-    with torch.no_grad():
-        if combine == "concat":
-            cond_tokens = projection(cond).reshape(1, -1, spec.cross_attention_dim)
-        else:
-            cond_tokens = projection(combine_features(cond, combine))
-        uncond_tokens = projection(uncond.mean(dim=0, keepdim=True))
-        if combine == "concat":
-            uncond_tokens = uncond_tokens.repeat(1, len(images), 1)
-    return cond_tokens, uncond_tokens
+    return cond.to(parameter), uncond.to(parameter)
 
 
 def layer_keys_values(

@@ -12,6 +12,7 @@ the paper's λ), or into the image keys and values themselves.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -116,3 +117,38 @@ def scale_keys_values(k: torch.Tensor, v: torch.Tensor, weight: float, scaling: 
         mean = v.mean(dim=-2, keepdim=True)
         return k * weight, v - mean + mean * weight, 1.0
     return k * weight, v * weight, 1.0
+
+
+FRAME_TIMINGS = ("linear", "ease in", "ease out", "ease in-out")
+
+
+def frame_schedule(timing: str, frames: int, start: float, end: float) -> list[float]:
+    """A weight per frame going from ``start`` to ``end``.
+
+    ease in starts slowly (1 − cos), ease out starts fast (sin), ease in-out is slow at
+    both ends: the usual easing names. (cubiq's pack calls the sine curve "ease_in" and
+    the cosine one "ease_out".)
+    """
+    if timing not in FRAME_TIMINGS:
+        raise ValueError(f"timing '{timing}' is unknown; expected one of {', '.join(FRAME_TIMINGS)}")
+    if frames < 1:
+        raise ValueError(f"{frames} frames; expected at least 1")
+    curve = {
+        "linear": lambda x: x,
+        "ease in": lambda x: 1 - math.cos(x * math.pi / 2),
+        "ease out": lambda x: math.sin(x * math.pi / 2),
+        "ease in-out": lambda x: (1 - math.cos(x * math.pi)) / 2,
+    }[timing]
+    steps = max(frames - 1, 1)
+    return [start + (end - start) * curve(i / steps) for i in range(frames)]
+
+
+def parse_frame_weights(text: str) -> list[float] | None:
+    """'1, 0.8, 0.5' (commas or new lines) -> a weight per frame; empty -> None (every frame 1)."""
+    parts = [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
+    if not parts:
+        return None
+    try:
+        return [float(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"frame weights '{text[:60]}' are not numbers; expected comma-separated numbers like '1, 0.8, 0.5'") from None

@@ -106,3 +106,17 @@ def test_noise_as_negative_image_changes_only_the_unconditional_tokens(nodes, en
     a, b = term_of(nodes.patch_model(model, adapter, plain, 1.0)), term_of(nodes.patch_model(model, adapter, negative, 1.0))
     assert torch.equal(a.keys_values[1][0][0], b.keys_values[1][0][0])  # the reference's side is the same
     assert not torch.allclose(a.keys_values[1][0][1], b.keys_values[1][0][1])  # the unconditional side is the noise
+
+
+def test_batch_mode_and_frame_weights_through_the_node(nodes, encoder, adapter, model):
+    images = torch.rand(2, 56, 56, 3, generator=torch.Generator().manual_seed(6))
+    (embeds,) = nodes.IPAdapterKitEncode().encode(encoder, images, "crop")
+    (weights,) = nodes.IPAdapterKitFrameWeights().make("linear", 3, 1.0, 0.0)
+    assert weights == "1, 0.5, 0"
+    (patched,) = nodes.IPAdapterKitApply().apply(model, adapter, 0.8, 0.0, 1.0, "average", "all", "", embeds=embeds,
+                                                 batch_mode="one per latent", frame_weights=weights)
+    term = term_of(patched)
+    assert term.keys_values[1][0].shape[:2] == (2, 2)  # (cond, uncond) x one entry per reference
+    assert term.frame_weights.tolist() == [1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="batch mode 'sideways' is unknown"):
+        nodes.patch_model(model, adapter, embeds, batch_mode="sideways")

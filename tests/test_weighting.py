@@ -123,3 +123,18 @@ def test_embeds_scaling_equals_the_peer_formula(scaling):
     for other, expected in modes.items():  # the four really differ, so the check can fail
         if other != scaling:
             assert not torch.allclose(ours, expected, atol=1e-3), other
+
+
+def test_frame_schedules():
+    from ipadapter.weighting import frame_schedule, parse_frame_weights
+
+    assert frame_schedule("linear", 5, 1.0, 0.0) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    ease_in = frame_schedule("ease in", 5, 0.0, 1.0)
+    ease_out = frame_schedule("ease out", 5, 0.0, 1.0)
+    in_out = frame_schedule("ease in-out", 5, 0.0, 1.0)
+    assert ease_in[0] == 0 and ease_in[-1] == pytest.approx(1) and ease_in[1] < 0.25 < ease_out[1]  # slow / fast start
+    assert in_out[2] == pytest.approx(0.5) and in_out[1] < 0.25 and in_out[3] > 0.75
+    assert frame_schedule("linear", 1, 0.7, 0.0) == [0.7]
+    assert parse_frame_weights("1, 0.5\n0.25") == [1.0, 0.5, 0.25] and parse_frame_weights(" ") is None
+    with pytest.raises(ValueError, match="frame weights 'a, b' are not numbers"):
+        parse_frame_weights("a, b")

@@ -28,6 +28,7 @@ from .ipadapter.image_prompt import (
 from .ipadapter.model_files import PRESETS, preset_files
 from .ipadapter.preprocess import CROP_MODES
 from .ipadapter.reference_prep import CROP_POSITIONS, INTERPOLATIONS, NOISE_TYPES, make_noise, prepare_reference
+from .ipadapter.tiles import blend_detail, center_square, detail_tiles, tile_reference
 from .ipadapter.weighting import (
     EMBEDS_SCALING,
     FRAME_TIMINGS,
@@ -130,10 +131,17 @@ def load_encoder_file(name: str) -> ManagedEncoder:
     return _load_encoder_cached(path, os.path.getmtime(path))
 
 
-def encode_images(encoder: ManagedEncoder, image, crop: str, negative_image=None) -> EncodedImages:
+def encode_images(encoder: ManagedEncoder, image, crop: str, negative_image=None, detail: int = 1,
+                  detail_ratio: float = 0.5) -> EncodedImages:
+    """Encoder features of a batch of references; ``detail`` > 1 blends in those of detail×detail tiles of each
+    image's center square (each tile seen at the encoder's full resolution)."""
     if image is None or image.shape[0] == 0:
         raise ValueError("the image batch is empty; expected at least one reference image")
     embeds, penultimate = encoder.encode(image, crop)
+    if detail > 1:
+        tile_embeds, tile_penultimate = encoder.encode(detail_tiles(center_square(image), detail), "crop")
+        embeds = blend_detail(embeds, tile_embeds, detail_ratio)
+        penultimate = blend_detail(penultimate, tile_penultimate, detail_ratio)
     if negative_image is not None and negative_image.shape[0] > 0:
         uncond_embeds, uncond_penultimate = encoder.encode(negative_image, crop)
     else:
@@ -308,11 +316,14 @@ class IPAdapterKitEncode:
                 "negative_image": ("IMAGE", {"tooltip": "Replaces the unconditional image input (default: a zero embedding for base adapters, a blank image for plus/full-face)."}),
                 "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05, "tooltip": "Multiplies the features of every image of this batch: how much these references count when combined with others."}),
                 "image_weights": ("STRING", {"default": "", "tooltip": "One number per image of the batch, comma-separated (e.g. '1, 0.5'), multiplied with weight; empty: 1 for each."}),
+                "detail_tiles": ("INT", {"default": 1, "min": 1, "max": 4, "tooltip": "Enhancer: also cut each image's center square into N×N tiles, each seen at the encoder's full resolution, and blend their features in; 1: off."}),
+                "detail_ratio": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "With detail tiles: the share of the whole view in the blend (the rest is the tiles' mean)."}),
             },
         }
 
-    def encode(self, image_encoder, image, crop, negative_image=None, weight=1.0, image_weights=""):
-        embeds = encode_images(image_encoder, image, crop, negative_image)
+    def encode(self, image_encoder, image, crop, negative_image=None, weight=1.0, image_weights="", detail_tiles=1,
+               detail_ratio=0.5):
+        embeds = encode_images(image_encoder, image, crop, negative_image, detail_tiles, detail_ratio)
         weights = parse_image_weights(image_weights, len(embeds))
         return (embeds.weighted([weight * w for w in weights]) if weight != 1 or any(w != 1 for w in weights) else embeds,)
 
@@ -403,6 +414,29 @@ class IPAdapterKitCombineEmbeds:
     def combine(self, embeds_1, method, **more):
         parts = [embeds_1, *(more[name] for name in sorted(more) if more[name] is not None)]
         return (combine_embeds(parts, method),)
+
+
+class IPAdapterKitEncodeTiled:
+    DESCRIPTION = ("Encodes a tall or wide reference as squares along its long side (each a reference of its own) "
+                   "instead of cropping its sides away, and gives each square's mask over the picture for regional use.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (EMBEDS, "MASK")
+    RETURN_NAMES = ("embeds", "tile_masks")
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image_encoder": (ENCODER, {"tooltip": "From Load IP-Adapter Image Encoder."}),
+                "image": ("IMAGE", {"tooltip": "The reference; a square one gives a single tile (the whole image)."}),
+            },
+            "optional": {"negative_image": ("IMAGE", {"tooltip": "Replaces the unconditional image input."})},
+        }
+
+    def encode(self, image_encoder, image, negative_image=None):
+        tiles, masks = tile_reference(image)
+        return (encode_images(image_encoder, tiles, "crop", negative_image), masks)
 
 
 class IPAdapterKitApply:
@@ -545,6 +579,7 @@ NODE_CLASS_MAPPINGS = {
     "IPAdapterKitFrameWeights": IPAdapterKitFrameWeights,
     "IPAdapterKitPrepImage": IPAdapterKitPrepImage,
     "IPAdapterKitNoise": IPAdapterKitNoise,
+    "IPAdapterKitEncodeTiled": IPAdapterKitEncodeTiled,
     "IPAdapterKitApply": IPAdapterKitApply,
     "IPAdapterKitSimple": IPAdapterKitSimple,
     "IPAdapterKitSaveEmbeds": IPAdapterKitSaveEmbeds,
@@ -561,6 +596,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAdapterKitFrameWeights": "IP-Adapter Frame Weights",
     "IPAdapterKitPrepImage": "Prepare Image for IP-Adapter",
     "IPAdapterKitNoise": "IP-Adapter Noise (negative image)",
+    "IPAdapterKitEncodeTiled": "IP-Adapter Encode Tiled",
     "IPAdapterKitApply": "Apply IP-Adapter",
     "IPAdapterKitSimple": "IP-Adapter (simple)",
     "IPAdapterKitSaveEmbeds": "Save IP-Adapter Embeds",

@@ -42,6 +42,7 @@ from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits, unet
 ADAPTER = "IPADAPTER_KIT"
 ENCODER = "IPADAPTER_KIT_ENCODER"
 EMBEDS = "IPADAPTER_KIT_EMBEDS"
+REGIONS = "IPADAPTER_KIT_REGIONS"
 CATEGORY = "ipadapter_kit"
 MODEL_FOLDER = "ipadapter"
 EMBEDS_SUBFOLDER = "ipadapter_embeds"
@@ -439,6 +440,75 @@ class IPAdapterKitEncodeTiled:
         return (encode_images(image_encoder, tiles, "crop", negative_image), masks)
 
 
+@dataclass(frozen=True)
+class Region:
+    embeds: EncodedImages
+    mask: torch.Tensor | None
+    weight: float
+    weight_type: str
+    start_at: float
+    end_at: float
+
+
+@dataclass(frozen=True)
+class RegionChain:
+    """What IP-Adapter Region passes down the chain: the regions so far and their texts."""
+
+    regions: tuple[Region, ...] = ()
+    positive: tuple = ()
+    negative: tuple = ()
+
+
+def masked_conditioning(conditioning, mask, strength):
+    """ComfyUI conditioning limited to a mask (what its Conditioning (Set Mask) node does)."""
+    if conditioning is None:
+        return []
+    if mask is None:
+        return list(conditioning)
+    return [[tensor, {**options, "mask": mask, "set_area_to_bounds": False, "mask_strength": strength}]
+            for tensor, options in conditioning]
+
+
+class IPAdapterKitRegion:
+    DESCRIPTION = ("One region of the picture: a reference with its own mask, weight, weight type and window, and "
+                   "optionally its own text. Chain regions, then connect the last one to Apply's regions input and its "
+                   "positive / negative to the sampler (combined with a global prompt if you like).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (REGIONS, "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("regions", "positive", "negative")
+    FUNCTION = "region"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "embeds": (EMBEDS, {"tooltip": "This region's reference, from Encode Image."}),
+                "weight": WEIGHT,
+                "weight_type": (list(WEIGHT_TYPES), {"default": "linear", "tooltip": WEIGHT_TYPE_TOOLTIP}),
+                "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where this region's image prompt starts."}),
+                "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where it stops."}),
+                "prompt_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Strength of this region's text inside its mask."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Where this region is (1) and is not (0); without a mask, the whole picture."}),
+                "positive": ("CONDITIONING", {"tooltip": "This region's own text, limited to its mask."}),
+                "negative": ("CONDITIONING", {"tooltip": "This region's own negative text, limited to its mask."}),
+                "regions": (REGIONS, {"tooltip": "The regions before this one in the chain."}),
+            },
+        }
+
+    def region(self, embeds, weight, weight_type, start_at, end_at, prompt_strength, mask=None, positive=None,
+               negative=None, regions=None):
+        mask = check_mask(mask) if mask is not None else None
+        previous = regions or RegionChain()
+        chain = RegionChain(
+            (*previous.regions, Region(embeds, mask, weight, weight_type, start_at, end_at)),
+            (*previous.positive, *masked_conditioning(positive, mask, prompt_strength)),
+            (*previous.negative, *masked_conditioning(negative, mask, prompt_strength)),
+        )
+        return (chain, list(chain.positive), list(chain.negative))
+
+
 class IPAdapterKitApply:
     DESCRIPTION = ("Gives a MODEL an image prompt: adds λ·Attention(Q, K', V') to every cross-attention layer "
                    "(16 in SD1.5, 70 in SDXL). The adapter must be of the MODEL's family.")
@@ -468,18 +538,24 @@ class IPAdapterKitApply:
                 "embeds_scaling": (list(EMBEDS_SCALING), {"default": "V only", "tooltip": EMBEDS_SCALING_TOOLTIP}),
                 "composition_weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip": "With weight type 'style and composition': the composition blocks' weight, as a multiple of λ (so λ = 0 still turns everything off)."}),
                 "batch_mode": (list(BATCH_MODES), {"default": "all latents", "tooltip": "all latents: every latent of the batch gets the same image prompt (references combined). one per latent: reference i conditions latent i, and latents beyond the last reference get the last one (animation, batches of variations); combine is then not used."}),
+                "regions": (REGIONS, {"tooltip": "From IP-Adapter Region nodes: each region's reference is applied with its own mask, weight, weight type and window (combine, layers, scaling from this node), together with embeds if those are connected too."}),
                 "frame_weights": ("STRING", {"default": "", "multiline": True, "tooltip": "A weight per latent of the batch (frame), comma-separated, multiplying λ; latents beyond the list get its last value; empty: 1. IP-Adapter Frame Weights makes such lists. Follows context windows (the frame numbers ComfyUI or AnimateDiff hand over)."}),
             },
         }
 
     def apply(self, model, ipadapter, weight, start_at, end_at, combine, layers, custom_layer_weights,
               embeds=None, image=None, image_encoder=None, attn_mask=None, weight_type="linear",
-              embeds_scaling="V only", composition_weight=1.0, batch_mode="all latents", frame_weights=""):
-        if embeds is None:
-            if image is None or image_encoder is None:
-                raise ValueError("Apply IP-Adapter got no embeds and no image + image_encoder; expected one of the two")
-            embeds = encode_images(image_encoder, image, "crop")
+              embeds_scaling="V only", composition_weight=1.0, batch_mode="all latents", frame_weights="", regions=None):
         layer_weights = custom_layer_weights if layers == "custom" else layers
+        for region in regions.regions if regions else ():
+            model = patch_model(model, ipadapter, region.embeds, region.weight, region.start_at, region.end_at, combine,
+                                layer_weights, region.mask, region.weight_type, embeds_scaling, composition_weight)
+        if embeds is None and image is not None and image_encoder is not None:
+            embeds = encode_images(image_encoder, image, "crop")
+        if embeds is None:
+            if regions and regions.regions:
+                return (model,)
+            raise ValueError("Apply IP-Adapter got no embeds, no image + image_encoder and no regions; expected one of them")
         return (patch_model(model, ipadapter, embeds, weight, start_at, end_at, combine, layer_weights, attn_mask,
                             weight_type, embeds_scaling, composition_weight, batch_mode, frame_weights),)
 
@@ -580,6 +656,7 @@ NODE_CLASS_MAPPINGS = {
     "IPAdapterKitPrepImage": IPAdapterKitPrepImage,
     "IPAdapterKitNoise": IPAdapterKitNoise,
     "IPAdapterKitEncodeTiled": IPAdapterKitEncodeTiled,
+    "IPAdapterKitRegion": IPAdapterKitRegion,
     "IPAdapterKitApply": IPAdapterKitApply,
     "IPAdapterKitSimple": IPAdapterKitSimple,
     "IPAdapterKitSaveEmbeds": IPAdapterKitSaveEmbeds,
@@ -597,6 +674,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAdapterKitPrepImage": "Prepare Image for IP-Adapter",
     "IPAdapterKitNoise": "IP-Adapter Noise (negative image)",
     "IPAdapterKitEncodeTiled": "IP-Adapter Encode Tiled",
+    "IPAdapterKitRegion": "IP-Adapter Region",
     "IPAdapterKitApply": "Apply IP-Adapter",
     "IPAdapterKitSimple": "IP-Adapter (simple)",
     "IPAdapterKitSaveEmbeds": "Save IP-Adapter Embeds",

@@ -120,3 +120,24 @@ def test_batch_mode_and_frame_weights_through_the_node(nodes, encoder, adapter, 
     assert term.frame_weights.tolist() == [1.0, 0.5, 0.0]
     with pytest.raises(ValueError, match="batch mode 'sideways' is unknown"):
         nodes.patch_model(model, adapter, embeds, batch_mode="sideways")
+
+
+def test_regions_chain_into_one_apply(nodes, encoder, adapter, model):
+    left, right = torch.zeros(8, 8), torch.zeros(8, 8)
+    left[:, :4], right[:, 4:] = 1.0, 1.0
+    (a,) = nodes.IPAdapterKitEncode().encode(encoder, torch.rand(1, 56, 56, 3), "crop")
+    (b,) = nodes.IPAdapterKitEncode().encode(encoder, torch.rand(1, 56, 56, 3), "crop")
+    text = [[torch.zeros(1, 77, 768), {"pooled_output": None}]]
+    chain, positive, negative = nodes.IPAdapterKitRegion().region(a, 0.7, "linear", 0.0, 1.0, 1.5, mask=left, positive=text)
+    chain, positive, negative = nodes.IPAdapterKitRegion().region(b, 0.4, "style transfer", 0.0, 0.8, 1.0, mask=right,
+                                                                  positive=text, regions=chain)
+    assert len(chain.regions) == 2 and len(positive) == 2 and negative == []
+    assert torch.equal(positive[0][1]["mask"][0], left) and positive[0][1]["mask_strength"] == 1.5
+    assert torch.equal(positive[1][1]["mask"][0], right) and text[0][1] == {"pooled_output": None}  # input untouched
+    (patched,) = nodes.IPAdapterKitApply().apply(model, adapter, 1.0, 0.0, 1.0, "average", "all", "", regions=chain)
+    terms = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("output", 5, 0)].terms
+    assert [t.layer_weight(17) for t in terms] == pytest.approx([0.7, 0.4])  # output 5 is a style block in SD1.5
+    assert torch.equal(terms[0].mask[0], left) and torch.equal(terms[1].mask[0], right)
+    assert terms[0].layer_weight(9) == pytest.approx(0.7) and terms[1].layer_weight(9) == 0  # down_blocks.2: not style
+    with pytest.raises(ValueError, match="no embeds, no image \\+ image_encoder and no regions"):
+        nodes.IPAdapterKitApply().apply(model, adapter, 1.0, 0.0, 1.0, "average", "all", "")

@@ -116,7 +116,7 @@ def test_bad_input_gets_one_line_errors(nodes, comfy, encoder, adapter, model):
 
     with pytest.raises(ValueError) as error:
         apply(model, adapter, 1.0, 0.0, 1.0, "average", "all", "")
-    assert "no embeds and no image" in one_line(error)
+    assert "no embeds, no image + image_encoder and no regions" in one_line(error)
 
     with pytest.raises(FileNotFoundError) as error:
         nodes.load_adapter_file("not-there.safetensors")

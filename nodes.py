@@ -37,7 +37,8 @@ from .ipadapter.weighting import (
     parse_frame_weights,
     weight_schedule,
 )
-from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits, unet_family
+from .ipadapter.heatmap import as_images, block_maps
+from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits, record_attention, unet_family
 
 ADAPTER = "IPADAPTER_KIT"
 ENCODER = "IPADAPTER_KIT_ENCODER"
@@ -560,6 +561,37 @@ class IPAdapterKitApply:
                             weight_type, embeds_scaling, composition_weight, batch_mode, frame_weights),)
 
 
+class IPAdapterKitAttentionMap:
+    DESCRIPTION = ("Shows where the image prompt lands: runs one sampling step of a patched MODEL and returns how "
+                   "strongly the image term acts over the picture, averaged and per UNet block. Use it to tune masks "
+                   "and layer weights.")
+    CATEGORY = f"{CATEGORY}/utils"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("heat_maps", "average")
+    FUNCTION = "map"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A MODEL patched by Apply IP-Adapter."}),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt you sample with."}),
+            "negative": ("CONDITIONING", {"tooltip": "The negative prompt you sample with."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent you sample (its first image is mapped)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "The noise seed."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "The schedule's length (euler, normal)."}),
+            "at_step": ("INT", {"default": 0, "min": 0, "max": 999, "tooltip": "Which step to look at: 0 is the noisiest."}),
+            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance scale."}),
+        }}
+
+    def map(self, model, positive, negative, latent_image, seed, steps, at_step, cfg):
+        if at_step >= steps:
+            raise ValueError(f"at_step {at_step} is past the schedule; expected a step below steps ({steps})")
+        samples = latent_image["samples"]
+        recorder = record_attention(model, positive, negative, samples, seed, steps, at_step, cfg)
+        maps = block_maps(recorder.strength, unet_family(model.model.diffusion_model), *samples.shape[-2:])
+        return as_images(maps, scale=8)
+
+
 class IPAdapterKitSimple:
     DESCRIPTION = "The common path in one node: model + reference image + λ."
     CATEGORY = CATEGORY
@@ -658,6 +690,7 @@ NODE_CLASS_MAPPINGS = {
     "IPAdapterKitEncodeTiled": IPAdapterKitEncodeTiled,
     "IPAdapterKitRegion": IPAdapterKitRegion,
     "IPAdapterKitApply": IPAdapterKitApply,
+    "IPAdapterKitAttentionMap": IPAdapterKitAttentionMap,
     "IPAdapterKitSimple": IPAdapterKitSimple,
     "IPAdapterKitSaveEmbeds": IPAdapterKitSaveEmbeds,
     "IPAdapterKitLoadEmbeds": IPAdapterKitLoadEmbeds,
@@ -676,6 +709,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAdapterKitEncodeTiled": "IP-Adapter Encode Tiled",
     "IPAdapterKitRegion": "IP-Adapter Region",
     "IPAdapterKitApply": "Apply IP-Adapter",
+    "IPAdapterKitAttentionMap": "IP-Adapter Attention Map",
     "IPAdapterKitSimple": "IP-Adapter (simple)",
     "IPAdapterKitSaveEmbeds": "Save IP-Adapter Embeds",
     "IPAdapterKitLoadEmbeds": "Load IP-Adapter Embeds",

@@ -19,6 +19,30 @@ from .ipadapter.weighting import scale_keys_values
 from .ipadapter.architecture import Architecture, family_names, family_of_comfy_layout
 
 COND, UNCOND = 0, 1  # the values of ComfyUI's cond_or_uncond list
+RECORD_KEY = "ipadapter_kit_attention_record"  # transformer option: an AttentionRecorder for one sampling step
+
+
+class AttentionRecorder:
+    """Collects how strongly each layer's image terms act at each query position (the first latent's conditional half).
+
+    Copies of the model options share it, so what the sampler's copies record reaches the node that asked.
+    """
+
+    def __init__(self):
+        self.strength: dict[int, torch.Tensor] = {}  # layer key -> [tokens]
+        self.latent_shape: tuple[int, int] | None = None
+
+    def add(self, key: int, term_output: torch.Tensor, cond_or_uncond, extra_options) -> None:
+        if COND not in cond_or_uncond:
+            return
+        row = cond_or_uncond.index(COND) * (term_output.shape[0] // len(cond_or_uncond))
+        strength = term_output[row].float().norm(dim=-1).cpu()
+        self.strength[key] = self.strength.get(key, 0) + strength
+        shape = extra_options.get("original_shape") or extra_options.get("activations_shape")
+        self.latent_shape = (shape[-2], shape[-1])
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 def comfy_attention():
@@ -170,6 +194,20 @@ class ImagePromptTerm:
         return self
 
 
+def record_attention(model, positive, negative, latent: torch.Tensor, seed: int, steps: int, at_step: int,
+                     cfg: float) -> AttentionRecorder:
+    """Run sampling step ``at_step`` of ``steps`` (euler, normal schedule) once and record the image terms."""
+    import comfy.sample
+
+    recorder = AttentionRecorder()
+    probe = model.clone()
+    probe.model_options.setdefault("transformer_options", {})[RECORD_KEY] = recorder
+    noise = comfy.sample.prepare_noise(latent, seed)
+    comfy.sample.sample(probe, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                        start_step=at_step, last_step=at_step + 1, force_full_denoise=False, disable_pbar=True, seed=seed)
+    return recorder
+
+
 def frame_indices(extra_options, per_chunk: int) -> tuple[int, ...]:
     """Which latents of the whole batch this call holds: all of them, or a context window's.
 
@@ -224,7 +262,10 @@ class AttentionPatch:
             k_ip, v_ip = term.batch_keys_values(self.key, cond_or_uncond, frames, q.device, q.dtype)
             mask = term.batch_mask(extra_options, q.shape[1], frames, q.device, q.dtype)
             weight = term.batch_weight(self.key, len(cond_or_uncond), frames, q.device, q.dtype)
-            out = out + image_attention(q, k_ip, v_ip, heads, weight, mask, attention)
+            term_output = image_attention(q, k_ip, v_ip, heads, weight, mask, attention)
+            if RECORD_KEY in extra_options:
+                extra_options[RECORD_KEY].add(self.key, term_output, list(cond_or_uncond), extra_options)
+            out = out + term_output
         return out
 
     def to(self, device_or_dtype):

@@ -141,3 +141,25 @@ def test_regions_chain_into_one_apply(nodes, encoder, adapter, model):
     assert terms[0].layer_weight(9) == pytest.approx(0.7) and terms[1].layer_weight(9) == 0  # down_blocks.2: not style
     with pytest.raises(ValueError, match="no embeds, no image \\+ image_encoder and no regions"):
         nodes.IPAdapterKitApply().apply(model, adapter, 1.0, 0.0, 1.0, "average", "all", "")
+
+
+def test_attention_map_is_near_zero_outside_the_mask(nodes, encoder, adapter, model):
+    (embeds,) = nodes.IPAdapterKitEncode().encode(encoder, torch.rand(1, 56, 56, 3, generator=torch.Generator().manual_seed(8)), "crop")
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1.0  # the left half
+    (patched,) = nodes.IPAdapterKitApply().apply(model, adapter, 1.0, 0.0, 1.0, "average", "all", "", embeds=embeds,
+                                                 attn_mask=mask)
+    generator = torch.Generator().manual_seed(9)
+    positive = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    images, average = nodes.IPAdapterKitAttentionMap().map(patched, positive, negative, latent, 0, 4, 1, 5.0)
+    blocks = 1 + 16  # the average, then every SD1.5 block with cross-attention
+    assert images.shape == (blocks, 128, 128, 3) and average.shape == (1, 128, 128)
+    inside, outside = average[0, :, :56].mean(), average[0, :, 72:].mean()  # away from the blurred edge
+    assert inside > 0.2 and outside < 0.02 * inside
+    (unmasked,) = nodes.IPAdapterKitApply().apply(model, adapter, 1.0, 0.0, 1.0, "average", "all", "", embeds=embeds)
+    _, spread = nodes.IPAdapterKitAttentionMap().map(unmasked, positive, negative, latent, 0, 4, 1, 5.0)
+    assert spread[0, :, 72:].mean() > 0.2  # without the mask the right half takes the image prompt too
+    with pytest.raises(ValueError, match="no image-prompt attention was recorded"):
+        nodes.IPAdapterKitAttentionMap().map(model, positive, negative, latent, 0, 4, 1, 5.0)

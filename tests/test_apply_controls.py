@@ -39,6 +39,8 @@ def test_weight_zero_is_exact_for_every_weight_type_and_scaling(nodes, adapter, 
             patched = nodes.patch_model(model, adapter, embeds, 0.0, weight_type=weight_type, embeds_scaling=scaling,
                                         composition_weight=2.0)
             assert torch.equal(prediction(patched, sample), plain), (weight_type, scaling)
+    per_latent = nodes.patch_model(model, adapter, embeds, 0.0, batch_mode="one per latent", frame_weights="1, 0.5")
+    assert torch.equal(prediction(per_latent, sample), plain)
 
 
 @pytest.mark.parametrize("weight_type", WEIGHT_TYPES)

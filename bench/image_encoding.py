@@ -74,9 +74,9 @@ def encoding_times(name: str, small: bool, batches: tuple[int, ...], reps: int, 
     return result
 
 
-def encoding_table(name: str, small: bool, result: dict, device) -> list[str]:
+def encoding_table(name: str, small: bool, result: dict, device_type: str) -> list[str]:
     lines = [
-        f"{'scaled-down ' if small else ''}OpenCLIP {name} ({result['parameters'] / 1e6:.0f}M parameters, {result['dtype']} on {device.type}), "
+        f"{'scaled-down ' if small else ''}OpenCLIP {name} ({result['parameters'] / 1e6:.0f}M parameters, {result['dtype']} on {device_type}), "
         f"512x640 images, center crop to {result['image_size']}, {result['reps']} interleaved reps",
         "",
         "| reference images per call | median time per image (s) | ratio to one per call |",
@@ -91,7 +91,7 @@ def encoding_table(name: str, small: bool, result: dict, device) -> list[str]:
 def part_one(args) -> list[str]:
     device, dtype = pick_device()
     result = encoding_times("ViT-H-14", args.small, (1, 4), args.reps, device, dtype)
-    return encoding_table("ViT-H-14", args.small, result, device)
+    return encoding_table("ViT-H-14", args.small, result, device.type)
 
 
 def write_encoder(folder: Path, small: bool) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -137,11 +138,12 @@ def worker(variant: str, resolution: int, batch: int, steps: int, small: bool, w
 
 
 def run_variant(variant: str, resolution: int, batch: int = 1, steps: int = 1, warmup: int = 1, threads: int = 0,
-                small: bool = False) -> dict:
-    """One variant's training steps in a fresh process (so that its peak memory is its own)."""
+                small: bool = False, cpu: bool = False) -> dict:
+    """One variant's training steps in a fresh process (so that its peak memory is its own); ``cpu``: hide any GPU from it."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu else None
     command = [sys.executable, __file__, "--worker", variant, "--resolution", str(resolution), "--batch", str(batch),
                "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)] + (["--small"] if small else [])
-    output = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    output = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{variant} at {resolution} failed:\n{output.stderr[-3000:]}")
@@ -151,7 +153,7 @@ def run_variant(variant: str, resolution: int, batch: int = 1, steps: int = 1, w
 def compare(variants, resolutions, reps: int, **options) -> dict:
     """``{(resolution, variant): [result per round]}``: ``reps`` interleaved rounds of every variant.
 
-    ``options`` go to :func:`run_variant` (batch, steps, warmup, threads, small).
+    ``options`` go to :func:`run_variant` (batch, steps, warmup, threads, small, cpu).
     """
     results: dict = {}
     for rep in range(reps):

@@ -1,0 +1,62 @@
+"""bench/gpu.py's CPU dry run writes the GPU run's JSON keys, finite figures and the Markdown section."""
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import gpu  # noqa: E402
+
+
+def explained(flat: dict, key: str) -> bool:
+    """A ``None`` figure is allowed where a ``reason`` beside it, or above it, says why."""
+    parts = key.split(".")
+    if parts[-1] == "reason":
+        return True
+    return any(flat.get(".".join(parts[:depth] + ["reason"])) for depth in range(1, len(parts)))
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpu-bench")
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--cpu", "--small", "--out", str(folder)],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((folder / "gpu_bench.json").read_text()), (folder / "gpu_bench.md").read_text()
+
+
+def test_dry_run_has_the_gpu_runs_key_set(dry_run):
+    report, _ = dry_run
+    assert set(gpu.flatten(report)) == gpu.expected_keys()
+    assert report["meta"]["errors"] == []
+    assert report["meta"]["sections_done"] == list(gpu.SECTIONS)
+    assert report["meta"]["small"] is True and report["meta"]["device"] == "cpu"
+
+
+def test_every_figure_is_measured_and_finite(dry_run):
+    report, _ = dry_run
+    flat = gpu.flatten(report)
+    assert gpu.non_finite(report) == []
+    without_cubiq = {"meta.cubiq_dir", "meta.cubiq_gaps_filled"}
+    unexplained = [key for key, value in flat.items() if value is None and key not in without_cubiq and not explained(flat, key)]
+    assert unexplained == []
+    for family in gpu.FAMILIES:
+        for variant in gpu.inference_step.VARIANTS:
+            assert report["inference"][family]["variants"][variant]["median_s"] > 0
+    assert report["training"]["sd15_base"]["speedup"] > 0
+    assert all(report["training"][case]["reason"] for case in gpu.TRAINING_NOT_YET)
+    assert report["patched_model_memory"]["clones_100"]["held_over_one_model"] == pytest.approx(1.0)
+
+
+def test_markdown_section_is_written(dry_run):
+    _, markdown = dry_run
+    for heading in ("## GPU run", "### Goals", "### Inference", "### Image encoding", "### Training step", "### Memory of the patched model"):
+        assert heading in markdown
+    assert not re.search(r"\b(nan|inf)\b", markdown, re.IGNORECASE)
+    assert all(f"{gpu.inference_step.FAMILIES[family].label}, " in markdown for family in gpu.FAMILIES)

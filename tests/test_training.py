@@ -456,3 +456,37 @@ def test_full_size_sd15_layout_has_the_papers_parameter_count():
         model = IPAdapterModel(unet, embed_dim=1024, num_tokens=4)
     assert model.num_trainable() == 22_319_616
     assert sum(p.numel() for p in model.image_proj.parameters()) == 3_150_336
+
+
+def test_init_adapter_starts_from_the_files_weights_and_refuses_other_adapters(tmp_path, toy_data):
+    from adapter_factory import random_adapter
+    from safetensors.torch import save_file
+
+    from training.adapter import IPAdapterModel, start_from_adapter_file
+    from training.models import build_embedded_models
+
+    first = main(small_run_args(tmp_path / "first", toy_data, 2))
+    exported = first["export"][0]
+    frozen = build_embedded_models()
+    model = IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim)
+    start_from_adapter_file(model, exported)
+    file_tensors = load_adapter(exported, base_width=None).flat_state_dict()
+    ours = model.trainable_state_dict()
+    assert set(ours) == set(file_tensors)
+    assert all(torch.equal(ours[k], v.float()) for k, v in file_tensors.items())
+
+    # a run with init_adapter: its first logged loss is the exported model's, not a fresh one's
+    again = main(small_run_args(tmp_path / "again", toy_data, 2, **{"model.init_adapter": exported}))
+    fresh = main(small_run_args(tmp_path / "fresh", toy_data, 2))
+    assert again["history"][0] != fresh["history"][0]
+
+    sdxl = tmp_path / "ip-adapter_sdxl_vit-h.safetensors"
+    save_file({f"{g}.{k}": v for g, t in random_adapter("base", family="sdxl", dtype=torch.float16).items()
+               for k, v in t.items()}, str(sdxl))
+    with pytest.raises(ModelFileError, match="is an SDXL adapter .* expected an SD1.5 adapter"):
+        main(small_run_args(tmp_path / "wrong", toy_data, 2, **{"model.init_adapter": sdxl}))
+    plus = tmp_path / "ip-adapter-plus_sd15.safetensors"
+    save_file({f"{g}.{k}": v for g, t in random_adapter("plus", base_width=32).items() for k, v in t.items()}, str(plus))
+    with pytest.raises(ModelFileError, match="expected a base adapter with 4 tokens from 32-d image embeddings"):
+        main(small_run_args(tmp_path / "wrong", toy_data, 2, **{"model.init_adapter": plus}))
+    assert not (tmp_path / "wrong" / "state").exists()

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
+from ipadapter.architecture import SD15
 from ipadapter.attention import decoupled_attention
+from ipadapter.checkpoint import AdapterFormatError, load_adapter
 from ipadapter.projection import LinearProjection
 
-from .models import check_unet_layout
+from .models import ModelFileError, check_unet_layout
 
 
 class ImageTokens:
@@ -128,3 +130,21 @@ class IPAdapterModel(nn.Module):
     def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         self.image_proj.load_state_dict({k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")})
         self.layers.load_state_dict({k[len("ip_adapter."):]: v for k, v in tensors.items() if k.startswith("ip_adapter.")})
+
+
+def start_from_adapter_file(model: IPAdapterModel, path) -> None:
+    """Load an adapter file's weights into ``model``; its family, variant and shapes must be the model's."""
+    try:
+        checkpoint = load_adapter(path, base_width=None, architecture=SD15)
+    except (AdapterFormatError, OSError) as error:
+        raise ModelFileError(f"model.init_adapter: {error}") from None
+    spec = checkpoint.spec
+    found = (spec.variant, spec.num_tokens, spec.encoder_width, spec.base_width)
+    expected = ("base", model.num_tokens, model.image_proj.proj.in_features, model.unet.config.block_out_channels[0])
+    if found != expected:
+        raise ModelFileError(
+            f"model.init_adapter: '{checkpoint.source}' is a {spec.describe()} adapter for a UNet of width "
+            f"{spec.base_width}; expected a base adapter with {expected[1]} tokens from {expected[2]}-d image "
+            f"embeddings for a UNet of width {expected[3]}, as this run trains"
+        )
+    model.load_trainable_state_dict({k: v.float() for k, v in checkpoint.flat_state_dict().items()})

@@ -29,6 +29,7 @@ class ModelConfig:
     num_tokens: int = 4
     encoder_embed_dim: int = 1024  # width of the image embedding: 1024 = OpenCLIP ViT-H/14, as in the paper
     frozen_dtype: str = "auto"  # auto = bf16 on GPUs that have it, else fp16; fp32 on CPU
+    init_adapter: str | None = None  # start from this adapter file (official .bin/.safetensors or an export)
 
 
 @dataclass

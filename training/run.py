@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .adapter import IPAdapterModel
+from .adapter import IPAdapterModel, start_from_adapter_file
 from .cache import CacheError, open_cache
 from .checkpointing import export_adapter, find_state, load_state, save_state
 from .config import Config, ConfigError, load_config, usage
@@ -53,6 +53,9 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     source, frozen = open_data_and_models(config, process.device, process.is_main, process.barrier)
     with seeded(config.train.seed):  # the projection's initialisation; identical on every rank
         model = IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim, config.model.num_tokens)
+    if config.model.init_adapter:  # a resumed training state replaces these weights below
+        start_from_adapter_file(model, config.model.init_adapter)
+        log.info("starting from the adapter weights of %s", config.model.init_adapter)
     cache = open_cache(config, source, frozen)
     if cache is not None:  # the encoders are needed only for sample grids: keep them off the accelerator
         frozen.empty_text = cache.empty_text

@@ -18,7 +18,8 @@ under fp16 autocast over an fp32 UNet, ours with a bf16 frozen UNet). ``--cpu --
 the same sections on the CPU with scaled-down models and sizes, writing the same JSON keys
 (:func:`expected_keys`). Writes ``gpu_bench.json`` and ``gpu_bench.md`` (a Markdown
 section for BENCHMARKS.md) to ``--out``, else ``$OUT``, else ``bench-out/``, rewritten
-after every section so that a run cut short keeps what it measured. Usage:
+after every part (a section, or one family or encoder of it) so that a run cut short or a
+part that fails keeps the other figures; failures are listed in ``meta.errors``. Usage:
 
     python bench/gpu.py [--out DIR] [--cpu] [--small] [--cubiq DIR] [--sections memory inference encoding training]
 """
@@ -40,6 +41,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import inference_step  # noqa: E402
+from timing import device_name, free_memory, pick_device  # noqa: E402
 from cubiq_pack import CUBIQ_LABELS, CUBIQ_VARIANTS  # noqa: E402
 
 SECTIONS = ("memory", "inference", "encoding", "training")
@@ -129,33 +131,30 @@ SECTION_KEYS = {"memory": "patched_model_memory", "inference": "inference", "enc
 
 # --- sections -----------------------------------------------------------------------
 
-def memory_section(sizes: Sizes, device, dtype, options) -> dict:
+def memory_part(part, sizes: Sizes, device, dtype, options) -> dict:
     from patched_model_memory import measure_clones
 
     return measure_clones(CLONE_COUNTS, sizes.unet_width, device, dtype)
 
 
-def inference_section(sizes: Sizes, device, dtype, options) -> dict:
+def inference_part(family: str, sizes: Sizes, device, dtype, options) -> dict:
     extra = options.cubiq.variants if options.cubiq else None
-    results = {}
-    for family in FAMILIES:
-        result = inference_step.measure_family(family, sizes.unet_width, sizes.latents[family], sizes.inference_reps, device, dtype,
-                                               sizes.inference_warmup, extra)
-        if not options.cubiq:
-            result["variants"].update({variant: {"median_s": None, "ratio": None, "reason": NO_CUBIQ} for variant in CUBIQ_VARIANTS})
-        results[family] = result
-        progress(f"inference {family}: " + ", ".join(f"{name} {figures['ratio']:.3f}x" for name, figures in result["variants"].items()
-                                                     if figures["ratio"] is not None))
-    return results
+    result = inference_step.measure_family(family, sizes.unet_width, sizes.latents[family], sizes.inference_reps, device, dtype,
+                                           sizes.inference_warmup, extra)
+    if not options.cubiq:
+        result["variants"].update({variant: {"median_s": None, "ratio": None, "reason": NO_CUBIQ} for variant in CUBIQ_VARIANTS})
+    progress(f"inference {family}: " + ", ".join(f"{name} {figures['ratio']:.3f}x" for name, figures in result["variants"].items()
+                                                 if figures["ratio"] is not None))
+    return result
 
 
-def encoding_section(sizes: Sizes, device, dtype, options) -> dict:
+def encoding_part(name: str, sizes: Sizes, device, dtype, options) -> dict:
     from image_encoding import encoding_times
 
-    return {name: encoding_times(name, sizes.small_towers, ENCODING_BATCHES, sizes.encoding_reps, device, dtype) for name in ENCODERS}
+    return encoding_times(name, sizes.small_towers, ENCODING_BATCHES, sizes.encoding_reps, device, dtype)
 
 
-def training_section(sizes: Sizes, device, dtype, options) -> dict:
+def training_part(part, sizes: Sizes, device, dtype, options) -> dict:
     from training_step import compare, medians
 
     resolution = sizes.training_resolution
@@ -171,7 +170,13 @@ def training_section(sizes: Sizes, device, dtype, options) -> dict:
     return {**cases, "sd15_base": measured}
 
 
-SECTION_FUNCTIONS = {"memory": memory_section, "inference": inference_section, "encoding": encoding_section, "training": training_section}
+# section -> (its function, the parts it runs one at a time: one part's failure keeps the others' figures)
+SECTION_PARTS = {
+    "memory": (memory_part, (None,)),
+    "inference": (inference_part, FAMILIES),
+    "encoding": (encoding_part, ENCODERS),
+    "training": (training_part, (None,)),
+}
 
 
 # --- the Markdown -------------------------------------------------------------------
@@ -221,7 +226,8 @@ def markdown(report: dict) -> str:
     from patched_model_memory import markdown_table as memory_table
 
     meta = report["meta"]
-    done = set(meta["sections_done"])
+    families = [family for family in FAMILIES if done(meta, "inference", family)]
+    encoders = [name for name in ENCODERS if done(meta, "encoding", name)]
     lines = [f"## GPU run: {meta['device_name']} ({meta['device']}), {meta['started_utc'][:10]}", "",
              f"- Command: `{meta['command']}`{' (scaled-down models: a dry run, not figures to quote)' if meta['small'] else ''}",
              f"- torch {meta['torch']}, Python {meta['python']}, {meta['dtype']}; {meta['wall_seconds']:.0f} s in all; "
@@ -231,20 +237,20 @@ def markdown(report: dict) -> str:
                      f"{', '.join(meta['cubiq_gaps_filled']) or 'none'}")
     lines += [f"- Error: {error}" for error in meta["errors"]]
     lines += ["", "### Goals", ""] + goals_table(report)
-    if "inference" in done:
+    if families:
         lines += ["", "### Inference: sampling step with the adapter vs without (goal ≤ 1.01×)"]
-        for family in FAMILIES:
+        for family in families:
             lines += [""] + inference_step.markdown_table(family, report["inference"][family], CUBIQ_LABELS)
-    if "encoding" in done:
+    if encoders:
         lines += ["", "### Image encoding per reference image"]
-        for name in ENCODERS:
+        for name in encoders:
             lines += [""] + encoding_table(name, meta["small"], report["image_encoding"][name], meta["device"])
-    if "training" in done:
+    if done(meta, "training"):
         lines += ["", "### Training step: reference style vs ours from the cache (goals ≥ 3× samples/s, ≤ 0.6× peak memory)", "",
                   "Reference: VAE, ViT-H/14 and text encoder every step, frozen UNet fp32 under autocast; ours: cached encoder "
                   "outputs, frozen UNet in bf16 on a GPU (fp32 on the CPU). Peak: `torch.cuda.max_memory_allocated` "
                   "(CPU: VmHWM), each variant in its own process.", ""] + training_table(report["training"])
-    if "memory" in done:
+    if done(meta, "memory"):
         lines += ["", "### Memory of the patched model over clones", ""] + memory_table(report["patched_model_memory"])
     return "\n".join(lines) + "\n"
 
@@ -267,28 +273,50 @@ def write_report(report: dict, folder: Path, started: float) -> None:
     (folder / "gpu_bench.md").write_text(markdown(report))
 
 
-def key_mismatch(section: str, result: dict) -> str | None:
-    want, got = set(flatten(skeleton()[SECTION_KEYS[section]])), set(flatten(result))
+def part_name(section: str, part) -> str:
+    return section if part is None else f"{section}.{part}"
+
+
+def key_mismatch(name: str, template: dict, result: dict) -> str | None:
+    want, got = set(flatten(template)), set(flatten(result))
     if want == got:
         return None
-    return f"{section}: keys differ from the GPU run's: missing {sorted(want - got)[:5]}, extra {sorted(got - want)[:5]}"
+    return f"{name}: keys differ from the GPU run's: missing {sorted(want - got)[:5]}, extra {sorted(got - want)[:5]}"
 
 
-def run_section(section: str, report: dict, sizes: Sizes, device, dtype, options) -> None:
-    progress(f"{section} ...")
+def run_part(section: str, part, report: dict, sizes: Sizes, device, dtype, options) -> None:
+    name = part_name(section, part)
+    progress(f"{name} ...")
     started = time.time()
+    function, _ = SECTION_PARTS[section]
     try:
-        result = SECTION_FUNCTIONS[section](sizes, device, dtype, options)
-    except Exception as error:  # one section's failure must not lose the others' figures
+        result = function(part, sizes, device, dtype, options)
+    except Exception as error:  # one part's failure must not lose the others' figures
         traceback.print_exc()
-        report["meta"]["errors"].append(f"{section}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        report["meta"]["errors"].append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
         return
-    mismatch = key_mismatch(section, result)
+    finally:
+        free_memory(device)
+    key = SECTION_KEYS[section]
+    template = skeleton()[key] if part is None else skeleton()[key][part]
+    mismatch = key_mismatch(name, template, result)
     if mismatch:
         report["meta"]["errors"].append(mismatch)
-    report[SECTION_KEYS[section]] = result
-    report["meta"]["sections_done"].append(section)
-    progress(f"{section} done in {time.time() - started:.0f} s")
+    if part is None:
+        report[key] = result
+    else:
+        report[key][part] = result
+    report["meta"]["sections_done"].append(name)
+    progress(f"{name} done in {time.time() - started:.0f} s")
+
+
+def all_parts(sections=SECTIONS) -> list[str]:
+    """What a full run reports in ``meta.sections_done``: "memory", "inference.sd15", ..."""
+    return [part_name(section, part) for section in sections for part in SECTION_PARTS[section][1]]
+
+
+def done(meta: dict, section: str, part=None) -> bool:
+    return part_name(section, part) in meta["sections_done"]
 
 
 def parse_args(argv=None):
@@ -306,7 +334,6 @@ def main(argv=None) -> int:
     options = parse_args(argv)
     import torch
 
-    from timing import device_name, pick_device
 
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -326,8 +353,9 @@ def main(argv=None) -> int:
                           cubiq_gaps_filled=options.cubiq.gaps_filled if options.cubiq else None,
                           command="python bench/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv), sections_done=[], errors=[])
     for section in options.sections:
-        run_section(section, report, sizes, device, dtype, options)
-        write_report(report, folder, started)
+        for part in SECTION_PARTS[section][1]:
+            run_part(section, part, report, sizes, device, dtype, options)
+            write_report(report, folder, started)
     write_report(report, folder, started)
     progress(f"wrote {folder / 'gpu_bench.json'} and {folder / 'gpu_bench.md'} in {time.time() - started:.0f} s"
              + (f"; {len(report['meta']['errors'])} error(s)" if report["meta"]["errors"] else ""))

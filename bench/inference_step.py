@@ -58,7 +58,10 @@ def import_comfy_for(device):
         import comfy.cli_args
 
         comfy.cli_args.args.use_pytorch_cross_attention = True
-    return import_comfy()
+    comfy = import_comfy()
+    if device.type == "cuda" and not comfy.model_management.pytorch_attention_enabled():
+        raise RuntimeError("comfy was imported before the benchmark could choose PyTorch attention for the GPU")
+    return comfy
 
 
 def build_model(family: str, width: int, device, dtype):

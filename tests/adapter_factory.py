@@ -88,11 +88,11 @@ def random_adapter(
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
-def write_flat_adapter(path, seed: int) -> None:
-    """A random full-size base adapter (K'/V' scaled up so that its effect shows after 2 steps), fp16, flat keys."""
+def write_flat_adapter(path, seed: int, variant: str = "base", family: str = "sd15", encoder_width: int | None = None) -> None:
+    """A random full-size adapter (K'/V' scaled up so that its effect shows after 2 steps), fp16, flat keys."""
     from safetensors.torch import save_file
 
     flat = {}
-    for group, tensors in random_adapter("base", seed=seed).items():
+    for group, tensors in random_adapter(variant, seed=seed, family=family, encoder_width=encoder_width).items():
         flat.update({f"{group}.{k}": (v * 5 if group == "ip_adapter" else v).half() for k, v in tensors.items()})
     save_file(flat, str(path))

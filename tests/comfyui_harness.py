@@ -12,9 +12,12 @@ Three tools, all against the ComfyUI from :func:`comfyui_setup.ensure_comfyui`
 * **In-process comfy** (:func:`import_comfy`, :func:`build_sd15_model_patcher`):
   ComfyUI's ``comfy`` package imported into the test process in CPU mode, for
   fast unit tests on a real ``ModelPatcher`` around a scaled-down SD1.5 UNet.
-* **A full-size random SD1.5 checkpoint** (:func:`sd15_checkpoint_path`):
-  UNet + CLIP-L + VAE built with ComfyUI's own classes and random weights,
-  saved fp16 in the original single-file key layout, cached on disk.
+* **Full-size random SD1.5 and SDXL checkpoints** (:func:`sd15_checkpoint_path`,
+  :func:`sdxl_checkpoint_path`): UNet + CLIP-L (+ OpenCLIP bigG) + VAE built
+  with ComfyUI's own classes and random weights, saved fp16 in the original
+  single-file key layout, cached on disk. :func:`start_sdxl_server` runs a
+  server that keeps SDXL small on the CPU, with a node that checks the loaded
+  weights against the file (:func:`check_loaded_checkpoint`).
 
 Pytest fixtures at the end; a ``conftest.py`` enables them with::
 
@@ -24,11 +27,15 @@ Pytest fixtures at the end; a ``conftest.py`` enables them with::
 
 Command line, for a manual check: ``python tests/comfyui_harness.py smoke``
 starts the server and renders one 64x64 image with the random checkpoint;
-``python tests/comfyui_harness.py checkpoint`` writes (or finds) the checkpoint.
+``python tests/comfyui_harness.py checkpoint`` writes (or finds) the checkpoint;
+``python tests/comfyui_harness.py sdxl-checkpoint`` writes (or finds) the SDXL
+one and checks it in an SDXL server (run it under
+``flock /tmp/ipadapter-bigmem.lock``: the server peaks at ~10 GiB).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -187,6 +194,13 @@ class ComfyServer:
 
     def is_alive(self) -> bool:
         return self.process.poll() is None
+
+    def peak_memory_gib(self) -> float:
+        """The server's peak resident memory so far (``VmHWM`` of /proc/<pid>/status), in GiB (Linux)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+        raise ComfyUIError(f"no VmHWM in /proc/{self.process.pid}/status")
 
     # -- graphs -----------------------------------------------------------------
 
@@ -464,39 +478,51 @@ def build_sd15_model_patcher(model_channels: int = 64, seed: int = 0):
 
 
 # =============================================================================
-# Full-size random SD1.5 checkpoint
+# Full-size random checkpoints: SD1.5 and SDXL
 # =============================================================================
 
 CHECKPOINT_FORMAT_VERSION = 1  # bump when the file's content changes
 UNET_PREFIX = "model.diffusion_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."  # + "text_model.…"
 VAE_PREFIX = "first_stage_model."
-# The VAE of SD1.5 (the ddconfig that comfy/sd.py gives an SD VAE state dict).
-SD15_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+# The VAE of SD1.5 and SDXL (the ddconfig that comfy/sd.py gives an SD VAE state dict;
+# SDXL's VAE has the same layout, only its latent scale differs).
+SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                   "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 # Keys that ComfyUI's CLIP-L has but SD1.5 files do not carry.
 CLIP_KEYS_NOT_IN_SD15_FILES = ("transformer.text_projection.weight", "logit_scale")
 
 
+def random_module(build, seed: int):
+    """``build()``, a ComfyUI module (its layers skip their init), with random weights."""
+    import torch
+
+    with torch.no_grad():  # ComfyUI's CLIP __init__ writes text_projection in place, as under its inference mode
+        module = build()
+    reset_all_parameters(module, seed)
+    return module
+
+
+def prefixed(state: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in state.items()}
+
+
 def random_unet_state_dict(seed: int) -> dict:
-    model = build_sd15_base_model(320, seed)
-    return {UNET_PREFIX + k: v for k, v in model.diffusion_model.state_dict().items()}
+    return prefixed(build_sd15_base_model(320, seed).diffusion_model.state_dict(), UNET_PREFIX)
 
 
 def random_text_encoder_state_dict(seed: int) -> dict:
     """CLIP-L (ComfyUI's ``comfy.sd1_clip.SDClipModel``) keyed ``cond_stage_model.transformer.text_model.*``."""
     import torch
 
-    comfy = import_comfy()
+    import_comfy()
     import comfy.sd1_clip
 
-    with torch.no_grad():  # its __init__ writes text_projection in place, as under ComfyUI's inference mode
-        encoder = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
-    reset_all_parameters(encoder, seed)
+    encoder = random_module(lambda: comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32), seed)
     state = {k: v for k, v in encoder.state_dict().items() if k not in CLIP_KEYS_NOT_IN_SD15_FILES}
     if not all(k.startswith("transformer.text_model.") for k in state):
         raise RuntimeError(f"unexpected CLIP keys: {sorted(k for k in state if not k.startswith('transformer.text_model.'))[:5]}")
-    state = {"cond_stage_model." + k: v for k, v in state.items()}
+    state = prefixed(state, "cond_stage_model.")
     # as in the released v1-5 files (ComfyUI rounds and ignores it)
     state[TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.int64)[None]
     return state
@@ -506,21 +532,53 @@ def random_vae_state_dict(seed: int) -> dict:
     import_comfy()
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    vae = AutoencoderKL(ddconfig=dict(SD15_VAE_DDCONFIG), embed_dim=4)
-    reset_all_parameters(vae, seed)
-    return {VAE_PREFIX + k: v for k, v in vae.state_dict().items()}
+    vae = random_module(lambda: AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4), seed)
+    return prefixed(vae.state_dict(), VAE_PREFIX)
 
 
-def write_random_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Write a full-size SD1.5 single-file checkpoint with random weights, fp16 safetensors (~2.1 GB)."""
+def random_sdxl_unet_state_dict(seed: int) -> dict:
+    """SDXL's UNet, built and initialised in fp16 (fp32 would take 10 GB of memory, fp16 takes 5)."""
+    import torch
+    from sdxl_models import build_sdxl_base_model  # it imports this module
+
+    return prefixed(build_sdxl_base_model(320, seed, torch.float16).diffusion_model.state_dict(), UNET_PREFIX)
+
+
+def random_sdxl_text_encoders_state_dict(seed: int) -> dict:
+    """CLIP-L and OpenCLIP ViT-bigG/14 (ComfyUI's ``SDXLClipModel``), fp16, in the layout of ``sd_xl_base_1.0``.
+
+    ComfyUI's own conversion for saving an SDXL checkpoint gives the keys:
+    ``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L) and
+    ``conditioner.embedders.1.model.*`` (bigG in OpenCLIP's layout:
+    ``transformer.resblocks.N.attn.in_proj_weight``, ``text_projection``, ...).
+    """
+    import torch
+
+    import_comfy()
+    import comfy.sdxl_clip
+
+    from sdxl_models import sdxl_unet_config  # it imports this module
+
+    encoders = random_module(lambda: comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16), seed)
+    model_config = comfy.supported_models.SDXL(sdxl_unet_config())
+    return model_config.process_clip_state_dict_for_saving(encoders.state_dict())
+
+
+# The parts of a single-file checkpoint: builders seed -> state dict in the file's keys.
+SD15_PARTS = (random_unet_state_dict, random_text_encoder_state_dict, random_vae_state_dict)
+SDXL_PARTS = (random_sdxl_unet_state_dict, random_sdxl_text_encoders_state_dict, random_vae_state_dict)
+
+
+def write_random_checkpoint(path: Path, parts, seed: int, description: str) -> Path:
+    """Write the parts' random weights (part ``i`` from ``seed + i``) as one fp16 safetensors file."""
     import gc
 
     import torch
     from safetensors.torch import save_file
 
     state = {}
-    for part, builder in enumerate((random_unet_state_dict, random_text_encoder_state_dict, random_vae_state_dict)):
-        tensors = builder(seed + part)
+    for offset, builder in enumerate(parts):
+        tensors = builder(seed + offset)
         state.update({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()})
         del tensors
         gc.collect()
@@ -530,46 +588,67 @@ def write_random_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # concurrent writers do not collide
     save_file({k: v.contiguous() for k, v in state.items()}, str(partial),
-              metadata={"format": "pt", "ipadapter_sd15_tests": f"random SD1.5, seed {seed}"})
+              metadata={"format": "pt", "ipadapter_sd15_tests": description})
     partial.rename(path)
+    return path
+
+
+def write_random_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A full-size SD1.5 single-file checkpoint (UNet, CLIP-L, VAE), random weights, fp16 (~2.1 GB)."""
+    return write_random_checkpoint(path, SD15_PARTS, seed, f"random SD1.5, seed {seed}")
+
+
+def write_random_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A full-size SDXL single-file checkpoint (UNet, CLIP-L, OpenCLIP bigG, VAE), random weights, fp16 (~6.9 GB)."""
+    return write_random_checkpoint(path, SDXL_PARTS, seed, f"random SDXL, seed {seed}")
+
+
+def cached_checkpoint(family: str, writer, seed: int) -> Path:
+    """``<cache>/checkpoints/<family>-random-seed<seed>-v<version>.safetensors``, written by ``writer`` on first use."""
+    path = cache_root() / "checkpoints" / f"{family}-random-seed{seed}-v{CHECKPOINT_FORMAT_VERSION}.safetensors"
+    if not path.is_file():
+        writer(path, seed)
     return path
 
 
 def sd15_checkpoint_path(seed: int = 0) -> Path:
     """The cached random SD1.5 checkpoint (written on first use, ~1 min)."""
-    path = cache_root() / "checkpoints" / f"sd15-random-seed{seed}-v{CHECKPOINT_FORMAT_VERSION}.safetensors"
-    if not path.is_file():
-        write_random_sd15_checkpoint(path, seed)
-    return path
+    return cached_checkpoint("sd15", write_random_sd15_checkpoint, seed)
+
+
+def sdxl_checkpoint_path(seed: int = 0) -> Path:
+    """The cached random SDXL checkpoint (written on first use: ~7 GB of memory, 6.9 GB of disk)."""
+    return cached_checkpoint("sdxl", write_random_sdxl_checkpoint, seed)
 
 
 def check_sd15_checkpoint(path: Path) -> dict:
-    """Load the file through ComfyUI (``comfy.sd.load_checkpoint_guess_config``) and check it thoroughly.
-
-    Raises if ComfyUI does not detect SD1.5, if any weight of the loaded UNet,
-    text encoder or VAE is not the file's (a missing key), or if the text
-    encoder's output is not finite or does not depend on the prompt. Returns
-    a few numbers for reports.
-    """
+    """Load the file through ComfyUI (``comfy.sd.load_checkpoint_guess_config``), in this process; see :func:`check_loaded_checkpoint`."""
     import torch
 
     comfy = import_comfy()
     with torch.inference_mode():  # as ComfyUI runs its nodes
-        return check_loaded_sd15_checkpoint(path, *comfy.sd.load_checkpoint_guess_config(str(path))[:3])
+        return check_loaded_checkpoint(path, *comfy.sd.load_checkpoint_guess_config(str(path))[:3], expected="SD15")
 
 
-def check_loaded_sd15_checkpoint(path: Path, patcher, clip, vae) -> dict:
+def check_loaded_checkpoint(path: Path, patcher, clip, vae, expected: str) -> dict:
+    """Check what ComfyUI loaded from a random checkpoint file, thoroughly.
+
+    Raises if ComfyUI did not detect ``expected`` (its model config, ``"SD15"``
+    or ``"SDXL"``), if any weight of the loaded UNet, text encoders or VAE is
+    not finite or not the file's (a key that ComfyUI did not find stays
+    uninitialised memory), or if the text encoders' output is not finite or
+    does not depend on the prompt. Returns a few numbers for reports.
+    """
     import torch
-    from safetensors.torch import load_file
 
-    if type(patcher.model.model_config).__name__ != "SD15":
-        raise AssertionError(f"ComfyUI detected {type(patcher.model.model_config).__name__}, not SD15")
-    saved = load_file(str(path))
-    assert_loaded_equals_file(patcher.model.diffusion_model.state_dict(), saved, UNET_PREFIX, "UNet")
-    assert_loaded_equals_file(vae.first_stage_model.state_dict(), saved, VAE_PREFIX, "VAE")
-    clip_state = {k.removeprefix("clip_l."): v for k, v in clip.cond_stage_model.state_dict().items()
-                  if k.removeprefix("clip_l.") not in CLIP_KEYS_NOT_IN_SD15_FILES}
-    assert_loaded_equals_file(clip_state, saved, "cond_stage_model.", "text encoder")
+    model_config = patcher.model.model_config
+    if type(model_config).__name__ != expected:
+        raise AssertionError(f"ComfyUI detected {type(model_config).__name__}, not {expected}")
+    loaded = {**prefixed(patcher.model.diffusion_model.state_dict(), UNET_PREFIX),
+              **prefixed(vae.first_stage_model.state_dict(), VAE_PREFIX),
+              # ComfyUI's own conversion back to the file's keys; it leaves out what such files do not carry
+              **model_config.process_clip_state_dict_for_saving(clip.get_sd())}
+    assert_loaded_equals_file(loaded, path)
 
     cat, dog = (text_embedding(clip, text) for text in ("a photo of a cat", "a painting of a dog"))
     for embedding in (cat, dog):
@@ -577,26 +656,110 @@ def check_loaded_sd15_checkpoint(path: Path, patcher, clip, vae) -> dict:
             raise AssertionError(f"degenerate text embedding: std {embedding.std():.3g}")
     if torch.allclose(cat, dog):
         raise AssertionError("the text encoder gives the same output for different prompts")
-    return {"text_embedding_shape": tuple(cat.shape), "text_embedding_std": float(cat.std()),
-            "prompt_difference": float((cat - dog).abs().mean())}
+    return {"model": expected, "weights_checked": len(loaded), "text_embedding_shape": tuple(cat.shape),
+            "text_embedding_std": float(cat.std()), "prompt_difference": float((cat - dog).abs().mean())}
 
 
-def assert_loaded_equals_file(loaded: dict, saved: dict, prefix: str, what: str) -> None:
-    """Every tensor of a loaded module equals the file's tensor ``prefix + key`` (so no key was missing)."""
+def assert_loaded_equals_file(loaded: dict, path: Path) -> None:
+    """Every loaded tensor (keyed as in the file) is finite and equals the file's; read one tensor at a time."""
     import torch
+    from safetensors import safe_open
 
-    missing = [k for k in loaded if prefix + k not in saved]
-    if missing:
-        raise AssertionError(f"{what}: {len(missing)} weights not in the file, e.g. {missing[:5]}")
-    differ = [k for k, v in loaded.items()
-              if not torch.equal(v.to(saved[prefix + k].dtype).cpu(), saved[prefix + k])]
+    with safe_open(str(path), framework="pt") as file:
+        in_file = set(file.keys())
+        missing = [k for k in loaded if k not in in_file]
+        if missing:
+            raise AssertionError(f"{len(missing)} loaded weights are not in the file, e.g. {missing[:5]}")
+        not_finite, differ = [], []
+        for key, value in loaded.items():
+            saved = file.get_tensor(key)
+            if not torch.isfinite(value).all():
+                not_finite.append(key)
+            elif not torch.equal(value.to(saved.dtype).cpu(), saved):
+                differ.append(key)
+    if not_finite:
+        raise AssertionError(f"{len(not_finite)} loaded weights are not finite, e.g. {not_finite[:5]}")
     if differ:
-        raise AssertionError(f"{what}: {len(differ)} loaded weights differ from the file, e.g. {differ[:5]}")
+        raise AssertionError(f"{len(differ)} loaded weights differ from the file, e.g. {differ[:5]}")
 
 
 def text_embedding(clip, text: str):
-    """ComfyUI's CLIPTextEncode of ``text``: a [1, 77, 768] tensor."""
+    """ComfyUI's CLIPTextEncode of ``text``: [1, 77, 768] for SD1.5, [1, 77, 2048] for SDXL."""
     return clip.encode_from_tokens(clip.tokenize(text))
+
+
+class CheckLoadedCheckpoint:
+    """A test-only ComfyUI node: :func:`check_loaded_checkpoint` on what CheckpointLoaderSimple loaded, in the server.
+
+    Its report comes back in the prompt's history (``outputs[<node>]["report"]``).
+    """
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "check"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",),
+                             "ckpt_name": ("STRING", {"default": ""}), "expected": ("STRING", {"default": "SDXL"})}}
+
+    def check(self, model, clip, vae, ckpt_name, expected):
+        import folder_paths
+
+        path = Path(folder_paths.get_full_path("checkpoints", ckpt_name))
+        return {"ui": {"report": [check_loaded_checkpoint(path, model, clip, vae, expected)]}}
+
+
+def with_checkpoint_check(graph: dict, expected: str) -> dict:
+    """A copy of an API-format graph whose CheckpointLoaderSimple also feeds the harness's check node.
+
+    Only a server with the harness's pack (:func:`start_sdxl_server`) has the
+    node; its report is in the history's ``outputs["harness_check"]["report"]``.
+    """
+    graph = copy.deepcopy(graph)
+    (loader,) = [key for key, node in graph.items() if node["class_type"] == "CheckpointLoaderSimple"]
+    graph["harness_check"] = {"class_type": "HarnessCheckLoadedCheckpoint", "inputs": {
+        "model": [loader, 0], "clip": [loader, 1], "vae": [loader, 2],
+        "ckpt_name": graph[loader]["inputs"]["ckpt_name"], "expected": expected}}
+    return graph
+
+
+# =============================================================================
+# A server for full-size SDXL
+# =============================================================================
+
+# On the CPU ComfyUI would keep SDXL's UNet in fp32 (10 GB); with these flags it
+# keeps the weights in fp16 (5 GB) and computes in fp32 (it casts each layer's
+# weights as it runs). The text encoders are fp16 on the CPU anyway. Loading the
+# random SDXL checkpoint, the server peaks at ~10 GiB of its own memory (~15 GiB
+# resident with the file's pages mapped while it reads them).
+SDXL_SERVER_FLAGS = ("--fp16-unet", "--fp16-text-enc")
+HARNESS_PACK_NAME = "harness-checks"
+HARNESS_PACK_INIT = f"""import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from comfyui_harness import CheckLoadedCheckpoint
+NODE_CLASS_MAPPINGS = {{"HarnessCheckLoadedCheckpoint": CheckLoadedCheckpoint}}
+"""
+
+
+def write_harness_pack(folder: Path) -> Path:
+    """A custom-node pack with the harness's check node (``HarnessCheckLoadedCheckpoint``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "__init__.py").write_text(HARNESS_PACK_INIT)
+    return folder
+
+
+def start_sdxl_server(base: Path, comfyui: Path | None = None) -> ComfyServer:
+    """A ComfyUI with :data:`SDXL_SERVER_FLAGS`, this pack and the harness's check node; call :meth:`ComfyServer.stop`."""
+    checks = write_harness_pack(Path(base) / "harness-pack")
+    server = start_comfyui_server(Path(base) / "comfyui", {PACK_FOLDER_NAME: REPO_ROOT, HARNESS_PACK_NAME: checks},
+                                  comfyui, SDXL_SERVER_FLAGS)
+    for name in (PACK_FOLDER_NAME, HARNESS_PACK_NAME):
+        if server.custom_node_import_failed(name):
+            server.stop()
+            raise ComfyUIError(f"ComfyUI could not import {name}:\n{server.log_tail()}")
+    return server
 
 
 # =============================================================================
@@ -699,6 +862,23 @@ def smoke(seed: int = 0) -> None:
             print(f"log and last image: {Path(tempfile.gettempdir()) / 'comfyui-smoke-last'}.{{log,png}}")
 
 
+def check_sdxl_checkpoint_in_server(seed: int = 0) -> None:
+    """Write (or find) the random SDXL checkpoint, load it in an SDXL server, check it there, report time and memory."""
+    started = time.monotonic()
+    checkpoint = sdxl_checkpoint_path(seed)
+    print(f"checkpoint {checkpoint} ({checkpoint.stat().st_size / 2**30:.2f} GiB) ready in {time.monotonic() - started:.1f} s")
+    with tempfile.TemporaryDirectory(prefix="comfyui-sdxl-") as temp:
+        server = start_sdxl_server(Path(temp))
+        try:
+            (server.models_dir("checkpoints") / checkpoint.name).symlink_to(checkpoint)
+            loader = {"checkpoint": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint.name}}}
+            result = server.run_prompt(with_checkpoint_check(loader, "SDXL"))
+            print(f"loaded and checked in {result.seconds:.1f} s: {result.history['outputs']['harness_check']['report'][0]}")
+            print(f"server peak memory {server.peak_memory_gib():.1f} GiB")
+        finally:
+            server.stop()
+
+
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "smoke"
     if command == "checkpoint":
@@ -706,6 +886,8 @@ def main(argv: list[str]) -> int:
         path = sd15_checkpoint_path()
         print(path, f"{time.monotonic() - started:.1f} s")
         print(check_sd15_checkpoint(path))
+    elif command == "sdxl-checkpoint":
+        check_sdxl_checkpoint_in_server()
     elif command == "smoke":
         smoke()
     else:

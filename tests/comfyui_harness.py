@@ -241,6 +241,16 @@ class ComfyServer:
         entry = self.wait_for_history(prompt_id, timeout)
         return PromptResult(prompt_id, entry, self.output_files(entry), time.monotonic() - started)
 
+    def free_memory(self) -> None:
+        """Drop the models and cached node outputs that the server holds (``POST /free``).
+
+        ComfyUI reads the request after its next prompt, so a tiny one (an
+        8x8 preview) follows; the memory is released right after it.
+        """
+        self.request("POST", "/free", {"unload_models": True, "free_memory": True})
+        self.run_prompt({"image": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                         "preview": {"class_type": "PreviewImage", "inputs": {"images": ["image", 0]}}})
+
     # -- custom-node import check -----------------------------------------------
 
     def custom_node_import_failed(self, folder_name: str) -> bool:

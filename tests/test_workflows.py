@@ -250,14 +250,16 @@ def models_server(comfyui_server, sd15_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def sdxl_models_server(comfyui_path, tmp_path_factory):
+def sdxl_models_server(comfyui_path, comfyui_server, tmp_path_factory):
     """A ComfyUI for full-size SDXL with random-weight models under the SDXL workflows' names.
 
     Started by the first test that asks for it (the last tests of this module),
     stopped when the module ends; its time and peak memory go to
-    ``test-artifacts/workflows/sdxl-server.json``.
+    ``test-artifacts/workflows/sdxl-server.json``. The session's server lets go
+    of its SD1.5 models first (later tests load them again).
     """
     started = time.monotonic()
+    comfyui_server.free_memory()
     checkpoint = sdxl_checkpoint_path()
     server = start_sdxl_server(tmp_path_factory.mktemp("comfyui-sdxl"), comfyui_path)
     try:

@@ -35,6 +35,7 @@ from .ipadapter.weighting import (
     WEIGHT_TYPES,
     frame_schedule,
     parse_frame_weights,
+    parse_weights,
     weight_schedule,
 )
 from .ipadapter.heatmap import as_images, block_maps
@@ -149,18 +150,6 @@ def encode_images(encoder: ManagedEncoder, image, crop: str, negative_image=None
     else:
         uncond_embeds, uncond_penultimate = torch.zeros_like(embeds[:1]), encoder.blank_penultimate()
     return EncodedImages(embeds, penultimate, uncond_embeds, uncond_penultimate, encoder.encoder.name)
-
-
-def parse_image_weights(text: str, count: int) -> list[float]:
-    """Per-image weights from '1, 0.5'; empty gives 1 each; one number applies to all."""
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    try:
-        weights = [float(part) for part in parts] or [1.0]
-    except ValueError:
-        raise ValueError(f"image weights '{text[:60]}' are not numbers; expected comma-separated numbers like '1, 0.5'") from None
-    if len(weights) not in (1, count):
-        raise ValueError(f"{len(weights)} image weights for {count} images; expected one per image of the batch")
-    return weights
 
 
 BATCH_MODES = ("all latents", "one per latent")
@@ -326,8 +315,8 @@ class IPAdapterKitEncode:
     def encode(self, image_encoder, image, crop, negative_image=None, weight=1.0, image_weights="", detail_tiles=1,
                detail_ratio=0.5):
         embeds = encode_images(image_encoder, image, crop, negative_image, detail_tiles, detail_ratio)
-        weights = parse_image_weights(image_weights, len(embeds))
-        return (embeds.weighted([weight * w for w in weights]) if weight != 1 or any(w != 1 for w in weights) else embeds,)
+        weights = parse_weights(image_weights, "image weights") or [1.0]
+        return (embeds.weighted([weight * w for w in weights]),)  # weighted() checks one weight or one per image
 
 
 class IPAdapterKitFrameWeights:

@@ -143,12 +143,17 @@ def frame_schedule(timing: str, frames: int, start: float, end: float) -> list[f
     return [start + (end - start) * curve(i / steps) for i in range(frames)]
 
 
-def parse_frame_weights(text: str) -> list[float] | None:
-    """'1, 0.8, 0.5' (commas or new lines) -> a weight per frame; empty -> None (every frame 1)."""
+def parse_weights(text: str, what: str) -> list[float] | None:
+    """'1, 0.8, 0.5' (commas or new lines) -> numbers; empty -> None. ``what`` names them in the error."""
     parts = [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
     if not parts:
         return None
     try:
         return [float(part) for part in parts]
     except ValueError:
-        raise ValueError(f"frame weights '{text[:60]}' are not numbers; expected comma-separated numbers like '1, 0.8, 0.5'") from None
+        raise ValueError(f"{what} '{text[:60]}' are not numbers; expected comma-separated numbers like '1, 0.8, 0.5'") from None
+
+
+def parse_frame_weights(text: str) -> list[float] | None:
+    """A weight per frame; empty -> None (every frame 1)."""
+    return parse_weights(text, "frame weights")

@@ -59,8 +59,8 @@ def info(comfyui_server):
 
 def test_the_issue_workflows_are_all_there():
     stems = [name.split("-", 1)[0] for name in NAMES]
-    assert stems == ["1", "2", "3a", "3b", "4", "5", "6", "7", "8", "9", "10"], NAMES
-    assert [name.split("-", 1)[0] for name in SDXL_NAMES] == ["7", "8", "9", "10"]
+    assert stems == ["1", "2", "3a", "3b", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14"], NAMES
+    assert [name.split("-", 1)[0] for name in SDXL_NAMES] == ["7", "8", "9", "10", "11"]
     assert all("-sdxl-" in name for name in SDXL_NAMES) and not any("sdxl" in name for name in SD15_NAMES)
     for path in WORKFLOWS:
         assert api_twin_path(path).is_file(), f"{path.name} has no API twin"
@@ -72,7 +72,9 @@ def test_workflow_matches_the_live_node_definitions(name, info):
     assert check_workflow(workflow, info) == []
     notes = [node for node in workflow["nodes"] if node["type"] in FRONTEND_ONLY]
     assert len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 100, "each workflow explains itself in one note"
-    assert {"IPAdapterKitLoader", "IPAdapterKitEncoderLoader", "IPAdapterKitEncode", "IPAdapterKitApply"} <= our_node_types(workflow)
+    ours = our_node_types(workflow)
+    assert {"IPAdapterKitLoader", "IPAdapterKitEncoderLoader", "IPAdapterKitApply"} <= ours, ours
+    assert ours & {"IPAdapterKitEncode", "IPAdapterKitEncodeTiled"}, ours
     # the file names are the ones users have (README: where each goes), all of the workflow's family
     api = ui_to_api(workflow, info)
     family = workflow_family(api)
@@ -114,6 +116,7 @@ def applies(api: dict) -> list[tuple[str, float, str, str]]:
     ("9-sdxl-style-and-composition.json", True, [(SDXL_ADAPTER, 1.0, "style", REFERENCE_IMAGES[0]),
                                                  (SDXL_ADAPTER, 1.0, "composition", REFERENCE_IMAGES[1])]),
     ("10-sdxl-plus.json", True, [(SDXL_PLUS_ADAPTER, 0.7, "all", REFERENCE_IMAGES[0])]),
+    ("11-sdxl-style-transfer-precise.json", True, [(SDXL_ADAPTER, 1.0, "all", REFERENCE_IMAGES[0])]),
 ])
 def test_the_sdxl_workflows_show_what_their_names_say(name, texts, expected, info):
     api = ui_to_api(load_workflow(REPO_ROOT / "workflows" / name), info)
@@ -121,6 +124,47 @@ def test_the_sdxl_workflows_show_what_their_names_say(name, texts, expected, inf
     assert workflow_family(api) == "sdxl" and any(prompts) == texts, prompts
     # chained in this order: the second Apply takes the first one's MODEL
     assert applies(api) == expected
+
+
+def test_the_control_workflows_use_the_controls_their_names_say(info):
+    def api(name):
+        return ui_to_api(load_workflow(REPO_ROOT / "workflows" / name), info)
+
+    def nodes(graph, kind):
+        return [node["inputs"] for node in graph.values() if node["class_type"] == kind]
+
+    def source(graph, link):
+        return graph[link[0]]
+
+    precise = api("11-sdxl-style-transfer-precise.json")
+    (apply,) = nodes(precise, "IPAdapterKitApply")
+    assert apply["weight_type"] == "style transfer precise" and workflow_family(precise) == "sdxl"
+
+    batch = api("12-batch-frame-weights.json")
+    (apply,) = nodes(batch, "IPAdapterKitApply")
+    assert apply["batch_mode"] == "one per latent"
+    ramp = source(batch, apply["frame_weights"])  # the widget turned into a socket, fed by the ramp node
+    assert ramp["class_type"] == "IPAdapterKitFrameWeights" and ramp["inputs"]["frames"] == 4
+    references = source(batch, source(batch, apply["embeds"])["inputs"]["image"])
+    assert references["class_type"] == "ImageBatch"
+    assert [source(batch, references["inputs"][k])["inputs"]["image"] for k in ("image1", "image2")] == list(REFERENCE_IMAGES)
+    assert [latent["batch_size"] for latent in nodes(batch, "EmptyLatentImage")] == [4]
+
+    tiled = api("13-tiled-reference.json")
+    (apply,) = nodes(tiled, "IPAdapterKitApply")
+    assert source(tiled, apply["embeds"])["class_type"] == "IPAdapterKitEncodeTiled" and apply["combine"] == "concat"
+
+    regional = api("14-regional-with-text.json")
+    (apply,) = nodes(regional, "IPAdapterKitApply")
+    assert "embeds" not in apply
+    last = source(regional, apply["regions"])
+    first = source(regional, last["inputs"]["regions"])
+    assert "regions" not in first["inputs"]
+    for region in (first, last):  # each with its own reference, mask and text
+        assert {"embeds", "mask", "positive"} <= set(region["inputs"]) and region["inputs"]["weight"] == 0.8
+    (sampler,) = nodes(regional, "KSampler")
+    prompt = source(regional, sampler["positive"])
+    assert prompt["class_type"] == "ConditioningCombine" and prompt["inputs"]["conditioning_2"][0] == apply["regions"][0]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -279,11 +323,13 @@ def sdxl_models_server(comfyui_path, comfyui_server, tmp_path_factory):
 
 
 def render(server, graph, tag):
+    """The first image of the graph's batch (64 px, 1 step), and the run's result."""
     graph = shrink(graph, SIZE, STEPS, prefix=f"workflows/{tag}")
     result = server.run_prompt(graph)
-    assert len(result.images) == 1, result.history.get("outputs")
-    (image,) = result.load_images()
-    return image, result
+    batch = max([node["inputs"]["batch_size"] for node in graph.values() if node["class_type"] == "EmptyLatentImage"],
+                default=1)
+    assert len(result.images) == batch, result.history.get("outputs")
+    return result.load_images()[0], result
 
 
 @pytest.mark.slow

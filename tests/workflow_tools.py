@@ -84,6 +84,9 @@ FILE_INPUTS = {
 OUR_PREFIX = "IPAdapterKit"
 # Our nodes that output a patched MODEL (their "model" input is the unpatched one).
 OUR_MODEL_NODES = {"IPAdapterKitApply", "IPAdapterKitSimple"}
+# Our nodes with a λ of their own (a Region's weight acts through the Apply its chain feeds).
+OUR_WEIGHTED_NODES = OUR_MODEL_NODES | {"IPAdapterKitRegion"}
+REGION_TEXT_SLOTS = {1: "positive", 2: "negative"}  # IP-Adapter Region's CONDITIONING outputs
 
 
 class WorkflowError(ValueError):
@@ -319,12 +322,12 @@ def write_api_twins(info: dict) -> list[Path]:
 # -- graphs the tests derive --------------------------------------------------
 
 def shrink(graph: dict, size: int = 64, steps: int = 2, prefix: str | None = None) -> dict:
-    """A copy with small latents, few steps and (optionally) its own SaveImage prefix."""
+    """A copy with small latents (batch size kept), few steps and (optionally) its own SaveImage prefix."""
     graph = copy.deepcopy(graph)
     for node in graph.values():
         inputs = node["inputs"]
         if node["class_type"] == "EmptyLatentImage":
-            inputs.update(width=size, height=size, batch_size=1)
+            inputs.update(width=size, height=size)
         elif node["class_type"] in ("KSampler", "KSamplerAdvanced"):
             inputs["steps"] = steps
             if "end_at_step" in inputs:
@@ -338,7 +341,7 @@ def with_weight(graph: dict, factor: float) -> dict:
     """A copy whose image-prompt weights (λ) are multiplied by ``factor`` (0: all λ = 0)."""
     graph = copy.deepcopy(graph)
     for node in graph.values():
-        if node["class_type"] in OUR_MODEL_NODES:
+        if node["class_type"] in OUR_WEIGHTED_NODES:
             node["inputs"]["weight"] = node["inputs"]["weight"] * factor
     return graph
 
@@ -353,7 +356,9 @@ def with_references(graph: dict, mapping: dict[str, str]) -> dict:
 
 
 def without_adapter(graph: dict) -> dict:
-    """The same graph with this pack's nodes taken out: consumers of a patched MODEL get the unpatched one."""
+    """The same graph with this pack's nodes taken out: consumers of a patched MODEL get the unpatched one, and
+    consumers of an IP-Adapter Region chain's texts get the same texts from ComfyUI's own Conditioning (Set Mask)
+    and Conditioning (Combine) nodes."""
     graph = copy.deepcopy(graph)
 
     def unpatched(source):
@@ -361,15 +366,38 @@ def without_adapter(graph: dict) -> dict:
             source = graph[source[0]]["inputs"]["model"]
         return source
 
+    def region_text(key: str, name: str):
+        """The plain-ComfyUI source of region ``key``'s ``name`` output (its chain's texts so far), or None."""
+        inputs = graph[key]["inputs"]
+        own = inputs.get(name)
+        if own is not None and "mask" in inputs:
+            masked = f"{key}:{name}:mask"
+            graph[masked] = {"class_type": "ConditioningSetMask", "inputs": {
+                "conditioning": own, "mask": inputs["mask"], "strength": inputs["prompt_strength"],
+                "set_cond_area": "default"}}
+            own = [masked, 0]
+        previous = region_text(inputs["regions"][0], name) if "regions" in inputs else None
+        if previous is None or own is None:
+            return previous or own
+        combined = f"{key}:{name}:combine"
+        graph[combined] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": previous, "conditioning_2": own}}
+        return [combined, 0]
+
     ours = {key for key, node in graph.items() if node["class_type"].startswith(OUR_PREFIX)}
-    for key, node in graph.items():
-        if key in ours:
-            continue
+    for key in [key for key in graph if key not in ours]:
+        node = graph[key]
         for name, value in node["inputs"].items():
-            if isinstance(value, list) and len(value) == 2 and value[0] in ours:
-                if graph[value[0]]["class_type"] not in OUR_MODEL_NODES:
-                    raise WorkflowError(f"node {key} takes {name} from this pack's {graph[value[0]]['class_type']}")
+            if not (isinstance(value, list) and len(value) == 2 and value[0] in ours):
+                continue
+            kind = graph[value[0]]["class_type"]
+            if kind in OUR_MODEL_NODES:
                 node["inputs"][name] = unpatched(value)
+            elif kind == "IPAdapterKitRegion" and value[1] in REGION_TEXT_SLOTS:
+                if (source := region_text(value[0], REGION_TEXT_SLOTS[value[1]])) is None:
+                    raise WorkflowError(f"node {key} takes {name} from a region chain without text")
+                node["inputs"][name] = source
+            else:
+                raise WorkflowError(f"node {key} takes {name} from this pack's {kind}")
     for key in ours:
         del graph[key]
     return graph

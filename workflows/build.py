@@ -102,6 +102,11 @@ class Graph:
         self.nodes.append(node)
         return node
 
+    def widget_socket(self, node: dict, name: str) -> None:
+        """The editor's "convert widget to input": a socket for widget ``name``, whose value stays in widgets_values."""
+        kind = next(w.spec[0] for w in widget_layout(self.info[node["type"]]) if w.name == name)
+        node.setdefault("inputs", []).append({"name": name, "type": kind, "link": None, "widget": {"name": name}})
+
     def link(self, source: dict, output: str, target: dict, input_name: str) -> None:
         slot = next(i for i, o in enumerate(source["outputs"]) if o["name"] == output)
         target_slot = next(i for i, s in enumerate(target["inputs"]) if s["name"] == input_name)
@@ -180,8 +185,8 @@ def sample_and_save(g: Graph, x: int, model: tuple[dict, str], pos: dict, neg: d
     return sampler
 
 
-def empty_latent(g: Graph, pos):
-    return g.node("EmptyLatentImage", pos, width=g.family.size, height=g.family.size, batch_size=1)
+def empty_latent(g: Graph, pos, batch_size: int = 1):
+    return g.node("EmptyLatentImage", pos, width=g.family.size, height=g.family.size, batch_size=batch_size)
 
 
 def one_reference(g: Graph, positive: str, negative: str, weight: float, prefix: str, adapter_file: str | None = None):
@@ -301,6 +306,91 @@ def trained_checkpoint(g: Graph):
            "file that this SD1.5 checkpoint refuses, with a one-line reason).")
 
 
+def batch_with_frame_weights(g: Graph):
+    ckpt, pos, neg, adapter, encoder = base(g, "best quality, high quality", "lowres, worst quality")
+    first = g.node("LoadImage", (360, 450), title="Reference for latent 1", image=REFERENCE)
+    second = g.node("LoadImage", (360, 870), title="Reference for latents 2-4", image=REFERENCE_B)
+    batch = g.node("ImageBatch", (700, 870), box_width=220)
+    g.link(first, "IMAGE", batch, "image1")
+    g.link(second, "IMAGE", batch, "image2")
+    embeds = g.node("IPAdapterKitEncode", (700, 450), crop="crop")
+    g.link(encoder, "image_encoder", embeds, "image_encoder")
+    g.link(batch, "IMAGE", embeds, "image")
+    ramp = g.node("IPAdapterKitFrameWeights", (700, 1100), timing="ease in-out", frames=4, start=1.0, end=0.4)
+    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=0.8, batch_mode="one per latent",
+                    frame_weights="1, 0.85, 0.55, 0.4")
+    g.widget_socket(patched, "frame_weights")
+    g.link(ramp, "frame_weights", patched, "frame_weights")
+    latent = empty_latent(g, (1100, 0), batch_size=4)
+    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "batch_frame_weights")
+    g.note((0, 700), "A batch where each latent has its own reference and its own weight (batches of variations, "
+           "animation).\n\nImage Batch joins the two references; batch mode 'one per latent' on Apply IP-Adapter gives "
+           "reference i to latent i, and the latents after the last reference keep the last one (here latents 2-4 "
+           "get the second). IP-Adapter Frame Weights makes one weight per latent (an ease in-out ramp from 1.0 to "
+           "0.4 over 4 frames: 1, 0.85, 0.55, 0.4), multiplying λ = 0.8; it feeds Apply's frame_weights, turned into "
+           "an input. Typing such a list there instead does the same. With AnimateDiff's context windows each window gets "
+           "the weights and references of its own frames.")
+
+
+def tiled_reference(g: Graph):
+    ckpt, pos, neg, adapter, encoder = base(g, "best quality, high quality", "lowres, worst quality")
+    image = g.node("LoadImage", (360, 450), title="Wide or tall reference", image=REFERENCE)
+    tiled = g.node("IPAdapterKitEncodeTiled", (700, 450))
+    g.link(encoder, "image_encoder", tiled, "image_encoder")
+    g.link(image, "IMAGE", tiled, "image")
+    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, tiled, weight=0.8, combine="concat")
+    latent = empty_latent(g, (1100, 0))
+    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "tiled_reference")
+    g.note((0, 700), "A reference that is not square, seen whole.\n\nEncode Image crops a wide or tall reference to "
+           "its center square; Encode Tiled instead cuts it into squares along its long side (2 for a 2:1 image, "
+           "overlapping when the ratio is not a whole number) and encodes each as a reference of its own. Apply's "
+           "combine = concat keeps every tile's tokens (λ = 0.8); average merges them into one. tile_masks gives "
+           "each tile's place in the picture, for IP-Adapter Region masks when the layout should follow the "
+           "reference's.")
+
+
+def regional_with_text(g: Graph):
+    ckpt, pos, neg, adapter, encoder = base(g, "best quality, two animals in a meadow", "lowres, worst quality")
+    _, left_embeds = reference(g, (360, 450), REFERENCE, encoder, "Reference for the left half")
+    _, right_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Reference for the right half")
+    empty = g.node("SolidMask", (0, 1300), title="Canvas (0)", value=0.0, width=512, height=512)
+    half = g.node("SolidMask", (0, 1490), title="Left half (1)", value=1.0, width=256, height=512)
+    left = g.node("MaskComposite", (360, 1300), title="Left mask", x=0, y=0, operation="add")
+    g.link(empty, "MASK", left, "destination")
+    g.link(half, "MASK", left, "source")
+    right = g.node("InvertMask", (360, 1530), title="Right mask", box_width=220)
+    g.link(left, "MASK", right, "mask")
+    left_text = g.node("CLIPTextEncode", (700, 1300), title="Left half's text", text="a fox, red fur", box_width=380)
+    right_text = g.node("CLIPTextEncode", (700, 1520), title="Right half's text", text="a bird, blue feathers",
+                        box_width=380)
+    for text in (left_text, right_text):
+        g.link(ckpt, "CLIP", text, "clip")
+    first = g.node("IPAdapterKitRegion", (1100, 900), title="Left region", weight=0.8)
+    g.link(left_embeds, "embeds", first, "embeds")
+    g.link(left, "MASK", first, "mask")
+    g.link(left_text, "CONDITIONING", first, "positive")
+    second = g.node("IPAdapterKitRegion", (1100, 1250), title="Right region", weight=0.8)
+    g.link(right_embeds, "embeds", second, "embeds")
+    g.link(right, "MASK", second, "mask")
+    g.link(right_text, "CONDITIONING", second, "positive")
+    g.link(first, "regions", second, "regions")
+    patched = g.node("IPAdapterKitApply", (1100, 300))
+    g.link(ckpt, "MODEL", patched, "model")
+    g.link(adapter, "ipadapter", patched, "ipadapter")
+    g.link(second, "regions", patched, "regions")
+    prompt = g.node("ConditioningCombine", (1480, 900), title="Global text + the regions' texts", box_width=300)
+    g.link(pos, "CONDITIONING", prompt, "conditioning_1")
+    g.link(second, "positive", prompt, "conditioning_2")
+    latent = empty_latent(g, (1100, 0))
+    sample_and_save(g, 1480, (patched, "MODEL"), prompt, neg, (latent, "LATENT"), ckpt, "regional_with_text")
+    g.note((0, 700), "Regions, each with its own reference, weight, mask and text, in one chain.\n\nEach IP-Adapter "
+           "Region takes a reference, a mask and (optionally) its own text; the second takes the first's regions, "
+           "and Apply IP-Adapter applies them all at once (each with its own λ = 0.8 and mask). The last region's "
+           "positive output holds every region's text limited to its mask; Conditioning Combine adds the global "
+           "prompt. The masks are made from solid masks here (512 x 512, the image size); a painted MASK works as "
+           "well.")
+
+
 # -- the SDXL workflows: the same nodes, SDXL files, 1024 px -----------------------------
 
 SDXL_SETTINGS = ("Euler, 30 steps, CFG 5.0 at 1024 x 1024 (the IP-Adapter repository's SDXL examples: 30 steps "
@@ -346,6 +436,20 @@ def sdxl_plus(g: Graph):
            + SDXL_MODELS.format(adapter=SDXL_PLUS_ADAPTER))
 
 
+def sdxl_style_transfer_precise(g: Graph):
+    ckpt, pos, neg, adapter, encoder = base(g, "best quality, a cat sitting on a windowsill", "lowres, worst quality")
+    _, embeds = reference(g, (360, 450), REFERENCE, encoder, "Style reference")
+    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=1.0, weight_type="style transfer precise")
+    latent = empty_latent(g, (1100, 0))
+    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "sdxl_style_transfer_precise")
+    g.note((0, 700), "SDXL style transfer, precise: the reference's style without its layout.\n\nweight type = "
+           "'style transfer precise' gives the reference to the style layers (up_blocks.0.attentions.1, keys 69-87) "
+           "and, on the composition layers (down_blocks.2.attentions.1, keys 29-47), to the unconditional half of "
+           "classifier-free guidance only, so the sample is pushed away from the reference's composition while it "
+           "takes its colours and texture. The text says what to draw. 'style transfer' (style layers only) leaks "
+           f"more of the reference's layout. {SDXL_SETTINGS}\n\n" + SDXL_MODELS.format(adapter=SDXL_ADAPTER))
+
+
 WORKFLOWS = {
     "1-image-prompt.json": (SD15, image_prompt_only),
     "2-image-and-text.json": (SD15, image_and_text),
@@ -358,6 +462,10 @@ WORKFLOWS = {
     "8-sdxl-image-and-text.json": (SDXL, sdxl_image_and_text),
     "9-sdxl-style-and-composition.json": (SDXL, sdxl_style_composition),
     "10-sdxl-plus.json": (SDXL, sdxl_plus),
+    "11-sdxl-style-transfer-precise.json": (SDXL, sdxl_style_transfer_precise),
+    "12-batch-frame-weights.json": (SD15, batch_with_frame_weights),
+    "13-tiled-reference.json": (SD15, tiled_reference),
+    "14-regional-with-text.json": (SD15, regional_with_text),
 }
 
 

@@ -15,6 +15,7 @@ import torch
 
 from .ipadapter.checkpoint import IPAdapterCheckpoint, check_encoder, load_adapter
 from .ipadapter.encoder import ImageEncoder, load_image_encoder
+from .ipadapter.files import atomic_path
 from .ipadapter.image_prompt import (
     COMBINE_MODES,
     LAYER_PRESETS,
@@ -629,7 +630,8 @@ class IPAdapterKitSaveEmbeds:
         while os.path.exists(os.path.join(folder, f"{prefix}_{counter:05d}.safetensors")):
             counter += 1
         path = os.path.join(folder, f"{prefix}_{counter:05d}.safetensors")
-        save_file(embeds.state_dict(), path, metadata={"encoder": embeds.encoder_name})
+        with atomic_path(path) as temporary:  # Load Embeds lists the folder: never a half-written file there
+            save_file(embeds.state_dict(), str(temporary), metadata={"encoder": embeds.encoder_name})
         return {"ui": {"text": [path]}}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import read_weights
+from .files import atomic_path, read_weights
 from .architecture import FAMILIES, Architecture, family_of_adapter_keys
 from .projection import LinearProjection, MLPProjection, Resampler
 
@@ -328,20 +327,13 @@ def save_adapter(
     path = Path(path)
     if dtype is not None:
         checkpoint = checkpoint.to(dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         if path.suffix == ".safetensors":
             tensors = {k: v.contiguous() for k, v in checkpoint.flat_state_dict().items()}
             meta = {**checkpoint.metadata, **(metadata or {})}
-            save_file(tensors, temporary, metadata={str(k): str(v) for k, v in meta.items()} or None)
+            save_file(tensors, str(temporary), metadata={str(k): str(v) for k, v in meta.items()} or None)
         else:
             torch.save(checkpoint.nested_state_dict(), temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path
 
 

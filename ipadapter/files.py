@@ -1,7 +1,12 @@
-"""Reading weight files safely: safetensors, or torch pickles restricted to tensors."""
+"""Files: reading weights safely (safetensors, or torch pickles restricted to tensors), and writing
+any file so that it appears whole or not at all."""
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,3 +50,28 @@ def read_weights(path: Path, kind: str, error: type[ValueError]) -> tuple[dict, 
 def first_line(reason: BaseException) -> str:
     text = str(reason).strip().splitlines()
     return text[0][:200] if text else type(reason).__name__
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; it becomes ``path`` only when the block completes.
+
+    A crash or an error inside the block leaves whatever was at ``path`` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the file from other users (a shared ComfyUI)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+    return Path(path)

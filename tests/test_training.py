@@ -193,17 +193,17 @@ def test_resume_after_interruptions_matches_uninterrupted_run_bitwise(tmp_path, 
     reference = torch.load(tmp_path / "straight" / "state" / "step-00000006" / "adapter.pt", weights_only=True)
 
     interrupted = tmp_path / "interrupted"
-    real_save = checkpointing._atomic_torch_save
+    real_save = torch.save
 
-    def dies_while_saving_step_4(obj, path):
-        if "step-00000004" in str(path) and path.name.startswith("rank-"):
+    def dies_while_saving_step_4(obj, path, *args, **kwargs):
+        if "step-00000004" in str(path) and Path(path).name.startswith("rank-"):
             raise Interrupted("killed during the save of step 4")
-        real_save(obj, path)
+        real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpointing, "_atomic_torch_save", dies_while_saving_step_4)
+    monkeypatch.setattr(checkpointing.torch, "save", dies_while_saving_step_4)
     with pytest.raises(Interrupted):
         main(small_run_args(interrupted, toy_data, 6))
-    monkeypatch.setattr(checkpointing, "_atomic_torch_save", real_save)
+    monkeypatch.setattr(checkpointing.torch, "save", real_save)
     assert (interrupted / "state" / "latest").read_text() == "step-00000002"
     assert (interrupted / "state" / ".tmp-step-00000004").is_dir()  # the half-written state is never used
 

@@ -200,7 +200,7 @@ def test_a_killed_pass_resumes_and_skips_written_shards(tmp_path, toy_data, froz
     assert straight["written"] == 3  # 10 pairs, 4 per shard
 
     config = config_for(toy_data, "--cache.dir", str(tmp_path / "killed"))
-    real_save, saved = cache_module._atomic_save, []
+    real_save, saved = cache_module._save_shard, []
 
     def dies_on_the_second_shard(tensors, path, metadata=None):
         if path.name == "shard-000001.safetensors":
@@ -208,10 +208,10 @@ def test_a_killed_pass_resumes_and_skips_written_shards(tmp_path, toy_data, froz
         saved.append(path.name)
         real_save(tensors, path, metadata)
 
-    monkeypatch.setattr(cache_module, "_atomic_save", dies_on_the_second_shard)
+    monkeypatch.setattr(cache_module, "_save_shard", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
         build_cache(config, source, frozen, CPU, progress=False)
-    monkeypatch.setattr(cache_module, "_atomic_save", real_save)
+    monkeypatch.setattr(cache_module, "_save_shard", real_save)
     folder = default_root(config, source) / key_of(fingerprint(config, source, frozen))
     assert sorted(p.name for p in folder.glob("shard-*")) == ["shard-000000.safetensors"]  # no half-written shard
     assert open_cache(config, source, frozen) is None  # incomplete: not used

@@ -37,6 +37,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from ipadapter.files import atomic_path, write_text_atomic
+
+from .cli import local_device, open_data_and_models, run_cli, setup_logging
 from .config import Config, load_config
 from .data import (
     CLIP_SIZE,
@@ -49,6 +52,7 @@ from .data import (
     open_image,
     tar_samples,
 )
+from .errors import UserError
 from .models import FrozenModels
 
 log = logging.getLogger("training")
@@ -58,7 +62,7 @@ INFO_FILE = "cache.json"
 EMPTY_FILE = "empty-prompt.safetensors"
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A cache that cannot be used by this run; the message is one line."""
 
 
@@ -168,16 +172,9 @@ def unit_file(folder: Path, unit: int) -> Path:
     return folder / f"shard-{unit:06d}.safetensors"
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def _save_shard(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    with atomic_path(path) as temporary:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
 
 
 # --- reading at train time -----------------------------------------------------------------
@@ -379,12 +376,12 @@ def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device
     folder = default_root(config, source) / key_of(identity)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / INFO_FILE).is_file():
-        _atomic_write_text(folder / INFO_FILE, json.dumps(identity, indent=1, sort_keys=True))
+        write_text_atomic(folder / INFO_FILE, json.dumps(identity, indent=1, sort_keys=True))
     if not (folder / EMPTY_FILE).is_file():
         empty = {"input_ids": frozen.tokenizer([""])[0]}
         if config.cache.text == "embeds":
             empty["text_embeds"] = frozen.empty_text_embeds(device).cpu()
-        _atomic_save(empty, folder / EMPTY_FILE)
+        _save_shard(empty, folder / EMPTY_FILE)
     units = units_of(source, config.cache.shard_size)
     mine = [unit for unit in range(len(units)) if unit % world_size == rank]
     todo = [unit for unit in mine if not unit_file(folder, unit).is_file()]
@@ -405,7 +402,7 @@ def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device
                 items, webdataset = [files for _, files in tar_samples(members)], True
             tensors, metadata = encode_unit(frozen, config, items, webdataset, device, bar)
             metadata["source"] = description
-            _atomic_save(tensors, unit_file(folder, unit), metadata)
+            _save_shard(tensors, unit_file(folder, unit), metadata)
     finally:
         if bar is not None:
             bar.close()
@@ -415,10 +412,8 @@ def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device
 
 def main(argv: list[str] | None = None) -> dict:
     """The cache pass with the trainer's options; returns ``build_cache``'s summary."""
-    from .run import _setup_logging, open_data_and_models
-
     argv = sys.argv[1:] if argv is None else argv
-    _setup_logging()
+    setup_logging()
     config, flags = load_config(argv)
     if "help" in flags:
         print("usage: python -m training.cache [the options of python -m training.run]\n"
@@ -426,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", flags.get("local_rank", "0")))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = local_device(local_rank)
     source, frozen = open_data_and_models(config, device)  # no process group here: each rank writes the toy data
     frozen.unet = None  # the pass never runs the UNet
     frozen.to(device)
@@ -437,8 +432,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli() -> int:
-    from .run import run_cli  # training.run imports this module
-
     return run_cli(main)
 
 

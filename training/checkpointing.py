@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ipadapter.checkpoint import IPAdapterCheckpoint, save_adapter
+from ipadapter.files import write_text_atomic
 
 from .adapter import IPAdapterModel
 from .config import ConfigError
@@ -43,15 +44,15 @@ def save_state(output_dir: str | Path, step: int, engine: Engine, process: Proce
     process.barrier()
     engine.save_optimizer(temporary)
     if process.is_main:
-        _atomic_torch_save(engine.module.trainable_state_dict(), temporary / "adapter.pt")
-    _atomic_torch_save({"rng": rng_state(), "data": data_position}, temporary / f"rank-{process.rank}.pt")
+        torch.save(engine.module.trainable_state_dict(), temporary / "adapter.pt")
+    torch.save({"rng": rng_state(), "data": data_position}, temporary / f"rank-{process.rank}.pt")
     process.barrier()
     if process.is_main:
         meta = {"step": step, "world_size": process.world_size, "strategy": process.strategy}
         (temporary / "meta.json").write_text(json.dumps(meta))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
-        _write_atomic(root / "latest", final.name)
+        write_text_atomic(root / "latest", final.name)
         _prune(root, keep)
     process.barrier()
     return final
@@ -131,18 +132,6 @@ def export_adapter(
     metadata = {"step": str(step), "config": config_yaml, "format": "IP-Adapter SD1.5 (official layout)"}
     checkpoint = IPAdapterCheckpoint.from_state_dicts(image_proj, ip_adapter, Path(path).name, base_width, metadata)
     return save_adapter(checkpoint, path, dtype=EXPORT_DTYPES[dtype])
-
-
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -24,11 +24,13 @@ from PIL import Image
 from ipadapter.files import first_line, read_weights
 from ipadapter.preprocess import CLIP_MEAN, CLIP_STD, preprocess
 
+from .errors import UserError
+
 CLIPSCORE_WEIGHT = 2.5
 CLIP_VOCAB_SIZE = 49408  # the BPE vocabulary bundled with open_clip (OpenAI CLIP's)
 
 
-class ClipFileError(ValueError):
+class ClipFileError(UserError):
     """A scoring CLIP file that cannot be used; the message is one line."""
 
 

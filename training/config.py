@@ -13,12 +13,16 @@ from pathlib import Path
 
 import yaml
 
+from ipadapter.files import write_text_atomic
+
+from .errors import UserError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 EMBEDDED_CONFIG = CONFIG_DIR / "embedded.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or command-line option that cannot be used; the message is one line."""
 
 
@@ -117,12 +121,7 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(self.to_yaml())
-        temporary.replace(path)
-        return path
+        return write_text_atomic(path, self.to_yaml())
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Config)}

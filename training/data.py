@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from ipadapter.preprocess import preprocess
 
+from .errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGE_COLUMNS = ("image", "image_path", "file_name", "filename", "path", "file", "img")
 CAPTION_COLUMNS = ("text", "caption", "prompt", "txt")
@@ -39,7 +41,7 @@ MANIFEST_PROBE = 1000  # image paths checked when a manifest is opened
 log = logging.getLogger("training")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source that cannot be used at all; the message is one line."""
 
 

@@ -17,7 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .clip_score import CLIPSCORE_WEIGHT, ClipFileError, clipscore, load_scoring_clip, score_samples, summarize
+from ipadapter.files import write_text_atomic
+
+from .cli import run_cli
+from .clip_score import CLIPSCORE_WEIGHT, clipscore, load_scoring_clip, score_samples, summarize
 from .eval_data import EvalError, Reference, generated_files, load_references
 
 GENERATION_SETTINGS = "generation.json"
@@ -114,7 +117,7 @@ def generate_all(args: argparse.Namespace, references: list[Reference], folder: 
         return files
     model, frozen = load_generator(args, device)
     folder.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=1))
+    write_text_atomic(settings_file, json.dumps(settings, indent=1))
     progress = _progress(len(todo), "generating")
     samples = args.samples_per_image
     for start in range(0, len(todo), args.generation_batch):
@@ -217,7 +220,7 @@ def build_report(args, description: str, clip_name: str, references, files, scor
 
 def write_report(report: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=1))
+    write_text_atomic(folder / "report.json", json.dumps(report, indent=1))
     columns = ["reference", "image", "caption", "clip_i", "clip_i_clipscore", "clip_t", "clip_t_clipscore"]
     with (folder / "per_image.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -242,18 +245,7 @@ def _progress(total: int, what: str):
 
 
 def cli() -> int:
-    from ipadapter.checkpoint import AdapterFormatError
-    from ipadapter.encoder import EncoderFormatError
-
-    from .data import DataError
-    from .models import ModelFileError
-
-    try:
-        main()
-    except (EvalError, ClipFileError, ModelFileError, DataError, AdapterFormatError, EncoderFormatError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import DataError, read_folder, read_manifest
+from .errors import UserError
 
 COCO_CAPTIONS = Path("annotations") / "captions_val2017.json"
 COCO_IMAGES = "val2017"
 GENERATED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Evaluation inputs that cannot be used; the message is one line."""
 
 

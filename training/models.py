@@ -19,6 +19,8 @@ from ipadapter.encoder import EncoderFormatError, ImageEncoder, build_vision_tow
 from ipadapter.files import read_weights
 from ipadapter.architecture import SD15, Architecture, family_names, family_of_processor_names
 
+from .errors import UserError
+
 SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 VIT_H_EMBED_DIM = 1024
 CONTEXT_LENGTH = 77
@@ -27,7 +29,7 @@ START_TOKEN, END_TOKEN = 49406, 49407
 log = logging.getLogger("training")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError):
     """Missing or unusable model files; the message is one line."""
 
 

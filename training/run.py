@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 from .adapter import IPAdapterModel, start_from_adapter_file
-from .cache import CacheError, open_cache
+from .cache import open_cache
 from .checkpointing import export_adapter, find_state, load_state, save_state
-from .config import Config, ConfigError, load_config, usage
-from .data import DataError, DataPosition, describe_skips, make_loader, open_source, write_toy_dataset
+from .cli import open_data_and_models, run_cli, setup_logging
+from .config import Config, load_config, usage
+from .data import DataPosition, make_loader
 from .distributed import Engine, Process, setup, teardown
 from .loop import StepHook, train
-from .models import ModelFileError, build_embedded_models, load_frozen_models, resolve_dtype, seeded
+from .models import seeded
 
 log = logging.getLogger("training")
 
@@ -32,7 +33,7 @@ manifest, a folder of images with .txt captions, or WebDataset shards like 'shar
 def main(argv: list[str] | None = None, extra_hooks: list[StepHook] | None = None) -> dict:
     """Run training; returns {"export": [paths], "history": [losses], "step": N}. Errors are one line."""
     argv = sys.argv[1:] if argv is None else argv
-    _setup_logging()
+    setup_logging()
     config, flags = load_config(argv)
     if "help" in flags:
         print(usage())
@@ -106,25 +107,6 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     return {"export": exports, "history": history, "step": final_step}
 
 
-def open_data_and_models(config: Config, device, is_main: bool = True, barrier=lambda: None):
-    """(data source, frozen models) of a run; the embedded default writes its toy data first."""
-    if config.embedded and config.data.path is None:
-        toy = Path(config.train.output_dir) / "toy_data"
-        if is_main:
-            write_toy_dataset(toy, seed=config.train.seed)
-        barrier()
-        config.data.path = str(toy)
-    source = open_source(config.data.path, config.data.format, config.data.image_column, config.data.caption_column)
-    log.info("data: %s%s", source.description,
-             f"; skipped {sum(source.scan_skipped.values())} rows ({describe_skips(source.scan_skipped)})" if source.scan_skipped else "")
-    dtype = resolve_dtype(config.model.frozen_dtype, device)
-    if config.embedded:
-        frozen = build_embedded_models(seed=config.train.seed, dtype=dtype)
-    else:
-        frozen = load_frozen_models(config.model.sd15, config.model.image_encoder, dtype, config.model.encoder_embed_dim)
-    return source, frozen
-
-
 def check_same_weights(process: Process, model: IPAdapterModel) -> None:
     """Every rank must end with the same adapter; a difference means a broken gradient sync."""
     digest = hashlib.sha1()
@@ -175,24 +157,6 @@ def _export(config: Config, model: IPAdapterModel, step: int) -> list[Path]:
         path = output_dir / f"ip-adapter_sd15_step{step:08d}.{extension}"
         paths.append(export_adapter(model, path, step, config.to_yaml(), config.train.export_dtype))
     return paths
-
-
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("training").setLevel(logging.INFO)
-    for noisy in ("diffusers", "transformers", "DeepSpeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
-def run_cli(entry) -> int:
-    """Exit status of a command-line entry point: 2 with a one-line ``error: ...`` for the user's mistakes."""
-    try:
-        entry()
-    except (ConfigError, DataError, ModelFileError, CacheError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def cli() -> int:

@@ -9,13 +9,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
-
 
 def read_weights(path: Path, kind: str, error: type[ValueError]) -> tuple[dict, dict[str, str]]:
     """The dict in a weights file and its safetensors metadata; ``error`` carries a one-line reason."""
+    import torch  # here, not at the top: the workflow migrator writes through this module without torch
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
     name = path.name
     if not path.is_file():
         where = "is a directory" if path.is_dir() else "does not exist"

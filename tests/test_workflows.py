@@ -96,6 +96,18 @@ def test_workflow_1_is_the_papers_image_prompt_only_setting(info):
     assert texts == ["", ""] and apply["weight"] == 1.0 and apply["layers"] == "all"
 
 
+def test_our_nodes_carry_the_pack_and_its_version(info):
+    """What current editors and ComfyUI-Manager read to name (and offer to install) the pack a node came from."""
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    for path in WORKFLOWS:
+        for node in load_workflow(path)["nodes"]:
+            if node["type"].startswith("IPAdapterKit"):
+                assert node["properties"]["cnr_id"] == project["name"], (path.name, node["id"])
+                assert node["properties"]["ver"] == project["version"], (path.name, node["id"])
+
+
 def applies(api: dict) -> list[tuple[str, float, str, str]]:
     """(adapter file, λ, layers, reference image) of each Apply IP-Adapter, in the order they patch the model."""
     def source(key, name):

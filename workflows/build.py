@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from workflow_tools import (  # noqa: E402
     SOURCE_IMAGES, TRAINED_ADAPTER, WORKFLOW_DIR, live_object_info, socket_inputs, widget_layout, write_api_twins,
 )
 
+PROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+# What current editors save on a node of a registry pack: which pack (the registry id) and version made it
+PACK_PROPERTIES = {"cnr_id": PROJECT["name"], "ver": PROJECT["version"]}
 REFERENCE, REFERENCE_B = REFERENCE_IMAGES
 SOURCE, SOURCE_MASKED = SOURCE_IMAGES
 SEED = 42
@@ -83,7 +87,8 @@ class Graph:
         height = 30 + 22 * rows + 26 * len(widgets) + (260 if kind == "LoadImage" else 0) + (60 if kind == "CLIPTextEncode" else 0)
         node = {"id": len(self.nodes) + 1, "type": kind, "pos": list(pos), "size": [box_width, height], "flags": {},
                 "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs,
-                "properties": {"Node name for S&R": kind}, "widgets_values": widgets}
+                "properties": {"Node name for S&R": kind, **(PACK_PROPERTIES if kind.startswith("IPAdapterKit") else {})},
+                "widgets_values": widgets}
         if title:
             node["title"] = title
         if not widgets:  # the editor saves no widgets_values for a node without widgets

@@ -88,7 +88,7 @@ def comfy_device(comfy, device, dtype):
 
 def small_clip_vision(comfy, seed: int):
     """A ComfyUI CLIP vision model with ViT-H/14's widths (1280 hidden, 1024 projection) and 2 layers, random weights."""
-    from comfyui_harness import reset_all_parameters
+    from devtools.comfyui_harness import reset_all_parameters
 
     config = json.loads((Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json").read_text())
     config["num_hidden_layers"] = ENCODER_LAYERS
@@ -129,7 +129,7 @@ class CubiqPack:
         """``model`` through cubiq's IPAdapterAdvanced with a random adapter (the weights ours gets for this seed)."""
         import torch
 
-        from adapter_factory import random_adapter
+        from devtools.adapter_factory import random_adapter
 
         state = random_adapter(variant, base_width=width, seed=seed, family=family)
         image = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(seed))  # square: no crop warning

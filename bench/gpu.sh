@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, from a copy of the working tree that carries .gpu_run/
-# (made by scripts/prepare_gpu_run.py): install the carried wheels, point the test
-# harness at the carried ComfyUI and run bench/gpu.py, its output and a log in $OUT.
+# (made by scripts/prepare_gpu_run.py): install the carried wheels, point the harness
+# (devtools/) at the carried ComfyUI and run bench/gpu.py, its output and a log in $OUT.
 # Extra arguments go to bench/gpu.py. Stops itself after GPU_BENCH_TIMEOUT seconds
 # (default 480) so that the device call returns what was measured by then.
 set -uo pipefail

@@ -13,7 +13,7 @@ re-queue with an unchanged reference over that of a queue with a changed one. Us
 
     python bench/image_encoding.py [--reps 5] [--threads N] [--small]
 
-The ComfyUI is $COMFYUI_PATH or the pinned test copy (tests/comfyui_setup.py); the
+The ComfyUI is $COMFYUI_PATH or the pinned copy the tests use (devtools/comfyui_setup.py); the
 server runs with OMP_NUM_THREADS = --threads (1 by default).
 """
 from __future__ import annotations
@@ -26,8 +26,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # ipadapter and devtools
 
 from timing import building_on, free_memory, interleaved, median, pick_device  # noqa: E402
 
@@ -95,10 +94,10 @@ def part_one(args) -> list[str]:
 
 
 def write_encoder(folder: Path, small: bool) -> None:
-    from safetensors.torch import save_file
-    from test_encoder import transformers_model
-
     import torch
+    from safetensors.torch import save_file
+
+    from devtools.clip_vision import transformers_model
 
     shape = dict(width=128, layers=2, heads=2) if small else dict(width=1280, layers=32, heads=16)
     model = transformers_model(**shape, patch=14, image=224, embed_dim=1024, scale=0.02)
@@ -108,8 +107,8 @@ def write_encoder(folder: Path, small: bool) -> None:
 def part_two(args) -> list[str]:
     import numpy as np
 
-    from comfyui_harness import start_comfyui_server
-    from comfyui_setup import ensure_comfyui
+    from devtools.comfyui_harness import start_comfyui_server
+    from devtools.comfyui_setup import ensure_comfyui
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads or 1)
     comfyui = Path(os.environ.get("COMFYUI_PATH") or ensure_comfyui())

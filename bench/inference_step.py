@@ -8,7 +8,7 @@ CUDA in fp16 when there is a GPU, else the CPU in fp32. Usage:
 
     python bench/inference_step.py [--family sd15|sdxl|both] [--reps 7] [--latent N] [--width 320] [--threads N]
 
-The ComfyUI is $COMFYUI_PATH or the pinned test copy (tests/comfyui_setup.py).
+The ComfyUI is $COMFYUI_PATH or the pinned copy the tests use (devtools/comfyui_setup.py).
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # ipadapter and devtools
 
 from timing import building_on, device_name, free_memory, interleaved, median, pick_device  # noqa: E402
 
@@ -50,8 +49,8 @@ def import_comfy_for(device):
     ComfyUI picks PyTorch's SDPA on NVIDIA GPUs, but in CPU mode it would pick its sub-quadratic
     attention, which is slow on a GPU; the flag must be set before comfy.model_management loads.
     """
-    from comfyui_harness import import_comfy
-    from comfyui_setup import ensure_comfyui
+    from devtools.comfyui_harness import import_comfy
+    from devtools.comfyui_setup import ensure_comfyui
 
     if device.type == "cuda" and "comfy.model_management" not in sys.modules:
         sys.path.insert(0, str(ensure_comfyui()))
@@ -66,8 +65,8 @@ def import_comfy_for(device):
 
 def build_model(family: str, width: int, device, dtype):
     """A ComfyUI ModelPatcher around a random UNet of the family, its UNet on ``device`` in ``dtype``."""
-    from comfy_inprocess import build_sd15_model_patcher
-    from sdxl_models import build_sdxl_model_patcher
+    from devtools.comfy_inprocess import build_sd15_model_patcher
+    from devtools.sdxl_models import build_sdxl_model_patcher
 
     import_comfy_for(device)
     builder = build_sd15_model_patcher if family == "sd15" else build_sdxl_model_patcher
@@ -83,8 +82,8 @@ def image_prompt_term(family: str, variant: str, width: int, seed: int):
     """The pack's image-prompt term of a random adapter, as the Apply node builds it."""
     import torch
 
-    from adapter_factory import random_adapter
-    from comfy_inprocess import pack_module
+    from devtools.adapter_factory import random_adapter
+    from devtools.comfy_inprocess import pack_module
     from ipadapter.checkpoint import IPAdapterCheckpoint
 
     state = random_adapter(variant, base_width=width, seed=seed, family=family)
@@ -96,7 +95,7 @@ def image_prompt_term(family: str, variant: str, width: int, seed: int):
 
 def adapter_variants(model, family: str, width: int) -> dict:
     """The model without adapter, with a base, with a plus, and with two stacked base adapters."""
-    from comfy_inprocess import pack_module
+    from devtools.comfy_inprocess import pack_module
 
     apply = pack_module("patcher").apply_image_prompt
     return {
@@ -109,7 +108,7 @@ def adapter_variants(model, family: str, width: int) -> dict:
 
 def unet_inputs(model, family: str, latent: int, device):
     """A CFG batch of 2 (latent, text context, SDXL's ``y``) and σ at t = 500, on ``device``."""
-    from comfy_inprocess import UNetInputs, random_unet_inputs, sigma_at
+    from devtools.comfy_inprocess import UNetInputs, random_unet_inputs, sigma_at
 
     inputs = random_unet_inputs(model, FAMILIES[family].context_dim, batch=2, size=latent)
     on_device = UNetInputs(*(None if t is None else t.to(device) for t in (inputs.latent, inputs.context, inputs.y)))

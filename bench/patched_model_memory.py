@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # ipadapter and devtools
 
 from proc_memory import current_bytes, peak_bytes, reset_peak  # noqa: E402
 from timing import device_name, free_memory, pick_device  # noqa: E402
@@ -74,7 +73,7 @@ def storage_bytes(tensors, unique: bool) -> int:
 
 def patched_model(width: int, device, dtype):
     """A full-size (``width`` 320) SD1.5 ComfyUI model with a base and a plus adapter applied, after one UNet call."""
-    from comfy_inprocess import pack_module
+    from devtools.comfy_inprocess import pack_module
     from inference_step import build_model, image_prompt_term, unet_inputs
 
     apply = pack_module("patcher").apply_image_prompt

@@ -11,7 +11,7 @@ import, nor ComfyUI. This script, run here from the repository root's virtual en
 2. downloads wheels of those packages, at the versions installed here (what the tests
    ran), for CPython 3.12 on manylinux x86-64, into ``.gpu_run/wheels``;
 3. copies the test ComfyUI (``$COMFYUI_PATH`` or the pinned March-2024 copy that
-   ``tests/comfyui_setup.py`` installs) to ``.gpu_run/comfyui`` without what the
+   ``devtools/comfyui_setup.py`` installs) to ``.gpu_run/comfyui`` without what the
    benchmarks never import (web frontend, models, tests, examples, images...);
 4. with ``--cubiq DIR``, copies cubiq's ComfyUI_IPAdapter_plus to ``.gpu_run/cubiq``;
 5. runs the CPU dry run (``bench/gpu.py --cpu --small``) with what travels: ComfyUI from
@@ -19,6 +19,9 @@ import, nor ComfyUI. This script, run here from the repository root's virtual en
    and that are not carried (torchsde, kornia, spandrel: ComfyUI's full requirements,
    not needed by ``comfy`` in-process; deepspeed, pydantic...);
 6. prints the size that travels (limit 64 MiB), the ``carry`` list and the command.
+
+The working tree travels as it is (its tracked and untracked, not ignored files: ``bench/``,
+``devtools/``, ``ipadapter/``...); only ``.gpu_run/`` needs ``carry``.
 
     .venv/bin/python scripts/prepare_gpu_run.py [--cubiq DIR] [--skip-check]
 """
@@ -81,8 +84,8 @@ def download_wheels(folder: Path) -> list[str]:
 
 
 def comfyui_source() -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
-    from comfyui_setup import ensure_comfyui
+    sys.path.insert(0, str(REPO))
+    from devtools.comfyui_setup import ensure_comfyui
 
     return Path(ensure_comfyui())
 

@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt ".[train,test]"
-.venv/bin/python tests/comfyui_setup.py
+.venv/bin/python -m devtools.comfyui_setup
 # The graph-editor test (tests/test_workflows_browser.py) drives Debian's
 # Chromium with Playwright (the test extra); Playwright never downloads a browser.
 if ! command -v chromium >/dev/null 2>&1; then

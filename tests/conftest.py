@@ -6,16 +6,59 @@ import os
 # subprocesses inherit it. An explicit OMP_NUM_THREADS wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from pathlib import Path
+
 import pytest
 
-from comfyui_harness import comfyui_path, comfyui_server, sd15_checkpoint, sd15_checkpoint_name  # noqa: F401
+# pytest.ini puts the repository root on sys.path: the helpers are devtools' (shared with bench/ and experiments/)
+from devtools.comfyui_harness import (
+    PACK_FOLDER_NAME,
+    REPO_ROOT,
+    ComfyUIError,
+    import_comfy,
+    sd15_checkpoint_path,
+    start_comfyui_server,
+)
+from devtools.comfyui_setup import ensure_comfyui
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    """The ComfyUI under test: $COMFYUI_PATH or the pinned copy (set up on first use)."""
+    return ensure_comfyui()
+
+
+@pytest.fixture(scope="session")
+def comfyui_server(comfyui_path, tmp_path_factory):
+    """One ComfyUI server per test session, with this repository as a custom node."""
+    base = tmp_path_factory.mktemp("comfyui-base")
+    server = start_comfyui_server(base, {PACK_FOLDER_NAME: REPO_ROOT}, comfyui_path)
+    try:
+        if server.custom_node_import_failed(PACK_FOLDER_NAME):
+            raise ComfyUIError(f"ComfyUI could not import the pack:\n{server.log_tail()}")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint() -> Path:
+    """The cached full-size random SD1.5 checkpoint file."""
+    return sd15_checkpoint_path()
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint_name(comfyui_server, sd15_checkpoint) -> str:
+    """The checkpoint linked into the server's models/checkpoints; its name for CheckpointLoaderSimple."""
+    link = comfyui_server.models_dir("checkpoints") / sd15_checkpoint.name
+    if not link.exists():
+        link.symlink_to(sd15_checkpoint)
+    return sd15_checkpoint.name
 
 
 @pytest.fixture(scope="session")
 def comfy(comfyui_path):
     """ComfyUI's ``comfy`` package, imported into the test process in CPU mode."""
-    from comfyui_harness import import_comfy
-
     return import_comfy(comfyui_path)
 
 
@@ -23,7 +66,8 @@ def comfy(comfyui_path):
 def vit_h_file(tmp_path_factory):
     """A full-size OpenCLIP ViT-H/14 with random weights in the transformers format ComfyUI users have (fp16)."""
     import torch
-    from test_encoder import transformers_model
+
+    from devtools.clip_vision import transformers_model
 
     folder = tmp_path_factory.mktemp("vit_h")
     # std 0.02 keeps 32 layers' activations at CLIP's usual magnitude (a wider spread inflates them)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from comfy_inprocess import noise_prediction
+from devtools.comfy_inprocess import noise_prediction
 from ipadapter.weighting import EMBEDS_SCALING, WEIGHT_TYPES as ALL_WEIGHT_TYPES
 from test_nodes import adapter, encoder, model, nodes  # noqa: F401  (module fixtures)
 

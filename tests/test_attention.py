@@ -4,7 +4,7 @@ import torch
 from diffusers.loaders.unet import UNet2DConditionLoadersMixin
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 
-from adapter_factory import random_adapter
+from devtools.adapter_factory import random_adapter
 from ipadapter.attention import decoupled_attention, image_attention, sdpa_attention
 from ipadapter.checkpoint import IPAdapterCheckpoint
 

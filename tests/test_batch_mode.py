@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from comfy_inprocess import UNetInputs, random_unet_inputs, sigma_at
+from devtools.comfy_inprocess import UNetInputs, random_unet_inputs, sigma_at
 from test_comfy_patch import architecture, checkpoint, model, patcher_module  # noqa: F401  (module fixtures)
 
 LATENTS = 3

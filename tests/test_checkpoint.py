@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapter_factory import random_adapter
+from devtools.adapter_factory import random_adapter
 from ipadapter.architecture import SD15, SDXL
 from ipadapter.checkpoint import (
     AdapterFormatError,

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from adapter_factory import random_adapter
-from comfy_inprocess import build_sd15_model_patcher, diffusers_unet_from_comfy, noise_prediction, pack_module
+from devtools.adapter_factory import random_adapter
+from devtools.comfy_inprocess import build_sd15_model_patcher, diffusers_unet_from_comfy, noise_prediction, pack_module
 from ipadapter.checkpoint import IPAdapterCheckpoint
 
 WIDTH = 64

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapter_factory import write_flat_adapter
-from comfyui_harness import ComfyUIError, txt2img_graph
-from test_encoder import transformers_model
+from devtools.adapter_factory import write_flat_adapter
+from devtools.clip_vision import transformers_model
+from devtools.comfyui_harness import ComfyUIError, txt2img_graph
 
 pytestmark = pytest.mark.slow
 

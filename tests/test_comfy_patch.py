@@ -4,11 +4,11 @@ import copy
 import pytest
 import torch
 
-from adapter_factory import random_adapter
-from comfy_inprocess import build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at
+from devtools.adapter_factory import random_adapter
+from devtools.comfy_inprocess import build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at
 from ipadapter.architecture import family_by_id
 from ipadapter.checkpoint import IPAdapterCheckpoint
-from sdxl_models import build_sdxl_model_patcher
+from devtools.sdxl_models import build_sdxl_model_patcher
 
 WIDTH = 64  # model_channels of the scaled-down UNets
 BUILDERS = {"sd15": build_sd15_model_patcher, "sdxl": build_sdxl_model_patcher}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from adapter_factory import random_adapter
+from devtools.adapter_factory import random_adapter
 from ipadapter.architecture import SD15, SDXL
 from ipadapter.checkpoint import AdapterFormatError, IPAdapterCheckpoint
 from ipadapter.image_prompt import (

@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comfyui_harness import REPO_ROOT
+from devtools.comfyui_harness import REPO_ROOT
 from ipadapter.migrate import MIDDLE_BLOCK_NOTE, is_cubiq, migrate
 from ipadapter.migrate_tables import COMFY, CUBIQ, FILES, OURS
 from test_workflows import models_server  # noqa: F401  (fixture: random models under the workflows' names)
-from workflow_tools import (
+from devtools.workflow_tools import (
     ADAPTER, CHECKPOINT, ENCODER, REFERENCE_IMAGES, check_workflow, node_inputs, shrink, socket_inputs, ui_to_api,
     widget_layout, with_weight,
 )
@@ -739,8 +739,8 @@ def test_the_migrated_graph_gives_the_latents_of_cubiqs(cubiq, comfy, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from adapter_factory import random_adapter
-    from comfyui_harness import build_sd15_model_patcher, import_pack
+    from devtools.adapter_factory import random_adapter
+    from devtools.comfyui_harness import build_sd15_model_patcher, import_pack
     from cubiq_pack import small_clip_vision
 
     pack = import_pack()

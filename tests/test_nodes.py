@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from adapter_factory import random_adapter
-from comfy_inprocess import build_sd15_model_patcher, pack_module, sd15_unet_config
+from devtools.adapter_factory import random_adapter
+from devtools.comfy_inprocess import build_sd15_model_patcher, pack_module, sd15_unet_config
 from ipadapter.encoder import build_vision_tower
 
 WIDTH = 64

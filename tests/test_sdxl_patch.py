@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_factory import random_adapter
-from comfy_inprocess import UNetInputs, build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at
-from sdxl_models import (
+from devtools.adapter_factory import random_adapter
+from devtools.comfy_inprocess import UNetInputs, build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at
+from devtools.sdxl_models import (
     POOLED_WIDTH,
     build_sdxl_model_patcher,
     build_sdxl_refiner_patcher,

@@ -459,7 +459,7 @@ def test_full_size_sd15_layout_has_the_papers_parameter_count():
 
 
 def test_init_adapter_starts_from_the_files_weights_and_refuses_other_adapters(tmp_path, toy_data):
-    from adapter_factory import random_adapter
+    from devtools.adapter_factory import random_adapter
     from safetensors.torch import save_file
 
     from training.adapter import IPAdapterModel, start_from_adapter_file

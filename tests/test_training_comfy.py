@@ -2,7 +2,7 @@
 to give the training model's noise prediction."""
 import torch
 
-from comfy_inprocess import build_sd15_model_patcher, diffusers_unet_from_comfy, noise_prediction, pack_module
+from devtools.comfy_inprocess import build_sd15_model_patcher, diffusers_unet_from_comfy, noise_prediction, pack_module
 from training.adapter import IPAdapterModel
 from training.checkpointing import export_adapter
 

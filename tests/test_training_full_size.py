@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_single_file_sd15_trains_and_exports_a_full_size_adapter(comfy, tmp_path, caplog):
-    from comfyui_harness import sd15_checkpoint_path
+    from devtools.comfyui_harness import sd15_checkpoint_path
 
     checkpoint = sd15_checkpoint_path()
     encoder = tmp_path / "vit_h_layout.safetensors"  # narrow tower, ViT-H's 1024-d embedding

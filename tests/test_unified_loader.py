@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapter_factory import random_adapter
+from devtools.adapter_factory import random_adapter
 from ipadapter.encoder import build_vision_tower
 from test_nodes import WIDTH, model, nodes  # noqa: F401  (module fixtures)
 

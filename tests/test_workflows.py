@@ -10,7 +10,7 @@
   under the names the workflows use, 64x64, 1 step): it saves its image, the
   image changes with λ and with the reference image, and λ = 0 gives exactly
   the image of the same graph without this pack's nodes. The SDXL workflows run
-  in a server of their own (:func:`comfyui_harness.start_sdxl_server`: UNet
+  in a server of their own (:func:`devtools.comfyui_harness.start_sdxl_server`: UNet
   weights fp16, ~10 GiB while it loads the full-size random SDXL checkpoint),
   started for them and stopped after; ComfyUI's loaded weights are checked
   against that file there.
@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from adapter_factory import random_adapter, write_flat_adapter
-from comfyui_harness import REPO_ROOT, sdxl_checkpoint_path, start_sdxl_server, with_checkpoint_check
-from workflow_tools import (
+from devtools.adapter_factory import random_adapter, write_flat_adapter
+from devtools.comfyui_harness import REPO_ROOT, sdxl_checkpoint_path, start_sdxl_server, with_checkpoint_check
+from devtools.workflow_tools import (
     ADAPTER, ADAPTERS_OF_FAMILY, CHECKPOINT, ENCODER, FAMILY_OF_CHECKPOINT, FRONTEND_ONLY, REFERENCE_IMAGES,
     SDXL_ADAPTER, SDXL_CHECKPOINT, SDXL_PLUS_ADAPTER, SOURCE_IMAGES, TRAINED_ADAPTER, USER_FILES, WorkflowError,
     api_twin_path, check_workflow, load_workflow, our_node_types, shrink, ui_to_api, ui_workflow_files,
@@ -183,7 +183,7 @@ def test_the_control_workflows_use_the_controls_their_names_say(info):
 def test_api_twin_is_the_conversion_of_the_ui_workflow(name, info):
     path = REPO_ROOT / "workflows" / name
     assert load_workflow(api_twin_path(path)) == ui_to_api(load_workflow(path), info), \
-        "the API twin is out of date: run `python workflows/build.py` (or `python tests/workflow_tools.py api`)"
+        "the API twin is out of date: run `python workflows/build.py` (or `python -m devtools.workflow_tools api`)"
 
 
 def find(workflow, kind):
@@ -248,9 +248,9 @@ def test_the_command_line_check_fails_on_a_broken_file(tmp_path, comfyui_server)
     find(broken, "IPAdapterKitApply")["widgets_values"][0] = -4.0
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(broken))
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "workflow_tools.py"), "check", "--url", comfyui_server.url,
+    result = subprocess.run([sys.executable, "-m", "devtools.workflow_tools", "check", "--url", comfyui_server.url,
                              str(path), str(WORKFLOWS[0])],
-                            capture_output=True, text=True, timeout=300)
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "broken.json:" in result.stdout and "IPAdapterKitApply" in result.stdout and "below the minimum -1.0" in result.stdout
     assert f"{WORKFLOWS[0].name}: ok" in result.stdout
@@ -271,7 +271,7 @@ def write_trained_adapter(path, seed):
 
 def write_encoder_and_input_images(server):
     """The image encoder under its real name and the images the workflows' Load Image nodes name."""
-    from test_encoder import transformers_model
+    from devtools.clip_vision import transformers_model
 
     # a narrow tower with ViT-H/14's 1024-d output, in the transformers format of the real file
     encoder = transformers_model(width=ENCODER_WIDTH, layers=2, heads=2, patch=14, image=224, embed_dim=1024, seed=3)

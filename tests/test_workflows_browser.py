@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_harness import REPO_ROOT
-from workflow_tools import FRONTEND_ONLY, load_workflow, ui_workflow_files, widget_layout
+from devtools.comfyui_harness import REPO_ROOT
+from devtools.workflow_tools import FRONTEND_ONLY, load_workflow, ui_workflow_files, widget_layout
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

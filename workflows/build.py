@@ -9,7 +9,7 @@ change to a workflow is a change here, then::
 
     python workflows/build.py
 
-It starts a ComfyUI with this pack (``tests/comfyui_harness.py``; the pinned
+It starts a ComfyUI with this pack (``devtools/comfyui_harness.py``; the pinned
 one, or ``$COMFYUI_PATH``), reads the live node definitions, lays out each
 graph in the editor's format (``widgets_values`` in widget order, typed
 sockets, links ``[id, from_node, from_slot, to_node, to_slot, type]``) and
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))  # devtools
 
-from workflow_tools import (  # noqa: E402
+from devtools.workflow_tools import (  # noqa: E402
     ADAPTER, CHECKPOINT, ENCODER, REFERENCE_IMAGES, REPO_ROOT, SDXL_ADAPTER, SDXL_CHECKPOINT, SDXL_PLUS_ADAPTER,
     SOURCE_IMAGES, TRAINED_ADAPTER, WORKFLOW_DIR, live_object_info, socket_inputs, widget_layout, write_api_twins,
 )

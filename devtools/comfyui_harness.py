@@ -19,18 +19,16 @@ Three tools, all against the ComfyUI from :func:`comfyui_setup.ensure_comfyui`
   server that keeps SDXL small on the CPU, with a node that checks the loaded
   weights against the file (:func:`check_loaded_checkpoint`).
 
-Pytest fixtures at the end; a ``conftest.py`` enables them with::
+The pytest fixtures built on these (``comfyui_path``, ``comfyui_server``,
+``sd15_checkpoint``, ``sd15_checkpoint_name``) are in ``tests/conftest.py``.
 
-    from comfyui_harness import (  # noqa: F401
-        comfyui_path, comfyui_server, sd15_checkpoint, sd15_checkpoint_name,
-    )
-
-Command line, for a manual check: ``python tests/comfyui_harness.py smoke``
-starts the server and renders one 64x64 image with the random checkpoint;
-``python tests/comfyui_harness.py checkpoint`` writes (or finds) the checkpoint;
-``python tests/comfyui_harness.py sdxl-checkpoint`` writes (or finds) the SDXL
-one and checks it in an SDXL server (run it under
-``flock /tmp/ipadapter-bigmem.lock``: the server peaks at ~10 GiB).
+Command line, for a manual check, from the repository root:
+``python -m devtools.comfyui_harness smoke`` starts the server and renders one
+64x64 image with the random checkpoint; ``python -m devtools.comfyui_harness
+checkpoint`` writes (or finds) the checkpoint; ``python -m
+devtools.comfyui_harness sdxl-checkpoint`` writes (or finds) the SDXL one and
+checks it in an SDXL server (run it under ``flock /tmp/ipadapter-bigmem.lock``:
+the server peaks at ~10 GiB).
 """
 from __future__ import annotations
 
@@ -52,8 +50,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfyui_setup import cache_root, ensure_comfyui  # noqa: E402
+from .comfyui_setup import cache_root, ensure_comfyui
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A dash in the name proves the pack imports under any folder name (ComfyUI
@@ -549,7 +546,7 @@ def random_vae_state_dict(seed: int) -> dict:
 def random_sdxl_unet_state_dict(seed: int) -> dict:
     """SDXL's UNet, built and initialised in fp16 (fp32 would take 10 GB of memory, fp16 takes 5)."""
     import torch
-    from sdxl_models import build_sdxl_base_model  # it imports this module
+    from .sdxl_models import build_sdxl_base_model  # it imports this module
 
     return prefixed(build_sdxl_base_model(320, seed, torch.float16).diffusion_model.state_dict(), UNET_PREFIX)
 
@@ -567,7 +564,7 @@ def random_sdxl_text_encoders_state_dict(seed: int) -> dict:
     import_comfy()
     import comfy.sdxl_clip
 
-    from sdxl_models import sdxl_unet_config  # it imports this module
+    from .sdxl_models import sdxl_unet_config  # it imports this module
 
     encoders = random_module(lambda: comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16), seed)
     model_config = comfy.supported_models.SDXL(sdxl_unet_config())
@@ -746,9 +743,14 @@ def with_checkpoint_check(graph: dict, expected: str) -> dict:
 # resident with the file's pages mapped while it reads them).
 SDXL_SERVER_FLAGS = ("--fp16-unet", "--fp16-text-enc")
 HARNESS_PACK_NAME = "harness-checks"
+# The repository root is on the server's sys.path only while the node is imported: this
+# pack's own top-level modules (nodes.py, patcher.py) must not shadow ComfyUI's.
 HARNESS_PACK_INIT = f"""import sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-from comfyui_harness import CheckLoadedCheckpoint
+sys.path.insert(0, {str(REPO_ROOT)!r})
+try:
+    from devtools.comfyui_harness import CheckLoadedCheckpoint
+finally:
+    sys.path.remove({str(REPO_ROOT)!r})
 NODE_CLASS_MAPPINGS = {{"HarnessCheckLoadedCheckpoint": CheckLoadedCheckpoint}}
 """
 
@@ -770,48 +772,6 @@ def start_sdxl_server(base: Path, comfyui: Path | None = None) -> ComfyServer:
             server.stop()
             raise ComfyUIError(f"ComfyUI could not import {name}:\n{server.log_tail()}")
     return server
-
-
-# =============================================================================
-# Pytest fixtures (import them in conftest.py)
-# =============================================================================
-
-try:
-    import pytest
-except ImportError:  # the command line below works without pytest
-    pytest = None
-
-if pytest is not None:
-
-    @pytest.fixture(scope="session")
-    def comfyui_path() -> Path:
-        """The ComfyUI under test: $COMFYUI_PATH or the pinned copy (set up on first use)."""
-        return ensure_comfyui()
-
-    @pytest.fixture(scope="session")
-    def comfyui_server(comfyui_path, tmp_path_factory):
-        """One ComfyUI server per test session, with this repository as a custom node."""
-        base = tmp_path_factory.mktemp("comfyui-base")
-        server = start_comfyui_server(base, {PACK_FOLDER_NAME: REPO_ROOT}, comfyui_path)
-        try:
-            if server.custom_node_import_failed(PACK_FOLDER_NAME):
-                raise ComfyUIError(f"ComfyUI could not import the pack:\n{server.log_tail()}")
-            yield server
-        finally:
-            server.stop()
-
-    @pytest.fixture(scope="session")
-    def sd15_checkpoint() -> Path:
-        """The cached full-size random SD1.5 checkpoint file."""
-        return sd15_checkpoint_path()
-
-    @pytest.fixture(scope="session")
-    def sd15_checkpoint_name(comfyui_server, sd15_checkpoint) -> str:
-        """The checkpoint linked into the server's models/checkpoints; its name for CheckpointLoaderSimple."""
-        link = comfyui_server.models_dir("checkpoints") / sd15_checkpoint.name
-        if not link.exists():
-            link.symlink_to(sd15_checkpoint)
-        return sd15_checkpoint.name
 
 
 # =============================================================================

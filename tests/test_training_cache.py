@@ -26,6 +26,7 @@ from training.distributed import Engine, Process
 from training.loop import batch_positions, compute_loss, sample_draws
 from training.models import build_embedded_models, seeded
 from training.run import main
+from training.variants import adapter_spec
 
 from training_fixtures import write_folder_with_bad_rows, write_manifest_with_bad_rows, write_shards
 
@@ -69,30 +70,36 @@ def assert_same_shards(a: dict, b: dict) -> None:
 # --- the same computation --------------------------------------------------------------
 
 
-def test_a_step_from_the_cache_has_the_loss_and_gradients_of_the_online_step(tmp_path, toy_data, frozen):
+@pytest.mark.parametrize("variant", ["base", "plus"])
+def test_a_step_from_the_cache_has_the_loss_and_gradients_of_the_online_step(tmp_path, toy_data, frozen, variant):
     """Same seed, same batch: loss and adapter gradients from the cache equal the online step's.
 
     Tolerance: float32 rounding. The cache pass runs the encoders on batches of
     ``cache.encode_batch`` samples and the online step on the training batch; CPU kernels
-    may sum in another order for another batch size (and the empty prompt is encoded
-    alone), so the last bits of the encoders' outputs can differ. Everything random is
-    drawn identically in both paths.
+    may sum in another order for another batch size (and the empty prompt, and for plus
+    the zero image of a dropped one, are encoded alone), so the last bits of the encoders'
+    outputs can differ. Everything random is drawn identically in both paths.
     """
-    config = config_for(toy_data, "--data.drop_image", "0.25", "--data.drop_text", "0.25", "--data.drop_both", "0.25")
+    own_folder = ("--cache.dir", str(tmp_path / "cache")) if variant != "base" else ()  # the module's other tests see base caches
+    config = config_for(toy_data, "--data.drop_image", "0.25", "--data.drop_text", "0.25", "--data.drop_both", "0.25",
+                        "--model.variant", variant, *own_folder)
     source = open_source(str(toy_data))
     build_cache(config, source, frozen, CPU, progress=False)
     cache = open_cache(config, source, frozen)
     assert cache is not None
     process = Process("single", 0, 1, 0, CPU)
+    encoder = frozen.image_encoder
     with seeded(0):
-        model = IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim)
+        model = IPAdapterModel(frozen.unet, spec=adapter_spec(variant, None, encoder.embed_dim, encoder.hidden_width, frozen.unet))
     engine = Engine(model, config, process)
+    features = "image_embeds" if variant == "base" else "penultimate"
     online = iter(make_loader(source, RESOLUTION, 3, 42, 0, 1, 0))
     cached = iter(make_loader(source, RESOLUTION, 3, 42, 0, 1, 0, cache=cache))
     dropped_text = dropped_image = 0
     for step in range(4):
         online_batch, cached_batch = next(online), next(cached)
         assert "pixels" in online_batch and "pixels" not in cached_batch and "moments" in cached_batch
+        assert set(cached_batch) & {"image_embeds", "penultimate"} == {features}
         assert online_batch["captions"] == cached_batch["captions"]
         draws = sample_draws(42, batch_positions(step, process, 3), (4, RESOLUTION // 8, RESOLUTION // 8), 1000, config)
         dropped_text += sum(draws.drop_text)
@@ -191,6 +198,11 @@ def test_a_cache_for_other_settings_is_not_used_and_says_why(tmp_path, toy_data,
         open_cache(config_for(toy_data, "--cache.use", "require"), source, quick)
     assert open_cache(config_for(toy_data, "--cache.use", "off"), source, frozen) is None
     assert open_cache(config, source, frozen) is not None
+    # a base cache holds pooled embeddings: a plus run (penultimate hidden states) never uses it
+    alone = ("--cache.dir", str(tmp_path / "base-only"))
+    build_cache(config_for(toy_data, *alone), source, frozen, CPU, progress=False)
+    with pytest.raises(CacheError, match="built for image features image_embeds \\(this run: penultimate, model.variant\\)"):
+        open_cache(config_for(toy_data, *alone, "--cache.use", "require", "--model.variant", "plus"), source, frozen)
 
 
 def test_a_killed_pass_resumes_and_skips_written_shards(tmp_path, toy_data, frozen, monkeypatch):

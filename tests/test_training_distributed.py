@@ -95,3 +95,14 @@ def test_torchrun_ddp_two_processes_match_one_process(tmp_path, toy_data, single
     assert "distributed: ddp, 2 processes, global batch 4" in output
     assert "adapter weights identical on all 2 ranks" in output
     assert_close_weights(adapter(tmp_path, 6), adapter(single_process, 6))
+
+
+def test_deepspeed_zero2_plus_matches_one_process(tmp_path, toy_data):
+    plus = ["--model.variant", "plus"]
+    main(common_args(tmp_path / "single", toy_data, 2, 4) + plus)
+    deepspeed = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "training.run"]
+    output = launch(deepspeed + common_args(tmp_path / "two", toy_data, 2, 2) + plus)
+    assert "distributed: deepspeed ZeRO-2, 2 processes, global batch 4" in output
+    assert "adapter weights identical on all 2 ranks" in output
+    assert_close_weights(adapter(tmp_path / "two", 2), adapter(tmp_path / "single", 2))
+    assert (tmp_path / "two" / "ip-adapter-plus_sd15_step00000002.safetensors").is_file()

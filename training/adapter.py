@@ -1,4 +1,4 @@
-"""The trainable part: image projection + 16 x (to_k_ip, to_v_ip), wired into a frozen UNet.
+"""The trainable part: image projection + one (to_k_ip, to_v_ip) per cross-attention layer, in a frozen UNet.
 
 The attn2 processors call ``ipadapter.attention.decoupled_attention`` so training and
 inference share one implementation of the math. Trainable weights stay fp32 while the
@@ -15,8 +15,7 @@ from torch import nn
 
 from ipadapter.architecture import SD15
 from ipadapter.attention import decoupled_attention
-from ipadapter.checkpoint import AdapterFormatError, load_adapter
-from ipadapter.projection import LinearProjection
+from ipadapter.checkpoint import AdapterFormatError, AdapterSpec, build_projection, load_adapter
 
 from .models import ModelFileError, check_unet_layout
 
@@ -69,14 +68,22 @@ class DecoupledAttnProcessor:
 
 
 class IPAdapterModel(nn.Module):
-    """Frozen UNet + trainable projection and adapter layers; ``forward`` predicts the noise."""
+    """Frozen UNet + trainable projection and adapter layers; ``forward`` predicts the noise.
 
-    def __init__(self, unet: nn.Module, embed_dim: int, num_tokens: int = 4):
+    The projection is built from ``spec`` (``training.variants.adapter_spec``); without one, the base
+    adapter's: ``num_tokens`` tokens from ``embed_dim``-d image embeddings.
+    """
+
+    def __init__(self, unet: nn.Module, embed_dim: int | None = None, num_tokens: int = 4, spec: AdapterSpec | None = None):
         super().__init__()
         self.unet = unet
-        self.num_tokens = num_tokens
         cross = unet.config.cross_attention_dim
-        self.image_proj = LinearProjection(embed_dim, cross, num_tokens)
+        if spec is None:
+            spec = AdapterSpec("base", num_tokens, cross, "image_embeds", embed_dim, unet.config.block_out_channels[0],
+                               architecture=SD15)
+        self.spec = spec
+        self.num_tokens = spec.num_tokens
+        self.image_proj = build_projection(spec)
         self.image = ImageTokens()
         keys = check_unet_layout(unet, "training UNet")
         modules = dict(unet.named_modules())
@@ -104,8 +111,9 @@ class IPAdapterModel(nn.Module):
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 
-    def forward(self, noisy_latents, timesteps, text_embeds, image_embeds, scale: float | torch.Tensor = 1.0):
-        tokens = self.image_proj(image_embeds.float())
+    def forward(self, noisy_latents, timesteps, text_embeds, image_features, scale: float | torch.Tensor = 1.0):
+        """``image_features``: what ``spec.encoder_input`` names, image embeddings or penultimate hidden states."""
+        tokens = self.image_proj(image_features.float())
         with self.image_prompt(tokens, scale):
             return self.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeds).sample
 
@@ -138,13 +146,19 @@ def start_from_adapter_file(model: IPAdapterModel, path) -> None:
         checkpoint = load_adapter(path, base_width=None, architecture=SD15)
     except (AdapterFormatError, OSError) as error:
         raise ModelFileError(f"model.init_adapter: {error}") from None
-    spec = checkpoint.spec
-    found = (spec.variant, spec.num_tokens, spec.encoder_width, spec.base_width)
-    expected = ("base", model.num_tokens, model.image_proj.proj.in_features, model.unet.config.block_out_channels[0])
-    if found != expected:
-        raise ModelFileError(
-            f"model.init_adapter: '{checkpoint.source}' is a {spec.describe()} adapter for a UNet of width "
-            f"{spec.base_width}; expected a base adapter with {expected[1]} tokens from {expected[2]}-d image "
-            f"embeddings for a UNet of width {expected[3]}, as this run trains"
-        )
+    found, expected = checkpoint.spec, model.spec
+    fields = ("variant", "num_tokens", "encoder_input", "encoder_width", "base_width", "resampler")
+    if any(getattr(found, name) != getattr(expected, name) for name in fields):
+        raise ModelFileError(f"model.init_adapter: '{checkpoint.source}' is an {found.family} {describe(found)}; "
+                             f"expected a {describe(expected)}, as this run trains")
     model.load_trainable_state_dict({k: v.float() for k, v in checkpoint.flat_state_dict().items()})
+
+
+def describe(spec: AdapterSpec) -> str:
+    """``plus adapter (Resampler width 768, depth 4, 12 heads) with 16 tokens from 1280-d hidden states for a UNet
+    of width 320``, for messages."""
+    tokens = f"{spec.num_tokens} tokens" if spec.num_tokens is not None else "one token per hidden state"
+    features = "image embeddings" if spec.encoder_input == "image_embeds" else "hidden states"
+    resampler = spec.resampler
+    shape = f" (Resampler width {resampler['dim']}, depth {resampler['depth']}, {resampler['heads']} heads)" if resampler else ""
+    return f"{spec.variant} adapter{shape} with {tokens} from {spec.encoder_width}-d {features} for a UNet of width {spec.base_width}"

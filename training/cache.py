@@ -8,14 +8,17 @@ source (manifest, image folder or WebDataset shards):
   latent ``mean + std * noise`` is still sampled at train time from the run's per-sample
   draws, exactly as the online path does;
 - ``image_embeds``: the ViT-H/14 image embedding ([1024]); a dropped image is still
-  zeroed at train time;
+  zeroed at train time; or, for the plus / full-face variants, ``penultimate``: the
+  encoder's second-to-last hidden states ([257, 1280]); a dropped image takes the states
+  of an all-zero CLIP input, stored once;
 - ``text_embeds``: the text encoder's output ([77, 768]), or with ``cache.text ids`` only
   the token ids ([77]); the empty prompt of a dropped caption is stored once.
 
 Shards go next to the data (``<manifest>.cache/``, ``<folder>.cache/``,
 ``<shard folder>/ipadapter-cache/``, or ``cache.dir``), in a subfolder named by a
 fingerprint of everything that changes the outputs: resolution, frozen dtype, the
-encoders' weights, the tokenizer, what is stored, and the list of samples. A run whose
+encoders' weights, the tokenizer, what is stored (which image features: the variant's
+input; text outputs or ids), and the list of samples. A run whose
 settings differ does not see the cache (``cache.use auto`` says why in one line and
 encodes online; ``require`` stops). Shards are written under a temporary name and
 renamed, so a killed pass resumes where it stopped: complete shards are skipped. Under
@@ -54,12 +57,14 @@ from .data import (
 )
 from .errors import UserError
 from .models import FrozenModels
+from .variants import encoder_input
 
 log = logging.getLogger("training")
 
 FORMAT_VERSION = 2
 INFO_FILE = "cache.json"
-EMPTY_FILE = "empty-prompt.safetensors"
+EMPTY_FILE = "empty-prompt.safetensors"  # also holds the zero image's hidden states (plus, full-face)
+ZERO_IMAGE = "zero_image_penultimate"
 
 
 class CacheError(UserError):
@@ -127,7 +132,9 @@ def fingerprint(config: Config, source: DataSource, frozen: FrozenModels) -> dic
     }
     if config.cache.text == "embeds":
         models["text_encoder"] = weights_digest(frozen.text_encoder, dtype)
+    features = {} if image_key(config) == "image_embeds" else {"image_features": image_key(config)}  # base: as before
     return {
+        **features,
         "version": FORMAT_VERSION,
         "resolution": config.data.resolution,
         "clip_size": CLIP_SIZE,
@@ -140,6 +147,11 @@ def fingerprint(config: Config, source: DataSource, frozen: FrozenModels) -> dic
     }
 
 
+def image_key(config: Config) -> str:
+    """The image features the variant trains on, stored under this name: ``image_embeds`` or ``penultimate``."""
+    return encoder_input(config.model.variant)
+
+
 def key_of(identity: dict) -> str:
     return f"{identity['resolution']}px-{identity['dtype']}-" + hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -149,6 +161,9 @@ def describe_difference(wanted: dict, found: dict) -> str:
     for field in ("resolution", "dtype", "text", "clip_size", "version", "scaling_factor"):
         if wanted.get(field) != found.get(field):
             differences.append(f"{field} {found.get(field)} (this run: {wanted.get(field)})")
+    wanted_features, found_features = (identity.get("image_features", "image_embeds") for identity in (wanted, found))
+    if wanted_features != found_features:
+        differences.append(f"image features {found_features} (this run: {wanted_features}, model.variant)")
     for name, digest in wanted["models"].items():
         if found.get("models", {}).get(name) != digest:
             differences.append(f"other {name.replace('_', ' ')} weights")
@@ -187,9 +202,11 @@ class FeatureCache:
         self.folder, self.identity, self.resolution = folder, identity, resolution
         self.shard_size = identity["data"]["shard_size"]
         self.text = identity["text"]
+        self.image_key = identity.get("image_features", "image_embeds")
         self.unit_by_shard = {str(shard): index for index, shard in enumerate(source.shards or [])}
         empty = _load_tensors(folder / EMPTY_FILE)
         self.empty_text = empty["text_embeds"] if self.text == "embeds" else None
+        self.zero_image = empty.get(ZERO_IMAGE)
         self._handles: dict[int, tuple] = {}
 
     def __getstate__(self):  # DataLoader workers open their own file handles
@@ -214,7 +231,7 @@ class FeatureCache:
         handle, reasons, captions = self._open(unit)
         if reasons[row]:
             raise BadSample(reasons[row])
-        names = ("moments", "image_embeds", "text_embeds" if self.text == "embeds" else "input_ids")
+        names = ("moments", self.image_key, "text_embeds" if self.text == "embeds" else "input_ids")
         sample = {name: handle.get_slice(name)[row : row + 1][0] for name in names}
         if captions:
             sample["caption"] = captions[row]
@@ -287,7 +304,7 @@ def open_cache(config: Config, source: DataSource, frozen: FrozenModels) -> Feat
             raise CacheError(problem + " (cache.use is require)")
         log.info("cache: encoding online: %s", problem)
         return None
-    log.info("cache: training from %s (frozen encoders' outputs; text %s)", folder, config.cache.text)
+    log.info("cache: training from %s (frozen encoders' outputs; image %s, text %s)", folder, image_key(config), config.cache.text)
     return FeatureCache(folder, identity, source, config.data.resolution)
 
 
@@ -330,7 +347,7 @@ def encode_unit(frozen: FrozenModels, config: Config, items: list, webdataset: b
             input_ids = frozen.tokenizer([s["caption"] for s in good])
             encoded = {
                 "moments": frozen.encode_moments(pixels).cpu(),
-                "image_embeds": frozen.encode_images(clip_pixels).cpu(),
+                image_key(config): frozen.encode_images(clip_pixels, image_key(config)).cpu(),
             }
             if config.cache.text == "embeds":
                 encoded["text_embeds"] = frozen.encode_text(input_ids.to(device)).cpu()
@@ -360,7 +377,7 @@ def _dummy_outputs(frozen: FrozenModels, config: Config, device: torch.device) -
     size = config.data.resolution
     outputs = {
         "moments": frozen.encode_moments(torch.zeros(1, 3, size, size, device=device))[0].cpu(),
-        "image_embeds": frozen.encode_images(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE, device=device))[0].cpu(),
+        image_key(config): frozen.encode_images(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE, device=device), image_key(config))[0].cpu(),
     }
     if config.cache.text == "embeds":
         outputs["text_embeds"] = frozen.empty_text_embeds(device).cpu()
@@ -381,6 +398,8 @@ def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device
         empty = {"input_ids": frozen.tokenizer([""])[0]}
         if config.cache.text == "embeds":
             empty["text_embeds"] = frozen.empty_text_embeds(device).cpu()
+        if image_key(config) == "penultimate":
+            empty[ZERO_IMAGE] = frozen.zero_image_features(device).cpu()
         _save_shard(empty, folder / EMPTY_FILE)
     units = units_of(source, config.cache.shard_size)
     mine = [unit for unit in range(len(units)) if unit % world_size == rank]

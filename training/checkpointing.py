@@ -120,16 +120,18 @@ def set_rng_state(state: dict) -> None:
 
 
 def export_adapter(
-    model: IPAdapterModel, path: str | Path, step: int, config_yaml: str, dtype: str = "fp16"
+    model: IPAdapterModel, path: str | Path, step: int, config_yaml: str, dtype: str = "fp16", variant: str | None = None
 ) -> Path:
-    """The adapter in the official layout: ``.safetensors`` flat (with step and config), else nested ``.bin``.
+    """The adapter in the official layout: ``.safetensors`` flat (with step, config and variant), else nested ``.bin``.
 
     Keys come from the model's own modules, numbered by the UNet's processor order, never
-    from a framework's (possibly aliased) state dict.
+    from a framework's (possibly aliased) state dict. ``variant`` (default: the architecture's,
+    ``base`` or ``plus``) names what was trained, e.g. ``plus-face``: the tensors cannot tell.
     """
     image_proj, ip_adapter = model.adapter_state_dicts()
     base_width = model.unet.config.block_out_channels[0]
-    metadata = {"step": str(step), "config": config_yaml, "format": "IP-Adapter SD1.5 (official layout)"}
+    metadata = {"step": str(step), "config": config_yaml, "format": "IP-Adapter SD1.5 (official layout)",
+                "variant": variant or model.spec.variant}
     checkpoint = IPAdapterCheckpoint.from_state_dicts(image_proj, ip_adapter, Path(path).name, base_width, metadata)
     return save_adapter(checkpoint, path, dtype=EXPORT_DTYPES[dtype])
 

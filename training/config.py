@@ -16,6 +16,7 @@ import yaml
 from ipadapter.files import write_text_atomic
 
 from .errors import UserError
+from .variants import DEFAULT_TOKENS, VARIANTS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -30,7 +31,8 @@ class ConfigError(UserError):
 class ModelConfig:
     sd15: str | None = None  # diffusers folder or single-file .safetensors/.ckpt of SD1.5
     image_encoder: str | None = None  # OpenCLIP ViT-H/14 weights (open_clip or transformers keys)
-    num_tokens: int = 4
+    variant: str = "base"  # base | plus | plus-face | full-face (see training/variants.py)
+    num_tokens: int | None = None  # image tokens; None = the variant's (base 4, plus 16); full-face: one per hidden state
     encoder_embed_dim: int = 1024  # width of the image embedding: 1024 = OpenCLIP ViT-H/14, as in the paper
     frozen_dtype: str = "auto"  # auto = bf16 on GPUs that have it, else fp16; fp32 on CPU
     init_adapter: str | None = None  # start from this adapter file (official .bin/.safetensors or an export)
@@ -278,11 +280,14 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, dict[str, str]]:
     if config.embedded:
         config = build(True)
     validate(config)
+    if config.model.num_tokens is None:
+        config.model.num_tokens = DEFAULT_TOKENS[config.model.variant]
     return config, flags
 
 
 def validate(config: Config) -> None:
     choices = {
+        "model.variant": (config.model.variant, VARIANTS),
         "model.frozen_dtype": (config.model.frozen_dtype, ("auto", "bf16", "fp16", "fp32")),
         "data.format": (config.data.format, ("auto", "manifest", "folder", "webdataset")),
         "distributed.strategy": (config.distributed.strategy, ("auto", "single", "ddp", "deepspeed")),
@@ -305,10 +310,14 @@ def validate(config: Config) -> None:
     drops = config.data.drop_image + config.data.drop_text + config.data.drop_both
     if min(config.data.drop_image, config.data.drop_text, config.data.drop_both) < 0 or drops > 1:
         raise ConfigError(f"condition drop probabilities sum to {drops:g} or are negative; expected each >= 0 and a sum <= 1")
+    if config.model.variant == "full-face" and config.model.num_tokens is not None:
+        raise ConfigError(f"model.num_tokens = {config.model.num_tokens} with model.variant full-face; expected null "
+                          "(full-face makes one token per hidden state of the encoder)")
     for name in ("train.batch_size", "train.max_steps", "data.resolution", "train.log_every", "model.num_tokens", "sample.steps",
                  "cache.shard_size", "cache.encode_batch"):
         section, key = name.split(".")
-        if getattr(getattr(config, section), key) < 1:
+        value = getattr(getattr(config, section), key)
+        if value is not None and value < 1:  # None: model.num_tokens left to the variant
             raise ConfigError(f"{name} = {getattr(getattr(config, section), key)}; expected a positive number")
     for name in ("data.num_workers", "train.save_every", "train.export_every", "sample.every", "train.keep_states"):
         section, key = name.split(".")

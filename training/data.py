@@ -380,7 +380,7 @@ class ShardStream(IterableDataset):
 # --- batches -----------------------------------------------------------------------
 
 
-TENSOR_FIELDS = ("pixels", "clip_pixels", "moments", "image_embeds", "text_embeds", "input_ids")
+TENSOR_FIELDS = ("pixels", "clip_pixels", "moments", "image_embeds", "penultimate", "text_embeds", "input_ids")
 
 
 def collate(samples: list[dict]) -> dict:

@@ -161,13 +161,14 @@ def deepspeed_config(config: Config, process: Process) -> dict:
     """ZeRO stage 2 over the trainable weights only, fp32 master weights and optimiser state.
 
     Mixed precision is ours (frozen models cast to bf16/fp16, adapter kept in fp32), so
-    DeepSpeed's own fp16/bf16 modes stay off; the optimiser is torch's AdamW so the
-    update is the same as in the single-process and DDP paths.
+    DeepSpeed's own fp16/bf16 modes stay off; the optimiser is torch's AdamW and gradient
+    clipping is off, so the update is the same as in the single-process and DDP paths.
     """
     return {
         "train_micro_batch_size_per_gpu": config.train.batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": config.train.batch_size * process.world_size,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at norm 1.0 unless told; the recipe (and our other paths) never clip
         "zero_optimization": {
             "stage": config.distributed.zero_stage,
             "overlap_comm": process.device.type == "cuda",

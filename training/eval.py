@@ -39,7 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "default ViT-L-14, the paper's; ViT-L-14-quickgelu for OpenAI weights)")
     parser.add_argument("--generated", help="score the images in this folder (<reference name>_<k>.png) instead of generating")
     parser.add_argument("--sd15", help="SD1.5: diffusers folder or single-file checkpoint")
-    parser.add_argument("--adapter", help="IP-Adapter checkpoint (.bin or .safetensors, official layout, base variant)")
+    parser.add_argument("--adapter", help="SD1.5 IP-Adapter checkpoint (.bin or .safetensors, official layout; base, light, "
+                        "plus, plus-face or full-face)")
     parser.add_argument("--image-encoder", help="OpenCLIP ViT-H/14 image encoder of the adapter")
     parser.add_argument("--scale", type=float, default=1.0, help="λ, the image prompt weight (paper: 1.0)")
     parser.add_argument("--prompt", choices=("empty", "caption"), default="empty",
@@ -141,24 +142,23 @@ def sample_seed(seed: int, reference: int, sample: int) -> int:
 
 
 def load_generator(args: argparse.Namespace, device: torch.device):
-    """SD1.5 + the adapter (base variant, official layout) + the image encoder, on ``device``."""
+    """SD1.5 + the adapter (base, light, plus, plus-face or full-face; official layout) + the image encoder, on ``device``."""
+    from ipadapter.architecture import SD15
     from ipadapter.checkpoint import check_encoder, load_adapter
 
     from .adapter import IPAdapterModel
     from .models import load_frozen_models, resolve_dtype
 
-    checkpoint = load_adapter(args.adapter, base_width=None)
+    checkpoint = load_adapter(args.adapter, base_width=None, architecture=SD15)
     spec = checkpoint.spec
-    if spec.variant != "base":
-        raise EvalError(f"'{checkpoint.source}' is a {spec.describe()} adapter; generation here supports base adapters "
-                        "(ip-adapter_sd15, light, what training.run exports); generate elsewhere and use --generated")
-    frozen = load_frozen_models(args.sd15, args.image_encoder, resolve_dtype(args.dtype, device), spec.encoder_width)
+    embed_dim = spec.encoder_width if spec.encoder_input == "image_embeds" else None  # hidden states: check_encoder below
+    frozen = load_frozen_models(args.sd15, args.image_encoder, resolve_dtype(args.dtype, device), embed_dim)
     check_encoder(spec, frozen.image_encoder.embed_dim, frozen.image_encoder.hidden_width, checkpoint.source, frozen.image_encoder.name)
     unet_width = frozen.unet.config.block_out_channels[0]
     if spec.base_width != unet_width:
         raise EvalError(f"'{checkpoint.source}' was made for a UNet of base width {spec.base_width}; "
                         f"the SD1.5 model's is {unet_width}")
-    model = IPAdapterModel(frozen.unet, spec.encoder_width, spec.num_tokens)
+    model = IPAdapterModel(frozen.unet, spec=spec)
     model.load_trainable_state_dict({k: v.float() for k, v in checkpoint.flat_state_dict().items()})
     frozen.to(device)
     return model.to(device).eval(), frozen

@@ -63,15 +63,14 @@ def compute_loss(engine: Engine, frozen: FrozenModels, batch: dict, draws: Sampl
     """ε-MSE of one batch: images are encoded here, or their encoders' outputs come from ``training.cache``.
 
     Both ways are the same computation: the cache holds what the encoders give (VAE
-    posterior moments, image embedding, text-encoder output or token ids), and every
+    posterior moments, image embedding or hidden states, text-encoder output or token ids), and every
     random draw (posterior sample, drops, timestep, noise) is made here from ``draws``.
     """
     text_embeds = text_condition(frozen, batch, draws.drop_text, device)
-    if "image_embeds" in batch:
-        image_embeds = batch["image_embeds"].to(device).float()
+    if engine.module.spec.encoder_input == "image_embeds":
+        image_features = image_embeddings(frozen, batch, draws.keep_image, device)
     else:
-        image_embeds = frozen.encode_images(batch["clip_pixels"].to(device)).float()
-    image_embeds = image_embeds * draws.keep_image.to(device)[:, None]  # a dropped image is a zero embedding
+        image_features = hidden_states(frozen, batch, draws.keep_image, device)
     if "moments" in batch:
         latents = frozen.latents_from_moments(batch["moments"].to(device), draws.posterior_noise.to(device))
     else:
@@ -79,8 +78,29 @@ def compute_loss(engine: Engine, frozen: FrozenModels, batch: dict, draws: Sampl
     noise = draws.noise.to(device, latents.dtype)
     timesteps = draws.timesteps.to(device)
     noisy_latents = frozen.scheduler.add_noise(latents, noise, timesteps)
-    prediction = engine(noisy_latents, timesteps, text_embeds, image_embeds)
+    prediction = engine(noisy_latents, timesteps, text_embeds, image_features)
     return F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+
+
+def image_embeddings(frozen: FrozenModels, batch: dict, keep_image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Base: the pooled image embedding per sample; a dropped image is a zero embedding."""
+    if "image_embeds" in batch:
+        image_embeds = batch["image_embeds"].to(device).float()
+    else:
+        image_embeds = frozen.encode_images(batch["clip_pixels"].to(device)).float()
+    return image_embeds * keep_image.to(device)[:, None]
+
+
+def hidden_states(frozen: FrozenModels, batch: dict, keep_image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Plus, full-face: the penultimate hidden states per sample; a dropped image is an all-zero CLIP input,
+    encoded (tutorial_train_plus.py zeroes the clip image itself, not its features)."""
+    keep = keep_image.to(device) > 0
+    if "penultimate" in batch:  # cached; the zero image's states are computed once
+        cached = batch["penultimate"].to(device)
+        return torch.where(keep[:, None, None], cached, frozen.zero_image_features(device).to(cached.dtype)).float()
+    clip_pixels = batch["clip_pixels"].to(device)
+    clip_pixels = torch.where(keep[:, None, None, None], clip_pixels, torch.zeros_like(clip_pixels))
+    return frozen.encode_images(clip_pixels, "penultimate").float()
 
 
 def text_condition(frozen: FrozenModels, batch: dict, drop_text: list[bool], device: torch.device) -> torch.Tensor:

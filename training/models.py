@@ -74,6 +74,7 @@ class FrozenModels:
     scheduler: DDPMScheduler
     dtype: torch.dtype
     empty_text: torch.Tensor | None = None  # text-encoder output of the empty prompt [77, 768]; computed once
+    zero_image: torch.Tensor | None = None  # penultimate states of an all-zero CLIP input (plus: a dropped image); once
 
     def empty_text_embeds(self, device: torch.device) -> torch.Tensor:
         """The dropped-caption text condition, computed once (or read from the cache) and reused."""
@@ -116,10 +117,19 @@ class FrozenModels:
         return self.latents_from_moments(self.encode_moments(pixels), noise)
 
     @torch.no_grad()
-    def encode_images(self, clip_pixels: torch.Tensor) -> torch.Tensor:
-        """Image embeddings on the device of ``clip_pixels``, wherever the encoder is."""
+    def encode_images(self, clip_pixels: torch.Tensor, kind: str = "image_embeds") -> torch.Tensor:
+        """Image embeddings [B, D] (``kind`` ``image_embeds``) or penultimate hidden states [B, tokens, width]
+        (``penultimate``), on the device of ``clip_pixels``, wherever the encoder is."""
         parameter = next(self.image_encoder.parameters())
-        return self.image_encoder.encode(clip_pixels.to(parameter)).image_embeds.to(clip_pixels.device)
+        return getattr(self.image_encoder.encode(clip_pixels.to(parameter)), kind).to(clip_pixels.device)
+
+    def zero_image_features(self, device: torch.device) -> torch.Tensor:
+        """The plus variants' unconditional image input: the penultimate states of an all-zero (normalised) CLIP
+        input, as the authors' training code encodes for a dropped image; computed once (or read from the cache)."""
+        if self.zero_image is None:
+            zeros = torch.zeros(1, 3, self.image_encoder.image_size, self.image_encoder.image_size)
+            self.zero_image = self.encode_images(zeros, "penultimate")[0]
+        return self.zero_image.to(device)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -142,7 +152,9 @@ def sd15_scheduler(folder: Path | None = None) -> DDPMScheduler:
 # --- the user's files ------------------------------------------------------------
 
 
-def load_frozen_models(sd15_path: str, image_encoder_path: str, dtype: torch.dtype, encoder_embed_dim: int = VIT_H_EMBED_DIM) -> FrozenModels:
+def load_frozen_models(sd15_path: str, image_encoder_path: str, dtype: torch.dtype,
+                       encoder_embed_dim: int | None = VIT_H_EMBED_DIM) -> FrozenModels:
+    """SD1.5 and the image encoder from the user's files; ``encoder_embed_dim`` None skips the embedding-width check."""
     sd15 = Path(sd15_path).expanduser()
     if sd15.is_dir():
         unet, vae, text_encoder, tokenizer_dir = _load_diffusers_folder(sd15)
@@ -223,14 +235,14 @@ def load_text_encoder_weights(model: CLIPTextModel, tensors: dict[str, torch.Ten
     model.load_state_dict(tensors, strict=False)
 
 
-def _load_image_encoder(path: Path, embed_dim: int = VIT_H_EMBED_DIM) -> ImageEncoder:
+def _load_image_encoder(path: Path, embed_dim: int | None = VIT_H_EMBED_DIM) -> ImageEncoder:
     if not path.is_file():
         raise ModelFileError(f"image encoder '{path}' does not exist; expected OpenCLIP ViT-H/14 weights (.safetensors or .bin)")
     try:
         encoder = load_image_encoder(str(path), device="cpu", dtype=torch.float32)
     except (EncoderFormatError, ValueError, OSError) as error:
         raise ModelFileError(f"image encoder '{path.name}': {_first_line(error)}") from None
-    if encoder.embed_dim != embed_dim:
+    if embed_dim is not None and encoder.embed_dim != embed_dim:
         expected = "OpenCLIP ViT-H/14, the encoder of the SD1.5 adapters" if embed_dim == VIT_H_EMBED_DIM else "model.encoder_embed_dim"
         raise ModelFileError(
             f"image encoder '{path.name}' ({encoder.name}) gives {encoder.embed_dim}-d image embeddings; "

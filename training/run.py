@@ -19,6 +19,7 @@ from .data import DataPosition, make_loader
 from .distributed import Engine, Process, setup, teardown
 from .loop import StepHook, train
 from .models import seeded
+from .variants import adapter_spec, export_name
 
 log = logging.getLogger("training")
 
@@ -52,20 +53,23 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
         log.info("No model files given: running the embedded default (scaled-down random-weight models, toy data).")
         log.info(REAL_MODELS_HINT)
     source, frozen = open_data_and_models(config, process.device, process.is_main, process.barrier)
+    encoder = frozen.image_encoder
+    spec = adapter_spec(config.model.variant, config.model.num_tokens, encoder.embed_dim, encoder.hidden_width, frozen.unet)
     with seeded(config.train.seed):  # the projection's initialisation; identical on every rank
-        model = IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim, config.model.num_tokens)
+        model = IPAdapterModel(frozen.unet, spec=spec)
     if config.model.init_adapter:  # a resumed training state replaces these weights below
         start_from_adapter_file(model, config.model.init_adapter)
         log.info("starting from the adapter weights of %s", config.model.init_adapter)
     cache = open_cache(config, source, frozen)
     if cache is not None:  # the encoders are needed only for sample grids: keep them off the accelerator
-        frozen.empty_text = cache.empty_text
+        frozen.empty_text, frozen.zero_image = cache.empty_text, cache.zero_image
         frozen.to(process.device, offload=("image_encoder",) + (("text_encoder",) if cache.text == "embeds" else ()))
     else:
         frozen.to(process.device)
     model.to(process.device)
-    log.info("trainable parameters: %s (image projection %s + 16 x to_k_ip/to_v_ip %s); frozen models in %s",
-             f"{model.num_trainable():,}", f"{sum(p.numel() for p in model.image_proj.parameters()):,}",
+    log.info("trainable parameters: %s (%s adapter: %s %s + %d x to_k_ip/to_v_ip %s); frozen models in %s",
+             f"{model.num_trainable():,}", config.model.variant, type(model.image_proj).__name__,
+             f"{sum(p.numel() for p in model.image_proj.parameters()):,}", len(spec.architecture.layers),
              f"{sum(p.numel() for p in model.layers.parameters()):,}", str(frozen.dtype).replace("torch.", ""))
     engine = Engine(model, config, process)
     if process.world_size > 1:
@@ -154,8 +158,8 @@ def _export(config: Config, model: IPAdapterModel, step: int) -> list[Path]:
     output_dir = Path(config.train.output_dir)
     paths = []
     for extension in config.train.export_formats:
-        path = output_dir / f"ip-adapter_sd15_step{step:08d}.{extension}"
-        paths.append(export_adapter(model, path, step, config.to_yaml(), config.train.export_dtype))
+        path = output_dir / f"{export_name(config.model.variant, step)}.{extension}"
+        paths.append(export_adapter(model, path, step, config.to_yaml(), config.train.export_dtype, config.model.variant))
     return paths
 
 

@@ -1,7 +1,8 @@
 """A grid of sample images during training: validation images x prompts, at λ = 1 and λ = 0.
 
 DDIM with classifier-free guidance as in the paper's inference:
-ε̂ = w·ε(x_t, c_t, c_i) + (1 − w)·ε(x_t, "", zero image embedding). Each row starts
+ε̂ = w·ε(x_t, c_t, c_i) + (1 − w)·ε(x_t, "", unconditional image): a zero image embedding
+for base adapters, the hidden states of an all-zero CLIP input for plus / full-face. Each row starts
 with the reference image; then, per prompt, the λ = 1 sample and the λ = 0 sample
 (λ = 0 is the frozen text-to-image model, a check that the adapter is decoupled).
 """
@@ -48,12 +49,17 @@ def generate(
         latents = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seed])
     latents = latents.to(device, frozen.dtype)
     prompts = [prompt] * count if isinstance(prompt, str) else list(prompt)
-    image_embeds = frozen.encode_images(clip_pixels.to(device)).float()
-    image_embeds = torch.cat([image_embeds, torch.zeros_like(image_embeds)])
+    kind = model.spec.encoder_input
+    features = frozen.encode_images(clip_pixels.to(device), kind).float()
+    if kind == "image_embeds":
+        unconditional = torch.zeros_like(features)
+    else:
+        unconditional = frozen.zero_image_features(device).float().expand_as(features)
+    features = torch.cat([features, unconditional])
     text = frozen.encode_text(frozen.tokenizer(prompts + [""] * count).to(device))
     for timestep in scheduler.timesteps:
         model_input = torch.cat([latents, latents])
-        prediction = model(model_input, timestep.expand(2 * count), text, image_embeds, scale=scale)
+        prediction = model(model_input, timestep.expand(2 * count), text, features, scale=scale)
         conditional, unconditional = prediction.chunk(2)
         guided = unconditional + guidance * (conditional - unconditional)
         latents = scheduler.step(guided.to(latents.dtype), timestep, latents).prev_sample

@@ -305,7 +305,9 @@ def trained_checkpoint(g: Graph):
     adapter = one_reference(g, "best quality, high quality", "lowres, worst quality", 1.0, "trained", TRAINED_ADAPTER)
     adapter["title"] = "Your trained adapter"
     g.note((0, 700), "A checkpoint trained with `python -m training.run`.\n\nThe trainer exports "
-           "<output_dir>/ip-adapter_sd15_stepNNNNNNNN.safetensors in the official layout. Copy it to "
+           "<output_dir>/ip-adapter_sd15_stepNNNNNNNN.safetensors in the official layout (a plus run, "
+           "--model.variant plus: ip-adapter-plus_sd15_stepNNNNNNNN.safetensors; the loader reads the variant from "
+           "the tensors). Copy it to "
            "models/ipadapter/ip-adapter_sd15_trained.safetensors (or pick its own name in the loader); the rest is "
            "the image-prompt workflow. Train on SD1.5 and ViT-H/14 (the default run's scaled-down toy models give a "
            "file that this SD1.5 checkpoint refuses, with a one-line reason).")

@@ -266,7 +266,7 @@ def write_trained_adapter(path, seed):
     ip_adapter = {k: v * 5 for k, v in tensors["ip_adapter"].items()}
     model = types.SimpleNamespace(adapter_state_dicts=lambda: (tensors["image_proj"], ip_adapter),
                                   unet=types.SimpleNamespace(config=types.SimpleNamespace(block_out_channels=[320])))
-    return export_adapter(model, path, 300, "train: {max_steps: 300}", "fp16")
+    return export_adapter(model, path, 300, "train: {max_steps: 300}", "fp16", variant="base")
 
 
 def write_encoder_and_input_images(server):

@@ -158,9 +158,11 @@ def base(g: Graph, positive: str, negative: str = "", adapter_file: str | None =
     return ckpt, pos, neg, adapter, encoder
 
 
-def reference(g: Graph, pos, name: str, encoder: dict, title: str = "Reference image"):
+def reference(g: Graph, pos, name: str, encoder: dict, title: str = "Reference image", tiled: bool = False):
+    """Load Image and its encoder node: Encode Image (center crop), or Encode Tiled with ``tiled``."""
     image = g.node("LoadImage", pos, title=title, image=name)
-    encode = g.node("IPAdapterKitEncode", (pos[0] + 340, pos[1]), crop="crop")
+    position = (pos[0] + 340, pos[1])
+    encode = g.node("IPAdapterKitEncodeTiled", position) if tiled else g.node("IPAdapterKitEncode", position, crop="crop")
     g.link(encoder, "image_encoder", encode, "image_encoder")
     g.link(image, "IMAGE", encode, "image")
     return image, encode
@@ -190,15 +192,29 @@ def sample_and_save(g: Graph, x: int, model: tuple[dict, str], pos: dict, neg: d
     return sampler
 
 
+def half_masks(g: Graph, canvas_pos, half_pos, left_pos, right_pos) -> tuple[dict, dict]:
+    """Masks of the left and the right half of a 512 x 512 picture, from solid masks (the MASK outputs)."""
+    empty = g.node("SolidMask", canvas_pos, title="Canvas (0)", value=0.0, width=512, height=512)
+    half = g.node("SolidMask", half_pos, title="Left half (1)", value=1.0, width=256, height=512)
+    left = g.node("MaskComposite", left_pos, title="Left mask", x=0, y=0, operation="add")
+    g.link(empty, "MASK", left, "destination")
+    g.link(half, "MASK", left, "source")
+    right = g.node("InvertMask", right_pos, title="Right mask", box_width=220)
+    g.link(left, "MASK", right, "mask")
+    return left, right
+
+
 def empty_latent(g: Graph, pos, batch_size: int = 1):
     return g.node("EmptyLatentImage", pos, width=g.family.size, height=g.family.size, batch_size=batch_size)
 
 
-def one_reference(g: Graph, positive: str, negative: str, weight: float, prefix: str, adapter_file: str | None = None):
-    """Text to image with one reference image through Apply IP-Adapter (λ = ``weight``); returns the adapter loader."""
+def one_reference(g: Graph, positive: str, negative: str, weight: float, prefix: str, adapter_file: str | None = None,
+                  title: str = "Reference image", tiled: bool = False, **apply_values):
+    """Text to image with one reference image through Apply IP-Adapter (λ = ``weight``, other Apply widgets in
+    ``apply_values``); returns the adapter loader."""
     ckpt, pos, neg, adapter, encoder = base(g, positive, negative, adapter_file)
-    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
-    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=weight)
+    _, embeds = reference(g, (360, 450), REFERENCE, encoder, title, tiled)
+    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=weight, **apply_values)
     latent = empty_latent(g, (1100, 0))
     sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, prefix)
     return adapter
@@ -273,13 +289,7 @@ def regional(g: Graph):
     ckpt, pos, neg, adapter, encoder = base(g, "best quality, two animals side by side", "lowres, worst quality")
     _, left_embeds = reference(g, (360, 450), REFERENCE, encoder, "Reference for the left half")
     _, right_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Reference for the right half")
-    empty = g.node("SolidMask", (1100, 680), title="Canvas (0)", value=0.0, width=512, height=512)
-    half = g.node("SolidMask", (1100, 870), title="Left half (1)", value=1.0, width=256, height=512)
-    left = g.node("MaskComposite", (1100, 1060), title="Left mask", x=0, y=0, operation="add")
-    g.link(empty, "MASK", left, "destination")
-    g.link(half, "MASK", left, "source")
-    right = g.node("InvertMask", (1100, 1290), title="Right mask", box_width=220)
-    g.link(left, "MASK", right, "mask")
+    left, right = half_masks(g, (1100, 680), (1100, 870), (1100, 1060), (1100, 1290))
     first = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, left_embeds, weight=0.8)
     g.link(left, "MASK", first, "attn_mask")
     second = apply(g, (1480, 650), (first, "MODEL"), adapter, right_embeds, weight=0.8)
@@ -340,14 +350,8 @@ def batch_with_frame_weights(g: Graph):
 
 
 def tiled_reference(g: Graph):
-    ckpt, pos, neg, adapter, encoder = base(g, "best quality, high quality", "lowres, worst quality")
-    image = g.node("LoadImage", (360, 450), title="Wide or tall reference", image=REFERENCE)
-    tiled = g.node("IPAdapterKitEncodeTiled", (700, 450))
-    g.link(encoder, "image_encoder", tiled, "image_encoder")
-    g.link(image, "IMAGE", tiled, "image")
-    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, tiled, weight=0.8, combine="concat")
-    latent = empty_latent(g, (1100, 0))
-    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "tiled_reference")
+    one_reference(g, "best quality, high quality", "lowres, worst quality", 0.8, "tiled_reference",
+                  title="Wide or tall reference", tiled=True, combine="concat")
     g.note((0, 700), "A reference that is not square, seen whole.\n\nEncode Image crops a wide or tall reference to "
            "its center square; Encode Tiled instead cuts it into squares along its long side (2 for a 2:1 image, "
            "overlapping when the ratio is not a whole number) and encodes each as a reference of its own. Apply's "
@@ -360,13 +364,7 @@ def regional_with_text(g: Graph):
     ckpt, pos, neg, adapter, encoder = base(g, "best quality, two animals in a meadow", "lowres, worst quality")
     _, left_embeds = reference(g, (360, 450), REFERENCE, encoder, "Reference for the left half")
     _, right_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Reference for the right half")
-    empty = g.node("SolidMask", (0, 1300), title="Canvas (0)", value=0.0, width=512, height=512)
-    half = g.node("SolidMask", (0, 1490), title="Left half (1)", value=1.0, width=256, height=512)
-    left = g.node("MaskComposite", (360, 1300), title="Left mask", x=0, y=0, operation="add")
-    g.link(empty, "MASK", left, "destination")
-    g.link(half, "MASK", left, "source")
-    right = g.node("InvertMask", (360, 1530), title="Right mask", box_width=220)
-    g.link(left, "MASK", right, "mask")
+    left, right = half_masks(g, (0, 1300), (0, 1490), (360, 1300), (360, 1530))
     left_text = g.node("CLIPTextEncode", (700, 1300), title="Left half's text", text="a fox, red fur", box_width=380)
     right_text = g.node("CLIPTextEncode", (700, 1520), title="Right half's text", text="a bird, blue feathers",
                         box_width=380)
@@ -444,11 +442,8 @@ def sdxl_plus(g: Graph):
 
 
 def sdxl_style_transfer_precise(g: Graph):
-    ckpt, pos, neg, adapter, encoder = base(g, "best quality, a cat sitting on a windowsill", "lowres, worst quality")
-    _, embeds = reference(g, (360, 450), REFERENCE, encoder, "Style reference")
-    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=1.0, weight_type="style transfer precise")
-    latent = empty_latent(g, (1100, 0))
-    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "sdxl_style_transfer_precise")
+    one_reference(g, "best quality, a cat sitting on a windowsill", "lowres, worst quality", 1.0,
+                  "sdxl_style_transfer_precise", title="Style reference", weight_type="style transfer precise")
     g.note((0, 700), "SDXL style transfer, precise: the reference's style without its layout.\n\nweight type = "
            "'style transfer precise' gives the reference to the style layers (up_blocks.0.attentions.1, keys 69-87) "
            "and, on the composition layers (down_blocks.2.attentions.1, keys 29-47), to the unconditional half of "

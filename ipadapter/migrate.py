@@ -382,16 +382,21 @@ def layer_weights(m: Migration, node: Node, pipe: Pipe) -> dict:
     return {"layers": "custom", "custom_layer_weights": ", ".join(keys) or f"{family.keys[0]}:0", "weight_type": "linear"}
 
 
-def precise_style(m: Migration, node: Node) -> dict:
-    """cubiq's style_boost is the weight of the composition blocks (which push away from the reference)."""
+def precise_inputs(m: Migration, node: Node, boost_name: str):
+    """(pipe, λ, boost, embeds) of a precise node; its λ and boost must be plain numbers on the node."""
     pipe = m.pipe(node)
     weight, frames = m.weight(node)
-    boost = m.number(node, "style_boost", -1.0, 3.0)
+    boost = m.number(node, boost_name, -1.0, 3.0)
     if frames is not None:
-        raise Unmapped("its weight is a list of frame weights, which cubiq does not apply to style_boost")
+        raise Unmapped(f"its weight is a list of frame weights, which cubiq does not apply to {boost_name}")
     if isinstance(weight, Out) or isinstance(boost, Out):
-        raise Unmapped("its weight or style_boost comes from a link; set them on the node to migrate it")
-    embeds = m.encode(node, pipe)
+        raise Unmapped(f"its weight or {boost_name} comes from a link; set them on the node to migrate it")
+    return pipe, weight, boost, m.encode(node, pipe)
+
+
+def precise_style(m: Migration, node: Node) -> dict:
+    """cubiq's style_boost is the weight of the composition blocks (which push away from the reference)."""
+    pipe, weight, boost, embeds = precise_inputs(m, node, "style_boost")
     if boost == weight:
         return {0: m.apply(node, pipe, embeds, weight, "style transfer precise")}
     # the style blocks at λ, then the composition blocks alone at style_boost: two Applies, disjoint layers
@@ -401,14 +406,7 @@ def precise_style(m: Migration, node: Node) -> dict:
 
 def precise_composition(m: Migration, node: Node) -> dict:
     """cubiq's composition_boost is the weight of every block but the composition ones (which get λ)."""
-    pipe = m.pipe(node)
-    weight, frames = m.weight(node)
-    boost = m.number(node, "composition_boost", -1.0, 3.0)
-    if frames is not None:
-        raise Unmapped("its weight is a list of frame weights, which cubiq does not apply to composition_boost")
-    if isinstance(weight, Out) or isinstance(boost, Out):
-        raise Unmapped("its weight or composition_boost comes from a link; set them on the node to migrate it")
-    embeds = m.encode(node, pipe)
+    pipe, weight, boost, embeds = precise_inputs(m, node, "composition_boost")
     if boost == 0:
         return {0: m.apply(node, pipe, embeds, weight, "composition")}
     if boost == weight:

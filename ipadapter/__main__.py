@@ -22,11 +22,13 @@ def load(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise MigrationError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+        raise MigrationError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}; "
+                             "expected a workflow file saved by ComfyUI (.json)") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise MigrationError(f"{path} is not JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+        raise MigrationError(f"{path} is not JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                             "expected a workflow saved by ComfyUI's editor or its API format") from None
 
 
 def run(source: Path, target: Path) -> list[str]:

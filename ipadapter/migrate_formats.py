@@ -64,12 +64,12 @@ def read_ui(workflow: dict) -> dict:
         if isinstance(link, dict):  # the editor's newer schema
             link = [link.get(k) for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
         if not isinstance(link, list) or len(link) < 6:
-            raise MigrationError(f"not a ComfyUI workflow: link {link!r} is not [id, from, slot, to, slot, type]")
+            raise MigrationError(f"not a ComfyUI workflow: link {link!r}; expected [id, from, slot, to, slot, type]")
         links[link[0]] = link
     nodes = {}
     for raw in workflow["nodes"]:
         if not isinstance(raw, dict) or "id" not in raw or not isinstance(raw.get("type"), str):
-            raise MigrationError(f"not a ComfyUI workflow: node {str(raw)[:60]} has no id and type")
+            raise MigrationError(f"not a ComfyUI workflow: node {str(raw)[:60]}; expected an object with an id and a type")
         values, count = {}, None
         if raw["type"] in CUBIQ:
             saved = raw.get("widgets_values") if isinstance(raw.get("widgets_values"), list) else []

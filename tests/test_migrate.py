@@ -663,6 +663,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, content, message):
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: ") and message in line
+    assert content == "same" or "expected" in line, line  # what was found, and what was expected
     assert (source_path.read_bytes() if source_path.exists() else None) == before
     assert content == "same" or not target.exists()
 

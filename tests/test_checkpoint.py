@@ -242,3 +242,17 @@ def test_failed_save_keeps_the_existing_file(tmp_path):
         save_adapter(broken, path, dtype=None)  # fails while writing
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+
+
+def test_atomic_path_replaces_a_file_only_when_the_write_completes(tmp_path):
+    from ipadapter.files import atomic_path, write_text_atomic
+
+    path = write_text_atomic(tmp_path / "sub" / "report.json", "first")
+    assert path.read_text() == "first"
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by others (a ComfyUI run as another user), not mkstemp's 0600
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("killed while writing")
+    assert path.read_text() == "first"
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]  # no temporary file left behind

@@ -41,6 +41,8 @@ class Architecture:
     layers: tuple[CrossAttentionLayer, ...]
     context_dim: int  # width of the text tokens, and so of the image tokens
     base_width: int  # channels of the UNet's first block
+    plus_width: int  # the width of the plus adapters' Resampler as the authors train it (heads of 64)
+    pooled_text_width: int | None = None  # SDXL: the pooled text embedding in the UNet's added conditioning
     presets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> diffusers block prefixes
     # The blocks that the "style transfer" / "composition" weight types use (ipadapter.weighting), with the
     # composition blocks' share of the composition weight.
@@ -151,6 +153,7 @@ SD15 = Architecture(
     ], base_width=320),
     context_dim=768,
     base_width=320,
+    plus_width=768,
     # InstantStyle found style in one SDXL up block and layout in one down block; in SD1.5
     # the blocks of the same role and width are up_blocks.1 (keys 13-17) and down_blocks.2 (keys 9, 11).
     presets={"style": ("up_blocks.1",), "composition": ("down_blocks.2",)},
@@ -179,6 +182,8 @@ SDXL = Architecture(
     ], base_width=320),
     context_dim=2048,
     base_width=320,
+    plus_width=1280,
+    pooled_text_width=1280,
     # InstantStyle: up_blocks.0.attentions.1 (keys 69-87) carries style, down_blocks.2.attentions.1 (keys 29-47) layout.
     presets={"style": ("up_blocks.0.attentions.1",), "composition": ("down_blocks.2.attentions.1",)},
     style_blocks=(("output", 1),),  # up_blocks.0.attentions.1

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
-from ipadapter.architecture import SD15
 from ipadapter.attention import decoupled_attention
 from ipadapter.checkpoint import AdapterFormatError, AdapterSpec, build_projection, load_adapter
 
 from .models import ModelFileError, check_unet_layout
+from .variants import unet_family
 
 
 class ImageTokens:
@@ -80,12 +80,12 @@ class IPAdapterModel(nn.Module):
         cross = unet.config.cross_attention_dim
         if spec is None:
             spec = AdapterSpec("base", num_tokens, cross, "image_embeds", embed_dim, unet.config.block_out_channels[0],
-                               architecture=SD15)
+                               architecture=unet_family(unet))
         self.spec = spec
         self.num_tokens = spec.num_tokens
         self.image_proj = build_projection(spec)
         self.image = ImageTokens()
-        keys = check_unet_layout(unet, "training UNet")
+        keys = check_unet_layout(unet, "training UNet", spec.architecture)
         modules = dict(unet.named_modules())
         layers, processors = {}, {}
         for name in unet.attn_processors:
@@ -111,11 +111,13 @@ class IPAdapterModel(nn.Module):
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 
-    def forward(self, noisy_latents, timesteps, text_embeds, image_features, scale: float | torch.Tensor = 1.0):
-        """``image_features``: what ``spec.encoder_input`` names, image embeddings or penultimate hidden states."""
+    def forward(self, noisy_latents, timesteps, text_embeds, image_features, scale: float | torch.Tensor = 1.0,
+                added_cond: dict | None = None):
+        """``image_features``: what ``spec.encoder_input`` names, image embeddings or penultimate hidden states.
+        ``added_cond``: SDXL's added conditioning (``text_embeds``: pooled text, ``time_ids``); None for SD1.5."""
         tokens = self.image_proj(image_features.float())
         with self.image_prompt(tokens, scale):
-            return self.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeds).sample
+            return self.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond).sample
 
     @contextlib.contextmanager
     def image_prompt(self, tokens: torch.Tensor, scale: float | torch.Tensor = 1.0):
@@ -143,7 +145,7 @@ class IPAdapterModel(nn.Module):
 def start_from_adapter_file(model: IPAdapterModel, path) -> None:
     """Load an adapter file's weights into ``model``; its family, variant and shapes must be the model's."""
     try:
-        checkpoint = load_adapter(path, base_width=None, architecture=SD15)
+        checkpoint = load_adapter(path, base_width=None, architecture=model.spec.architecture)
     except (AdapterFormatError, OSError) as error:
         raise ModelFileError(f"model.init_adapter: {error}") from None
     found, expected = checkpoint.spec, model.spec

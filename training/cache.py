@@ -67,6 +67,9 @@ EMPTY_FILE = "empty-prompt.safetensors"  # also holds the zero image's hidden st
 ZERO_IMAGE = "zero_image_penultimate"
 
 
+RANDOM_CROP = "data.crop is random, and a cache holds one crop per image; random crops are encoded every step"
+
+
 class CacheError(UserError):
     """A cache that cannot be used by this run; the message is one line."""
 
@@ -128,13 +131,17 @@ def fingerprint(config: Config, source: DataSource, frozen: FrozenModels) -> dic
     models = {
         "vae_encoder": weights_digest(vae_encoder, dtype),
         "image_encoder": weights_digest(frozen.image_encoder, dtype) + f" ({frozen.image_encoder.architecture})",
-        "tokenizer": hashlib.sha1(frozen.tokenizer(["a photo of a Cat, 1girl; naïve café"]).numpy().tobytes()).hexdigest(),
+        "tokenizer": hashlib.sha1(frozen.tokenize(["a photo of a Cat, 1girl; naïve café"]).numpy().tobytes()).hexdigest(),
     }
     if config.cache.text == "embeds":
-        models["text_encoder"] = weights_digest(frozen.text_encoder, dtype)
+        for name in frozen.TEXT_ENCODERS:
+            if getattr(frozen, name) is not None:
+                models[name] = weights_digest(getattr(frozen, name), dtype)
     features = {} if image_key(config) == "image_embeds" else {"image_features": image_key(config)}  # base: as before
+    family = {} if frozen.family.id == "sd15" else {"family": frozen.family.id}  # SD1.5 caches: as before
     return {
         **features,
+        **family,
         "version": FORMAT_VERSION,
         "resolution": config.data.resolution,
         "clip_size": CLIP_SIZE,
@@ -206,6 +213,7 @@ class FeatureCache:
         self.unit_by_shard = {str(shard): index for index, shard in enumerate(source.shards or [])}
         empty = _load_tensors(folder / EMPTY_FILE)
         self.empty_text = empty["text_embeds"] if self.text == "embeds" else None
+        self.empty_pooled = empty.get("pooled_text") if self.text == "embeds" else None
         self.zero_image = empty.get(ZERO_IMAGE)
         self._handles: dict[int, tuple] = {}
 
@@ -231,8 +239,7 @@ class FeatureCache:
         handle, reasons, captions = self._open(unit)
         if reasons[row]:
             raise BadSample(reasons[row])
-        names = ("moments", self.image_key, "text_embeds" if self.text == "embeds" else "input_ids")
-        sample = {name: handle.get_slice(name)[row : row + 1][0] for name in names}
+        sample = {name: handle.get_slice(name)[row : row + 1][0] for name in handle.keys()}
         if captions:
             sample["caption"] = captions[row]
         return sample
@@ -251,7 +258,7 @@ class CachedPairs(IndexedPairs):
         super().__init__(pairs, cache.resolution, seed)
         self.cache = cache
 
-    def load(self, index: int) -> dict:
+    def load(self, index: int, epoch: int = 0) -> dict:
         unit, row = divmod(index, self.cache.shard_size)
         sample = self.cache.entry(unit, row)
         sample.pop("caption", None)
@@ -269,7 +276,7 @@ class CachedShardStream(ShardStream):
         unit = self.cache.unit_by_shard[str(shard)]
         return ((unit, row) for row in range(self.cache.count(unit)))
 
-    def decode(self, group) -> dict:
+    def decode(self, group, where: tuple = ()) -> dict:
         return self.cache.entry(*group)
 
 
@@ -281,6 +288,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def open_cache(config: Config, source: DataSource, frozen: FrozenModels) -> FeatureCache | None:
     """The cache to train from, or None (encode online) with the reason logged; ``cache.use require`` raises."""
     if config.cache.use == "off":
+        return None
+    if config.data.crop == "random":
+        if config.cache.use == "require":
+            raise CacheError(RANDOM_CROP + " (cache.use is require)")
+        log.info("cache: encoding online: %s", RANDOM_CROP)
         return None
     root = default_root(config, source)
     identity = fingerprint(config, source, frozen)
@@ -344,15 +356,20 @@ def encode_unit(frozen: FrozenModels, config: Config, items: list, webdataset: b
         if good:
             pixels = torch.stack([s["pixels"] for s in good]).to(device)
             clip_pixels = torch.stack([s["clip_pixels"] for s in good]).to(device)
-            input_ids = frozen.tokenizer([s["caption"] for s in good])
+            input_ids = frozen.tokenize([s["caption"] for s in good])
             encoded = {
                 "moments": frozen.encode_moments(pixels).cpu(),
                 image_key(config): frozen.encode_images(clip_pixels, image_key(config)).cpu(),
             }
             if config.cache.text == "embeds":
-                encoded["text_embeds"] = frozen.encode_text(input_ids.to(device)).cpu()
+                context, pooled = frozen.encode_text(input_ids.to(device))
+                encoded["text_embeds"] = context.cpu()
+                if pooled is not None:
+                    encoded["pooled_text"] = pooled.cpu()
             else:
                 encoded["input_ids"] = input_ids
+            if frozen.family.pooled_text_width is not None:  # SDXL's time ids record the image's size and crop
+                encoded.update({name: torch.stack([s[name] for s in good]) for name in ("original_size", "crop_top_left")})
             outputs = iter(range(len(good)))
         for sample in batch:
             if isinstance(sample, dict):
@@ -379,11 +396,18 @@ def _dummy_outputs(frozen: FrozenModels, config: Config, device: torch.device) -
         "moments": frozen.encode_moments(torch.zeros(1, 3, size, size, device=device))[0].cpu(),
         image_key(config): frozen.encode_images(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE, device=device), image_key(config))[0].cpu(),
     }
-    if config.cache.text == "embeds":
-        outputs["text_embeds"] = frozen.empty_text_embeds(device).cpu()
-    else:
-        outputs["input_ids"] = frozen.tokenizer([""])[0]
+    outputs.update(empty_prompt_outputs(frozen, config, device))
+    if frozen.family.pooled_text_width is not None:
+        outputs.update(original_size=torch.tensor([size, size]), crop_top_left=torch.tensor([0, 0]))
     return outputs
+
+
+def empty_prompt_outputs(frozen: FrozenModels, config: Config, device: torch.device) -> dict:
+    """What the cache holds for the empty prompt: its token ids, or the text encoders' outputs."""
+    if config.cache.text != "embeds":
+        return {"input_ids": frozen.tokenize([""])[0]}
+    context, pooled = frozen.empty_text_embeds(device)
+    return {"text_embeds": context.cpu()} if pooled is None else {"text_embeds": context.cpu(), "pooled_text": pooled.cpu()}
 
 
 def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device: torch.device,
@@ -395,9 +419,7 @@ def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device
     if not (folder / INFO_FILE).is_file():
         write_text_atomic(folder / INFO_FILE, json.dumps(identity, indent=1, sort_keys=True))
     if not (folder / EMPTY_FILE).is_file():
-        empty = {"input_ids": frozen.tokenizer([""])[0]}
-        if config.cache.text == "embeds":
-            empty["text_embeds"] = frozen.empty_text_embeds(device).cpu()
+        empty = {"input_ids": frozen.tokenize([""])[0], **empty_prompt_outputs(frozen, config, device)}
         if image_key(config) == "penultimate":
             empty[ZERO_IMAGE] = frozen.zero_image_features(device).cpu()
         _save_shard(empty, folder / EMPTY_FILE)
@@ -441,6 +463,8 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", flags.get("local_rank", "0")))
     device = local_device(local_rank)
+    if config.data.crop == "random":
+        raise CacheError(f"{RANDOM_CROP}; expected data.crop center for a cache")
     source, frozen = open_data_and_models(config, device)  # no process group here: each rank writes the toy data
     frozen.unet = None  # the pass never runs the UNet
     frozen.to(device)

@@ -130,9 +130,10 @@ def export_adapter(
     """
     image_proj, ip_adapter = model.adapter_state_dicts()
     base_width = model.unet.config.block_out_channels[0]
-    metadata = {"step": str(step), "config": config_yaml, "format": "IP-Adapter SD1.5 (official layout)",
+    metadata = {"step": str(step), "config": config_yaml, "format": f"IP-Adapter {model.spec.family} (official layout)",
                 "variant": variant or model.spec.variant}
-    checkpoint = IPAdapterCheckpoint.from_state_dicts(image_proj, ip_adapter, Path(path).name, base_width, metadata)
+    checkpoint = IPAdapterCheckpoint.from_state_dicts(image_proj, ip_adapter, Path(path).name, base_width, metadata,
+                                                      model.spec.architecture)
     return save_adapter(checkpoint, path, dtype=EXPORT_DTYPES[dtype])
 
 

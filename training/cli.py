@@ -58,7 +58,8 @@ def open_data_and_models(config: Config, device: torch.device, is_main: bool = T
              f"; skipped {sum(skipped.values())} rows ({describe_skips(skipped)})" if skipped else "")
     dtype = resolve_dtype(config.model.frozen_dtype, device)
     if config.embedded:
-        frozen = build_embedded_models(seed=config.train.seed, dtype=dtype)
+        frozen = build_embedded_models(seed=config.train.seed, dtype=dtype, family=config.family)
     else:
-        frozen = load_frozen_models(config.model.sd15, config.model.image_encoder, dtype, config.model.encoder_embed_dim)
+        frozen = load_frozen_models(config.base_model, config.model.image_encoder, dtype, config.model.encoder_embed_dim,
+                                    config.family)
     return source, frozen

@@ -30,10 +30,12 @@ class ConfigError(UserError):
 @dataclass
 class ModelConfig:
     sd15: str | None = None  # diffusers folder or single-file .safetensors/.ckpt of SD1.5
-    image_encoder: str | None = None  # OpenCLIP ViT-H/14 weights (open_clip or transformers keys)
+    sdxl: str | None = None  # the same for SDXL (sd_xl_base_1.0.safetensors or a diffusers folder)
+    family: str = "auto"  # auto (sdxl when model.sdxl is given) | sd15 | sdxl; the embedded run builds this family
+    image_encoder: str | None = None  # OpenCLIP ViT-H/14 weights (ViT-bigG/14 too for SDXL), open_clip or transformers keys
     variant: str = "base"  # base | plus | plus-face | full-face (see training/variants.py)
     num_tokens: int | None = None  # image tokens; None = the variant's (base 4, plus 16); full-face: one per hidden state
-    encoder_embed_dim: int = 1024  # width of the image embedding: 1024 = OpenCLIP ViT-H/14, as in the paper
+    encoder_embed_dim: int | None = None  # image embedding width the encoder must give; None: the family's (SD1.5 1024, SDXL 1280 or 1024)
     frozen_dtype: str = "auto"  # auto = bf16 on GPUs that have it, else fp16; fp32 on CPU
     init_adapter: str | None = None  # start from this adapter file (official .bin/.safetensors or an export)
 
@@ -42,7 +44,8 @@ class ModelConfig:
 class DataConfig:
     path: str | None = None  # manifest (.jsonl/.csv), image folder, or tar shards ("a/{00000..00099}.tar")
     format: str = "auto"  # auto | manifest | folder | webdataset
-    resolution: int = 512
+    resolution: int | None = None  # None: the family's (SD1.5 512, SDXL 1024)
+    crop: str = "center"  # center | random (SDXL's time ids record the crop; random crops are encoded online)
     drop_image: float = 0.05
     drop_text: float = 0.05
     drop_both: float = 0.05
@@ -114,7 +117,18 @@ class Config:
     @property
     def embedded(self) -> bool:
         """True when no model files are given: scaled-down random models (see ``configs/embedded.yaml``)."""
-        return self.model.sd15 is None and self.model.image_encoder is None
+        return self.base_model is None and self.model.image_encoder is None
+
+    @property
+    def base_model(self) -> str | None:
+        return self.model.sdxl or self.model.sd15
+
+    @property
+    def family(self):
+        """The model family's architecture table (``ipadapter.architecture``)."""
+        from ipadapter.architecture import family_by_id
+
+        return family_by_id(self.model.family)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -280,6 +294,11 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, dict[str, str]]:
     if config.embedded:
         config = build(True)
     validate(config)
+    if config.model.family == "auto":
+        config.model.family = "sdxl" if config.model.sdxl else "sd15"
+    if config.data.resolution is None:
+        config.data.resolution = FAMILY_RESOLUTION[config.model.family]
+    validate_resolution(config)
     if config.model.num_tokens is None:
         config.model.num_tokens = DEFAULT_TOKENS[config.model.variant]
     return config, flags
@@ -289,6 +308,8 @@ def validate(config: Config) -> None:
     choices = {
         "model.variant": (config.model.variant, VARIANTS),
         "model.frozen_dtype": (config.model.frozen_dtype, ("auto", "bf16", "fp16", "fp32")),
+        "model.family": (config.model.family, ("auto", "sd15", "sdxl")),
+        "data.crop": (config.data.crop, ("center", "random")),
         "data.format": (config.data.format, ("auto", "manifest", "folder", "webdataset")),
         "distributed.strategy": (config.distributed.strategy, ("auto", "single", "ddp", "deepspeed")),
         "distributed.backend": (config.distributed.backend, ("auto", "nccl", "gloo")),
@@ -302,18 +323,22 @@ def validate(config: Config) -> None:
     bad_formats = set(config.train.export_formats) - {"safetensors", "bin"}
     if bad_formats:
         raise ConfigError(f"train.export_formats has {sorted(bad_formats)}; expected safetensors and/or bin")
-    if (config.model.sd15 is None) != (config.model.image_encoder is None):
-        given, missing = ("sd15", "image_encoder") if config.model.image_encoder is None else ("image_encoder", "sd15")
-        raise ConfigError(
-            f"model.{given} is set but model.{missing} is not; give both (real models) or neither (embedded toy run)"
-        )
+    if config.model.sd15 and config.model.sdxl:
+        raise ConfigError("model.sd15 and model.sdxl are both set; expected one base model")
+    base_option = "sdxl" if config.model.sdxl else "sd15"
+    if config.model.family not in ("auto", base_option) and config.base_model:
+        raise ConfigError(f"model.family = {config.model.family} with model.{base_option}; expected model.{config.model.family}")
+    if (config.base_model is None) != (config.model.image_encoder is None):
+        given, missing = (f"model.{base_option}", "model.image_encoder") if config.model.image_encoder is None \
+            else ("model.image_encoder", "model.sd15 or model.sdxl")
+        raise ConfigError(f"{given} is set but {missing} is not; give both (real models) or neither (embedded toy run)")
     drops = config.data.drop_image + config.data.drop_text + config.data.drop_both
     if min(config.data.drop_image, config.data.drop_text, config.data.drop_both) < 0 or drops > 1:
         raise ConfigError(f"condition drop probabilities sum to {drops:g} or are negative; expected each >= 0 and a sum <= 1")
     if config.model.variant == "full-face" and config.model.num_tokens is not None:
         raise ConfigError(f"model.num_tokens = {config.model.num_tokens} with model.variant full-face; expected null "
                           "(full-face makes one token per hidden state of the encoder)")
-    for name in ("train.batch_size", "train.max_steps", "data.resolution", "train.log_every", "model.num_tokens", "sample.steps",
+    for name in ("train.batch_size", "train.max_steps", "train.log_every", "model.num_tokens", "sample.steps",
                  "cache.shard_size", "cache.encode_batch"):
         section, key = name.split(".")
         value = getattr(getattr(config, section), key)
@@ -323,15 +348,21 @@ def validate(config: Config) -> None:
         section, key = name.split(".")
         if getattr(getattr(config, section), key) < 0:
             raise ConfigError(f"{name} = {getattr(getattr(config, section), key)}; expected 0 or more")
-    if config.data.resolution % 8:
-        raise ConfigError(f"data.resolution = {config.data.resolution}; expected a multiple of 8 (the VAE's downsampling)")
+
+
+FAMILY_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+
+
+def validate_resolution(config: Config) -> None:
+    if config.data.resolution < 1 or config.data.resolution % 8:
+        raise ConfigError(f"data.resolution = {config.data.resolution}; expected a positive multiple of 8 (the VAE's downsampling)")
 
 
 def usage() -> str:
     lines = [
         "usage: python -m training.run [--config file.yaml] [--section.key value ...] [--resume [state folder]]",
         "",
-        "Without model files (model.sd15, model.image_encoder) it runs the embedded toy default.",
+        "Without model files (model.sd15 or model.sdxl, and model.image_encoder) it runs the embedded toy default.",
         "Options (default):",
     ]
     defaults = Config()

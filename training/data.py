@@ -73,26 +73,39 @@ def open_image(source: str | bytes) -> Image.Image:
         raise BadSample("broken image") from None
 
 
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Shortest side to ``size`` (bilinear, as the reference's transforms.Resize), then center crop."""
+def resize_and_crop(image: Image.Image, size: int, rng: random.Random | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Shortest side to ``size`` (bilinear, as the reference's transforms.Resize), then a ``size`` square: the center
+    one, or with ``rng`` a random one (the authors' SDXL ``random crop``). Returns the crop and its (top, left)."""
     width, height = image.size
     scale = size / min(width, height)
     new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
     image = image.resize((new_width, new_height), Image.BILINEAR)
-    left, top = (new_width - size) // 2, (new_height - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    if rng is None:
+        top, left = (new_height - size) // 2, (new_width - size) // 2
+    else:
+        top, left = rng.randint(0, new_height - size), rng.randint(0, new_width - size)
+    return image.crop((left, top, left + size, top + size)), (top, left)
 
 
-def image_tensors(image: Image.Image, resolution: int) -> dict[str, torch.Tensor]:
-    """The VAE input and the CLIP input of one image.
+def image_tensors(image: Image.Image, resolution: int, rng: random.Random | None = None) -> dict[str, torch.Tensor]:
+    """The VAE input and the CLIP input of one image, and what SDXL's time ids record of it.
 
-    CLIP sees the same center crop (the crop of a shortest-side resize is the same
-    region at any size), prepared by the core's ``preprocess``.
+    CLIP sees the same crop (the crop of a shortest-side resize is the same region at any
+    size), prepared by the core's ``preprocess``. ``original_size`` is the image's (height,
+    width) before resizing and ``crop_top_left`` the crop's corner in the resized image, as the
+    authors' SDXL script records them.
     """
-    crop = torch.from_numpy(np.asarray(resize_center_crop(image, resolution), dtype=np.float32) / 255.0)
+    cropped, top_left = resize_and_crop(image, resolution, rng)
+    crop = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0)
     pixels = crop.permute(2, 0, 1) * 2 - 1
     clip_pixels = preprocess(crop[None], size=CLIP_SIZE, mode="crop")[0]
-    return {"pixels": pixels.contiguous(), "clip_pixels": clip_pixels.float().contiguous()}
+    return {"pixels": pixels.contiguous(), "clip_pixels": clip_pixels.float().contiguous(),
+            "original_size": torch.tensor([image.height, image.width]), "crop_top_left": torch.tensor(top_left)}
+
+
+def crop_rng(random_crop: bool, *where) -> random.Random | None:
+    """The random crop's generator for one sample at one place in the stream (seed, epoch, ...), or None (center)."""
+    return random.Random("crop:" + ",".join(map(str, where))) if random_crop else None
 
 
 # --- indexed sources: manifests and folders -----------------------------------------
@@ -188,10 +201,11 @@ class IndexedPairs(Dataset):
     batches stay full and deterministic; the sample records what it skipped.
     """
 
-    def __init__(self, pairs: list[Pair], resolution: int, seed: int):
+    def __init__(self, pairs: list[Pair], resolution: int, seed: int, random_crop: bool = False):
         self.pairs = pairs
         self.resolution = resolution
         self.seed = seed
+        self.random_crop = random_crop
         self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
@@ -203,9 +217,10 @@ class IndexedPairs(Dataset):
             self._epoch, self._order = epoch, torch.randperm(len(self.pairs), generator=generator)
         return self._order
 
-    def load(self, index: int) -> dict:
+    def load(self, index: int, epoch: int = 0) -> dict:
         """The tensors of pair ``index`` (``training.cache.CachedPairs`` reads them from the cache)."""
-        return image_tensors(open_image(self.pairs[index].image), self.resolution)
+        rng = crop_rng(self.random_crop, self.seed, epoch, index)
+        return image_tensors(open_image(self.pairs[index].image), self.resolution, rng)
 
     def __getitem__(self, position: int) -> dict:
         epoch, offset = divmod(position, len(self.pairs))
@@ -213,7 +228,7 @@ class IndexedPairs(Dataset):
         for attempt in range(min(MAX_CONSECUTIVE_BAD, len(self.pairs))):
             index = int(self.order(epoch)[(offset + attempt) % len(self.pairs)])
             try:
-                sample = self.load(index)
+                sample = self.load(index, epoch)
             except BadSample as bad:
                 skipped.append(bad.reason)
                 continue
@@ -299,7 +314,7 @@ def tar_samples(path: Path):
         yield current_key, files
 
 
-def decode_webdataset_sample(files: dict[str, bytes], resolution: int) -> dict:
+def decode_webdataset_sample(files: dict[str, bytes], resolution: int, rng: random.Random | None = None) -> dict:
     if "__error__" in files:
         raise BadSample(files["__error__"].decode())
     image_bytes = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
@@ -313,7 +328,7 @@ def decode_webdataset_sample(files: dict[str, bytes], resolution: int) -> dict:
             pass
     if not caption:
         raise BadSample("empty caption")
-    return {**image_tensors(open_image(image_bytes), resolution), "caption": caption}
+    return {**image_tensors(open_image(image_bytes), resolution, rng), "caption": caption}
 
 
 class ShardStream(IterableDataset):
@@ -324,8 +339,9 @@ class ShardStream(IterableDataset):
     renumbered by ``start_batches`` so the DataLoader's round robin continues in order.
     """
 
-    def __init__(self, shards: list[Path], resolution: int, seed: int, rank: int, world_size: int, start: dict | None = None):
-        self.shards, self.resolution, self.seed = shards, resolution, seed
+    def __init__(self, shards: list[Path], resolution: int, seed: int, rank: int, world_size: int, start: dict | None = None,
+                 random_crop: bool = False):
+        self.shards, self.resolution, self.seed, self.random_crop = shards, resolution, seed, random_crop
         self.rank, self.world_size = rank, world_size
         self.start = start or {"batches": 0, "workers": {}}
         self.worker_override: tuple[int, int] | None = None  # (id, count), for tests without a DataLoader
@@ -334,8 +350,8 @@ class ShardStream(IterableDataset):
         """The samples of one shard in file order, undecoded (``training.cache`` reads cached ones)."""
         return (files for _, files in tar_samples(shard))
 
-    def decode(self, files) -> dict:
-        return decode_webdataset_sample(files, self.resolution)
+    def decode(self, files, where: tuple = ()) -> dict:
+        return decode_webdataset_sample(files, self.resolution, crop_rng(self.random_crop, self.seed, *where))
 
     def shards_of(self, worker: int, num_workers: int) -> list[Path]:
         return self.shards[self.rank * num_workers + worker :: self.world_size * num_workers]
@@ -361,7 +377,7 @@ class ShardStream(IterableDataset):
                     if position < sample_index:
                         continue
                     try:
-                        sample = self.decode(group)
+                        sample = self.decode(group, (epoch, mine[order[index]].name, position))
                     except BadSample as bad:
                         pending.append(bad.reason)
                         continue
@@ -380,7 +396,8 @@ class ShardStream(IterableDataset):
 # --- batches -----------------------------------------------------------------------
 
 
-TENSOR_FIELDS = ("pixels", "clip_pixels", "moments", "image_embeds", "penultimate", "text_embeds", "input_ids")
+TENSOR_FIELDS = ("pixels", "clip_pixels", "moments", "image_embeds", "penultimate", "text_embeds", "pooled_text",
+                 "input_ids", "original_size", "crop_top_left")
 
 
 def collate(samples: list[dict]) -> dict:
@@ -446,6 +463,7 @@ def make_loader(
     num_workers: int,
     position: dict | None = None,
     cache=None,
+    random_crop: bool = False,
 ) -> DataLoader:
     """An endless loader for this rank, continuing at ``position`` (from ``DataPosition.state``).
 
@@ -457,7 +475,7 @@ def make_loader(
     if num_workers:
         common["prefetch_factor"] = 2
     if source.pairs is not None:
-        dataset = cache.pairs_dataset(source.pairs, seed) if cache is not None else IndexedPairs(source.pairs, resolution, seed)
+        dataset = cache.pairs_dataset(source.pairs, seed) if cache is not None else IndexedPairs(source.pairs, resolution, seed, random_crop)
         batches = PositionBatches(batch_size, rank, world_size, position.get("step", 0))
         return DataLoader(dataset, batch_sampler=batches, **common)
     readers = world_size * max(num_workers, 1)
@@ -472,7 +490,7 @@ def make_loader(
                     stream_start.get("num_workers"), max(num_workers, 1))
         stream_start = None
     stream_class = cache.shard_stream_class() if cache is not None else ShardStream
-    stream = stream_class(source.shards, resolution, seed, rank, world_size, stream_start)
+    stream = stream_class(source.shards, resolution, seed, rank, world_size, stream_start, random_crop=random_crop)
     return DataLoader(stream, batch_size=batch_size, **common)
 
 

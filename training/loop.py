@@ -66,7 +66,7 @@ def compute_loss(engine: Engine, frozen: FrozenModels, batch: dict, draws: Sampl
     posterior moments, image embedding or hidden states, text-encoder output or token ids), and every
     random draw (posterior sample, drops, timestep, noise) is made here from ``draws``.
     """
-    text_embeds = text_condition(frozen, batch, draws.drop_text, device)
+    text_embeds, pooled = text_condition(frozen, batch, draws.drop_text, device)
     if engine.module.spec.encoder_input == "image_embeds":
         image_features = image_embeddings(frozen, batch, draws.keep_image, device)
     else:
@@ -78,7 +78,9 @@ def compute_loss(engine: Engine, frozen: FrozenModels, batch: dict, draws: Sampl
     noise = draws.noise.to(device, latents.dtype)
     timesteps = draws.timesteps.to(device)
     noisy_latents = frozen.scheduler.add_noise(latents, noise, timesteps)
-    prediction = engine(noisy_latents, timesteps, text_embeds, image_features)
+    added_cond = frozen.added_conditioning(pooled, batch.get("original_size"), batch.get("crop_top_left"),
+                                           latents.shape[-1] * frozen.vae_scale_factor)
+    prediction = engine(noisy_latents, timesteps, text_embeds, image_features, added_cond=added_cond)
     return F.mse_loss(prediction.float(), noise.float(), reduction="mean")
 
 
@@ -103,19 +105,26 @@ def hidden_states(frozen: FrozenModels, batch: dict, keep_image: torch.Tensor, d
     return frozen.encode_images(clip_pixels, "penultimate").float()
 
 
-def text_condition(frozen: FrozenModels, batch: dict, drop_text: list[bool], device: torch.device) -> torch.Tensor:
-    """Text-encoder output per sample; a dropped caption gets the empty prompt's."""
+def text_condition(frozen: FrozenModels, batch: dict, drop_text: list[bool], device: torch.device):
+    """(text-encoder output, SDXL's pooled text embedding or None) per sample; a dropped caption gets the empty
+    prompt's."""
     dropped = torch.tensor(drop_text, device=device)
-    if "text_embeds" in batch:  # cached outputs; the empty prompt's is computed once
-        cached = batch["text_embeds"].to(device)
+    if "text_embeds" in batch:  # cached outputs; the empty prompt's are computed once
+        context, pooled = batch["text_embeds"].to(device), batch.get("pooled_text")
+        pooled = None if pooled is None else pooled.to(device)
         if not any(drop_text):
-            return cached
-        return torch.where(dropped[:, None, None], frozen.empty_text_embeds(device).to(cached.dtype), cached)
-    if "input_ids" in batch:  # cached token ids
-        empty = frozen.tokenizer([""])[0].to(device)
-        return frozen.encode_text(torch.where(dropped[:, None], empty, batch["input_ids"].to(device)))
+            return context, pooled
+        empty_context, empty_pooled = frozen.empty_text_embeds(device)
+        context = torch.where(dropped[:, None, None], empty_context.to(context.dtype), context)
+        if pooled is not None:
+            pooled = torch.where(dropped[:, None], empty_pooled.to(pooled.dtype), pooled)
+        return context, pooled
+    if "input_ids" in batch:  # cached token ids ([B, 77], SDXL [B, 2, 77])
+        ids = batch["input_ids"].to(device)
+        empty = frozen.tokenize([""])[0].to(device)
+        return frozen.encode_text(torch.where(dropped.view(-1, *[1] * (ids.dim() - 1)), empty, ids))
     captions = ["" if dropped else caption for caption, dropped in zip(batch["captions"], drop_text)]
-    return frozen.encode_text(frozen.tokenizer(captions).to(device))
+    return frozen.encode_text(frozen.tokenize(captions).to(device))
 
 
 @dataclass
@@ -206,7 +215,7 @@ def train(
 ) -> list[float]:
     """Run from ``start_step`` to ``train.max_steps``; ``on_step`` hooks run after each step (saves, samples)."""
     resolution = config.data.resolution
-    downsample = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
+    downsample = frozen.vae_scale_factor
     latent_shape = (frozen.vae.config.latent_channels, resolution // downsample, resolution // downsample)
     num_timesteps = frozen.scheduler.config.num_train_timesteps
     progress = Progress(config, process, start_step)

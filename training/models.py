@@ -1,7 +1,10 @@
-"""The frozen models: SD1.5 (UNet, VAE, CLIP text encoder) and the OpenCLIP image encoder.
+"""The frozen models: the base model (UNet, VAE, text encoders) and the OpenCLIP image encoder.
 
-Loaded offline from the user's files, or built as scaled-down random-weight copies
-with SD1.5's layer layout for the embedded default run.
+SD1.5 has one text encoder (CLIP ViT-L, its last layer's output is the context); SDXL two
+(CLIP ViT-L and OpenCLIP ViT-bigG, their penultimate layers concatenated to a 2048-wide
+context, and bigG's pooled, projected output for the UNet's added conditioning). Loaded
+offline from the user's files, or built as scaled-down random-weight copies with the
+family's layer layout for the embedded default run.
 """
 from __future__ import annotations
 
@@ -13,15 +16,16 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ipadapter.encoder import EncoderFormatError, ImageEncoder, build_vision_tower, load_image_encoder
 from ipadapter.files import read_weights
-from ipadapter.architecture import SD15, Architecture, family_names, family_of_processor_names
+from ipadapter.architecture import SD15, SDXL, Architecture, family_names, family_of_processor_names
 
 from .errors import UserError
 
 SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+SDXL_CONFIG_DIR = Path(__file__).parent / "configs" / "sdxl"
 VIT_H_EMBED_DIM = 1024
 CONTEXT_LENGTH = 77
 START_TOKEN, END_TOKEN = 49406, 49407
@@ -34,15 +38,16 @@ class ModelFileError(UserError):
 
 
 class PromptTokenizer:
-    """Captions -> [B, 77] token ids the way SD1.5's tokenizer pads them (with the end token).
+    """Captions -> [B, 77] token ids the way SD1.5's tokenizer pads them (with the end token; SDXL's second
+    tokenizer pads with 0, ``pad=0``).
 
     Uses the model folder's own ``tokenizer/`` when there is one, otherwise the CLIP BPE
     vocabulary that ships with open_clip (same merges; the text clean-up can differ
     slightly from transformers' on unusual unicode).
     """
 
-    def __init__(self, folder: Path | None = None):
-        self.hf = None
+    def __init__(self, folder: Path | None = None, pad: int = END_TOKEN):
+        self.hf, self.pad = None, pad
         if folder is not None and (folder / "vocab.json").is_file():
             from transformers import CLIPTokenizer
 
@@ -57,7 +62,7 @@ class PromptTokenizer:
             return self.hf(
                 list(prompts), padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
             ).input_ids
-        ids = torch.full((len(prompts), CONTEXT_LENGTH), END_TOKEN, dtype=torch.long)
+        ids = torch.full((len(prompts), CONTEXT_LENGTH), self.pad, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             tokens = [START_TOKEN, *self.bpe.encode(prompt)[: CONTEXT_LENGTH - 2], END_TOKEN]
             ids[row, : len(tokens)] = torch.tensor(tokens)
@@ -66,45 +71,83 @@ class PromptTokenizer:
 
 @dataclass
 class FrozenModels:
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | None
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     image_encoder: ImageEncoder
     tokenizer: PromptTokenizer
     scheduler: DDPMScheduler
     dtype: torch.dtype
-    empty_text: torch.Tensor | None = None  # text-encoder output of the empty prompt [77, 768]; computed once
+    family: Architecture = SD15
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's OpenCLIP ViT-bigG text model
+    tokenizer_2: PromptTokenizer | None = None
+    empty_text: torch.Tensor | None = None  # text-encoder output of the empty prompt [77, context]; computed once
+    empty_pooled: torch.Tensor | None = None  # SDXL: its pooled embedding [1280]
     zero_image: torch.Tensor | None = None  # penultimate states of an all-zero CLIP input (plus: a dropped image); once
 
-    def empty_text_embeds(self, device: torch.device) -> torch.Tensor:
-        """The dropped-caption text condition, computed once (or read from the cache) and reused."""
+    TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel (8)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids: [B, 77], or [B, 2, 77] for SDXL's two tokenizers."""
+        ids = self.tokenizer(prompts)
+        return ids if self.tokenizer_2 is None else torch.stack([ids, self.tokenizer_2(prompts)], dim=1)
+
+    def empty_text_embeds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dropped-caption text condition (context, pooled or None), computed once (or read from the cache)."""
         if self.empty_text is None:
-            self.empty_text = self.encode_text(self.tokenizer([""]))[0]
-        return self.empty_text.to(device)
+            context, pooled = self.encode_text(self.tokenize([""]))
+            self.empty_text, self.empty_pooled = context[0], None if pooled is None else pooled[0]
+        pooled = None if self.empty_pooled is None else self.empty_pooled.to(device)
+        return self.empty_text.to(device), pooled
 
     def to(self, device: torch.device, offload: tuple[str, ...] = ()) -> "FrozenModels":
         """Move to ``device`` and cast to the frozen dtype. Modules named in ``offload`` (``"text_encoder"``,
-        ``"image_encoder"``) stay on the CPU: training from ``training.cache`` needs them only for sample grids."""
-        for name in ("unet", "vae", "text_encoder", "image_encoder"):
+        ``"image_encoder"``) stay on the CPU: training from ``training.cache`` needs them only for sample grids.
+        SDXL's VAE stays fp32 under fp16 (it overflows there; the authors' script keeps it fp32 too)."""
+        for name in ("unet", "vae", *self.TEXT_ENCODERS, "image_encoder"):
             module = getattr(self, name)
             if module is None:  # left out (the cache pass has no UNet)
                 continue
-            if name not in offload:
+            if name not in offload and not (name == "text_encoder_2" and "text_encoder" in offload):
                 module.to(device)
-            if self.dtype != torch.float32:
+            keep_fp32 = name == "vae" and self.dtype == torch.float16 and getattr(module.config, "force_upcast", False)
+            if self.dtype != torch.float32 and not keep_fp32:
                 module.to(self.dtype)
             module.requires_grad_(False).eval()
         return self
 
     @torch.no_grad()
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Text-encoder output on the device of ``input_ids``, wherever the encoder is."""
-        return self.text_encoder(input_ids.to(self.text_encoder.device))[0].to(input_ids.device)
+    def encode_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context [B, 77, width], pooled [B, 1280] or None) on the device of ``input_ids``, wherever the encoders
+        are. SD1.5: the text encoder's last layer. SDXL: both encoders' penultimate layers, concatenated, and
+        bigG's projected pooled output."""
+        device = input_ids.device
+        if self.text_encoder_2 is None:
+            return self.text_encoder(input_ids.to(self.text_encoder.device))[0].to(device), None
+        first = self.text_encoder(input_ids[:, 0].to(self.text_encoder.device), output_hidden_states=True)
+        second = self.text_encoder_2(input_ids[:, 1].to(self.text_encoder_2.device), output_hidden_states=True)
+        context = torch.cat([first.hidden_states[-2], second.hidden_states[-2].to(first.hidden_states[-2])], dim=-1)
+        return context.to(device), second.text_embeds.to(device)
+
+    def added_conditioning(self, pooled: torch.Tensor | None, original_size: torch.Tensor | None,
+                           crop_top_left: torch.Tensor | None, resolution: int) -> dict | None:
+        """SDXL's added conditioning: the pooled text and the time ids (original height, width, crop top, left,
+        target height, width), as the authors' SDXL training script builds them; None for SD1.5."""
+        if self.family.pooled_text_width is None:
+            return None
+        target = torch.tensor([resolution, resolution], device=pooled.device).expand(len(pooled), 2)
+        time_ids = torch.cat([original_size.to(pooled.device), crop_top_left.to(pooled.device), target], dim=1)
+        return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
 
     @torch.no_grad()
     def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE posterior's parameters [B, 2 x latent channels, h, w] (mean, log-variance): what the cache stores."""
-        return self.vae.encode(pixels.to(self.vae.device, self.dtype)).latent_dist.parameters
+        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters.to(self.dtype)
 
     def latents_from_moments(self, moments: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Sample of the VAE posterior (noise given, for reproducibility), scaled like SD1.5's."""
@@ -140,8 +183,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def sd15_scheduler(folder: Path | None = None) -> DDPMScheduler:
-    """SD1.5's DDPM training schedule (scaled_linear 0.00085..0.012, 1000 steps, epsilon)."""
+def family_scheduler(family: Architecture = SD15, folder: Path | None = None) -> DDPMScheduler:
+    """The DDPM training schedule (SD1.5 and SDXL alike: scaled_linear 0.00085..0.012, 1000 steps, epsilon), from
+    the model folder's ``scheduler/`` when it has one."""
     if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
         config = DDPMScheduler.load_config(str(folder), subfolder="scheduler", local_files_only=True)
     else:
@@ -152,25 +196,55 @@ def sd15_scheduler(folder: Path | None = None) -> DDPMScheduler:
 # --- the user's files ------------------------------------------------------------
 
 
-def load_frozen_models(sd15_path: str, image_encoder_path: str, dtype: torch.dtype,
-                       encoder_embed_dim: int | None = VIT_H_EMBED_DIM) -> FrozenModels:
-    """SD1.5 and the image encoder from the user's files; ``encoder_embed_dim`` None skips the embedding-width check."""
-    sd15 = Path(sd15_path).expanduser()
-    if sd15.is_dir():
-        unet, vae, text_encoder, tokenizer_dir = _load_diffusers_folder(sd15)
-        scheduler = sd15_scheduler(sd15)
-    elif sd15.is_file():
-        unet, vae, text_encoder = _load_single_file(sd15)
-        tokenizer_dir, scheduler = None, sd15_scheduler()
+def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dtype,
+                       encoder_embed_dim: int | None = VIT_H_EMBED_DIM, family: Architecture = SD15) -> FrozenModels:
+    """The base model of ``family`` and the image encoder from the user's files; ``encoder_embed_dim`` None skips
+    the embedding-width check."""
+    base = Path(base_path).expanduser()
+    option = f"model.{family.id}"
+    if not base.exists():
+        raise ModelFileError(f"{family.name} model '{base}' ({option}) does not exist; "
+                             "expected a diffusers model folder or a single-file .safetensors")
+    found = detect_base_model_family(base)
+    if found is not None and found != family.id:
+        raise ModelFileError(f"'{base.name}' is a {found} model, given as {option}; expected a {family.name} model "
+                             f"(pass it as model.{found})")
+    text_encoder_2 = tokenizer_2 = None
+    if family is SDXL:
+        from .sdxl_files import load_sdxl_folder, load_sdxl_single_file
+
+        parts = load_sdxl_folder(base) if base.is_dir() else load_sdxl_single_file(base)
+        unet, vae, text_encoder, text_encoder_2 = parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2
+        tokenizer_dir, tokenizer_2 = parts.tokenizer_dir, PromptTokenizer(parts.tokenizer_2_dir, pad=0)
+        scheduler = family_scheduler(family, base if base.is_dir() else None)
+    elif base.is_dir():
+        unet, vae, text_encoder, tokenizer_dir = _load_diffusers_folder(base)
+        scheduler = family_scheduler(family, base)
     else:
-        raise ModelFileError(
-            f"SD1.5 model '{sd15}' does not exist; expected a diffusers model folder or a single-file .safetensors"
-        )
-    check_unet_layout(unet, str(sd15))
-    for name, module in (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder)):
-        check_finite(module, f"SD1.5 {name} of '{sd15.name}'")
-    encoder = _load_image_encoder(Path(image_encoder_path).expanduser(), encoder_embed_dim)
-    return FrozenModels(unet, vae, text_encoder, encoder, PromptTokenizer(tokenizer_dir), scheduler, dtype)
+        unet, vae, text_encoder = _load_single_file(base)
+        tokenizer_dir, scheduler = None, family_scheduler(family)
+    check_unet_layout(unet, str(base), family)
+    modules = (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder), ("second text encoder", text_encoder_2))
+    for name, module in modules:
+        if module is not None:
+            check_finite(module, f"{family.name} {name} of '{base.name}'")
+    encoder = _load_image_encoder(Path(image_encoder_path).expanduser(), encoder_embed_dim, family)
+    return FrozenModels(unet, vae, text_encoder, encoder, PromptTokenizer(tokenizer_dir), scheduler, dtype, family,
+                        text_encoder_2, tokenizer_2)
+
+
+def detect_base_model_family(path: Path) -> str | None:
+    """``sd15`` or ``sdxl`` from a model folder's layout or a single file's keys, without building anything."""
+    if path.is_dir():
+        if (path / "text_encoder_2").is_dir():
+            return "sdxl"
+        return "sd15" if (path / "text_encoder").is_dir() else None
+    try:
+        from .sdxl_files import detect_base_model_family as detect_file
+
+        return detect_file(path)
+    except ImportError:
+        return None
 
 
 def _load_diffusers_folder(folder: Path):
@@ -235,18 +309,24 @@ def load_text_encoder_weights(model: CLIPTextModel, tensors: dict[str, torch.Ten
     model.load_state_dict(tensors, strict=False)
 
 
-def _load_image_encoder(path: Path, embed_dim: int | None = VIT_H_EMBED_DIM) -> ImageEncoder:
+ENCODER_EMBED_DIMS = {"sd15": (VIT_H_EMBED_DIM,), "sdxl": (1280, VIT_H_EMBED_DIM)}  # the released adapters' encoders
+ENCODER_NAMES = {"sd15": "OpenCLIP ViT-H/14, the encoder of the SD1.5 adapters",
+                 "sdxl": "OpenCLIP ViT-bigG/14 or ViT-H/14, the encoders of the SDXL adapters"}
+
+
+def _load_image_encoder(path: Path, embed_dim: int | None = VIT_H_EMBED_DIM, family: Architecture = SD15) -> ImageEncoder:
     if not path.is_file():
-        raise ModelFileError(f"image encoder '{path}' does not exist; expected OpenCLIP ViT-H/14 weights (.safetensors or .bin)")
+        raise ModelFileError(f"image encoder '{path}' does not exist; expected {ENCODER_NAMES[family.id]} (.safetensors or .bin)")
     try:
         encoder = load_image_encoder(str(path), device="cpu", dtype=torch.float32)
     except (EncoderFormatError, ValueError, OSError) as error:
         raise ModelFileError(f"image encoder '{path.name}': {_first_line(error)}") from None
-    if embed_dim is not None and encoder.embed_dim != embed_dim:
-        expected = "OpenCLIP ViT-H/14, the encoder of the SD1.5 adapters" if embed_dim == VIT_H_EMBED_DIM else "model.encoder_embed_dim"
+    allowed = ENCODER_EMBED_DIMS[family.id] if embed_dim is None else (embed_dim,)
+    if encoder.embed_dim not in allowed:
+        expected = ENCODER_NAMES[family.id] if embed_dim is None else "model.encoder_embed_dim"
         raise ModelFileError(
             f"image encoder '{path.name}' ({encoder.name}) gives {encoder.embed_dim}-d image embeddings; "
-            f"expected {embed_dim} ({expected})"
+            f"expected {' or '.join(map(str, allowed))} ({expected})"
         )
     return encoder
 
@@ -284,17 +364,11 @@ EMBEDDED_BASE_WIDTH = 32
 EMBEDDED_ENCODER = dict(width=64, layers=2, head_width=16, patch_size=14, embed_dim=32)
 
 
-def build_embedded_models(seed: int = 0, dtype: torch.dtype = torch.float32) -> FrozenModels:
-    """Random-weight SD1.5 / ViT-H copies, scaled down, with the same 16 cross-attention layers."""
+def build_embedded_models(seed: int = 0, dtype: torch.dtype = torch.float32, family: Architecture = SD15) -> FrozenModels:
+    """Random-weight copies of ``family``'s models and a ViT-H-layout encoder, scaled down, with the family's
+    cross-attention layers (SD1.5: 16; SDXL: 70, transformer depths 2 and 10, 2048-wide context)."""
     with seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            block_out_channels=(EMBEDDED_BASE_WIDTH, 2 * EMBEDDED_BASE_WIDTH, 4 * EMBEDDED_BASE_WIDTH, 4 * EMBEDDED_BASE_WIDTH),
-            layers_per_block=2,
-            cross_attention_dim=SD15.context_dim,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
+        unet = build_embedded_unet(family)
         vae = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
@@ -303,14 +377,44 @@ def build_embedded_models(seed: int = 0, dtype: torch.dtype = torch.float32) -> 
             latent_channels=4,
             norm_num_groups=8,
             sample_size=64,
-            scaling_factor=0.18215,
+            scaling_factor=0.18215 if family is SD15 else 0.13025,
         )
         text_config = CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json"))
-        text_config.num_hidden_layers, text_config.intermediate_size = 1, 512
+        text_config.intermediate_size = 512
+        text_config.num_hidden_layers = 1 if family is SD15 else 2  # SDXL reads the penultimate layer
         text_encoder = CLIPTextModel(text_config)
+        text_encoder_2 = tokenizer_2 = None
+        if family is SDXL:  # OpenCLIP ViT-bigG's text model: width 1280, pooled output projected to 1280
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+                hidden_size=1280, intermediate_size=512, num_hidden_layers=2, num_attention_heads=20, projection_dim=1280,
+                hidden_act="gelu", vocab_size=49408, max_position_embeddings=77, bos_token_id=START_TOKEN,
+                eos_token_id=END_TOKEN, pad_token_id=0))
+            tokenizer_2 = PromptTokenizer(pad=0)
         image_encoder = build_vision_tower("ViT-H-14", **EMBEDDED_ENCODER)
-    check_unet_layout(unet, "embedded")
-    return FrozenModels(unet, vae, text_encoder, image_encoder, PromptTokenizer(), sd15_scheduler(), dtype)
+    check_unet_layout(unet, "embedded", family)
+    return FrozenModels(unet, vae, text_encoder, image_encoder, PromptTokenizer(), family_scheduler(family), dtype, family,
+                        text_encoder_2, tokenizer_2)
+
+
+def build_embedded_unet(family: Architecture = SD15) -> UNet2DConditionModel:
+    """A random UNet with ``family``'s block layout and context width, narrow (32 channels in the first block)."""
+    width = EMBEDDED_BASE_WIDTH
+    if family is SD15:
+        return UNet2DConditionModel(
+            sample_size=8, block_out_channels=(width, 2 * width, 4 * width, 4 * width), layers_per_block=2,
+            cross_attention_dim=family.context_dim, attention_head_dim=8, norm_num_groups=8,
+        )
+    channels = (width, 2 * width, 4 * width)
+    return UNet2DConditionModel(
+        sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=channels, layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=tuple(max(1, c // 64) for c in channels),  # diffusers' name for the head count; heads of 64
+        cross_attention_dim=family.context_dim, use_linear_projection=True, norm_num_groups=32,
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=family.pooled_text_width + 6 * 256,
+    )
 
 
 @contextlib.contextmanager
@@ -323,3 +427,6 @@ def seeded(seed: int):
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0][:200] if lines else type(error).__name__
+
+
+sd15_scheduler = family_scheduler  # the name bench/ and experiments/ import; both families train on one schedule

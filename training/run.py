@@ -62,13 +62,13 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
         log.info("starting from the adapter weights of %s", config.model.init_adapter)
     cache = open_cache(config, source, frozen)
     if cache is not None:  # the encoders are needed only for sample grids: keep them off the accelerator
-        frozen.empty_text, frozen.zero_image = cache.empty_text, cache.zero_image
+        frozen.empty_text, frozen.empty_pooled, frozen.zero_image = cache.empty_text, cache.empty_pooled, cache.zero_image
         frozen.to(process.device, offload=("image_encoder",) + (("text_encoder",) if cache.text == "embeds" else ()))
     else:
         frozen.to(process.device)
     model.to(process.device)
-    log.info("trainable parameters: %s (%s adapter: %s %s + %d x to_k_ip/to_v_ip %s); frozen models in %s",
-             f"{model.num_trainable():,}", config.model.variant, type(model.image_proj).__name__,
+    log.info("trainable parameters: %s (%s %s adapter: %s %s + %d x to_k_ip/to_v_ip %s); frozen models in %s",
+             f"{model.num_trainable():,}", spec.family, config.model.variant, type(model.image_proj).__name__,
              f"{sum(p.numel() for p in model.image_proj.parameters()):,}", len(spec.architecture.layers),
              f"{sum(p.numel() for p in model.layers.parameters()):,}", str(frozen.dtype).replace("torch.", ""))
     engine = Engine(model, config, process)
@@ -93,7 +93,8 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
 
     data_position = DataPosition(config.data.num_workers, position)
     loader = make_loader(source, config.data.resolution, config.train.batch_size, config.train.seed,
-                         process.rank, process.world_size, config.data.num_workers, position, cache=cache)
+                         process.rank, process.world_size, config.data.num_workers, position, cache=cache,
+                         random_crop=config.data.crop == "random")
     exports: list[Path] = []
     hooks = [*_periodic_hooks(config, process, engine, frozen, source, data_position, exports), *extra_hooks]
     history = train(config, process, frozen, engine, loader, start_step, data_position, hooks)
@@ -103,7 +104,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     if final_step > start_step and (not config.train.save_every or final_step % config.train.save_every):
         save_state(output_dir, final_step, engine, process, data_position.state(), config.train.keep_states)
     if process.is_main:
-        exports.extend(_export(config, model, final_step))
+        exports.extend(_export(config, model, final_step, frozen.image_encoder.embed_dim))
         for path in exports[-len(config.train.export_formats):]:
             print(f"exported adapter: {path.resolve()}", flush=True)
         if config.embedded:
@@ -135,7 +136,7 @@ def _periodic_hooks(config, process, engine, frozen, source, data_position, expo
     def export(step: int) -> None:
         if train_config.export_every and step % train_config.export_every == 0 and step != train_config.max_steps:
             if process.is_main:
-                exports.extend(_export(config, engine.module, step))
+                exports.extend(_export(config, engine.module, step, frozen.image_encoder.embed_dim))
 
     references = config.sample.images or ([p.image for p in source.pairs[:2]] if source.pairs else [])
     if config.sample.every and not references:
@@ -154,11 +155,12 @@ def _periodic_hooks(config, process, engine, frozen, source, data_position, expo
     return [save, export, samples]
 
 
-def _export(config: Config, model: IPAdapterModel, step: int) -> list[Path]:
+def _export(config: Config, model: IPAdapterModel, step: int, encoder_embed_dim: int) -> list[Path]:
     output_dir = Path(config.train.output_dir)
     paths = []
     for extension in config.train.export_formats:
-        path = output_dir / f"{export_name(config.model.variant, step)}.{extension}"
+        name = export_name(config.model.variant, step, model.spec.architecture, encoder_embed_dim)
+        path = output_dir / f"{name}.{extension}"
         paths.append(export_adapter(model, path, step, config.to_yaml(), config.train.export_dtype, config.model.variant))
     return paths
 

@@ -41,7 +41,7 @@ def generate(
     count = clip_pixels.shape[0]
     scheduler = DDIMScheduler.from_config(frozen.scheduler.config)
     scheduler.set_timesteps(steps, device=device)
-    downsample = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
+    downsample = frozen.vae_scale_factor
     shape = (count, frozen.vae.config.latent_channels, resolution // downsample, resolution // downsample)
     if isinstance(seed, int):
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -56,14 +56,16 @@ def generate(
     else:
         unconditional = frozen.zero_image_features(device).float().expand_as(features)
     features = torch.cat([features, unconditional])
-    text = frozen.encode_text(frozen.tokenizer(prompts + [""] * count).to(device))
+    text, pooled = frozen.encode_text(frozen.tokenize(prompts + [""] * count).to(device))
+    size = torch.tensor([[resolution, resolution]], device=device).expand(2 * count, 2)  # SDXL: uncropped, at size
+    added_cond = frozen.added_conditioning(pooled, size, torch.zeros_like(size), resolution)
     for timestep in scheduler.timesteps:
         model_input = torch.cat([latents, latents])
-        prediction = model(model_input, timestep.expand(2 * count), text, features, scale=scale)
+        prediction = model(model_input, timestep.expand(2 * count), text, features, scale=scale, added_cond=added_cond)
         conditional, unconditional = prediction.chunk(2)
         guided = unconditional + guidance * (conditional - unconditional)
         latents = scheduler.step(guided.to(latents.dtype), timestep, latents).prev_sample
-    images = frozen.vae.decode(latents / frozen.vae.config.scaling_factor).sample
+    images = frozen.vae.decode((latents / frozen.vae.config.scaling_factor).to(frozen.vae.dtype)).sample
     return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
 

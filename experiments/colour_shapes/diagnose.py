@@ -37,7 +37,7 @@ def loss_by_timestep(sd_folder: Path, encoder_file: Path, adapter_file: Path, se
     match, other = base.image_embeddings(frozen.image_encoder, images), base.image_embeddings(frozen.image_encoder, recoloured)
     latents = frozen.vae.encode(base.pixels(images)).latent_dist.mean * frozen.vae.config.scaling_factor
     mean_latent = latents.mean((0, 2, 3), keepdim=True)
-    text = frozen.encode_text(frozen.tokenizer(captions))
+    text, _ = frozen.encode_text(frozen.tokenize(captions))
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for t in timesteps:

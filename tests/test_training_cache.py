@@ -70,8 +70,8 @@ def assert_same_shards(a: dict, b: dict) -> None:
 # --- the same computation --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["base", "plus"])
-def test_a_step_from_the_cache_has_the_loss_and_gradients_of_the_online_step(tmp_path, toy_data, frozen, variant):
+@pytest.mark.parametrize("family, variant", [("sd15", "base"), ("sd15", "plus"), ("sdxl", "base"), ("sdxl", "plus")])
+def test_a_step_from_the_cache_has_the_loss_and_gradients_of_the_online_step(tmp_path, toy_data, frozen, family, variant):
     """Same seed, same batch: loss and adapter gradients from the cache equal the online step's.
 
     Tolerance: float32 rounding. The cache pass runs the encoders on batches of
@@ -80,9 +80,11 @@ def test_a_step_from_the_cache_has_the_loss_and_gradients_of_the_online_step(tmp
     the zero image of a dropped one, are encoded alone), so the last bits of the encoders'
     outputs can differ. Everything random is drawn identically in both paths.
     """
-    own_folder = ("--cache.dir", str(tmp_path / "cache")) if variant != "base" else ()  # the module's other tests see base caches
+    own_folder = ("--cache.dir", str(tmp_path / "cache")) if (family, variant) != ("sd15", "base") else ()  # the module's other tests see SD1.5 base caches
     config = config_for(toy_data, "--data.drop_image", "0.25", "--data.drop_text", "0.25", "--data.drop_both", "0.25",
-                        "--model.variant", variant, *own_folder)
+                        "--model.variant", variant, "--model.family", family, *own_folder)
+    if family == "sdxl":  # SDXL's cache also holds the pooled text and what the time ids record (size, crop)
+        frozen = build_embedded_models(seed=42, family=config.family).to(CPU)
     source = open_source(str(toy_data))
     build_cache(config, source, frozen, CPU, progress=False)
     cache = open_cache(config, source, frozen)
@@ -96,10 +98,16 @@ def test_a_step_from_the_cache_has_the_loss_and_gradients_of_the_online_step(tmp
     online = iter(make_loader(source, RESOLUTION, 3, 42, 0, 1, 0))
     cached = iter(make_loader(source, RESOLUTION, 3, 42, 0, 1, 0, cache=cache))
     dropped_text = dropped_image = 0
+    sizes = set()
     for step in range(4):
         online_batch, cached_batch = next(online), next(cached)
         assert "pixels" in online_batch and "pixels" not in cached_batch and "moments" in cached_batch
         assert set(cached_batch) & {"image_embeds", "penultimate"} == {features}
+        if family == "sdxl":
+            assert {"pooled_text", "original_size", "crop_top_left"} <= set(cached_batch)
+            for name in ("original_size", "crop_top_left"):
+                assert torch.equal(cached_batch[name], online_batch[name]), name
+            sizes.update(map(tuple, online_batch["original_size"].tolist()))
         assert online_batch["captions"] == cached_batch["captions"]
         draws = sample_draws(42, batch_positions(step, process, 3), (4, RESOLUTION // 8, RESOLUTION // 8), 1000, config)
         dropped_text += sum(draws.drop_text)
@@ -112,8 +120,12 @@ def test_a_step_from_the_cache_has_the_loss_and_gradients_of_the_online_step(tmp
             losses.append(loss.detach())
             gradients.append(torch.cat([p.grad.reshape(-1) for p in model.trainable_parameters()]))
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-6)
+        if family == "sd15":
+            torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-6)
+        else:  # 34M gradients through 10-deep transformers: float32 rounding of the encoders' outputs grows to ~1e-4
+            assert (gradients[1] - gradients[0]).norm() <= 1e-3 * gradients[0].norm()
     assert dropped_text and dropped_image  # the drops are exercised, not just the plain case
+    assert family == "sd15" or len(sizes) > 1  # SDXL: time ids of images of different sizes
 
 
 @pytest.mark.parametrize("kind", ["manifest", "folder", "webdataset"])

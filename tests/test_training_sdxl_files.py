@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.models import ModelFileError, PromptTokenizer, check_finite
+from ipadapter.architecture import SDXL
+from training.models import ModelFileError, PromptTokenizer, check_finite, family_scheduler
 from training.sdxl_files import (
     CLIP_G_PREFIX,
     CLIP_L_PREFIX,
@@ -15,7 +16,6 @@ from training.sdxl_files import (
     detect_base_model_family,
     load_sdxl_folder,
     load_sdxl_single_file,
-    sdxl_scheduler,
 )
 
 
@@ -80,7 +80,7 @@ def test_folder_loads_every_weight(sdxl_folder):
     assert parts.vae.config.scaling_factor == 0.13025
     assert parts.tokenizer_dir is None and parts.tokenizer_2_dir is None
     assert parts.scheduler_dir == folder / "scheduler"
-    scheduler = sdxl_scheduler(parts.scheduler_dir)
+    scheduler = family_scheduler(SDXL, folder)
     assert type(scheduler).__name__ == "DDPMScheduler"
     assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.prediction_type == "epsilon"
     # the text encoders run: the pooled bigG embedding is what SDXL's added conditioning takes
@@ -227,7 +227,7 @@ def test_shipped_configs():
     assert unet["cross_attention_dim"] == 2048 and unet["transformer_layers_per_block"] == [1, 2, 10]
     vae = AutoencoderKL.load_config(str(SDXL_CONFIG_DIR), subfolder="vae", local_files_only=True)
     assert vae["scaling_factor"] == 0.13025 and vae["force_upcast"] is True
-    scheduler = sdxl_scheduler()
+    scheduler = family_scheduler(SDXL)
     assert (scheduler.config.beta_start, scheduler.config.beta_end, scheduler.config.beta_schedule) == (
         0.00085, 0.012, "scaled_linear")
     assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.prediction_type == "epsilon"

@@ -23,9 +23,9 @@ from ipadapter.files import read_weights
 from ipadapter.architecture import SD15, SDXL, Architecture, family_names, family_of_processor_names
 
 from .errors import UserError
+from .sdxl_files import SDXL_CONFIG_DIR, detect_base_model_family, load_sdxl_folder, load_sdxl_single_file
 
 SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
-SDXL_CONFIG_DIR = Path(__file__).parent / "configs" / "sdxl"
 VIT_H_EMBED_DIM = 1024
 CONTEXT_LENGTH = 77
 START_TOKEN, END_TOKEN = 49406, 49407
@@ -185,11 +185,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def family_scheduler(family: Architecture = SD15, folder: Path | None = None) -> DDPMScheduler:
     """The DDPM training schedule (SD1.5 and SDXL alike: scaled_linear 0.00085..0.012, 1000 steps, epsilon), from
-    the model folder's ``scheduler/`` when it has one."""
-    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
-        config = DDPMScheduler.load_config(str(folder), subfolder="scheduler", local_files_only=True)
-    else:
-        config = DDPMScheduler.load_config(str(SD15_CONFIG_DIR), subfolder="scheduler", local_files_only=True)
+    the model folder's ``scheduler/`` when it has one (SDXL's holds its Euler inference config: same betas and
+    steps; DDPMScheduler keeps the keys it knows), else from the configs shipped here."""
+    if folder is None or not (folder / "scheduler" / "scheduler_config.json").is_file():
+        folder = SDXL_CONFIG_DIR if family is SDXL else SD15_CONFIG_DIR
+    config = DDPMScheduler.load_config(str(folder), subfolder="scheduler", local_files_only=True)
     return DDPMScheduler.from_config(config)
 
 
@@ -210,10 +210,8 @@ def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dty
         raise ModelFileError(f"'{base.name}' is a {found} model, given as {option}; expected a {family.name} model "
                              f"(pass it as model.{found})")
     text_encoder_2 = tokenizer_2 = None
-    if family is SDXL:
-        from .sdxl_files import load_sdxl_folder, load_sdxl_single_file
-
-        parts = load_sdxl_folder(base) if base.is_dir() else load_sdxl_single_file(base)
+    if family is SDXL:  # loaded in the frozen dtype: SDXL in fp32 is 13 GB
+        parts = load_sdxl_folder(base, dtype) if base.is_dir() else load_sdxl_single_file(base, dtype)
         unet, vae, text_encoder, text_encoder_2 = parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2
         tokenizer_dir, tokenizer_2 = parts.tokenizer_dir, PromptTokenizer(parts.tokenizer_2_dir, pad=0)
         scheduler = family_scheduler(family, base if base.is_dir() else None)
@@ -231,20 +229,6 @@ def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dty
     encoder = _load_image_encoder(Path(image_encoder_path).expanduser(), encoder_embed_dim, family)
     return FrozenModels(unet, vae, text_encoder, encoder, PromptTokenizer(tokenizer_dir), scheduler, dtype, family,
                         text_encoder_2, tokenizer_2)
-
-
-def detect_base_model_family(path: Path) -> str | None:
-    """``sd15`` or ``sdxl`` from a model folder's layout or a single file's keys, without building anything."""
-    if path.is_dir():
-        if (path / "text_encoder_2").is_dir():
-            return "sdxl"
-        return "sd15" if (path / "text_encoder").is_dir() else None
-    try:
-        from .sdxl_files import detect_base_model_family as detect_file
-
-        return detect_file(path)
-    except ImportError:
-        return None
 
 
 def _load_diffusers_folder(folder: Path):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ipadapter.files import first_line
@@ -73,19 +73,6 @@ class SDXLParts:
     tokenizer_dir: Path | None  # the folder's tokenizer/ (None: a single file, or a folder without one)
     tokenizer_2_dir: Path | None  # tokenizer_2/ (SDXL's pads with "!", id 0, where tokenizer/ pads with the end token)
     scheduler_dir: Path | None  # scheduler/ (None: use sdxl_scheduler()'s shipped DDPM config)
-
-
-def sdxl_scheduler(scheduler_dir: Path | None = None) -> DDPMScheduler:
-    """SDXL's DDPM training schedule (scaled_linear 0.00085..0.012, 1000 steps, epsilon).
-
-    ``scheduler_dir`` (a folder's ``scheduler/``) may hold SDXL base's EulerDiscrete config, which is for
-    inference; its betas and step count are the same, and DDPMScheduler keeps only the keys it knows.
-    """
-    if scheduler_dir is not None and (scheduler_dir / "scheduler_config.json").is_file():
-        config = DDPMScheduler.load_config(str(scheduler_dir), local_files_only=True)
-    else:
-        config = DDPMScheduler.load_config(str(SDXL_CONFIG_DIR / "scheduler"), local_files_only=True)
-    return DDPMScheduler.from_config(config)
 
 
 # --- which family --------------------------------------------------------------------

@@ -180,3 +180,14 @@ def test_an_sdxl_model_folder_trains_and_is_refused_under_the_sd15_option(tmp_pa
     with pytest.raises(ModelFileError) as refused:
         main(small_run_args(tmp_path / "wrong", toy_data, 1, **{"model.sd15": folder, "model.image_encoder": encoder}))
     assert "\n" not in str(refused.value) and "model.sdxl" in str(refused.value)
+
+    # the cache pass never reads the UNet: it works with the UNet's weights damaged, which training refuses
+    from training.cache import main as cache_main
+
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    args = small_run_args(tmp_path / "cached", toy_data, 1, **{"model.sdxl": folder, "model.image_encoder": encoder,
+                                                                "model.encoder_embed_dim": 32})
+    assert cache_main(args)["complete"]
+    with pytest.raises(ModelFileError, match="is not a readable .safetensors file"):
+        main(args)

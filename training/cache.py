@@ -465,8 +465,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = local_device(local_rank)
     if config.data.crop == "random":
         raise CacheError(f"{RANDOM_CROP}; expected data.crop center for a cache")
-    source, frozen = open_data_and_models(config, device)  # no process group here: each rank writes the toy data
-    frozen.unet = None  # the pass never runs the UNet
+    # no process group here: each rank writes the toy data; the pass never runs the UNet, so it is not read
+    source, frozen = open_data_and_models(config, device, with_unet=False)
+    frozen.unet = None
     frozen.to(device)
     summary = build_cache(config, source, frozen, device, rank, world_size, config.train.progress)
     state = "complete" if summary["complete"] else "not complete yet (other ranks still writing, or run again)"

@@ -44,8 +44,9 @@ def local_device(local_rank: int = 0) -> torch.device:
 
 
 def open_data_and_models(config: Config, device: torch.device, is_main: bool = True,
-                         barrier=lambda: None) -> tuple[object, FrozenModels]:
-    """(data source, frozen models) of a run; the embedded default writes its toy data first."""
+                         barrier=lambda: None, with_unet: bool = True) -> tuple[object, FrozenModels]:
+    """(data source, frozen models) of a run; the embedded default writes its toy data first. ``with_unet`` False:
+    the UNet is not read from the user's files (the cache pass)."""
     if config.embedded and config.data.path is None:
         toy = Path(config.train.output_dir) / "toy_data"
         if is_main:
@@ -61,5 +62,5 @@ def open_data_and_models(config: Config, device: torch.device, is_main: bool = T
         frozen = build_embedded_models(seed=config.train.seed, dtype=dtype, family=config.family)
     else:
         frozen = load_frozen_models(config.base_model, config.model.image_encoder, dtype, config.model.encoder_embed_dim,
-                                    config.family)
+                                    config.family, with_unet)
     return source, frozen

@@ -151,8 +151,9 @@ def load_generator(args: argparse.Namespace, device: torch.device):
 
     checkpoint = load_adapter(args.adapter, base_width=None, architecture=SD15)
     spec = checkpoint.spec
-    embed_dim = spec.encoder_width if spec.encoder_input == "image_embeds" else None  # hidden states: check_encoder below
-    frozen = load_frozen_models(args.sd15, args.image_encoder, resolve_dtype(args.dtype, device), embed_dim)
+    embeds = spec.encoder_input == "image_embeds"  # hidden states: check_encoder below
+    frozen = load_frozen_models(args.sd15, args.image_encoder, resolve_dtype(args.dtype, device), spec.encoder_width,
+                                check_embed_dim=embeds)
     check_encoder(spec, frozen.image_encoder.embed_dim, frozen.image_encoder.hidden_width, checkpoint.source, frozen.image_encoder.name)
     unet_width = frozen.unet.config.block_out_channels[0]
     if spec.base_width != unet_width:

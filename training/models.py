@@ -113,7 +113,7 @@ class FrozenModels:
             module = getattr(self, name)
             if module is None:  # left out (the cache pass has no UNet)
                 continue
-            if name not in offload and not (name == "text_encoder_2" and "text_encoder" in offload):
+            if name not in offload:
                 module.to(device)
             keep_fp32 = name == "vae" and self.dtype == torch.float16 and getattr(module.config, "force_upcast", False)
             if self.dtype != torch.float32 and not keep_fp32:
@@ -197,9 +197,11 @@ def family_scheduler(family: Architecture = SD15, folder: Path | None = None) ->
 
 
 def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dtype,
-                       encoder_embed_dim: int | None = VIT_H_EMBED_DIM, family: Architecture = SD15) -> FrozenModels:
-    """The base model of ``family`` and the image encoder from the user's files; ``encoder_embed_dim`` None skips
-    the embedding-width check."""
+                       encoder_embed_dim: int | None = VIT_H_EMBED_DIM, family: Architecture = SD15,
+                       with_unet: bool = True, check_embed_dim: bool = True) -> FrozenModels:
+    """The base model of ``family`` and the image encoder from the user's files; ``encoder_embed_dim`` None allows
+    the family's encoders (``check_embed_dim`` False: any encoder). ``with_unet`` False leaves the UNet unread (the
+    cache pass never runs it)."""
     base = Path(base_path).expanduser()
     option = f"model.{family.id}"
     if not base.exists():
@@ -211,35 +213,38 @@ def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dty
                              f"(pass it as model.{found})")
     text_encoder_2 = tokenizer_2 = None
     if family is SDXL:  # loaded in the frozen dtype: SDXL in fp32 is 13 GB
-        parts = load_sdxl_folder(base, dtype) if base.is_dir() else load_sdxl_single_file(base, dtype)
+        load = load_sdxl_folder if base.is_dir() else load_sdxl_single_file
+        parts = load(base, dtype, with_unet)
         unet, vae, text_encoder, text_encoder_2 = parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2
         tokenizer_dir, tokenizer_2 = parts.tokenizer_dir, PromptTokenizer(parts.tokenizer_2_dir, pad=0)
         scheduler = family_scheduler(family, base if base.is_dir() else None)
     elif base.is_dir():
-        unet, vae, text_encoder, tokenizer_dir = _load_diffusers_folder(base)
+        unet, vae, text_encoder, tokenizer_dir = _load_diffusers_folder(base, with_unet)
         scheduler = family_scheduler(family, base)
     else:
-        unet, vae, text_encoder = _load_single_file(base)
+        unet, vae, text_encoder = _load_single_file(base, with_unet)
         tokenizer_dir, scheduler = None, family_scheduler(family)
-    check_unet_layout(unet, str(base), family)
+    if unet is not None:
+        check_unet_layout(unet, str(base), family)
     modules = (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder), ("second text encoder", text_encoder_2))
     for name, module in modules:
         if module is not None:
             check_finite(module, f"{family.name} {name} of '{base.name}'")
-    encoder = _load_image_encoder(Path(image_encoder_path).expanduser(), encoder_embed_dim, family)
+    encoder = _load_image_encoder(Path(image_encoder_path).expanduser(), encoder_embed_dim, family, check_embed_dim)
     return FrozenModels(unet, vae, text_encoder, encoder, PromptTokenizer(tokenizer_dir), scheduler, dtype, family,
                         text_encoder_2, tokenizer_2)
 
 
-def _load_diffusers_folder(folder: Path):
+def _load_diffusers_folder(folder: Path, with_unet: bool = True):
     missing = [name for name in ("unet", "vae", "text_encoder") if not (folder / name).is_dir()]
     if missing:
         raise ModelFileError(
             f"SD1.5 folder '{folder}' has no {', '.join(m + '/' for m in missing)}; "
             "expected a diffusers model folder (unet/, vae/, text_encoder/) or a single-file checkpoint"
         )
-    loaded = {}
-    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+    parts = (("unet", UNet2DConditionModel),) if with_unet else ()
+    loaded = {"unet": None}
+    for name, cls in (*parts, ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
         try:
             model, info = cls.from_pretrained(str(folder), subfolder=name, local_files_only=True, output_loading_info=True)
         except (OSError, ValueError, RuntimeError, EnvironmentError) as error:
@@ -256,7 +261,7 @@ def _load_diffusers_folder(folder: Path):
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")
 
 
-def _load_single_file(path: Path):
+def _load_single_file(path: Path, with_unet: bool = True):
     checkpoint = _read_weights(path)
     missing = [p for p in SINGLE_FILE_PREFIXES if not any(k.startswith(p) for k in checkpoint)]
     if missing:
@@ -267,7 +272,8 @@ def _load_single_file(path: Path):
         )
     config = str(SD15_CONFIG_DIR)
     try:
-        unet = UNet2DConditionModel.from_single_file(checkpoint, config=config, subfolder="unet", local_files_only=True)
+        unet = UNet2DConditionModel.from_single_file(checkpoint, config=config, subfolder="unet", local_files_only=True) \
+            if with_unet else None
         vae = AutoencoderKL.from_single_file(checkpoint, config=config, subfolder="vae", local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise ModelFileError(f"'{path.name}' could not be converted as SD1.5 ({_first_line(error)})") from None
@@ -298,7 +304,8 @@ ENCODER_NAMES = {"sd15": "OpenCLIP ViT-H/14, the encoder of the SD1.5 adapters",
                  "sdxl": "OpenCLIP ViT-bigG/14 or ViT-H/14, the encoders of the SDXL adapters"}
 
 
-def _load_image_encoder(path: Path, embed_dim: int | None = VIT_H_EMBED_DIM, family: Architecture = SD15) -> ImageEncoder:
+def _load_image_encoder(path: Path, embed_dim: int | None = VIT_H_EMBED_DIM, family: Architecture = SD15,
+                        check_embed_dim: bool = True) -> ImageEncoder:
     if not path.is_file():
         raise ModelFileError(f"image encoder '{path}' does not exist; expected {ENCODER_NAMES[family.id]} (.safetensors or .bin)")
     try:
@@ -306,7 +313,7 @@ def _load_image_encoder(path: Path, embed_dim: int | None = VIT_H_EMBED_DIM, fam
     except (EncoderFormatError, ValueError, OSError) as error:
         raise ModelFileError(f"image encoder '{path.name}': {_first_line(error)}") from None
     allowed = ENCODER_EMBED_DIMS[family.id] if embed_dim is None else (embed_dim,)
-    if encoder.embed_dim not in allowed:
+    if check_embed_dim and encoder.embed_dim not in allowed:
         expected = ENCODER_NAMES[family.id] if embed_dim is None else "model.encoder_embed_dim"
         raise ModelFileError(
             f"image encoder '{path.name}' ({encoder.name}) gives {encoder.embed_dim}-d image embeddings; "

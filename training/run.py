@@ -61,9 +61,13 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
         start_from_adapter_file(model, config.model.init_adapter)
         log.info("starting from the adapter weights of %s", config.model.init_adapter)
     cache = open_cache(config, source, frozen)
-    if cache is not None:  # the encoders are needed only for sample grids: keep them off the accelerator
+    if cache is not None:  # the encoders are needed only for sample grids: keep them off the accelerator, or drop them
         frozen.empty_text, frozen.empty_pooled, frozen.zero_image = cache.empty_text, cache.empty_pooled, cache.zero_image
-        frozen.to(process.device, offload=("image_encoder",) + (("text_encoder",) if cache.text == "embeds" else ()))
+        unused = ("image_encoder",) + (frozen.TEXT_ENCODERS if cache.text == "embeds" else ())
+        if not config.sample.every:
+            for name in unused:
+                setattr(frozen, name, None)
+        frozen.to(process.device, offload=unused)
     else:
         frozen.to(process.device)
     model.to(process.device)
@@ -96,7 +100,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
                          process.rank, process.world_size, config.data.num_workers, position, cache=cache,
                          random_crop=config.data.crop == "random")
     exports: list[Path] = []
-    hooks = [*_periodic_hooks(config, process, engine, frozen, source, data_position, exports), *extra_hooks]
+    hooks = [*_periodic_hooks(config, process, engine, frozen, source, data_position, exports, encoder.embed_dim), *extra_hooks]
     history = train(config, process, frozen, engine, loader, start_step, data_position, hooks)
 
     check_same_weights(process, model)
@@ -104,7 +108,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     if final_step > start_step and (not config.train.save_every or final_step % config.train.save_every):
         save_state(output_dir, final_step, engine, process, data_position.state(), config.train.keep_states)
     if process.is_main:
-        exports.extend(_export(config, model, final_step, frozen.image_encoder.embed_dim))
+        exports.extend(_export(config, model, final_step, encoder.embed_dim))
         for path in exports[-len(config.train.export_formats):]:
             print(f"exported adapter: {path.resolve()}", flush=True)
         if config.embedded:
@@ -125,7 +129,7 @@ def check_same_weights(process: Process, model: IPAdapterModel) -> None:
         log.info("adapter weights identical on all %d ranks (sha1 %s)", process.world_size, digests[0][:12])
 
 
-def _periodic_hooks(config, process, engine, frozen, source, data_position, exports) -> list[StepHook]:
+def _periodic_hooks(config, process, engine, frozen, source, data_position, exports, encoder_embed_dim) -> list[StepHook]:
     output_dir = Path(config.train.output_dir)
     train_config = config.train
 
@@ -136,7 +140,7 @@ def _periodic_hooks(config, process, engine, frozen, source, data_position, expo
     def export(step: int) -> None:
         if train_config.export_every and step % train_config.export_every == 0 and step != train_config.max_steps:
             if process.is_main:
-                exports.extend(_export(config, engine.module, step, frozen.image_encoder.embed_dim))
+                exports.extend(_export(config, engine.module, step, encoder_embed_dim))
 
     references = config.sample.images or ([p.image for p in source.pairs[:2]] if source.pairs else [])
     if config.sample.every and not references:

@@ -263,7 +263,7 @@ def _text_state(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> dic
 # --- the single file -----------------------------------------------------------------
 
 
-def load_sdxl_single_file(path: str | Path, dtype: torch.dtype = torch.float32) -> SDXLParts:
+def load_sdxl_single_file(path: str | Path, dtype: torch.dtype = torch.float32, with_unet: bool = True) -> SDXLParts:
     """SDXL base from a single-file checkpoint in the original layout (see the module docstring), offline.
 
     Every part is built from the shipped configs in ``configs/sdxl/`` and holds the file's tensors cast
@@ -283,12 +283,14 @@ def load_sdxl_single_file(path: str | Path, dtype: torch.dtype = torch.float32) 
         _check_sdxl_keys(weights.keys, name)
         expected = "the complete SDXL base weights of sd_xl_base_1.0's single-file layout"
 
-        unet_config = _config_dict(UNet2DConditionModel, SDXL_CONFIG_DIR / "unet", "the shipped SDXL UNet", name)
-        part = weights.take(UNET_PREFIX, dtype)
-        state = _convert(convert_ldm_unet_checkpoint, part, unet_config, "UNet", name)
-        del part  # the converted dict holds the same tensors; nothing is copied
-        unet = _materialise(lambda: UNet2DConditionModel.from_config(unet_config), state, "UNet", name, expected)
-        del state
+        unet = None  # the cache pass never runs it
+        if with_unet:
+            unet_config = _config_dict(UNet2DConditionModel, SDXL_CONFIG_DIR / "unet", "the shipped SDXL UNet", name)
+            part = weights.take(UNET_PREFIX, dtype)
+            state = _convert(convert_ldm_unet_checkpoint, part, unet_config, "UNet", name)
+            del part  # the converted dict holds the same tensors; nothing is copied
+            unet = _materialise(lambda: UNet2DConditionModel.from_config(unet_config), state, "UNet", name, expected)
+            del state
 
         vae_config = _config_dict(AutoencoderKL, SDXL_CONFIG_DIR / "vae", "the shipped SDXL VAE", name)
         part = weights.take(VAE_PREFIX, dtype)
@@ -345,7 +347,7 @@ def _check_sdxl_keys(keys: list[str], name: str) -> None:
 # --- the diffusers folder ------------------------------------------------------------
 
 
-def load_sdxl_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> SDXLParts:
+def load_sdxl_folder(folder: str | Path, dtype: torch.dtype = torch.float32, with_unet: bool = True) -> SDXLParts:
     """SDXL base from a diffusers folder, offline; every part's weights cast to ``dtype``.
 
     The UNet and VAE are built on the meta device and take the tensors of their
@@ -366,7 +368,7 @@ def load_sdxl_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
             f"SDXL folder '{folder}' has no {', '.join(m + '/' for m in missing)}{hint}; "
             "expected a diffusers SDXL base folder (unet/, vae/, text_encoder/, text_encoder_2/) or a single-file checkpoint"
         )
-    unet = _load_diffusers_part(UNet2DConditionModel, folder, "unet", dtype)
+    unet = _load_diffusers_part(UNet2DConditionModel, folder, "unet", dtype) if with_unet else None
     vae = _load_diffusers_part(AutoencoderKL, folder, "vae", dtype)
     text_encoder = _load_transformers_part(CLIPTextModel, folder, "text_encoder", dtype)
     text_encoder_2 = _load_transformers_part(CLIPTextModelWithProjection, folder, "text_encoder_2", dtype)
@@ -435,6 +437,8 @@ def _load_transformers_part(cls, folder: Path, name: str, dtype: torch.dtype):
 
 def _check_consistent(parts: SDXLParts, source: str) -> None:
     """The text encoders' widths make the UNet's context (768 + 1280 = 2048) and pooled input (1280 + 6 x 256)."""
+    if parts.unet is None:
+        return
     unet = parts.unet.config
     widths = (parts.text_encoder.config.hidden_size, parts.text_encoder_2.config.hidden_size)
     if widths != (CLIP_L_WIDTH, CLIP_G_WIDTH) or sum(widths) != unet.cross_attention_dim:

@@ -23,7 +23,6 @@ SDXL_REFINER_UNET_CONFIG = {
     "transformer_depth": [0, 0, 4, 4, 4, 4, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 4,
     "context_dim": 1280, "transformer_depth_output": [0, 0, 0, 4, 4, 4, 4, 4, 4, 0, 0, 0],
 }
-HEAD_CHANNELS = 64  # ComfyUI's supported_models.BASE forces num_head_channels 64 on SDXL
 POOLED_WIDTH = 1280  # CLIP-G's pooled output, the first part of the added conditioning y
 
 
@@ -90,19 +89,10 @@ def sdxl_time_ids(height: int, width: int, batch: int):
 
 def diffusers_sdxl_unet_from_comfy(comfy, patcher, width: int):
     """A diffusers SDXL UNet, ``width`` channels wide, with the weights of a ComfyUI SDXL UNet (ComfyUI's key map)."""
-    from diffusers import UNet2DConditionModel
+    from ipadapter.architecture import SDXL
+    from training.models import build_embedded_unet
 
-    channels = (width, 2 * width, 4 * width)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=channels, layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-        # diffusers' attention_head_dim is the head count (its naming issue 2011); block 0 has no attention
-        attention_head_dim=tuple(max(1, c // HEAD_CHANNELS) for c in channels),
-        cross_attention_dim=2048, use_linear_projection=True, norm_num_groups=32,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    )
+    unet = build_embedded_unet(SDXL, width)  # the trainer's SDXL layout (heads of 64, 2816-wide added conditioning)
     comfy_weights = patcher.model.diffusion_model.state_dict()
     mapping = comfy.utils.unet_to_diffusers(sdxl_unet_config(width))
     # the map lists optional layers and both names of label_emb (class_embedding, add_embedding)

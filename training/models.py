@@ -387,9 +387,8 @@ def build_embedded_models(seed: int = 0, dtype: torch.dtype = torch.float32, fam
                         text_encoder_2, tokenizer_2)
 
 
-def build_embedded_unet(family: Architecture = SD15) -> UNet2DConditionModel:
-    """A random UNet with ``family``'s block layout and context width, narrow (32 channels in the first block)."""
-    width = EMBEDDED_BASE_WIDTH
+def build_embedded_unet(family: Architecture = SD15, width: int = EMBEDDED_BASE_WIDTH) -> UNet2DConditionModel:
+    """A random UNet with ``family``'s block layout and context width, ``width`` channels in the first block."""
     if family is SD15:
         return UNet2DConditionModel(
             sample_size=8, block_out_channels=(width, 2 * width, 4 * width, 4 * width), layers_per_block=2,

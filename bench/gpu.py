@@ -165,7 +165,7 @@ def training_part(part, sizes: Sizes, device, dtype, options) -> dict:
     resolution = sizes.training_resolution
     results = compare(TRAINING_VARIANTS, [resolution], sizes.training_reps, batch=1, steps=sizes.training_steps,
                       warmup=sizes.training_warmup, threads=options.threads, small=options.small, cpu=device.type == "cpu")
-    reference, ours = (medians(results[(resolution, variant)], 1) for variant in TRAINING_VARIANTS)
+    reference, ours = (medians(results[("base", resolution, variant)], 1) for variant in TRAINING_VARIANTS)
     measured = {"resolution": resolution, "batch": 1, "reps": sizes.training_reps, "steps": sizes.training_steps,
                 "speedup": ours["samples_per_s"] / reference["samples_per_s"], "peak_ratio": ours["peak_bytes"] / reference["peak_bytes"],
                 "reason": None, "reference": reference, "ours": ours}

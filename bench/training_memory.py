@@ -77,8 +77,8 @@ def reference(files: dict, resolution: int, batch: int, small: bool) -> None:
 
     from training.adapter import IPAdapterModel
     from training.data import image_tensors, open_image, read_folder
-    from training.models import (SD15_CONFIG_DIR, PromptTokenizer, build_embedded_models, load_text_encoder_weights,
-                                 sd15_scheduler)
+    from training.checkpoint_files import text_state
+    from training.models import SD15_CONFIG_DIR, PromptTokenizer, build_embedded_models, family_scheduler
     from training.variants import adapter_spec
 
     torch.manual_seed(0)
@@ -100,12 +100,13 @@ def reference(files: dict, resolution: int, batch: int, small: bool) -> None:
         vae = AutoencoderKL.from_single_file(weights("first_stage_model."), subfolder="vae", **config).float()
         text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json")))
         prefix = "cond_stage_model.transformer."
-        load_text_encoder_weights(text_encoder, {k[len(prefix):]: v for k, v in weights(prefix).items()}, files["sd15"])
+        text_encoder.load_state_dict(text_state({k[len(prefix):]: v for k, v in weights(prefix).items()}, text_encoder),
+                                     strict=False)
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(str(Path(files["image_encoder"]).parent)).float()
         encode, embed_dim = (lambda clip: image_encoder(clip).image_embeds), image_encoder.config.projection_dim
     for model in (unet, vae, text_encoder, image_encoder):
         model.requires_grad_(False)
-    scheduler, tokenizer = sd15_scheduler(), PromptTokenizer()
+    scheduler, tokenizer = family_scheduler(), PromptTokenizer()
     ip_adapter = IPAdapterModel(unet, spec=adapter_spec("base", None, embed_dim, 0, unet))
     optimizer = torch.optim.AdamW(ip_adapter.trainable_parameters(), lr=1e-4, weight_decay=1e-2)
 

@@ -59,7 +59,7 @@ def build_models(device, small: bool, encoders: bool):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ipadapter.encoder import build_vision_tower
-    from training.models import SD15_CONFIG_DIR, FrozenModels, PromptTokenizer, build_embedded_models, sd15_scheduler
+    from training.models import SD15_CONFIG_DIR, FrozenModels, PromptTokenizer, build_embedded_models, family_scheduler
 
     if small:  # for trying the script out: the embedded default's scaled-down models
         frozen = build_embedded_models(seed=0)
@@ -74,7 +74,7 @@ def build_models(device, small: bool, encoders: bool):
         if encoders:
             text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json")))
             image_encoder = build_vision_tower("ViT-H-14")
-    return FrozenModels(unet, vae, text_encoder, image_encoder, PromptTokenizer(), sd15_scheduler(), torch.float32)
+    return FrozenModels(unet, vae, text_encoder, image_encoder, PromptTokenizer(), family_scheduler(), torch.float32)
 
 
 def worker(variant: str, resolution: int, batch: int, steps: int, small: bool, warmup: int, adapter: str = "base") -> dict:

@@ -378,18 +378,19 @@ def test_image_encoder_of_the_wrong_width_is_a_clear_error(tmp_path, toy_data, m
 def test_text_encoder_weights_load_with_or_without_the_text_model_prefix():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from training.models import load_text_encoder_weights
+    from training.checkpoint_files import materialise, text_state
 
     config = CLIPTextConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
                             vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
     source = CLIPTextModel(config)
+    template = CLIPTextModel(config)
     for prefix in ("text_model.", ""):  # SD1.5 files / transformers 5 state dicts
-        target = CLIPTextModel(config)
-        tensors = {prefix + k.removeprefix("text_model."): v for k, v in source.state_dict().items()}
-        load_text_encoder_weights(target, tensors, "test")
+        tensors = {prefix + k.removeprefix("text_model."): v.clone() for k, v in source.state_dict().items()}
+        target = materialise(lambda: CLIPTextModel(config), text_state(tensors, template), "text encoder", "test", "CLIP")
         assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
-    with pytest.raises(ModelFileError, match="text encoder weights miss"):
-        load_text_encoder_weights(CLIPTextModel(config), {"text_model.final_layer_norm.weight": torch.ones(32)}, "test")
+    with pytest.raises(ModelFileError, match="the text encoder lacks .* weights"):
+        materialise(lambda: CLIPTextModel(config), {"text_model.final_layer_norm.weight": torch.ones(32)}, "text encoder",
+                    "test", "CLIP")
 
 
 def test_bf16_frozen_models_keep_fp32_trainable_weights(tmp_path, toy_data):

@@ -5,7 +5,6 @@ same skips, same per-sample draws, same loss.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import subprocess
@@ -16,7 +15,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ipadapter.encoder import encoder_from_state_dict
 from training import cache as cache_module
 from training.adapter import IPAdapterModel
 from training.cache import CacheError, build_cache, default_root, key_of, fingerprint, open_cache
@@ -28,7 +26,7 @@ from training.models import build_embedded_models, seeded
 from training.run import main
 from training.variants import adapter_spec
 
-from training_fixtures import write_folder_with_bad_rows, write_manifest_with_bad_rows, write_shards
+from training_fixtures import write_folder_with_bad_rows, write_manifest_with_bad_rows, write_model_files, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 RESOLUTION = 32
@@ -87,7 +85,7 @@ def test_a_step_from_the_cache_has_the_loss_and_gradients_of_the_online_step(tmp
         frozen = build_embedded_models(seed=42, family=config.family).to(CPU)
     source = open_source(str(toy_data))
     build_cache(config, source, frozen, CPU, progress=False)
-    cache = open_cache(config, source, frozen)
+    cache = open_cache(config, source, frozen.dtype)
     assert cache is not None
     process = Process("single", 0, 1, 0, CPU)
     encoder = frozen.image_encoder
@@ -144,7 +142,7 @@ def test_cached_batches_match_online_for_every_format_with_bad_samples(tmp_path,
     expected_root = {"manifest": data.with_name("manifest.jsonl.cache"), "folder": tmp_path / "data.cache",
                      "webdataset": data / "ipadapter-cache"}[kind]
     assert summary["folder"].parent == expected_root == default_root(config, source)  # next to the data
-    cache = open_cache(config, source, frozen)
+    cache = open_cache(config, source, frozen.dtype)
     online, cached = iter(make_loader(source, RESOLUTION, 3, 0, 0, 1, 0)), iter(make_loader(source, RESOLUTION, 3, 0, 0, 1, 0, cache=cache))
     online_position, cached_position = DataPosition(0), DataPosition(0)
     for _ in range(5):  # more than an epoch: skips and (for shards) stream positions included
@@ -196,25 +194,51 @@ def test_a_cache_for_other_settings_is_not_used_and_says_why(tmp_path, toy_data,
     build_cache(config, source, frozen, CPU, progress=False)
     other_resolution = config_for(toy_data, "--data.resolution", "64")
     with caplog.at_level(logging.INFO, logger="training"):
-        assert open_cache(other_resolution, source, frozen) is None
+        assert open_cache(other_resolution, source, frozen.dtype) is None
     assert "built for resolution 32 (this run: 64)" in caplog.text
     with pytest.raises(CacheError, match="resolution 32 \\(this run: 64\\).*cache.use is require"):
-        open_cache(config_for(toy_data, "--data.resolution", "64", "--cache.use", "require"), source, frozen)
-    with pytest.raises(CacheError, match="other vae encoder weights, other image encoder weights, other text encoder weights"):
-        open_cache(config_for(toy_data, "--cache.use", "require"), source, build_embedded_models(seed=7))
-    # the same encoder weights with QuickGELU give other embeddings: not the same cache
-    tower = {f"visual.{k}": v for k, v in frozen.image_encoder.visual.state_dict().items()}
-    heads = frozen.image_encoder.visual.transformer.resblocks[0].attn.num_heads
-    quick = dataclasses.replace(frozen, image_encoder=encoder_from_state_dict(tower, heads=heads, quick_gelu=True))
-    with pytest.raises(CacheError, match="built for other image encoder weights;"):
-        open_cache(config_for(toy_data, "--cache.use", "require"), source, quick)
-    assert open_cache(config_for(toy_data, "--cache.use", "off"), source, frozen) is None
-    assert open_cache(config, source, frozen) is not None
+        open_cache(config_for(toy_data, "--data.resolution", "64", "--cache.use", "require"), source, frozen.dtype)
+    with pytest.raises(CacheError, match="built for other embedded models"):  # the embedded models of another seed
+        open_cache(config_for(toy_data, "--cache.use", "require", "--train.seed", "7"), source, frozen.dtype)
+    assert open_cache(config_for(toy_data, "--cache.use", "off"), source, frozen.dtype) is None
+    assert open_cache(config, source, frozen.dtype) is not None
     # a base cache holds pooled embeddings: a plus run (penultimate hidden states) never uses it
     alone = ("--cache.dir", str(tmp_path / "base-only"))
     build_cache(config_for(toy_data, *alone), source, frozen, CPU, progress=False)
     with pytest.raises(CacheError, match="built for image features image_embeds \\(this run: penultimate, model.variant\\)"):
-        open_cache(config_for(toy_data, *alone, "--cache.use", "require", "--model.variant", "plus"), source, frozen)
+        open_cache(config_for(toy_data, *alone, "--cache.use", "require", "--model.variant", "plus"), source, frozen.dtype)
+
+
+def test_the_cache_of_model_files_is_found_before_loading_and_follows_the_encoders_files(tmp_path, toy_data, caplog):
+    """A run finds its cache from the files alone and then reads no encoder; other encoder files (another image
+    encoder, other text-encoder weights) are another cache; the UNet is not part of it."""
+    from training.cache import main as cache_main
+
+    sd15, encoder, _ = write_model_files(tmp_path / "models")
+    args = ["--model.sd15", str(sd15), "--model.image_encoder", str(encoder), "--model.encoder_embed_dim", "32",
+            "--data.path", str(toy_data), "--data.resolution", str(RESOLUTION), "--data.num_workers", "0",
+            "--train.batch_size", "2", "--train.max_steps", "1", "--sample.every", "0", "--train.progress", "false",
+            "--train.output_dir", str(tmp_path / "out"), "--cache.dir", str(tmp_path / "cache")]
+    with caplog.at_level(logging.INFO, logger="training"):
+        cache_main(args)
+    assert "models: not read (never run here): unet" in caplog.text
+    caplog.clear()
+    source = open_source(str(toy_data))
+    config, _ = load_config(args + ["--cache.use", "require"])
+    cache = open_cache(config, source, torch.float32)
+    assert cache is not None and cache.image_embed_dim == 32
+    with caplog.at_level(logging.INFO, logger="training"):
+        result = main(args + ["--cache.use", "require"])
+    assert "cache: training from" in caplog.text and len(result["history"]) == 1
+    assert "models: not read (never run here): image encoder, text encoder" in caplog.text
+
+    unet_weights = sd15 / "unet" / "diffusion_pytorch_model.safetensors"
+    unet_weights.write_bytes(unet_weights.read_bytes()[::-1])  # the UNet is not part of what the cache depends on
+    assert open_cache(config, source, torch.float32) is not None
+    other = write_model_files(tmp_path / "other", seed=11)[1]
+    encoder.write_bytes(other.read_bytes())  # the same name and size, other weights
+    with pytest.raises(CacheError, match="built for other image encoder files;"):
+        open_cache(config, source, torch.float32)
 
 
 def test_a_killed_pass_resumes_and_skips_written_shards(tmp_path, toy_data, frozen, monkeypatch):
@@ -236,9 +260,9 @@ def test_a_killed_pass_resumes_and_skips_written_shards(tmp_path, toy_data, froz
     with pytest.raises(KeyboardInterrupt):
         build_cache(config, source, frozen, CPU, progress=False)
     monkeypatch.setattr(cache_module, "_save_shard", real_save)
-    folder = default_root(config, source) / key_of(fingerprint(config, source, frozen))
+    folder = default_root(config, source) / key_of(fingerprint(config, source, frozen.dtype))
     assert sorted(p.name for p in folder.glob("shard-*")) == ["shard-000000.safetensors"]  # no half-written shard
-    assert open_cache(config, source, frozen) is None  # incomplete: not used
+    assert open_cache(config, source, frozen.dtype) is None  # incomplete: not used
 
     encoded = []
     real_encode = cache_module.encode_unit

@@ -17,8 +17,9 @@ source (manifest, image folder or WebDataset shards):
 Shards go next to the data (``<manifest>.cache/``, ``<folder>.cache/``,
 ``<shard folder>/ipadapter-cache/``, or ``cache.dir``), in a subfolder named by a
 fingerprint of everything that changes the outputs: resolution, frozen dtype, the
-encoders' weights, the tokenizer, what is stored (which image features: the variant's
-input; text outputs or ids), and the list of samples. A run whose
+model files (read in samples, so a run picks its cache before loading any model, and then
+loads only what it runs), what is stored (which image features: the variant's input; text
+outputs or ids), and the list of samples. A run whose
 settings differ does not see the cache (``cache.use auto`` says why in one line and
 encodes online; ``require`` stops). Shards are written under a temporary name and
 renamed, so a killed pass resumes where it stopped: complete shards are skipped. Under
@@ -40,9 +41,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from ipadapter.encoder import CONFIG_OF_WEIGHTS
 from ipadapter.files import atomic_path, write_text_atomic
 
-from .cli import local_device, open_data_and_models, run_cli, setup_logging
+from .cli import local_device, open_data, open_models, run_cli, setup_logging
 from .config import Config, load_config
 from .data import (
     CLIP_SIZE,
@@ -61,7 +63,7 @@ from .variants import encoder_input
 
 log = logging.getLogger("training")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: models identified by their files
 INFO_FILE = "cache.json"
 EMPTY_FILE = "empty-prompt.safetensors"  # also holds the zero image's hidden states (plus, full-face)
 ZERO_IMAGE = "zero_image_penultimate"
@@ -77,24 +79,48 @@ class CacheError(UserError):
 # --- identity ------------------------------------------------------------------------
 
 
-def weights_digest(module: torch.nn.Module, dtype: torch.dtype) -> str:
-    """sha1 of every parameter's name, shape and a strided sample of its values, as cast to ``dtype``.
+SAMPLED_CHUNKS, CHUNK = 16, 1 << 16
 
-    Cheap on ViT-H (no full pass over the weights), and the same whether the module is
-    already cast or not.
+
+def file_digest(path: Path) -> str:
+    """sha1 of a file's name, size, first and last MiB and 16 evenly spaced 64 KiB chunks.
+
+    Reads about 3 MiB of a multi-GB checkpoint, no model is built; any other weights of the same
+    architecture (a fine-tune, another seed) differ in nearly every chunk.
     """
-    digest = hashlib.sha1()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        if flat.numel() == 0:
-            continue
-        step = max(1, flat.numel() // 4096)
-        sample = torch.cat([flat[:256], flat[::step], flat[-256:]]).cpu()
-        if sample.is_floating_point():
-            sample = sample.to(dtype).float()
-        digest.update(sample.contiguous().numpy().tobytes())
+    digest = hashlib.sha1(f"{path.name}:{path.stat().st_size}".encode())
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if size <= 2 * (1 << 20) + SAMPLED_CHUNKS * CHUNK:
+            digest.update(handle.read())
+            return digest.hexdigest()
+        offsets = [0, size - (1 << 20)] + [size * i // (SAMPLED_CHUNKS + 1) for i in range(1, SAMPLED_CHUNKS + 1)]
+        for offset in offsets:
+            handle.seek(offset)
+            digest.update(handle.read(1 << 20 if offset in offsets[:2] else CHUNK))
     return digest.hexdigest()
+
+
+def model_digests(config: Config) -> dict[str, str]:
+    """What the frozen encoders are, from the files alone (so a run can pick its cache before loading anything):
+    the base model's folder except ``unet/`` (its VAE, text encoders, tokenizers) or its single file, and the image
+    encoder's file with a library config saved beside it (the head count and activation can come from there).
+    The embedded run's models are fixed by the family and ``train.seed``."""
+    if config.embedded:
+        return {"embedded": f"{config.family.id}, seed {config.train.seed}"}
+    base = Path(config.base_model).expanduser()
+    files = sorted(p for p in base.rglob("*") if p.is_file() and p.relative_to(base).parts[0] != "unet") \
+        if base.is_dir() else [base]
+    encoder = Path(config.model.image_encoder).expanduser()
+    beside = encoder.with_name(CONFIG_OF_WEIGHTS[encoder.name]) if encoder.name in CONFIG_OF_WEIGHTS else encoder
+    missing = [p for p in (base, encoder) if not p.exists()]
+    if missing:
+        return {"missing": str(missing[0])}  # no cache can match; loading the models says what is wrong
+    return {
+        "base_model": hashlib.sha1("".join(f"{p.relative_to(base) if base.is_dir() else p.name}={file_digest(p)}\n"
+                                           for p in files).encode()).hexdigest(),
+        "image_encoder": file_digest(encoder) + (f" + {file_digest(beside)}" if beside.is_file() and beside != encoder else ""),
+    }
 
 
 def data_digest(source: DataSource, base: Path) -> str:
@@ -124,21 +150,11 @@ def default_root(config: Config, source: DataSource) -> Path:
     return location.with_name(location.name + ".cache")
 
 
-def fingerprint(config: Config, source: DataSource, frozen: FrozenModels) -> dict:
-    """Everything that changes what the encoders give for the data; equal fingerprints, same cache."""
-    dtype = frozen.dtype
-    vae_encoder = torch.nn.ModuleDict({"encoder": frozen.vae.encoder, "quant_conv": frozen.vae.quant_conv})
-    models = {
-        "vae_encoder": weights_digest(vae_encoder, dtype),
-        "image_encoder": weights_digest(frozen.image_encoder, dtype) + f" ({frozen.image_encoder.architecture})",
-        "tokenizer": hashlib.sha1(frozen.tokenize(["a photo of a Cat, 1girl; naïve café"]).numpy().tobytes()).hexdigest(),
-    }
-    if config.cache.text == "embeds":
-        for name in frozen.TEXT_ENCODERS:
-            if getattr(frozen, name) is not None:
-                models[name] = weights_digest(getattr(frozen, name), dtype)
+def fingerprint(config: Config, source: DataSource, dtype: torch.dtype) -> dict:
+    """Everything that changes what the encoders give for the data; equal fingerprints, same cache. Computed from
+    the config and the files, without loading a model."""
     features = {} if image_key(config) == "image_embeds" else {"image_features": image_key(config)}  # base: as before
-    family = {} if frozen.family.id == "sd15" else {"family": frozen.family.id}  # SD1.5 caches: as before
+    family = {} if config.family.id == "sd15" else {"family": config.family.id}  # SD1.5 caches: as before
     return {
         **features,
         **family,
@@ -147,8 +163,7 @@ def fingerprint(config: Config, source: DataSource, frozen: FrozenModels) -> dic
         "clip_size": CLIP_SIZE,
         "dtype": str(dtype).replace("torch.", ""),
         "text": config.cache.text,
-        "scaling_factor": float(frozen.vae.config.scaling_factor),
-        "models": models,
+        "models": model_digests(config),
         "data": {"kind": source.kind, "digest": data_digest(source, data_base(config, source)),
                  "shard_size": config.cache.shard_size if source.pairs is not None else None},
     }
@@ -165,7 +180,7 @@ def key_of(identity: dict) -> str:
 
 def describe_difference(wanted: dict, found: dict) -> str:
     differences = []
-    for field in ("resolution", "dtype", "text", "clip_size", "version", "scaling_factor"):
+    for field in ("resolution", "dtype", "text", "clip_size", "version"):
         if wanted.get(field) != found.get(field):
             differences.append(f"{field} {found.get(field)} (this run: {wanted.get(field)})")
     wanted_features, found_features = (identity.get("image_features", "image_embeds") for identity in (wanted, found))
@@ -173,7 +188,7 @@ def describe_difference(wanted: dict, found: dict) -> str:
         differences.append(f"image features {found_features} (this run: {wanted_features}, model.variant)")
     for name, digest in wanted["models"].items():
         if found.get("models", {}).get(name) != digest:
-            differences.append(f"other {name.replace('_', ' ')} weights")
+            differences.append(f"other {name.replace('_', ' ')} files" if name != "embedded" else "other embedded models")
     if wanted["data"] != found.get("data"):
         differences.append("other samples or shard size")
     return ", ".join(differences) or "unknown"
@@ -211,6 +226,8 @@ class FeatureCache:
         self.text = identity["text"]
         self.image_key = identity.get("image_features", "image_embeds")
         self.unit_by_shard = {str(shard): index for index, shard in enumerate(source.shards or [])}
+        written = json.loads((folder / INFO_FILE).read_text()).get("image_encoder", {})  # what the pass recorded
+        self.image_embed_dim, self.image_hidden_width = written.get("embed_dim"), written.get("hidden_width")
         empty = _load_tensors(folder / EMPTY_FILE)
         self.empty_text = empty["text_embeds"] if self.text == "embeds" else None
         self.empty_pooled = empty.get("pooled_text") if self.text == "embeds" else None
@@ -285,7 +302,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return {name: handle.get_tensor(name) for name in handle.keys()}
 
 
-def open_cache(config: Config, source: DataSource, frozen: FrozenModels) -> FeatureCache | None:
+def open_cache(config: Config, source: DataSource, dtype: torch.dtype) -> FeatureCache | None:
     """The cache to train from, or None (encode online) with the reason logged; ``cache.use require`` raises."""
     if config.cache.use == "off":
         return None
@@ -295,7 +312,7 @@ def open_cache(config: Config, source: DataSource, frozen: FrozenModels) -> Feat
         log.info("cache: encoding online: %s", RANDOM_CROP)
         return None
     root = default_root(config, source)
-    identity = fingerprint(config, source, frozen)
+    identity = fingerprint(config, source, dtype)
     folder = root / key_of(identity)
     command = "python -m training.cache (with this run's options)"
     problem = None
@@ -413,11 +430,12 @@ def empty_prompt_outputs(frozen: FrozenModels, config: Config, device: torch.dev
 def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device: torch.device,
                 rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
     """Write this rank's missing shards; returns {"folder", "written", "skipped", "complete"}."""
-    identity = fingerprint(config, source, frozen)
+    identity = fingerprint(config, source, frozen.dtype)
     folder = default_root(config, source) / key_of(identity)
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / INFO_FILE).is_file():
-        write_text_atomic(folder / INFO_FILE, json.dumps(identity, indent=1, sort_keys=True))
+    if not (folder / INFO_FILE).is_file():  # with the encoder's widths: a run from the cache does not load it
+        encoder = {"embed_dim": frozen.image_encoder.embed_dim, "hidden_width": frozen.image_encoder.hidden_width}
+        write_text_atomic(folder / INFO_FILE, json.dumps({**identity, "image_encoder": encoder}, indent=1, sort_keys=True))
     if not (folder / EMPTY_FILE).is_file():
         empty = {"input_ids": frozen.tokenize([""])[0], **empty_prompt_outputs(frozen, config, device)}
         if image_key(config) == "penultimate":
@@ -465,9 +483,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = local_device(local_rank)
     if config.data.crop == "random":
         raise CacheError(f"{RANDOM_CROP}; expected data.crop center for a cache")
-    # no process group here: each rank writes the toy data; the pass never runs the UNet, so it is not read
-    source, frozen = open_data_and_models(config, device, with_unet=False)
-    frozen.unet = None
+    # no process group here: each rank writes the toy data. The pass never runs the UNet: it is not read.
+    source = open_data(config)
+    frozen = open_models(config, device, skip=("unet",))
     frozen.to(device)
     summary = build_cache(config, source, frozen, device, rank, world_size, config.train.progress)
     state = "complete" if summary["complete"] else "not complete yet (other ranks still writing, or run again)"

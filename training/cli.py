@@ -1,5 +1,5 @@
 """What ``training.run``, ``training.cache`` and ``training.eval`` share when they start: logging, the
-exit status of user errors, the device, and opening the data and the frozen models."""
+exit status of user errors, the device, and opening the data and (the needed parts of) the frozen models."""
 from __future__ import annotations
 
 import logging
@@ -43,10 +43,8 @@ def local_device(local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def open_data_and_models(config: Config, device: torch.device, is_main: bool = True,
-                         barrier=lambda: None, with_unet: bool = True) -> tuple[object, FrozenModels]:
-    """(data source, frozen models) of a run; the embedded default writes its toy data first. ``with_unet`` False:
-    the UNet is not read from the user's files (the cache pass)."""
+def open_data(config: Config, is_main: bool = True, barrier=lambda: None):
+    """The run's data source, checked before anything is loaded; the embedded default writes its toy data first."""
     if config.embedded and config.data.path is None:
         toy = Path(config.train.output_dir) / "toy_data"
         if is_main:
@@ -57,10 +55,17 @@ def open_data_and_models(config: Config, device: torch.device, is_main: bool = T
     skipped = source.scan_skipped
     log.info("data: %s%s", source.description,
              f"; skipped {sum(skipped.values())} rows ({describe_skips(skipped)})" if skipped else "")
+    return source
+
+
+def open_models(config: Config, device: torch.device, skip: tuple[str, ...] = ()) -> FrozenModels:
+    """The frozen models of the run, without the modules named in ``skip`` (``unet``, ``text_encoder``,
+    ``text_encoder_2``, ``image_encoder``): those are not read from the user's files."""
     dtype = resolve_dtype(config.model.frozen_dtype, device)
-    if config.embedded:
-        frozen = build_embedded_models(seed=config.train.seed, dtype=dtype, family=config.family)
-    else:
-        frozen = load_frozen_models(config.base_model, config.model.image_encoder, dtype, config.model.encoder_embed_dim,
-                                    config.family, with_unet)
-    return source, frozen
+    if not config.embedded:
+        return load_frozen_models(config.base_model, config.model.image_encoder, dtype, config.model.encoder_embed_dim,
+                                  config.family, skip)
+    frozen = build_embedded_models(seed=config.train.seed, dtype=dtype, family=config.family)
+    for name in skip:
+        setattr(frozen, name, None)
+    return frozen

@@ -3,3 +3,7 @@
 
 class UserError(ValueError):
     """A mistake in what the user gave: reported as one ``error: ...`` line and exit status 2, no traceback."""
+
+
+class ModelFileError(UserError):
+    """Missing or unusable model files; the message is one line."""

@@ -18,11 +18,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from ipadapter.files import first_line
 from ipadapter.encoder import EncoderFormatError, ImageEncoder, build_vision_tower, load_image_encoder
-from ipadapter.files import read_weights
 from ipadapter.architecture import SD15, SDXL, Architecture, family_names, family_of_processor_names
 
-from .errors import UserError
+from .checkpoint_files import config_dict, convert, load_folder_part, materialise, open_checkpoint, text_state
+from .errors import ModelFileError
 from .sdxl_files import SDXL_CONFIG_DIR, detect_base_model_family, load_sdxl_folder, load_sdxl_single_file
 
 SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
@@ -31,10 +32,6 @@ CONTEXT_LENGTH = 77
 START_TOKEN, END_TOKEN = 49406, 49407
 
 log = logging.getLogger("training")
-
-
-class ModelFileError(UserError):
-    """Missing or unusable model files; the message is one line."""
 
 
 class PromptTokenizer:
@@ -198,10 +195,11 @@ def family_scheduler(family: Architecture = SD15, folder: Path | None = None) ->
 
 def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dtype,
                        encoder_embed_dim: int | None = VIT_H_EMBED_DIM, family: Architecture = SD15,
-                       with_unet: bool = True, check_embed_dim: bool = True) -> FrozenModels:
+                       skip: tuple[str, ...] = (), check_embed_dim: bool = True) -> FrozenModels:
     """The base model of ``family`` and the image encoder from the user's files; ``encoder_embed_dim`` None allows
-    the family's encoders (``check_embed_dim`` False: any encoder). ``with_unet`` False leaves the UNet unread (the
-    cache pass never runs it)."""
+    the family's encoders (``check_embed_dim`` False: any encoder). The modules named in ``skip`` (``unet``,
+    ``text_encoder``, ``text_encoder_2``, ``image_encoder``) are not read: the cache pass never runs the UNet, a run
+    from the cache without sample grids never runs the encoders."""
     base = Path(base_path).expanduser()
     option = f"model.{family.id}"
     if not base.exists():
@@ -214,15 +212,15 @@ def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dty
     text_encoder_2 = tokenizer_2 = None
     if family is SDXL:  # loaded in the frozen dtype: SDXL in fp32 is 13 GB
         load = load_sdxl_folder if base.is_dir() else load_sdxl_single_file
-        parts = load(base, dtype, with_unet)
+        parts = load(base, dtype, skip)
         unet, vae, text_encoder, text_encoder_2 = parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2
         tokenizer_dir, tokenizer_2 = parts.tokenizer_dir, PromptTokenizer(parts.tokenizer_2_dir, pad=0)
         scheduler = family_scheduler(family, base if base.is_dir() else None)
     elif base.is_dir():
-        unet, vae, text_encoder, tokenizer_dir = _load_diffusers_folder(base, with_unet)
+        unet, vae, text_encoder, tokenizer_dir = _load_diffusers_folder(base, dtype, skip)
         scheduler = family_scheduler(family, base)
     else:
-        unet, vae, text_encoder = _load_single_file(base, with_unet)
+        unet, vae, text_encoder = _load_single_file(base, dtype, skip)
         tokenizer_dir, scheduler = None, family_scheduler(family)
     if unet is not None:
         check_unet_layout(unet, str(base), family)
@@ -230,73 +228,65 @@ def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dty
     for name, module in modules:
         if module is not None:
             check_finite(module, f"{family.name} {name} of '{base.name}'")
-    encoder = _load_image_encoder(Path(image_encoder_path).expanduser(), encoder_embed_dim, family, check_embed_dim)
+    encoder = None
+    if "image_encoder" not in skip:
+        encoder = _load_image_encoder(Path(image_encoder_path).expanduser(), encoder_embed_dim, family, check_embed_dim)
+    if skip:
+        log.info("models: not read (never run here): %s", ", ".join(name.replace("_", " ") for name in skip))
     return FrozenModels(unet, vae, text_encoder, encoder, PromptTokenizer(tokenizer_dir), scheduler, dtype, family,
                         text_encoder_2, tokenizer_2)
 
 
-def _load_diffusers_folder(folder: Path, with_unet: bool = True):
+def _load_diffusers_folder(folder: Path, dtype: torch.dtype, skip: tuple[str, ...] = ()):
     missing = [name for name in ("unet", "vae", "text_encoder") if not (folder / name).is_dir()]
     if missing:
         raise ModelFileError(
             f"SD1.5 folder '{folder}' has no {', '.join(m + '/' for m in missing)}; "
             "expected a diffusers model folder (unet/, vae/, text_encoder/) or a single-file checkpoint"
         )
-    parts = (("unet", UNet2DConditionModel),) if with_unet else ()
-    loaded = {"unet": None}
-    for name, cls in (*parts, ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
-        try:
-            model, info = cls.from_pretrained(str(folder), subfolder=name, local_files_only=True, output_loading_info=True)
-        except (OSError, ValueError, RuntimeError, EnvironmentError) as error:
-            raise ModelFileError(f"SD1.5 folder '{folder}': {name}/ could not be read ({_first_line(error)})") from None
-        missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
-        if missing:  # would silently train against randomly initialised weights
-            raise ModelFileError(f"SD1.5 folder '{folder}': {name}/ lacks {len(missing)} weights (e.g. {sorted(missing)[0]}); expected complete SD1.5 weights")
-        loaded[name] = model
-    unet, vae, text_encoder = loaded["unet"], loaded["vae"], loaded["text_encoder"]
+    unet, vae, text_encoder = (None if name in skip else load_folder_part(cls, folder, name, dtype, "SD1.5")
+                               for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
+                                                 ("text_encoder", CLIPTextModel)))
     tokenizer_dir = folder / "tokenizer"
     return unet, vae, text_encoder, tokenizer_dir if tokenizer_dir.is_dir() else None
 
 
-SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 
 
-def _load_single_file(path: Path, with_unet: bool = True):
-    checkpoint = _read_weights(path)
-    missing = [p for p in SINGLE_FILE_PREFIXES if not any(k.startswith(p) for k in checkpoint)]
-    if missing:
-        found = ", ".join(list(checkpoint)[:3]) or "nothing"
-        raise ModelFileError(
-            f"'{path.name}' is not an SD1.5 checkpoint (no {missing[0]}* keys; found {found}); "
-            "expected UNet, VAE and CLIP text encoder weights in the original single-file layout"
-        )
-    config = str(SD15_CONFIG_DIR)
-    try:
-        unet = UNet2DConditionModel.from_single_file(checkpoint, config=config, subfolder="unet", local_files_only=True) \
-            if with_unet else None
-        vae = AutoencoderKL.from_single_file(checkpoint, config=config, subfolder="vae", local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise ModelFileError(f"'{path.name}' could not be converted as SD1.5 ({_first_line(error)})") from None
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json")))
-    prefix = "cond_stage_model.transformer."
-    tensors = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
-    load_text_encoder_weights(text_encoder, tensors, path.name)
-    return unet, vae, text_encoder
+def _load_single_file(path: Path, dtype: torch.dtype, skip: tuple[str, ...] = ()):
+    """UNet, VAE and text encoder from an SD1.5 single file, part by part in ``dtype`` (no second copy), with the
+    configs shipped in ``configs/sd15``; modules in ``skip`` are not read."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
-
-def load_text_encoder_weights(model: CLIPTextModel, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that accepts keys with or without the ``text_model.`` prefix (transformers 4 vs 5)."""
-    own = model.state_dict()
-    prefix = "text_model."
-    if not any(k.startswith(prefix) for k in own):
-        tensors = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in tensors.items()}
-    elif not any(k.startswith(prefix) for k in tensors):
-        tensors = {prefix + k: v for k, v in tensors.items()}
-    tensors = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
-    missing = sorted(set(own) - set(tensors) - {k for k in own if k.endswith("position_ids")})
-    if missing:
-        raise ModelFileError(f"'{source}': CLIP text encoder weights miss {missing[:2]}; expected SD1.5's ViT-L/14 text model")
-    model.load_state_dict(tensors, strict=False)
+    name, expected = path.name, "SD1.5's UNet, VAE and CLIP text encoder in the original single-file layout"
+    with open_checkpoint(path) as weights:
+        missing = [p for p in (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX) if not any(k.startswith(p) for k in weights.keys)]
+        if missing:
+            found = ", ".join(weights.keys[:3]) or "nothing"
+            raise ModelFileError(f"'{name}' is not an SD1.5 checkpoint (no {missing[0]}* keys; found {found}); expected {expected}")
+        modules = {}
+        for part, cls, prefix, converter in (("unet", UNet2DConditionModel, UNET_PREFIX, convert_ldm_unet_checkpoint),
+                                             ("vae", AutoencoderKL, VAE_PREFIX, convert_ldm_vae_checkpoint)):
+            if part in skip:
+                modules[part] = None
+                continue
+            config = config_dict(cls, SD15_CONFIG_DIR / part, f"the shipped SD1.5 {part}", name)
+            state = convert(converter, weights.take(prefix, dtype), config, part.upper(), name, "SD1.5")
+            modules[part] = materialise(lambda: cls.from_config(config), state, part.upper(), name, expected)
+            del state
+        text_encoder = None
+        if "text_encoder" not in skip:
+            text_config = CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json"))
+            with torch.device("meta"):
+                template = CLIPTextModel(text_config)
+            state = text_state(convert_ldm_clip_checkpoint(weights.take(TEXT_PREFIX, dtype)), template)
+            text_encoder = materialise(lambda: CLIPTextModel(text_config), state, "CLIP text encoder", name, expected)
+    return modules["unet"], modules["vae"], text_encoder
 
 
 ENCODER_EMBED_DIMS = {"sd15": (VIT_H_EMBED_DIM,), "sdxl": (1280, VIT_H_EMBED_DIM)}  # the released adapters' encoders
@@ -311,7 +301,7 @@ def _load_image_encoder(path: Path, embed_dim: int | None = VIT_H_EMBED_DIM, fam
     try:
         encoder = load_image_encoder(str(path), device="cpu", dtype=torch.float32)
     except (EncoderFormatError, ValueError, OSError) as error:
-        raise ModelFileError(f"image encoder '{path.name}': {_first_line(error)}") from None
+        raise ModelFileError(f"image encoder '{path.name}': {first_line(error)}") from None
     allowed = ENCODER_EMBED_DIMS[family.id] if embed_dim is None else (embed_dim,)
     if check_embed_dim and encoder.embed_dim not in allowed:
         expected = ENCODER_NAMES[family.id] if embed_dim is None else "model.encoder_embed_dim"
@@ -320,11 +310,6 @@ def _load_image_encoder(path: Path, embed_dim: int | None = VIT_H_EMBED_DIM, fam
             f"expected {' or '.join(map(str, allowed))} ({expected})"
         )
     return encoder
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    loaded, _ = read_weights(path, "SD1.5 checkpoint", ModelFileError)
-    return loaded.get("state_dict", loaded) if isinstance(loaded.get("state_dict"), dict) else loaded
 
 
 def check_finite(module: torch.nn.Module, what: str) -> None:
@@ -412,11 +397,3 @@ def seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
-sd15_scheduler = family_scheduler  # the name bench/ and experiments/ import; both families train on one schedule

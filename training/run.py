@@ -13,12 +13,12 @@ from pathlib import Path
 from .adapter import IPAdapterModel, start_from_adapter_file
 from .cache import open_cache
 from .checkpointing import export_adapter, find_state, load_state, save_state
-from .cli import open_data_and_models, run_cli, setup_logging
+from .cli import open_data, open_models, run_cli, setup_logging
 from .config import Config, load_config, usage
 from .data import DataPosition, make_loader
 from .distributed import Engine, Process, setup, teardown
 from .loop import StepHook, train
-from .models import seeded
+from .models import FrozenModels, resolve_dtype, seeded
 from .variants import adapter_spec, export_name
 
 log = logging.getLogger("training")
@@ -52,24 +52,22 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     if config.embedded:
         log.info("No model files given: running the embedded default (scaled-down random-weight models, toy data).")
         log.info(REAL_MODELS_HINT)
-    source, frozen = open_data_and_models(config, process.device, process.is_main, process.barrier)
-    encoder = frozen.image_encoder
-    spec = adapter_spec(config.model.variant, config.model.num_tokens, encoder.embed_dim, encoder.hidden_width, frozen.unet)
+    source = open_data(config, process.is_main, process.barrier)
+    cache = open_cache(config, source, resolve_dtype(config.model.frozen_dtype, process.device))
+    # from the cache the encoders serve only sample grids: not read without them, else kept off the accelerator
+    unused = () if cache is None else ("image_encoder", *(FrozenModels.TEXT_ENCODERS if cache.text == "embeds" else ()))
+    frozen = open_models(config, process.device, skip=() if config.sample.every else unused)
+    encoder_embed_dim = frozen.image_encoder.embed_dim if frozen.image_encoder is not None else cache.image_embed_dim
+    hidden_width = frozen.image_encoder.hidden_width if frozen.image_encoder is not None else cache.image_hidden_width
+    spec = adapter_spec(config.model.variant, config.model.num_tokens, encoder_embed_dim, hidden_width, frozen.unet)
     with seeded(config.train.seed):  # the projection's initialisation; identical on every rank
         model = IPAdapterModel(frozen.unet, spec=spec)
     if config.model.init_adapter:  # a resumed training state replaces these weights below
         start_from_adapter_file(model, config.model.init_adapter)
         log.info("starting from the adapter weights of %s", config.model.init_adapter)
-    cache = open_cache(config, source, frozen)
-    if cache is not None:  # the encoders are needed only for sample grids: keep them off the accelerator, or drop them
+    if cache is not None:
         frozen.empty_text, frozen.empty_pooled, frozen.zero_image = cache.empty_text, cache.empty_pooled, cache.zero_image
-        unused = ("image_encoder",) + (frozen.TEXT_ENCODERS if cache.text == "embeds" else ())
-        if not config.sample.every:
-            for name in unused:
-                setattr(frozen, name, None)
-        frozen.to(process.device, offload=unused)
-    else:
-        frozen.to(process.device)
+    frozen.to(process.device, offload=unused)
     model.to(process.device)
     log.info("trainable parameters: %s (%s %s adapter: %s %s + %d x to_k_ip/to_v_ip %s); frozen models in %s",
              f"{model.num_trainable():,}", spec.family, config.model.variant, type(model.image_proj).__name__,
@@ -100,7 +98,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
                          process.rank, process.world_size, config.data.num_workers, position, cache=cache,
                          random_crop=config.data.crop == "random")
     exports: list[Path] = []
-    hooks = [*_periodic_hooks(config, process, engine, frozen, source, data_position, exports, encoder.embed_dim), *extra_hooks]
+    hooks = [*_periodic_hooks(config, process, engine, frozen, source, data_position, exports, encoder_embed_dim), *extra_hooks]
     history = train(config, process, frozen, engine, loader, start_step, data_position, hooks)
 
     check_same_weights(process, model)
@@ -108,7 +106,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     if final_step > start_step and (not config.train.save_every or final_step % config.train.save_every):
         save_state(output_dir, final_step, engine, process, data_position.state(), config.train.keep_states)
     if process.is_main:
-        exports.extend(_export(config, model, final_step, encoder.embed_dim))
+        exports.extend(_export(config, model, final_step, encoder_embed_dim))
         for path in exports[-len(config.train.export_formats):]:
             print(f"exported adapter: {path.resolve()}", flush=True)
         if config.embedded:

@@ -32,7 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ipadapter.encoder import build_vision_tower
 from ipadapter.preprocess import preprocess
-from training.models import SD15_CONFIG_DIR, PromptTokenizer, check_unet_layout, sd15_scheduler
+from training.models import SD15_CONFIG_DIR, PromptTokenizer, check_unet_layout, family_scheduler
 
 from . import data
 
@@ -212,7 +212,7 @@ def train_base(unet, vae, text_encoder, images: np.ndarray, captions: list[str],
     weights of a short run are noisy at high noise levels, where the colour is decided.
     """
     tokenizer = PromptTokenizer()
-    scheduler = sd15_scheduler()
+    scheduler = family_scheduler()
     prompts = sorted(set(captions)) + [""]
     contexts = text_embeddings(text_encoder, tokenizer, prompts)
     processors = unet.attn_processors
@@ -260,7 +260,7 @@ def save_models(folder: Path, unet, vae, text_encoder, image_encoder) -> tuple[P
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text_encoder.save_pretrained(folder / "text_encoder")
-    sd15_scheduler().save_pretrained(folder / "scheduler")
+    family_scheduler().save_pretrained(folder / "scheduler")
     encoder_path = folder / "image_encoder.safetensors"
     save_file({f"visual.{k}": v.contiguous() for k, v in image_encoder.visual.state_dict().items()}, str(encoder_path))
     return folder, encoder_path

@@ -211,7 +211,8 @@ def encoder_from_state_dict(state_dict: dict, source: str = "<memory>", heads: i
     tower = _tower_state_dict(state_dict, source)
     embed_dim, vision_cfg = _vision_config(tower, source, heads)
     try:
-        visual = open_clip.model._build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
+        with torch.device("meta"):  # no random initialisation, no storage: the tensors below become its weights
+            visual = open_clip.model._build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
     except (AssertionError, ValueError, RuntimeError):
         raise EncoderFormatError(
             f"'{source}' gives a tower that cannot be built (width {vision_cfg['width']}, "
@@ -232,7 +233,10 @@ def encoder_from_state_dict(state_dict: dict, source: str = "<memory>", heads: i
             f"'{source}' does not match an OpenCLIP ViT of width {vision_cfg['width']} with "
             f"{vision_cfg['layers']} layers ({detail}); expected a complete CLIP vision tower"
         )
-    visual.load_state_dict(tower, strict=True)
+    visual.load_state_dict(tower, strict=True, assign=True)
+    unset = [name for name, tensor in visual.state_dict(keep_vars=True).items() if tensor.is_meta]
+    if unset:  # a buffer that no file carries
+        raise EncoderFormatError(f"'{source}' leaves {unset[0]} of the OpenCLIP tower unset; expected a complete tower")
     return ImageEncoder(visual)
 
 
@@ -247,8 +251,9 @@ def load_image_encoder(
     the weights gives them; any other file gets GELU, as ViT-H/14 and ViT-bigG/14
     have, and their head width (else 64). ``heads`` overrides the head count.
     """
-    if isinstance(source, dict):
-        encoder = encoder_from_state_dict(source, "<state dict>", heads)
+    if isinstance(source, dict):  # the caller's tensors (ComfyUI's model): the encoder gets its own copies
+        encoder = encoder_from_state_dict({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in source.items()},
+                                          "<state dict>", heads)
     else:
         path = Path(source)
         state_dict, _ = read_weights(path, "image encoder", EncoderFormatError)

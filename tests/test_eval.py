@@ -425,3 +425,35 @@ def test_generation_with_a_plus_adapter_feeds_hidden_states(tmp_path, tiny_clip,
         return torch.tensor(list(Image.open(tmp_path / name / "images" / "ref0_0.png").getdata()), dtype=torch.float32)
 
     assert (pixels("plus") - pixels("text-only")).abs().mean() > 1  # the plus adapter's image prompt changes the image
+
+
+def test_generation_for_sdxl_with_an_sdxl_adapter_and_the_other_family_refused(tmp_path, tiny_clip, references):
+    from training.adapter import IPAdapterModel
+    from training.checkpointing import export_adapter
+    from ipadapter.checkpoint import AdapterFormatError
+    from training.models import build_embedded_models
+    from training.variants import adapter_spec
+
+    sdxl, encoder, frozen = write_model_files(tmp_path / "models", family="sdxl")
+    tower = frozen.image_encoder
+    model = IPAdapterModel(frozen.unet, spec=adapter_spec("base", None, tower.embed_dim, tower.hidden_width, frozen.unet))
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+    adapter = export_adapter(model, tmp_path / "ip-adapter_sdxl_vit-h.safetensors", 1, "config: test", dtype="fp32")
+    common = ["--data", str(references), "--limit", "1", "--samples-per-image", "1", "--sdxl", str(sdxl),
+              "--image-encoder", str(encoder), "--steps", "2", "--resolution", "64", "--device", "cpu", *clip_args(tiny_clip)]
+    report = main(common + ["--adapter", str(adapter), "--output", str(tmp_path / "image")])
+    assert report["protocol"]["sdxl"] == str(sdxl)
+    main(common + ["--adapter", str(adapter), "--output", str(tmp_path / "text-only"), "--scale", "0"])
+
+    def pixels(name):
+        return torch.tensor(list(Image.open(tmp_path / name / "images" / "ref0_0.png").getdata()), dtype=torch.float32)
+
+    assert (pixels("image") - pixels("text-only")).abs().mean() > 1  # the SDXL adapter's image prompt changes the image
+
+    sd15 = build_embedded_models()
+    sd15_adapter = export_adapter(IPAdapterModel(sd15.unet, sd15.image_encoder.embed_dim), tmp_path / "sd15.safetensors", 0, "")
+    with pytest.raises(AdapterFormatError) as refused:
+        main(common + ["--adapter", str(sd15_adapter), "--output", str(tmp_path / "wrong")])
+    assert "\n" not in str(refused.value) and "SD1.5" in str(refused.value) and "SDXL" in str(refused.value)

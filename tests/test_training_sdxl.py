@@ -19,6 +19,7 @@ from training.run import main
 from training.variants import adapter_spec
 
 from test_training import _copy_unet, small_run_args
+from training_fixtures import write_model_files
 
 SEED = 42
 
@@ -160,15 +161,7 @@ def test_full_size_sdxl_parameter_counts_match_the_released_files():
 
 
 def test_an_sdxl_model_folder_trains_and_is_refused_under_the_sd15_option(tmp_path, toy_data):
-    from safetensors.torch import save_file
-
-    frozen = build_embedded_models(seed=3, family=SDXL)
-    folder = tmp_path / "sdxl-folder"
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        getattr(frozen, name).save_pretrained(folder / name)
-    frozen.scheduler.save_pretrained(folder / "scheduler")
-    encoder = tmp_path / "vit_h_layout.safetensors"
-    save_file({f"visual.{k}": v.contiguous() for k, v in frozen.image_encoder.visual.state_dict().items()}, str(encoder))
+    folder, encoder, _ = write_model_files(tmp_path, seed=3, family="sdxl")
 
     result = main(small_run_args(tmp_path / "out", toy_data, 1, **{"model.sdxl": folder, "model.image_encoder": encoder,
                                                                      "model.encoder_embed_dim": 32}))

@@ -167,18 +167,21 @@ def write_shards(folder: Path, shards: int = 4, per_shard: int = 5, bad: bool = 
     return paths
 
 
-def write_model_files(root: Path, seed: int = 5):
-    """A scaled-down SD1.5 as a diffusers folder (``root/sd15``) and an OpenCLIP-format image encoder file.
+def write_model_files(root: Path, seed: int = 5, family: str = "sd15"):
+    """A scaled-down SD1.5 (or SDXL) as a diffusers folder (``root/sd15``, ``root/sdxl``) and an OpenCLIP-format
+    image encoder file (ViT-H's layout, narrow).
 
     Returns the folder, the encoder file and the in-memory models they were written from.
     """
     from safetensors.torch import save_file
 
+    from ipadapter.architecture import family_by_id
     from training.models import build_embedded_models
 
-    frozen = build_embedded_models(seed=seed)
-    for name in ("unet", "vae", "text_encoder", "scheduler"):
-        getattr(frozen, name).save_pretrained(str(root / "sd15" / name))
+    frozen = build_embedded_models(seed=seed, family=family_by_id(family))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        if getattr(frozen, name) is not None:
+            getattr(frozen, name).save_pretrained(str(root / family / name))
     encoder = root / "open_clip_small.safetensors"
     save_file({f"visual.{k}": v.contiguous() for k, v in frozen.image_encoder.visual.state_dict().items()}, str(encoder))
-    return root / "sd15", encoder, frozen
+    return root / family, encoder, frozen

@@ -20,6 +20,7 @@ from PIL import Image
 from ipadapter.files import write_text_atomic
 
 from .cli import run_cli
+from .config import FAMILY_RESOLUTION
 from .clip_score import CLIPSCORE_WEIGHT, clipscore, load_scoring_clip, score_samples, summarize
 from .eval_data import EvalError, Reference, generated_files, load_references
 
@@ -39,15 +40,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "default ViT-L-14, the paper's; ViT-L-14-quickgelu for OpenAI weights)")
     parser.add_argument("--generated", help="score the images in this folder (<reference name>_<k>.png) instead of generating")
     parser.add_argument("--sd15", help="SD1.5: diffusers folder or single-file checkpoint")
-    parser.add_argument("--adapter", help="SD1.5 IP-Adapter checkpoint (.bin or .safetensors, official layout; base, light, "
-                        "plus, plus-face or full-face)")
-    parser.add_argument("--image-encoder", help="OpenCLIP ViT-H/14 image encoder of the adapter")
+    parser.add_argument("--sdxl", help="SDXL base instead: diffusers folder or single-file checkpoint")
+    parser.add_argument("--adapter", help="IP-Adapter checkpoint of that family (.bin or .safetensors, official layout; "
+                        "base, light, plus, plus-face or full-face)")
+    parser.add_argument("--image-encoder", help="the adapter's image encoder (OpenCLIP ViT-H/14; ViT-bigG/14 for ip-adapter_sdxl)")
     parser.add_argument("--scale", type=float, default=1.0, help="λ, the image prompt weight (paper: 1.0)")
     parser.add_argument("--prompt", choices=("empty", "caption"), default="empty",
                         help="text prompt: empty (paper, image prompt only) or the reference's caption")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (paper: 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (paper: 7.5)")
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--resolution", type=int, help="default: the family's, 512 (SD1.5) or 1024 (SDXL)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="dtype of SD1.5 and the encoder")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -57,12 +59,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", default="runs/eval", help="folder for report.json, per_image.csv and generated images")
     parser.add_argument("--overwrite", action="store_true", help="regenerate images that the output folder already holds")
     args = parser.parse_args(argv)
-    generation = [args.sd15, args.adapter, args.image_encoder]
+    if args.sd15 and args.sdxl:
+        raise EvalError("--sd15 and --sdxl are both given; expected one base model")
+    args.family = "sdxl" if args.sdxl else "sd15"
+    args.base_model = args.sdxl or args.sd15
+    if args.resolution is None:
+        args.resolution = FAMILY_RESOLUTION[args.family]
+    generation = [args.base_model, args.adapter, args.image_encoder]
     if args.generated and any(generation):
-        raise EvalError("--generated scores existing images; leave out --sd15/--adapter/--image-encoder (or --generated)")
+        raise EvalError("--generated scores existing images; leave out --sd15/--sdxl/--adapter/--image-encoder (or --generated)")
     if not args.generated and not all(generation):
-        absent = [f"--{n}" for n, v in zip(("sd15", "adapter", "image-encoder"), generation) if not v]
-        raise EvalError(f"{', '.join(absent)} not given; expected --sd15, --adapter and --image-encoder to generate, "
+        absent = [f"--{n}" for n, v in zip(("sd15 (or --sdxl)", "adapter", "image-encoder"), generation) if not v]
+        raise EvalError(f"{', '.join(absent)} not given; expected --sd15 or --sdxl, --adapter and --image-encoder to generate, "
                         "or --generated DIR to score existing images")
     for name in ("samples_per_image", "steps", "resolution", "batch_size", "generation_batch"):
         if getattr(args, name) < 1:
@@ -108,6 +116,8 @@ def generate_all(args: argparse.Namespace, references: list[Reference], folder: 
 
     settings = {k: getattr(args, k) for k in ("adapter", "sd15", "image_encoder", "scale", "prompt", "steps", "guidance",
                                                "resolution", "seed", "dtype")}
+    if args.sdxl:  # SD1.5 settings files stay as they were
+        settings["sdxl"] = args.sdxl
     settings_file = folder / GENERATION_SETTINGS
     if settings_file.is_file() and not args.overwrite and json.loads(settings_file.read_text()) != settings:
         raise EvalError(f"'{folder}' holds images generated with other settings ({settings_file.name}); "
@@ -142,23 +152,25 @@ def sample_seed(seed: int, reference: int, sample: int) -> int:
 
 
 def load_generator(args: argparse.Namespace, device: torch.device):
-    """SD1.5 + the adapter (base, light, plus, plus-face or full-face; official layout) + the image encoder, on ``device``."""
-    from ipadapter.architecture import SD15
+    """SD1.5 or SDXL + the adapter (base, light, plus, plus-face or full-face; official layout) + the image encoder,
+    on ``device``."""
+    from ipadapter.architecture import family_by_id
     from ipadapter.checkpoint import check_encoder, load_adapter
 
     from .adapter import IPAdapterModel
     from .models import load_frozen_models, resolve_dtype
 
-    checkpoint = load_adapter(args.adapter, base_width=None, architecture=SD15)
+    family = family_by_id(args.family)
+    checkpoint = load_adapter(args.adapter, base_width=None, architecture=family)  # another family's file: refused
     spec = checkpoint.spec
     embeds = spec.encoder_input == "image_embeds"  # hidden states: check_encoder below
-    frozen = load_frozen_models(args.sd15, args.image_encoder, resolve_dtype(args.dtype, device), spec.encoder_width,
-                                check_embed_dim=embeds)
+    frozen = load_frozen_models(args.base_model, args.image_encoder, resolve_dtype(args.dtype, device), spec.encoder_width,
+                                family, check_embed_dim=embeds)
     check_encoder(spec, frozen.image_encoder.embed_dim, frozen.image_encoder.hidden_width, checkpoint.source, frozen.image_encoder.name)
     unet_width = frozen.unet.config.block_out_channels[0]
     if spec.base_width != unet_width:
         raise EvalError(f"'{checkpoint.source}' was made for a UNet of base width {spec.base_width}; "
-                        f"the SD1.5 model's is {unet_width}")
+                        f"the {family.name} model's is {unet_width}")
     model = IPAdapterModel(frozen.unet, spec=spec)
     model.load_trainable_state_dict({k: v.float() for k, v in checkpoint.flat_state_dict().items()})
     frozen.to(device)
@@ -203,8 +215,8 @@ def build_report(args, description: str, clip_name: str, references, files, scor
     if args.generated:
         protocol["generated"] = str(args.generated)
     else:
-        protocol.update({k: getattr(args, k) for k in ("sd15", "adapter", "image_encoder", "scale", "prompt", "steps",
-                                                       "guidance", "resolution", "seed")})
+        protocol.update({k: getattr(args, k) for k in ("sd15", "sdxl", "adapter", "image_encoder", "scale", "prompt", "steps",
+                                                       "guidance", "resolution", "seed") if k != "sdxl" or args.sdxl})
         protocol["sampler"] = "DDIM"
     per_image = []
     for index, reference in enumerate(references):

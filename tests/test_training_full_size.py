@@ -31,3 +31,30 @@ def test_single_file_sd15_trains_and_exports_a_full_size_adapter(comfy, tmp_path
     assert torch.isfinite(torch.tensor(result["history"])).all()
     exported = load_adapter(result["export"][0])  # validated against the full SD1.5 widths (base 320)
     assert exported.num_parameters() == 22_319_616 and exported.spec.encoder_width == 1024
+
+
+def test_single_file_sdxl_trains_and_exports_a_full_size_vit_h_adapter_in_bf16(comfy, tmp_path, caplog):
+    """SDXL base (2.6 B UNet, both text encoders) from the original single file, in bf16 (fp32 would not fit
+    beside the 349 M fp32 adapter weights and their AdamW state on a 24 GiB machine): one step, an SDXL export."""
+    from devtools.comfyui_harness import sdxl_checkpoint_path
+
+    checkpoint = sdxl_checkpoint_path()
+    encoder = tmp_path / "vit_h_layout.safetensors"  # narrow tower, ViT-H's 1024-d embedding
+    tower = build_vision_tower("ViT-H-14", width=64, layers=2, head_width=16, embed_dim=1024)
+    save_file({f"visual.{k}": v.contiguous() for k, v in tower.visual.state_dict().items()}, str(encoder))
+    data = write_toy_dataset(tmp_path / "toy", count=2)
+    caplog.set_level(logging.INFO, logger="training")
+    result = main([
+        "--model.sdxl", str(checkpoint), "--model.image_encoder", str(encoder), "--data.path", str(data),
+        "--train.output_dir", str(tmp_path / "out"), "--train.max_steps", "1", "--train.batch_size", "1",
+        "--data.resolution", "64", "--data.num_workers", "0", "--sample.every", "0", "--train.progress", "false",
+        "--model.frozen_dtype", "bf16", "--train.export_formats", "safetensors",
+    ])
+    layers = 2 * 2048 * (10 * 640 + 60 * 1280)  # 70 x (to_k_ip, to_v_ip)
+    expected = layers + 1024 * 4 * 2048 + 4 * 2048 + 2 * 2048  # + the projection to 4 tokens of 2048 and its LayerNorm
+    assert f"trainable parameters: {expected:,} (SDXL base adapter" in caplog.text
+    assert torch.isfinite(torch.tensor(result["history"])).all()
+    export = result["export"][0]
+    assert export.name == "ip-adapter_sdxl_vit-h_step00000001.safetensors"
+    exported = load_adapter(export)  # validated against the full SDXL widths (base 320)
+    assert exported.spec.family == "SDXL" and exported.num_parameters() == expected

@@ -184,3 +184,24 @@ def test_an_sdxl_model_folder_trains_and_is_refused_under_the_sd15_option(tmp_pa
     assert cache_main(args)["complete"]
     with pytest.raises(ModelFileError, match="is not a readable .safetensors file"):
         main(args)
+
+
+def test_sdxl_resume_matches_the_uninterrupted_run_bitwise(tmp_path, toy_data):
+    """The time ids ride with the data position: a resumed SDXL run continues exactly (base; plus: test_training_plus)."""
+    args = {"model.family": "sdxl", "data.crop": "random"}  # random crops: drawn again identically after resuming
+    main(small_run_args(tmp_path / "straight", toy_data, 3, **args))
+    reference = torch.load(tmp_path / "straight" / "state" / "step-00000003" / "adapter.pt", weights_only=True)
+
+    class Interrupted(Exception):
+        pass
+
+    def dies_after_step_3(step):
+        if step == 3:
+            raise Interrupted("killed after step 3, before its save")
+
+    resumed_args = small_run_args(tmp_path / "resumed", toy_data, 3, **args)
+    with pytest.raises(Interrupted):
+        main(resumed_args, extra_hooks=[dies_after_step_3])
+    assert main(resumed_args + ["--resume"])["step"] == 3
+    final = torch.load(tmp_path / "resumed" / "state" / "step-00000003" / "adapter.pt", weights_only=True)
+    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in reference)

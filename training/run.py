@@ -27,8 +27,8 @@ REAL_MODELS_HINT = """To train on the real models, point the run at your files (
   python -m training.run --model.sd15 /models/stable-diffusion-v1-5 \\
       --model.image_encoder /models/open_clip_vit_h14_laion2b.safetensors \\
       --data.path /data/pairs.jsonl --train.output_dir runs/my-adapter
-(model.sd15 is a diffusers folder or a single-file .safetensors; data.path a .jsonl/.csv
-manifest, a folder of images with .txt captions, or WebDataset shards like 'shards/{00000..00099}.tar')"""
+(model.sd15 is a diffusers folder or a single-file .safetensors, or give model.sdxl for SDXL; data.path a
+.jsonl/.csv manifest, a folder of images with .txt captions, or WebDataset shards like 'shards/{00000..00099}.tar')"""
 
 
 def main(argv: list[str] | None = None, extra_hooks: list[StepHook] | None = None) -> dict:

@@ -403,54 +403,51 @@ def test_cli_prints_one_line_errors(tmp_path, tiny_clip):
         f"error: generated images folder '{tmp_path / 'nothing'}' does not exist; expected <reference name>_<k>.png files"]
 
 
-def test_generation_with_a_plus_adapter_feeds_hidden_states(tmp_path, tiny_clip, references):
+def trained_looking_export(frozen, variant: str, path: Path) -> Path:
+    """An adapter of ``variant`` for ``frozen``'s UNet and encoder, its weights moved off their initialisation, exported."""
     from training.adapter import IPAdapterModel
     from training.checkpointing import export_adapter
     from training.variants import adapter_spec
 
-    sd15, encoder, frozen = write_model_files(tmp_path / "models")
     tower = frozen.image_encoder
-    model = IPAdapterModel(frozen.unet, spec=adapter_spec("plus", None, tower.embed_dim, tower.hidden_width, frozen.unet))
+    model = IPAdapterModel(frozen.unet, spec=adapter_spec(variant, None, tower.embed_dim, tower.hidden_width, frozen.unet))
     with torch.no_grad():
         for parameter in model.trainable_parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
-    adapter = export_adapter(model, tmp_path / "ip-adapter-plus_sd15.safetensors", 1, "config: test", dtype="fp32")
+    return export_adapter(model, path, 1, "config: test", dtype="fp32")
+
+
+def first_image(folder: Path) -> torch.Tensor:
+    return torch.tensor(list(Image.open(folder / "images" / "ref0_0.png").getdata()), dtype=torch.float32)
+
+
+def test_generation_with_a_plus_adapter_feeds_hidden_states(tmp_path, tiny_clip, references):
+    sd15, encoder, frozen = write_model_files(tmp_path / "models")
+    adapter = trained_looking_export(frozen, "plus", tmp_path / "ip-adapter-plus_sd15.safetensors")
     common = ["--data", str(references), "--limit", "1", "--samples-per-image", "1", "--sd15", str(sd15),
               "--adapter", str(adapter), "--image-encoder", str(encoder), "--steps", "2", "--resolution", "64",
               "--device", "cpu", *clip_args(tiny_clip)]
     main(common + ["--output", str(tmp_path / "plus")])
     main(common + ["--output", str(tmp_path / "text-only"), "--scale", "0"])
-
-    def pixels(name):
-        return torch.tensor(list(Image.open(tmp_path / name / "images" / "ref0_0.png").getdata()), dtype=torch.float32)
-
-    assert (pixels("plus") - pixels("text-only")).abs().mean() > 1  # the plus adapter's image prompt changes the image
+    # the plus adapter's image prompt changes the image
+    assert (first_image(tmp_path / "plus") - first_image(tmp_path / "text-only")).abs().mean() > 1
 
 
 def test_generation_for_sdxl_with_an_sdxl_adapter_and_the_other_family_refused(tmp_path, tiny_clip, references):
+    from ipadapter.checkpoint import AdapterFormatError
     from training.adapter import IPAdapterModel
     from training.checkpointing import export_adapter
-    from ipadapter.checkpoint import AdapterFormatError
     from training.models import build_embedded_models
-    from training.variants import adapter_spec
 
     sdxl, encoder, frozen = write_model_files(tmp_path / "models", family="sdxl")
-    tower = frozen.image_encoder
-    model = IPAdapterModel(frozen.unet, spec=adapter_spec("base", None, tower.embed_dim, tower.hidden_width, frozen.unet))
-    with torch.no_grad():
-        for parameter in model.trainable_parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
-    adapter = export_adapter(model, tmp_path / "ip-adapter_sdxl_vit-h.safetensors", 1, "config: test", dtype="fp32")
+    adapter = trained_looking_export(frozen, "base", tmp_path / "ip-adapter_sdxl_vit-h.safetensors")
     common = ["--data", str(references), "--limit", "1", "--samples-per-image", "1", "--sdxl", str(sdxl),
               "--image-encoder", str(encoder), "--steps", "2", "--resolution", "64", "--device", "cpu", *clip_args(tiny_clip)]
     report = main(common + ["--adapter", str(adapter), "--output", str(tmp_path / "image")])
     assert report["protocol"]["sdxl"] == str(sdxl)
     main(common + ["--adapter", str(adapter), "--output", str(tmp_path / "text-only"), "--scale", "0"])
-
-    def pixels(name):
-        return torch.tensor(list(Image.open(tmp_path / name / "images" / "ref0_0.png").getdata()), dtype=torch.float32)
-
-    assert (pixels("image") - pixels("text-only")).abs().mean() > 1  # the SDXL adapter's image prompt changes the image
+    # the SDXL adapter's image prompt changes the image
+    assert (first_image(tmp_path / "image") - first_image(tmp_path / "text-only")).abs().mean() > 1
 
     sd15 = build_embedded_models()
     sd15_adapter = export_adapter(IPAdapterModel(sd15.unet, sd15.image_encoder.embed_dim), tmp_path / "sd15.safetensors", 0, "")

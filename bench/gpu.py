@@ -9,9 +9,8 @@ Sections, in this order (each reuses its own benchmark module):
   the same through cubiq's IPAdapterAdvanced (bench/inference_step.py, bench/cubiq_pack.py);
 - ``encoding``: image encoding time per reference, ViT-H/14 and ViT-bigG/14, batch 1 and 8
   (bench/image_encoding.py);
-- ``training``: a training step, the reference's style vs ours from the cache, SD1.5 base
-  at 512 (bench/training_step.py); the cases the trainer cannot run yet keep their keys,
-  with ``null`` figures and a reason.
+- ``training``: a training step, the reference's style vs ours from the cache, base and plus,
+  SD1.5 at 512 and SDXL at 1024 (full-size UNets; bench/training_step.py), one part per case.
 
 On a GPU: full-size architectures with random weights in fp16 (training: the reference
 under fp16 autocast over an fp32 UNet, ours with a bf16 frozen UNet). ``--cpu --small``:
@@ -50,11 +49,8 @@ INFERENCE_VARIANTS = inference_step.VARIANTS + CUBIQ_VARIANTS
 ENCODERS = ("ViT-H-14", "ViT-bigG-14")
 ENCODING_BATCHES = (1, 8)
 TRAINING_VARIANTS = ("reference", "ours")
-TRAINING_NOT_YET = {  # case -> why it has no figures yet
-    "sd15_plus": "trainer does not support SD1.5 plus adapters yet (issue 13)",
-    "sdxl_base": "trainer does not support SDXL yet (issue 13)",
-}
-TRAINING_CASES = ("sd15_base", *TRAINING_NOT_YET)
+TRAINING_NOT_YET: dict = {}  # case -> why it has no figures yet (none now: the trainer runs every case)
+TRAINING_CASES = ("sd15_base", "sdxl_base", "sd15_plus", "sdxl_plus")  # {family}_{adapter}, in the order they run
 CLONE_COUNTS = (1, 10, 100)
 GOALS = {"inference_ratio": 1.01, "training_speedup": 3.0, "training_peak_ratio": 0.6}
 NO_CUBIQ = "not run: pass --cubiq DIR (a local copy of cubiq's ComfyUI_IPAdapter_plus)"
@@ -68,14 +64,14 @@ class Sizes:
     inference_warmup: int
     small_towers: bool
     encoding_reps: int
-    training_resolution: int
+    training_resolution: dict  # family -> px
     training_reps: int
     training_steps: int
     training_warmup: int
 
 
-FULL = Sizes(320, {"sd15": 64, "sdxl": 128}, 40, 3, False, 10, 512, 2, 5, 2)
-SMALL = Sizes(32, {"sd15": 16, "sdxl": 16}, 3, 1, True, 2, 64, 1, 1, 1)
+FULL = Sizes(320, {"sd15": 64, "sdxl": 128}, 40, 3, False, 10, {"sd15": 512, "sdxl": 1024}, 2, 5, 2)
+SMALL = Sizes(32, {"sd15": 16, "sdxl": 16}, 3, 1, True, 2, {"sd15": 64, "sdxl": 64}, 1, 1, 1)
 
 
 # --- the JSON's key set ---------------------------------------------------------------
@@ -159,20 +155,20 @@ def encoding_part(name: str, sizes: Sizes, device, dtype, options) -> dict:
     return encoding_times(name, sizes.small_towers, ENCODING_BATCHES, sizes.encoding_reps, device, dtype)
 
 
-def training_part(part, sizes: Sizes, device, dtype, options) -> dict:
+def training_part(case: str, sizes: Sizes, device, dtype, options) -> dict:
     from training_step import compare, medians
 
-    resolution = sizes.training_resolution
-    results = compare(TRAINING_VARIANTS, [resolution], sizes.training_reps, batch=1, steps=sizes.training_steps,
-                      warmup=sizes.training_warmup, threads=options.threads, small=options.small, cpu=device.type == "cpu")
-    reference, ours = (medians(results[("base", resolution, variant)], 1) for variant in TRAINING_VARIANTS)
-    measured = {"resolution": resolution, "batch": 1, "reps": sizes.training_reps, "steps": sizes.training_steps,
-                "speedup": ours["samples_per_s"] / reference["samples_per_s"], "peak_ratio": ours["peak_bytes"] / reference["peak_bytes"],
-                "reason": None, "reference": reference, "ours": ours}
-    cases = skeleton()["training"]
-    for case, reason in TRAINING_NOT_YET.items():
-        cases[case]["reason"] = reason
-    return {**cases, "sd15_base": measured}
+    family, adapter = case.split("_")
+    resolution = sizes.training_resolution[family]
+    results = compare(TRAINING_VARIANTS, [resolution], sizes.training_reps, adapters=(adapter,), families=(family,), batch=1,
+                      steps=sizes.training_steps, warmup=sizes.training_warmup, threads=options.threads, small=options.small,
+                      cpu=device.type == "cpu")
+    reference, ours = (medians(results[(family, adapter, resolution, variant)], 1) for variant in TRAINING_VARIANTS)
+    progress(f"training {case}: {ours['samples_per_s'] / reference['samples_per_s']:.2f}x samples/s, "
+             f"{ours['peak_bytes'] / reference['peak_bytes']:.2f}x peak")
+    return {"resolution": resolution, "batch": 1, "reps": sizes.training_reps, "steps": sizes.training_steps,
+            "speedup": ours["samples_per_s"] / reference["samples_per_s"], "peak_ratio": ours["peak_bytes"] / reference["peak_bytes"],
+            "reason": None, "reference": reference, "ours": ours}
 
 
 # section -> (its function, the parts it runs one at a time: one part's failure keeps the others' figures)
@@ -180,7 +176,7 @@ SECTION_PARTS = {
     "memory": (memory_part, (None,)),
     "inference": (inference_part, FAMILIES),
     "encoding": (encoding_part, ENCODERS),
-    "training": (training_part, (None,)),
+    "training": (training_part, TRAINING_CASES),
 }
 
 
@@ -210,10 +206,11 @@ def goals_table(report: dict) -> list[str]:
     return lines
 
 
-def training_table(training: dict) -> list[str]:
+def training_table(training: dict, cases) -> list[str]:
     lines = ["| case | px | variant | s/step | samples/s | peak memory (GiB) | samples/s vs reference | peak vs reference |",
              "|---|---|---|---|---|---|---|---|"]
-    for case, figures in training.items():
+    for case in cases:
+        figures = training[case]
         if figures["reason"] is not None:
             lines.append(f"| {case} | – | – | – | – | – | – | – ({figures['reason']}) |")
             continue
@@ -233,6 +230,7 @@ def markdown(report: dict) -> str:
     meta = report["meta"]
     families = [family for family in FAMILIES if done(meta, "inference", family)]
     encoders = [name for name in ENCODERS if done(meta, "encoding", name)]
+    training_cases = [case for case in TRAINING_CASES if done(meta, "training", case)]
     lines = [f"## GPU run: {meta['device_name']} ({meta['device']}), {meta['started_utc'][:10]}", "",
              f"- Command: `{meta['command']}`{' (scaled-down models: a dry run, not figures to quote)' if meta['small'] else ''}",
              f"- torch {meta['torch']}, Python {meta['python']}, {meta['dtype']}; {meta['wall_seconds']:.0f} s in all; "
@@ -250,11 +248,12 @@ def markdown(report: dict) -> str:
         lines += ["", "### Image encoding per reference image"]
         for name in encoders:
             lines += [""] + encoding_table(name, meta["small"], report["image_encoding"][name], meta["device"])
-    if done(meta, "training"):
+    if training_cases:
         lines += ["", "### Training step: reference style vs ours from the cache (goals ≥ 3× samples/s, ≤ 0.6× peak memory)", "",
-                  "Reference: VAE, ViT-H/14 and text encoder every step, frozen UNet fp32 under autocast; ours: cached encoder "
-                  "outputs, frozen UNet in bf16 on a GPU (fp32 on the CPU). Peak: `torch.cuda.max_memory_allocated` "
-                  "(CPU: VmHWM), each variant in its own process.", ""] + training_table(report["training"])
+                  "Reference: VAE, ViT-H/14 and text encoder(s) every step (SDXL: CLIP-L and bigG, its VAE fp32 outside "
+                  "autocast), frozen UNet fp32 under autocast; ours: cached encoder outputs, frozen UNet in bf16 on a GPU "
+                  "(fp32 on the CPU). Full-size UNets; peak: `torch.cuda.max_memory_allocated` (CPU: VmHWM), each variant "
+                  "in its own process.", ""] + training_table(report["training"], training_cases)
     if done(meta, "memory"):
         lines += ["", "### Memory of the patched model over clones", ""] + memory_table(report["patched_model_memory"])
     return "\n".join(lines) + "\n"

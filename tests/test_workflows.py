@@ -260,12 +260,14 @@ def test_the_command_line_check_fails_on_a_broken_file(tmp_path, comfyui_server)
 
 def write_trained_adapter(path, seed):
     """A file written by the trainer's export (official layout with step and config metadata), random weights."""
+    from ipadapter.architecture import SD15
     from training.checkpointing import export_adapter
 
     tensors = random_adapter("base", seed=seed)
     ip_adapter = {k: v * 5 for k, v in tensors["ip_adapter"].items()}
     model = types.SimpleNamespace(adapter_state_dicts=lambda: (tensors["image_proj"], ip_adapter),
-                                  unet=types.SimpleNamespace(config=types.SimpleNamespace(block_out_channels=[320])))
+                                  unet=types.SimpleNamespace(config=types.SimpleNamespace(block_out_channels=[320])),
+                                  spec=types.SimpleNamespace(family=SD15.name, architecture=SD15, variant="base"))
     return export_adapter(model, path, 300, "train: {max_steps: 300}", "fp16", variant="base")
 
 

@@ -27,7 +27,8 @@ def loss_by_timestep(sd_folder: Path, encoder_file: Path, adapter_file: Path, se
                      timesteps=TIMESTEPS) -> list[dict]:
     from training.eval import load_generator
 
-    args = argparse.Namespace(adapter=str(adapter_file), sd15=str(sd_folder), image_encoder=str(encoder_file), dtype="fp32")
+    args = argparse.Namespace(adapter=str(adapter_file), sd15=str(sd_folder), base_model=str(sd_folder), family="sd15",
+                              image_encoder=str(encoder_file), dtype="fp32")
     model, frozen = load_generator(args, torch.device("cpu"))
     rng = random.Random(seed)
     images, captions, shapes, colours = data.batch(rng, count)

@@ -160,6 +160,29 @@ def convert(converter, part: dict, config: dict, what: str, source: str, family:
                              f"({type(reason).__name__}: {first_line(reason)}); expected {family}'s {what}") from None
 
 
+def diffusers_part(weights: LazyWeights, cls, config_folder: Path, prefix: str, converter, what: str, family: str,
+                   expected: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A UNet or VAE of a single file: its ``prefix`` tensors through diffusers' ldm ``converter``, built from the
+    shipped config in ``config_folder``."""
+    source = weights.path.name
+    config = config_dict(cls, config_folder, f"the shipped {family} {what}", source)
+    state = convert(converter, weights.take(prefix, dtype), config, what, source, family)
+    return materialise(lambda: cls.from_config(config), state, what, source, expected)
+
+
+def text_encoder_part(weights: LazyWeights, cls, config_file: Path, prefix: str, converter, what: str, expected: str,
+                      dtype: torch.dtype) -> torch.nn.Module:
+    """A transformers CLIP text model of a single file: ``converter(tensors, template)`` gives its state dict, the
+    ``text_model.`` prefix as the installed transformers has it."""
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig.from_json_file(str(config_file))
+    with torch.device("meta"):
+        template = cls(config)
+    state = text_state(converter(weights.take(prefix, dtype), template), template)
+    return materialise(lambda: cls(config), state, what, weights.path.name, expected)
+
+
 # --- diffusers / transformers model folders -------------------------------------------
 
 

@@ -22,7 +22,7 @@ from ipadapter.files import first_line
 from ipadapter.encoder import EncoderFormatError, ImageEncoder, build_vision_tower, load_image_encoder
 from ipadapter.architecture import SD15, SDXL, Architecture, family_names, family_of_processor_names
 
-from .checkpoint_files import config_dict, convert, load_folder_part, materialise, open_checkpoint, text_state
+from .checkpoint_files import diffusers_part, load_folder_part, open_checkpoint, text_encoder_part
 from .errors import ModelFileError
 from .sdxl_files import SDXL_CONFIG_DIR, detect_base_model_family, load_sdxl_folder, load_sdxl_single_file
 
@@ -269,24 +269,17 @@ def _load_single_file(path: Path, dtype: torch.dtype, skip: tuple[str, ...] = ()
         if missing:
             found = ", ".join(weights.keys[:3]) or "nothing"
             raise ModelFileError(f"'{name}' is not an SD1.5 checkpoint (no {missing[0]}* keys; found {found}); expected {expected}")
-        modules = {}
-        for part, cls, prefix, converter in (("unet", UNet2DConditionModel, UNET_PREFIX, convert_ldm_unet_checkpoint),
-                                             ("vae", AutoencoderKL, VAE_PREFIX, convert_ldm_vae_checkpoint)):
-            if part in skip:
-                modules[part] = None
-                continue
-            config = config_dict(cls, SD15_CONFIG_DIR / part, f"the shipped SD1.5 {part}", name)
-            state = convert(converter, weights.take(prefix, dtype), config, part.upper(), name, "SD1.5")
-            modules[part] = materialise(lambda: cls.from_config(config), state, part.upper(), name, expected)
-            del state
-        text_encoder = None
+        unet = vae = text_encoder = None
+        if "unet" not in skip:
+            unet = diffusers_part(weights, UNet2DConditionModel, SD15_CONFIG_DIR / "unet", UNET_PREFIX,
+                                  convert_ldm_unet_checkpoint, "UNet", "SD1.5", expected, dtype)
+        vae = diffusers_part(weights, AutoencoderKL, SD15_CONFIG_DIR / "vae", VAE_PREFIX, convert_ldm_vae_checkpoint,
+                             "VAE", "SD1.5", expected, dtype)
         if "text_encoder" not in skip:
-            text_config = CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json"))
-            with torch.device("meta"):
-                template = CLIPTextModel(text_config)
-            state = text_state(convert_ldm_clip_checkpoint(weights.take(TEXT_PREFIX, dtype)), template)
-            text_encoder = materialise(lambda: CLIPTextModel(text_config), state, "CLIP text encoder", name, expected)
-    return modules["unet"], modules["vae"], text_encoder
+            text_encoder = text_encoder_part(weights, CLIPTextModel, SD15_CONFIG_DIR / "text_encoder" / "config.json",
+                                             TEXT_PREFIX, lambda part, _: convert_ldm_clip_checkpoint(part),
+                                             "CLIP text encoder", expected, dtype)
+    return unet, vae, text_encoder
 
 
 ENCODER_EMBED_DIMS = {"sd15": (VIT_H_EMBED_DIM,), "sdxl": (1280, VIT_H_EMBED_DIM)}  # the released adapters' encoders

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 
-from .checkpoint_files import config_dict, convert, load_folder_part, materialise, open_checkpoint, text_state
+from .checkpoint_files import diffusers_part, load_folder_part, open_checkpoint, text_encoder_part
 from .errors import ModelFileError
 
 SDXL_CONFIG_DIR = Path(__file__).parent / "configs" / "sdxl"
@@ -149,41 +149,19 @@ def load_sdxl_single_file(path: str | Path, dtype: torch.dtype = torch.float32, 
 
         unet = text_encoder = text_encoder_2 = None  # parts in ``skip`` are not read (the run never uses them)
         if "unet" not in skip:
-            unet_config = config_dict(UNet2DConditionModel, SDXL_CONFIG_DIR / "unet", "the shipped SDXL UNet", name)
-            part = weights.take(UNET_PREFIX, dtype)
-            state = convert(convert_ldm_unet_checkpoint, part, unet_config, "UNet", name, "SDXL base")
-            del part  # the converted dict holds the same tensors; nothing is copied
-            unet = materialise(lambda: UNet2DConditionModel.from_config(unet_config), state, "UNet", name, expected)
-            del state
-
-        vae_config = config_dict(AutoencoderKL, SDXL_CONFIG_DIR / "vae", "the shipped SDXL VAE", name)
-        part = weights.take(VAE_PREFIX, dtype)
-        state = convert(convert_ldm_vae_checkpoint, part, vae_config, "VAE", name, "SDXL base")
-        del part
-        vae = materialise(lambda: AutoencoderKL.from_config(vae_config), state, "VAE", name, expected)
-        del state
-
-        if "text_encoder" not in skip:
-            clip_l_config = CLIPTextConfig.from_json_file(str(SDXL_CONFIG_DIR / "text_encoder" / "config.json"))
-            with torch.device("meta"):
-                template = CLIPTextModel(clip_l_config)
-            part = weights.take(CLIP_L_PREFIX, dtype)
-            # strips the prefix: transformers keys (text_model.…) remain
-            state = text_state(convert_ldm_clip_checkpoint(part), template)
-            del part
-            text_encoder = materialise(lambda: CLIPTextModel(clip_l_config), state, "CLIP-L text encoder", name, expected)
-            del state
-        if "text_encoder_2" not in skip:
-            clip_g_config = CLIPTextConfig.from_json_file(str(SDXL_CONFIG_DIR / "text_encoder_2" / "config.json"))
-            with torch.device("meta"):
-                template = CLIPTextModelWithProjection(clip_g_config)
-            part = weights.take(CLIP_G_PREFIX, dtype)
-            # splits each fused in_proj into q/k/v, renames the open_clip layers, transposes text_projection
-            state = text_state(convert_open_clip_checkpoint(template, part, prefix=CLIP_G_PREFIX), template)
-            del part
-            text_encoder_2 = materialise(lambda: CLIPTextModelWithProjection(clip_g_config), state,
-                                          "OpenCLIP bigG text encoder", name, expected)
-            del state
+            unet = diffusers_part(weights, UNet2DConditionModel, SDXL_CONFIG_DIR / "unet", UNET_PREFIX,
+                                  convert_ldm_unet_checkpoint, "UNet", "SDXL base", expected, dtype)
+        vae = diffusers_part(weights, AutoencoderKL, SDXL_CONFIG_DIR / "vae", VAE_PREFIX, convert_ldm_vae_checkpoint,
+                             "VAE", "SDXL base", expected, dtype)
+        if "text_encoder" not in skip:  # the converter strips the prefix: transformers keys (text_model.…) remain
+            text_encoder = text_encoder_part(weights, CLIPTextModel, SDXL_CONFIG_DIR / "text_encoder" / "config.json",
+                                             CLIP_L_PREFIX, lambda part, _: convert_ldm_clip_checkpoint(part),
+                                             "CLIP-L text encoder", expected, dtype)
+        if "text_encoder_2" not in skip:  # splits each fused in_proj into q/k/v, transposes text_projection
+            text_encoder_2 = text_encoder_part(
+                weights, CLIPTextModelWithProjection, SDXL_CONFIG_DIR / "text_encoder_2" / "config.json", CLIP_G_PREFIX,
+                lambda part, template: convert_open_clip_checkpoint(template, part, prefix=CLIP_G_PREFIX),
+                "OpenCLIP bigG text encoder", expected, dtype)
     parts = SDXLParts(unet, vae, text_encoder, text_encoder_2, None, None, None)
     _check_consistent(parts, name)
     return parts

@@ -353,11 +353,10 @@ def build_embedded_models(seed: int = 0, dtype: torch.dtype = torch.float32, fam
         text_config.num_hidden_layers = 1 if family is SD15 else 2  # SDXL reads the penultimate layer
         text_encoder = CLIPTextModel(text_config)
         text_encoder_2 = tokenizer_2 = None
-        if family is SDXL:  # OpenCLIP ViT-bigG's text model: width 1280, pooled output projected to 1280
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-                hidden_size=1280, intermediate_size=512, num_hidden_layers=2, num_attention_heads=20, projection_dim=1280,
-                hidden_act="gelu", vocab_size=49408, max_position_embeddings=77, bos_token_id=START_TOKEN,
-                eos_token_id=END_TOKEN, pad_token_id=0))
+        if family is SDXL:  # OpenCLIP ViT-bigG's text model (width 1280, pooled output projected to 1280), 2 layers
+            bigg_config = CLIPTextConfig.from_json_file(str(SDXL_CONFIG_DIR / "text_encoder_2" / "config.json"))
+            bigg_config.num_hidden_layers, bigg_config.intermediate_size = 2, 512
+            text_encoder_2 = CLIPTextModelWithProjection(bigg_config)
             tokenizer_2 = PromptTokenizer(pad=0)
         image_encoder = build_vision_tower("ViT-H-14", **EMBEDDED_ENCODER)
     check_unet_layout(unet, "embedded", family)

@@ -63,7 +63,7 @@ class SDXLParts:
     text_encoder_2: CLIPTextModelWithProjection  # OpenCLIP ViT-bigG/14, 1280 wide, projection_dim 1280
     tokenizer_dir: Path | None  # the folder's tokenizer/ (None: a single file, or a folder without one)
     tokenizer_2_dir: Path | None  # tokenizer_2/ (SDXL's pads with "!", id 0, where tokenizer/ pads with the end token)
-    scheduler_dir: Path | None  # scheduler/ (None: use sdxl_scheduler()'s shipped DDPM config)
+    scheduler_dir: Path | None  # scheduler/ (None: training.models.family_scheduler uses the shipped DDPM config)
 
 
 # --- which family --------------------------------------------------------------------

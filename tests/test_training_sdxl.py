@@ -205,3 +205,28 @@ def test_sdxl_resume_matches_the_uninterrupted_run_bitwise(tmp_path, toy_data):
     assert main(resumed_args + ["--resume"])["step"] == 3
     final = torch.load(tmp_path / "resumed" / "state" / "step-00000003" / "adapter.pt", weights_only=True)
     assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_sdxl_options_default_to_the_family_and_bad_combinations_are_one_line_errors(tmp_path, toy_data):
+    from training.cache import CacheError, main as cache_main
+    from training.config import ConfigError, load_config
+
+    config, _ = load_config(["--model.sdxl", "xl.safetensors", "--model.image_encoder", "vit.safetensors"])
+    assert (config.model.family, config.family, config.data.resolution, config.base_model) == \
+        ("sdxl", SDXL, 1024, "xl.safetensors")
+    assert load_config(["--model.sd15", "a", "--model.image_encoder", "b"])[0].family is SD15
+    for bad, message in (
+        (["--model.sd15", "a", "--model.sdxl", "b", "--model.image_encoder", "c"], "model.sd15 and model.sdxl are both set"),
+        (["--model.family", "sdxl", "--model.sd15", "a", "--model.image_encoder", "b"],
+         "model.family = sdxl with model.sd15; expected model.sdxl"),
+        (["--model.sdxl", "a"], "model.sdxl is set but model.image_encoder is not"),
+        (["--data.crop", "diagonal"], "data.crop = 'diagonal'; expected one of center, random"),
+        (["--model.family", "sd3"], "model.family = 'sd3'; expected one of auto, sd15, sdxl"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(bad)
+    args = small_run_args(tmp_path, toy_data, 1, **{"model.family": "sdxl", "data.crop": "random"})
+    with pytest.raises(CacheError, match="data.crop is random, and a cache holds one crop per image"):
+        cache_main(args)
+    with pytest.raises(CacheError, match="random crops are encoded every step \\(cache.use is require\\)"):
+        main(args + ["--cache.use", "require"])

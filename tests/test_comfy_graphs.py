@@ -51,6 +51,7 @@ def test_simple_node_in_a_real_graph(server, sd15_checkpoint_name):
     assert np.abs(red - half).mean() > 1e-3  # and so does λ
 
 
+@pytest.mark.comfyui_2024
 def test_nodes_are_registered_with_tooltips(server):
     info = server.object_info()
     ours = {name: node for name, node in info.items() if name.startswith("IPAdapterKit")}

@@ -10,6 +10,8 @@ from ipadapter.architecture import family_by_id
 from ipadapter.checkpoint import IPAdapterCheckpoint
 from devtools.sdxl_models import build_sdxl_model_patcher
 
+pytestmark = pytest.mark.comfyui_2024
+
 WIDTH = 64  # model_channels of the scaled-down UNets
 BUILDERS = {"sd15": build_sd15_model_patcher, "sdxl": build_sdxl_model_patcher}
 

@@ -27,6 +27,8 @@ from devtools.sdxl_models import (
     sdxl_unet_config,
 )
 
+pytestmark = pytest.mark.comfyui_2024
+
 WIDTH = 64  # model_channels of the scaled-down UNets
 CONTEXT = 2048
 

@@ -47,6 +47,7 @@ SAMPLING = {"sd15": ("ddim", 50, 7.5), "sdxl": ("euler", 30, 5.0)}
 IMAGE_SIZE = {"sd15": 512, "sdxl": 1024}
 SIZE, STEPS = 64, 1
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "workflows"
+COMPAT_WORKFLOW = "1-image-prompt.json"  # the one headless run of the March 2024 compatibility subset
 ENCODER_WIDTH = 128  # the test encoder's tower (ViT-H/14's 1024-d output): the plus adapter's input width
 
 
@@ -347,7 +348,8 @@ def render(server, graph, tag):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SD15_NAMES)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.comfyui_2024] if name == COMPAT_WORKFLOW else [])
+                                  for name in SD15_NAMES])
 def test_workflow_runs_headless_and_responds_to_lambda_and_reference(name, models_server):
     assert_runs_and_responds_to_lambda_and_reference(models_server, name)
 

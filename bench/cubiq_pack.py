@@ -88,7 +88,7 @@ def comfy_device(comfy, device, dtype):
 
 def small_clip_vision(comfy, seed: int):
     """A ComfyUI CLIP vision model with ViT-H/14's widths (1280 hidden, 1024 projection) and 2 layers, random weights."""
-    from devtools.comfyui_harness import reset_all_parameters
+    from devtools.comfy_import import reset_all_parameters
 
     config = json.loads((Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json").read_text())
     config["num_hidden_layers"] = ENCODER_LAYERS

@@ -49,7 +49,7 @@ def import_comfy_for(device):
     ComfyUI picks PyTorch's SDPA on NVIDIA GPUs, but in CPU mode it would pick its sub-quadratic
     attention, which is slow on a GPU; the flag must be set before comfy.model_management loads.
     """
-    from devtools.comfyui_harness import import_comfy
+    from devtools.comfy_import import import_comfy
     from devtools.comfyui_setup import ensure_comfyui
 
     if device.type == "cuda" and "comfy.model_management" not in sys.modules:

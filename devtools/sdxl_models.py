@@ -6,7 +6,7 @@ the 2816-wide added conditioning and the heads of 64 channels stay SDXL's.
 """
 from __future__ import annotations
 
-from .comfyui_harness import import_comfy, reset_all_parameters
+from .comfy_import import import_comfy, reset_all_parameters
 
 # comfy/model_detection.py's SDXL config (March 2024) without its dtype; supported_models.SDXL matches it.
 SDXL_UNET_CONFIG = {

@@ -418,7 +418,8 @@ def live_object_info(url: str | None = None) -> dict:
             return json.loads(response.read())
     import tempfile
 
-    from .comfyui_harness import PACK_FOLDER_NAME, start_comfyui_server
+    from .comfy_import import PACK_FOLDER_NAME
+    from .comfyui_harness import start_comfyui_server
 
     with tempfile.TemporaryDirectory(prefix="workflow-tools-") as temp:
         server = start_comfyui_server(Path(temp), {PACK_FOLDER_NAME: REPO_ROOT})

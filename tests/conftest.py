@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 # pytest.ini puts the repository root on sys.path: the helpers are devtools' (shared with bench/ and experiments/)
-from devtools.comfyui_harness import (
-    PACK_FOLDER_NAME,
-    REPO_ROOT,
-    ComfyUIError,
-    import_comfy,
-    sd15_checkpoint_path,
-    start_comfyui_server,
-)
+from devtools.comfy_import import PACK_FOLDER_NAME, REPO_ROOT, import_comfy
+from devtools.comfyui_harness import ComfyUIError, sd15_checkpoint_path, start_comfyui_server
 from devtools.comfyui_setup import ensure_comfyui
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devtools.comfyui_harness import REPO_ROOT
+from devtools.comfy_import import REPO_ROOT
 from ipadapter.migrate import MIDDLE_BLOCK_NOTE, is_cubiq, migrate
 from ipadapter.migrate_tables import COMFY, CUBIQ, FILES, OURS
 from test_workflows import models_server  # noqa: F401  (fixture: random models under the workflows' names)
@@ -741,7 +741,8 @@ def test_the_migrated_graph_gives_the_latents_of_cubiqs(cubiq, comfy, tmp_path):
     from safetensors.torch import save_file
 
     from devtools.adapter_factory import random_adapter
-    from devtools.comfyui_harness import build_sd15_model_patcher, import_pack
+    from devtools.comfy_import import import_pack
+    from devtools.comfyui_harness import build_sd15_model_patcher
     from cubiq_pack import small_clip_vision
 
     pack = import_pack()

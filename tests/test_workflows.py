@@ -28,7 +28,8 @@ import pytest
 from safetensors.torch import save_file
 
 from devtools.adapter_factory import random_adapter, write_flat_adapter
-from devtools.comfyui_harness import REPO_ROOT, sdxl_checkpoint_path, start_sdxl_server, with_checkpoint_check
+from devtools.comfy_import import REPO_ROOT
+from devtools.comfyui_harness import sdxl_checkpoint_path, start_sdxl_server, with_checkpoint_check
 from devtools.workflow_tools import (
     ADAPTER, ADAPTERS_OF_FAMILY, CHECKPOINT, ENCODER, FAMILY_OF_CHECKPOINT, FRONTEND_ONLY, REFERENCE_IMAGES,
     SDXL_ADAPTER, SDXL_CHECKPOINT, SDXL_PLUS_ADAPTER, SOURCE_IMAGES, TRAINED_ADAPTER, USER_FILES, WorkflowError,

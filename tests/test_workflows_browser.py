@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.comfyui_harness import REPO_ROOT
+from devtools.comfy_import import REPO_ROOT
 from devtools.workflow_tools import FRONTEND_ONLY, load_workflow, ui_workflow_files, widget_layout
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"

@@ -17,7 +17,7 @@ def pack_module(name: str):
     """A submodule of this repository, imported as part of a package with an unrelated name.
 
     The package's ``__init__`` is not run, so one submodule can be tested alone;
-    ``comfyui_harness.import_pack`` imports the whole pack as ComfyUI does.
+    ``comfy_import.import_pack`` imports the whole pack as ComfyUI does.
     """
     if PACK_NAME not in sys.modules:
         spec = importlib.util.spec_from_file_location(PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])

@@ -3,7 +3,7 @@ ComfyUI's KSampler node for the denoising loop.
 
 Runs ComfyUI's ``comfy`` package in this process on the CPU (the pinned copy the tests use, or
 ``COMFYUI_PATH``), and imports this repository as a custom-node pack the way ComfyUI does
-(``devtools.comfyui_harness``).
+(``devtools.comfy_import``).
 """
 from __future__ import annotations
 
@@ -13,19 +13,14 @@ import numpy as np
 import torch
 
 
-def _harness():
-    from devtools import comfyui_harness
-
-    return comfyui_harness
-
-
 class ComfySampler:
     """ComfyUI model + our pack's nodes, with the adapter and encoder files registered in ComfyUI's model folders."""
 
     def __init__(self, unet, vae, adapter_file: Path, encoder_file: Path):
-        harness = _harness()
-        self.comfy = comfy = harness.import_comfy()
-        pack = harness.import_pack()
+        from devtools.comfy_import import import_comfy, import_pack
+
+        self.comfy = comfy = import_comfy()
+        pack = import_pack()
         import comfy.latent_formats
         import folder_paths
         import nodes as comfyui_nodes  # ComfyUI's own nodes.py (its folder is first on sys.path)

@@ -14,6 +14,32 @@ import pytest
 from devtools.comfy_import import PACK_FOLDER_NAME, REPO_ROOT, import_comfy
 from devtools.comfyui_harness import ComfyUIError, sd15_checkpoint_path, start_comfyui_server
 from devtools.comfyui_setup import ensure_comfyui
+from devtools.heavy_fixtures import colour_shapes_quick_build
+
+COLOUR_SHAPES_BUILD = pytest.StashKey()
+
+
+@pytest.hookimpl(trylast=True)  # after the -m / -k deselection
+def pytest_collection_modifyitems(config, items):
+    """The colour_shapes run trains for minutes: it starts now, in a process of its own beside the other
+    tests (unless its result for this code is cached), and the tests that read it go last."""
+    late = [item for item in items if "colour_shapes_quick" in getattr(item, "fixturenames", ())]
+    if late:
+        items[:] = [item for item in items if item not in late] + late
+        config.stash[COLOUR_SHAPES_BUILD] = colour_shapes_quick_build()
+
+
+def pytest_unconfigure(config):
+    build = config.stash.get(COLOUR_SHAPES_BUILD, None)
+    if build is not None:
+        build.stop()
+
+
+@pytest.fixture(scope="session")
+def colour_shapes_quick(request) -> dict:
+    """The results of ``python -m experiments.colour_shapes --quick``, built once for this code and cached."""
+    build = request.config.stash.get(COLOUR_SHAPES_BUILD, None) or colour_shapes_quick_build()
+    return build.result()
 
 
 @pytest.fixture(scope="session")

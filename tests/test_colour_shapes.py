@@ -1,22 +1,21 @@
 """The colour_shapes experiment, reduced (``--quick`` settings): base model, adapter trained by
 ``training.run``, sampling through ComfyUI with our nodes, classical measurements.
-The full run and its numbers: experiments/colour_shapes/README.md."""
+The full run and its numbers: experiments/colour_shapes/README.md. The run is cached by what it depends on
+(devtools/heavy_fixtures.py): the same code on the same machine reuses it."""
 import numpy as np
 import pytest
 
 from experiments.colour_shapes.__main__ import QUICK
 from experiments.colour_shapes.diagnose import TIMESTEPS
-from experiments.colour_shapes.pipeline import Settings, run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def result(comfy, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("colour_shapes")
-    outcome = run(Settings(output_dir=str(folder), **QUICK))
-    print(outcome["table"], outcome["timings_s"])
-    return outcome
+def result(colour_shapes_quick):
+    """``python -m experiments.colour_shapes --quick``, run in the background from the session's start (conftest)."""
+    print(colour_shapes_quick["table"], colour_shapes_quick["timings_s"])
+    return colour_shapes_quick
 
 
 def test_reduced_run_goes_end_to_end_through_the_trainer_export_and_comfyui_nodes(result):

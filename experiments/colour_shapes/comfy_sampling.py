@@ -34,15 +34,17 @@ class ComfySampler:
         folder_paths.add_model_folder_path("clip_vision", str(Path(encoder_file).parent))
         self.adapter_name, self.encoder_name = Path(adapter_file).name, Path(encoder_file).name
         self.vae = vae
-        self.model = self._comfy_model(harness, unet, vae.config.scaling_factor)
+        self.model = self._comfy_model(unet, vae.config.scaling_factor)
         (self.adapter,) = self.nodes["IPAdapterKitLoader"]().load(self.adapter_name)
         (self.encoder,) = self.nodes["IPAdapterKitEncoderLoader"]().load(self.encoder_name)
 
-    def _comfy_model(self, harness, unet, scaling_factor: float):
+    def _comfy_model(self, unet, scaling_factor: float):
         """ComfyUI's SD1.5 model class with the UNet's config (ComfyUI's detection assumes full size), weights mapped by ComfyUI's own key map."""
         comfy = self.comfy
         width = unet.config.block_out_channels[0]
-        unet_config = harness.sd15_unet_config(width)
+        from devtools.comfyui_harness import sd15_unet_config
+
+        unet_config = sd15_unet_config(width)
         model_config = comfy.supported_models.SD15(unet_config)
         model_config.set_inference_dtype(torch.float32, None)
         model = model_config.get_model({})

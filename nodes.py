@@ -40,7 +40,7 @@ from .ipadapter.weighting import (
     weight_schedule,
 )
 from .ipadapter.heatmap import as_images, block_maps
-from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits, record_attention, unet_family
+from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits, record_attention, family_of_comfy_unet
 
 ADAPTER = "IPADAPTER_KIT"
 ENCODER = "IPADAPTER_KIT_ENCODER"
@@ -241,7 +241,7 @@ class IPAdapterKitUnifiedLoader:
     def load(self, model, preset):
         import folder_paths
 
-        family = unet_family(model.model.diffusion_model)
+        family = family_of_comfy_unet(model.model.diffusion_model)
         files = preset_files(
             family, preset, folder_paths.get_filename_list(MODEL_FOLDER), folder_paths.get_filename_list("clip_vision"),
             folder_paths.get_folder_paths(MODEL_FOLDER), folder_paths.get_folder_paths("clip_vision"),
@@ -578,7 +578,7 @@ class IPAdapterKitAttentionMap:
             raise ValueError(f"at_step {at_step} is past the schedule; expected a step below steps ({steps})")
         samples = latent_image["samples"]
         recorder = record_attention(model, positive, negative, samples, seed, steps, at_step, cfg)
-        maps = block_maps(recorder.strength, unet_family(model.model.diffusion_model), *samples.shape[-2:])
+        maps = block_maps(recorder.strength, family_of_comfy_unet(model.model.diffusion_model), *samples.shape[-2:])
         return as_images(maps, scale=8)
 
 

@@ -16,7 +16,7 @@ from .ipadapter.attention import image_attention
 from .ipadapter.checkpoint import AdapterFormatError, IPAdapterCheckpoint
 from .ipadapter.image_prompt import layer_keys_values, mask_to_tokens
 from .ipadapter.weighting import scale_keys_values
-from .ipadapter.architecture import Architecture, family_names, family_of_comfy_layout
+from .ipadapter.registry import Family, family_names, family_of_comfy_layout
 
 COND, UNCOND = 0, 1  # the values of ComfyUI's cond_or_uncond list
 RECORD_KEY = "ipadapter_kit_attention_record"  # transformer option: an AttentionRecorder for one sampling step
@@ -75,7 +75,7 @@ class ImagePromptTerm:
     the CPU) and then copied once per device and dtype the UNet runs in.
     """
 
-    architecture: Architecture
+    architecture: Family
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer key -> [2 (cond, uncond), references, T, C]
     weight: float
     layer_weights: dict[int, float]  # what multiplies each layer's attention output
@@ -294,7 +294,7 @@ def _spatial_transformers(diffusion_model):
             yield name, transformer
 
 
-def unet_family(diffusion_model) -> Architecture:
+def family_of_comfy_unet(diffusion_model) -> Family:
     """The family of a ComfyUI UNet, from where its cross-attention layers are and their context width."""
     patch_keys, context = set(), set()
     for name, transformer in _spatial_transformers(diffusion_model):
@@ -311,9 +311,9 @@ def unet_family(diffusion_model) -> Architecture:
     return family
 
 
-def check_model_fits(diffusion_model, checkpoint: IPAdapterCheckpoint) -> Architecture:
+def check_model_fits(diffusion_model, checkpoint: IPAdapterCheckpoint) -> Family:
     """The UNet's family, after refusing an adapter of another family or of another width."""
-    family = unet_family(diffusion_model)
+    family = family_of_comfy_unet(diffusion_model)
     spec = checkpoint.spec
     if spec.architecture is not family:
         raise AdapterFormatError(
@@ -330,7 +330,7 @@ def check_model_fits(diffusion_model, checkpoint: IPAdapterCheckpoint) -> Archit
     return family
 
 
-def cross_attention_modules(diffusion_model, architecture: Architecture):
+def cross_attention_modules(diffusion_model, architecture: Family):
     """The attn2 module of each layer of the family in a ComfyUI UNet, by official key."""
     transformers = dict(_spatial_transformers(diffusion_model))
     return {

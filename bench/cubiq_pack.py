@@ -24,7 +24,7 @@ import types
 from pathlib import Path
 from unittest import mock
 
-from ipadapter.architecture import SD15, SDXL
+from ipadapter.registry.families import SD15, SDXL
 
 CUBIQ_VARIANTS = ("cubiq_base", "cubiq_plus", "cubiq_two_stacked_base")
 CUBIQ_LABELS = {

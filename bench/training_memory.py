@@ -77,14 +77,17 @@ def reference(files: dict, resolution: int, batch: int, small: bool) -> None:
 
     from training.adapter import IPAdapterModel
     from training.data import image_tensors, open_image, read_folder
-    from training.checkpoint_files import text_state
-    from training.models import SD15_CONFIG_DIR, PromptTokenizer, build_embedded_models, family_scheduler
+    from training.weight_files import text_state
+    from ipadapter.registry.families import SD15
+    from training.base_models import config_dir
+    from training.models import PromptTokenizer, build_embedded_models, family_scheduler
     from training.variants import adapter_spec
 
     torch.manual_seed(0)
     if small:
-        models = build_embedded_models(seed=0)
-        unet, vae, text_encoder, image_encoder = models.unet, models.vae, models.text_encoder, models.image_encoder
+        models = build_embedded_models(SD15, seed=0)
+        unet, vae, image_encoder = models.unet, models.vae, models.image_encoder
+        text_encoder = models.text_encoders["text_encoder"]
         encode, embed_dim = (lambda clip: image_encoder.encode(clip).image_embeds), image_encoder.embed_dim
     else:
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -95,10 +98,10 @@ def reference(files: dict, resolution: int, batch: int, small: bool) -> None:
             with safe_open(files["sd15"], "pt") as file:
                 return {key: file.get_tensor(key) for key in file.keys() if key.startswith(prefix)}
 
-        config = dict(config=str(SD15_CONFIG_DIR), local_files_only=True)
+        config = dict(config=str(config_dir(SD15)), local_files_only=True)
         unet = UNet2DConditionModel.from_single_file(weights("model.diffusion_model."), subfolder="unet", **config).float()
         vae = AutoencoderKL.from_single_file(weights("first_stage_model."), subfolder="vae", **config).float()
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json")))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(config_dir(SD15) / "text_encoder" / "config.json")))
         prefix = "cond_stage_model.transformer."
         text_encoder.load_state_dict(text_state({k[len(prefix):]: v for k, v in weights(prefix).items()}, text_encoder),
                                      strict=False)
@@ -106,7 +109,7 @@ def reference(files: dict, resolution: int, batch: int, small: bool) -> None:
         encode, embed_dim = (lambda clip: image_encoder(clip).image_embeds), image_encoder.config.projection_dim
     for model in (unet, vae, text_encoder, image_encoder):
         model.requires_grad_(False)
-    scheduler, tokenizer = family_scheduler(), PromptTokenizer()
+    scheduler, tokenizer = family_scheduler(SD15), PromptTokenizer()
     ip_adapter = IPAdapterModel(unet, spec=adapter_spec("base", None, embed_dim, 0, unet))
     optimizer = torch.optim.AdamW(ip_adapter.trainable_parameters(), lr=1e-4, weight_decay=1e-2)
 

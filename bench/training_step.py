@@ -62,38 +62,35 @@ ADAPTERS = ("base", "plus")
 
 
 class Family(NamedTuple):
-    text_encoders: dict  # FrozenModels field -> transformers class (config: training/configs/<family>/<field>/)
     fp32_vae: bool  # the reference keeps the VAE fp32, outside autocast (tutorial_train_sdxl.py)
 
 
-FAMILIES = {"sd15": Family({"text_encoder": "CLIPTextModel"}, False),
-            "sdxl": Family({"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}, True)}
+FAMILIES = {"sd15": Family(False), "sdxl": Family(True)}
 
 
 def build_models(device, small: bool, encoders: bool, family: str = "sd15", unet_width: int | None = None):
     """The frozen models of ``family`` (random weights; ``encoders`` False: without text and image encoders), the UNet
     ``unet_width`` channels wide in its first block (None: the family's own)."""
     import torch
-    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from ipadapter.architecture import family_by_id
     from ipadapter.encoder import build_vision_tower
-    from training.models import (SD15_CONFIG_DIR, SDXL_CONFIG_DIR, FrozenModels, PromptTokenizer, build_embedded_models,
-                                 build_embedded_unet, family_scheduler, seeded)
+    from ipadapter.registry import family_by_id
+    from training.base_models import config_dir, text_encoder_class
+    from training.models import (FrozenModels, build_embedded_models, build_embedded_unet, family_scheduler, seeded,
+                                 tokenizers_for)
 
-    architecture, text_encoders = family_by_id(family), FAMILIES[family].text_encoders
+    architecture = family_by_id(family)
     if small:  # for trying the script out: the embedded default's scaled-down models
-        frozen = build_embedded_models(seed=0, family=architecture)
+        frozen = build_embedded_models(architecture, seed=0)
         if unet_width:
             with seeded(0):
                 frozen.unet = build_embedded_unet(architecture, unet_width)
         if not encoders:
             frozen.image_encoder = None
-            for name in text_encoders:
-                setattr(frozen, name, None)
+            frozen.text_encoders = dict.fromkeys(frozen.text_encoders)
         return frozen
-    folder = {"sd15": SD15_CONFIG_DIR, "sdxl": SDXL_CONFIG_DIR}[family]
+    folder = config_dir(architecture)
     torch.manual_seed(0)
     with building_on(device):
         if unet_width in (None, architecture.base_width):
@@ -101,16 +98,16 @@ def build_models(device, small: bool, encoders: bool, family: str = "sd15", unet
         else:
             unet = build_embedded_unet(architecture, unet_width)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder), subfolder="vae"))
-        texts = {name: None for name in FrozenModels.TEXT_ENCODERS}
+        texts = {encoder.folder: None for encoder in architecture.training.text_encoders}
         image_encoder = None
         if encoders:
-            for name, cls in text_encoders.items():
-                model_class = getattr(transformers, cls)
-                texts[name] = model_class(model_class.config_class.from_json_file(str(folder / name / "config.json")))
+            for encoder in architecture.training.text_encoders:
+                model_class = text_encoder_class(encoder)
+                config = model_class.config_class.from_json_file(str(folder / encoder.folder / "config.json"))
+                texts[encoder.folder] = model_class(config)
             image_encoder = build_vision_tower("ViT-H-14")
-    tokenizer_2 = PromptTokenizer(pad=0) if len(text_encoders) > 1 else None
-    return FrozenModels(unet, vae, texts["text_encoder"], image_encoder, PromptTokenizer(), family_scheduler(architecture),
-                        torch.float32, architecture, texts["text_encoder_2"], tokenizer_2)
+    return FrozenModels(unet, vae, texts, image_encoder, tokenizers_for(architecture), family_scheduler(architecture),
+                        torch.float32, architecture)
 
 
 def worker(variant: str, resolution: int, batch: int, steps: int, small: bool, warmup: int, adapter: str = "base",
@@ -130,7 +127,7 @@ def worker(variant: str, resolution: int, batch: int, steps: int, small: bool, w
     fp32_vae = FAMILIES[family].fp32_vae
     kept_fp32 = ("unet", "vae") if fp32_vae else ("unet",)
     frozen = build_models(device, small, reference, family, unet_width)
-    context_width, pooled_width = frozen.family.context_dim, frozen.family.pooled_text_width
+    context_width, pooled_width = frozen.family.context_dim, frozen.family.training.pooled_width
     if variant == "ours":
         frozen.dtype = resolve_dtype("auto", device)
     elif variant == "ours-bf16":
@@ -139,8 +136,7 @@ def worker(variant: str, resolution: int, batch: int, steps: int, small: bool, w
     tokens = (224 // 14) ** 2 + 1  # ViT-H/14 at 224 px (and the embedded tower): class token + 16 x 16 patches
     spec = adapter_spec(adapter, None, embed_dim, hidden_width, frozen.unet)
     model = IPAdapterModel(frozen.unet, spec=spec)
-    for name in ("unet", "vae", *frozen.TEXT_ENCODERS, "image_encoder"):
-        module = getattr(frozen, name)
+    for name, module in frozen.modules().items():
         if module is None:
             continue
         module.to(device).requires_grad_(False).eval()

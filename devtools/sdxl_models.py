@@ -89,7 +89,7 @@ def sdxl_time_ids(height: int, width: int, batch: int):
 
 def diffusers_sdxl_unet_from_comfy(comfy, patcher, width: int):
     """A diffusers SDXL UNet, ``width`` channels wide, with the weights of a ComfyUI SDXL UNet (ComfyUI's key map)."""
-    from ipadapter.architecture import SDXL
+    from ipadapter.registry.families import SDXL
     from training.models import build_embedded_unet
 
     unet = build_embedded_unet(SDXL, width)  # the trainer's SDXL layout (heads of 64, 2816-wide added conditioning)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .files import atomic_path, read_weights
-from .architecture import FAMILIES, Architecture, family_of_adapter_keys
+from .registry import Family, encoder_of_widths, families, family_of_adapter_keys
 from .projection import LinearProjection, MLPProjection, Resampler
 
 GROUP_ALIASES = {
@@ -32,12 +32,6 @@ IGNORED_PREFIXES = ("unet.",)  # frozen UNet weights in a reference training sta
 
 FULL_SIZE = "full size"  # base_width: the family's own (320)
 
-ENCODERS_BY_INPUT_WIDTH = {
-    ("image_embeds", 1024): "OpenCLIP ViT-H/14",
-    ("image_embeds", 1280): "OpenCLIP ViT-bigG/14",
-    ("penultimate", 1280): "OpenCLIP ViT-H/14",
-    ("penultimate", 1664): "OpenCLIP ViT-bigG/14",
-}
 
 
 class AdapterFormatError(ValueError):
@@ -55,7 +49,7 @@ class AdapterSpec:
     encoder_width: int
     base_width: int  # width of the first UNet block, 320 at full size
     resampler: dict = field(default_factory=dict)  # depth / heads / dim_head / dim for "plus"
-    architecture: Architecture | None = None  # the model family, read from the layer keys
+    architecture: Family | None = None  # the model family, read from the layer keys
 
     @property
     def family(self) -> str:
@@ -63,7 +57,9 @@ class AdapterSpec:
 
     @property
     def encoder_name(self) -> str:
-        return ENCODERS_BY_INPUT_WIDTH.get((self.encoder_input, self.encoder_width), "an unknown image encoder")
+        widths = {"embed_dim" if self.encoder_input == "image_embeds" else "hidden_width": self.encoder_width}
+        encoder = encoder_of_widths(**widths)
+        return encoder.name if encoder else "an unknown image encoder"
 
     def describe(self) -> str:
         tokens = self.num_tokens if self.num_tokens is not None else "per-patch"
@@ -86,7 +82,7 @@ class IPAdapterCheckpoint:
         source: str = "<memory>",
         base_width: int | None | str = FULL_SIZE,
         metadata: dict[str, str] | None = None,
-        architecture: Architecture | None = None,
+        architecture: Family | None = None,
     ) -> "IPAdapterCheckpoint":
         image_proj = {str(k): v for k, v in image_proj.items()}
         ip_adapter = {str(k): v for k, v in ip_adapter.items()}
@@ -143,7 +139,7 @@ def build_projection(spec: AdapterSpec) -> nn.Module:
 
 
 def load_adapter(
-    path: str | os.PathLike, base_width: int | None | str = FULL_SIZE, architecture: Architecture | None = None
+    path: str | os.PathLike, base_width: int | None | str = FULL_SIZE, architecture: Family | None = None
 ) -> IPAdapterCheckpoint:
     """Read and validate an IP-Adapter file (``.bin``/``.pt``/``.pth`` or ``.safetensors``).
 
@@ -197,7 +193,7 @@ def detect_spec(
     ip_adapter: dict[str, torch.Tensor],
     source: str,
     base_width: int | None | str = FULL_SIZE,
-    architecture: Architecture | None = None,
+    architecture: Family | None = None,
 ) -> AdapterSpec:
     if "perceiver_resampler.proj_in.weight" in image_proj or "norm.weight" in image_proj and "proj.0.weight" in image_proj:
         raise AdapterFormatError(
@@ -224,18 +220,18 @@ def detect_spec(
     return AdapterSpec(**{**spec.__dict__, "base_width": found_base, "architecture": family})
 
 
-def _detect_family(ip_adapter: dict[str, torch.Tensor], source: str) -> Architecture:
+def _detect_family(ip_adapter: dict[str, torch.Tensor], source: str) -> Family:
     family = family_of_adapter_keys(ip_adapter)
     if family is not None:
         return family
     found = set(ip_adapter)
     # name the family whose keys come closest, and what differs
-    closest = max(FAMILIES, key=lambda f: len(found & f.adapter_tensor_names()) - len(found - f.adapter_tensor_names()))
+    closest = max(families(), key=lambda f: len(found & f.adapter_tensor_names()) - len(found - f.adapter_tensor_names()))
     expected = closest.adapter_tensor_names()
     extra = sorted(found - expected, key=_natural)
     missing = sorted(expected - found, key=_natural)
     detail = f"unexpected {extra[:2]}" if extra else f"missing {missing[:2]}"
-    options = " or ".join(f"{2 * len(f.layers)} for {f.name}'s {f.describe_layers()}" for f in FAMILIES)
+    options = " or ".join(f"{2 * len(f.layers)} for {f.name}'s {f.describe_layers()}" for f in families())
     raise AdapterFormatError(
         f"'{source}' has {len(found)} ip_adapter tensors ({detail}); expected to_k_ip/to_v_ip weights: {options}"
     )
@@ -281,7 +277,7 @@ def _detect_projection(image_proj: dict[str, torch.Tensor], source: str) -> Adap
 
 
 def _validate_layers(
-    ip_adapter: dict[str, torch.Tensor], family: Architecture, cross: int, source: str, base_width: int | None
+    ip_adapter: dict[str, torch.Tensor], family: Family, cross: int, source: str, base_width: int | None
 ) -> int:
     first = family.layers[0]
     if base_width is None:

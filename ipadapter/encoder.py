@@ -20,10 +20,9 @@ from torch import nn
 
 from .files import read_weights
 from .preprocess import preprocess
+from .registry import ENCODERS, encoder_of_widths
 
-# Head width by tower width: it cannot be read from the tensors.
-HEAD_WIDTHS = {1280: 80, 1664: 104}
-KNOWN_TOWERS = {(1280, 32, 14): "OpenCLIP ViT-H/14", (1664, 48, 14): "OpenCLIP ViT-bigG/14"}
+DEFAULT_HEAD_WIDTH = 64  # an unknown tower's (the head width cannot be read from the tensors)
 
 
 class EncoderFormatError(ValueError):
@@ -48,10 +47,9 @@ class ImageEncoder(nn.Module):
         block = visual.transformer.resblocks[0]
         # what the weights do not fix: equal weights with another head count or activation give other outputs
         self.architecture = f"{block.attn.num_heads} heads, {type(block.mlp.gelu).__name__}"
-        self.name = name or KNOWN_TOWERS.get(
-            (self.hidden_width, layers, self.patch_size),
-            f"OpenCLIP ViT (width {self.hidden_width}, {layers} layers, patch {self.patch_size})",
-        )
+        known = next((e.name for e in ENCODERS if (e.hidden_width, e.layers, e.patch_size) ==
+                      (self.hidden_width, layers, self.patch_size)), None)
+        self.name = name or known or f"OpenCLIP ViT (width {self.hidden_width}, {layers} layers, patch {self.patch_size})"
 
     # Not named ``device``/``dtype``: ComfyUI's ModelPatcher assigns ``model.device``.
     @property
@@ -199,7 +197,8 @@ def _vision_config(tower: dict[str, torch.Tensor], source: str, heads: int | Non
     layers = len({k.split(".")[2] for k in tower if k.startswith("transformer.resblocks.")})
     vision_cfg = {
         "image_size": grid * patch, "layers": layers, "width": width, "patch_size": patch,
-        "head_width": width // heads if heads else HEAD_WIDTHS.get(width, 64),
+        "head_width": width // heads if heads else getattr(encoder_of_widths(hidden_width=width), "head_width",
+                                                             DEFAULT_HEAD_WIDTH),
         # open_clip takes int(width * mlp_ratio): the half keeps a ratio like 8192/1664 from rounding down
         "mlp_ratio": (mlp_width + 0.5) / width,
     }

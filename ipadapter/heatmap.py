@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .architecture import Architecture
+from .registry import Family
 from .image_prompt import token_grid
 
 
@@ -21,7 +21,7 @@ def to_latent(strength: torch.Tensor, latent_height: int, latent_width: int) -> 
     return F.interpolate(grid, size=(latent_height, latent_width), mode="bilinear", align_corners=False)[0, 0]
 
 
-def block_maps(records: dict[int, torch.Tensor], architecture: Architecture, latent_height: int,
+def block_maps(records: dict[int, torch.Tensor], architecture: Family, latent_height: int,
                latent_width: int) -> dict[str, torch.Tensor]:
     """``{"average": map, "input 4": map, ...}``, each [H, W], from each layer's strength by official key."""
     by_block: dict[tuple[str, int], list[torch.Tensor]] = {}

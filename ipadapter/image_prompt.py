@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .architecture import Architecture
+from .registry import Family
 from .checkpoint import IPAdapterCheckpoint, check_encoder
 
 COMBINE_MODES = ("average", "concat", "add", "subtract", "norm average")
@@ -211,10 +211,10 @@ def check_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-LAYER_PRESETS = ("all", "style", "composition")  # every family defines these (Architecture.presets)
+LAYER_PRESETS = ("all", "style", "composition")  # every family defines these (Family.layer_presets)
 
 
-def parse_layer_weights(text: str, architecture: Architecture) -> dict[int, float]:
+def parse_layer_weights(text: str, architecture: Family) -> dict[int, float]:
     """Per-layer multipliers from a preset name, one number per layer (in key order), or ``key:value`` pairs.
 
     With ``key:value`` pairs (``"15:1, 11:0.5"``) the layers not named get 0.

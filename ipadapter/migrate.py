@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .architecture import SD15, SDXL
+from .registry.families import SD15, SDXL
 from .migrate_formats import MigrationError  # noqa: F401  (callers catch it from here)
 from .migrate_formats import Node, Out, assign_ids, is_cubiq, read, spec_of, write_api, write_ui
 from .migrate_tables import CUBIQ, CUBIQ_PRESETS, CUBIQ_TYPES, OUR_COMBINE, PRESETS, SCALING, WEIGHT_TYPES

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .architecture import Architecture
+from .registry import Family
 
 VIT_H = "ViT-H/14"
 VIT_BIGG = "ViT-bigG/14"
@@ -68,7 +68,7 @@ def find_file(names: list[str], wanted: tuple[str, ...]) -> str | None:
     return None
 
 
-def preset_files(architecture: Architecture, preset: str, adapter_names: list[str], encoder_names: list[str],
+def preset_files(architecture: Family, preset: str, adapter_names: list[str], encoder_names: list[str],
                  adapter_folders: list[str], encoder_folders: list[str]) -> PresetFiles:
     """The adapter and encoder files of a preset for this family; a missing one is a one-line error."""
     if preset not in PRESETS:

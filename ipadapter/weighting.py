@@ -1,7 +1,7 @@
 """How strongly each layer takes the image prompt: weight types and embeds scaling.
 
 A *weight type* turns the user's λ into one weight per cross-attention layer,
-defined over the family's table (``Architecture.blocks`` runs input, middle,
+defined over the family's table (``Family.blocks`` runs input, middle,
 output; a block's position there is ComfyUI's ``transformer_index``). The names
 and numbers are the ones ComfyUI users know from cubiq's ComfyUI_IPAdapter_plus;
 where that pack leaves the middle block unpatched, ours patches it with the
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .architecture import Architecture
+from .registry import Family
 
 WEIGHT_TYPES = (
     "linear", "ease in", "ease out", "ease in-out", "reverse in-out",
@@ -39,7 +39,7 @@ class LayerWeight:
     swapped: bool = False
 
 
-def weight_schedule(weight_type: str, architecture: Architecture, weight: float,
+def weight_schedule(weight_type: str, architecture: Family, weight: float,
                     composition_weight: float = 1.0) -> dict[int, LayerWeight]:
     """Each layer's weight (by official key) for a weight type; λ = ``weight``.
 

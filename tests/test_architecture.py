@@ -1,13 +1,8 @@
 """The family tables: keys, names, blocks and widths, checked against diffusers' and ComfyUI's own UNets."""
 import pytest
 
-from ipadapter.architecture import (
-    SD15,
-    SDXL,
-    family_of_adapter_keys,
-    family_of_processor_names,
-    official_keys_from_processor_names,
-)
+from ipadapter.registry import family_of_adapter_keys, family_of_processor_names, official_keys_from_processor_names
+from ipadapter.registry.families import SD15, SDXL
 
 
 def test_sd15_table():

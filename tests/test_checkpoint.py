@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from devtools.adapter_factory import random_adapter
-from ipadapter.architecture import SD15, SDXL
+from ipadapter.registry.families import SD15, SDXL
 from ipadapter.checkpoint import (
     AdapterFormatError,
     IPAdapterCheckpoint,

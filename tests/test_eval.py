@@ -322,7 +322,7 @@ def test_generated_mode_scores_existing_images(tmp_path, tiny_clip, references, 
 def generator_files(tmp_path_factory):
     """A scaled-down SD1.5 diffusers folder, an OpenCLIP image encoder file and an exported adapter."""
     from training.adapter import IPAdapterModel
-    from training.checkpointing import export_adapter
+    from training.run_files import export_adapter
 
     root = tmp_path_factory.mktemp("generator")
     sd15, encoder, frozen = write_model_files(root)
@@ -337,7 +337,7 @@ def generator_files(tmp_path_factory):
 def test_generation_mode_end_to_end(tmp_path, tiny_clip, references, generator_files):
     sd15, encoder, adapter = generator_files
     out = tmp_path / "out"
-    common = ["--data", str(references), "--limit", "2", "--samples-per-image", "2", "--sd15", str(sd15),
+    common = ["--data", str(references), "--limit", "2", "--samples-per-image", "2", "--base", str(sd15),
               "--adapter", str(adapter), "--image-encoder", str(encoder), "--steps", "2", "--resolution", "64",
               "--device", "cpu", *clip_args(tiny_clip)]
     args = common + ["--output", str(out)]
@@ -380,18 +380,18 @@ def test_generation_input_errors(tmp_path, tiny_clip, references, generator_file
     sd15, encoder, adapter = generator_files
     base = ["--data", str(references), "--limit", "1", "--output", str(tmp_path), *clip_args(tiny_clip)]
     with pytest.raises(EvalError, match="--adapter, --image-encoder not given"):
-        main(base + ["--sd15", str(sd15)])
-    with pytest.raises(EvalError, match="leave out --sd15"):
-        main(base + ["--generated", str(tmp_path), "--sd15", str(sd15)])
+        main(base + ["--base", str(sd15)])
+    with pytest.raises(EvalError, match="leave out --base"):
+        main(base + ["--generated", str(tmp_path), "--base", str(sd15)])
     with pytest.raises(EvalError, match="is not a device"):
         main(base + ["--generated", str(tmp_path), "--device", "gpu0"])
     from ipadapter.checkpoint import AdapterFormatError
     from training.models import ModelFileError
 
     with pytest.raises(AdapterFormatError, match="does not exist"):
-        main(base + ["--sd15", str(sd15), "--adapter", str(tmp_path / "none.bin"), "--image-encoder", str(encoder)])
+        main(base + ["--base", str(sd15), "--adapter", str(tmp_path / "none.bin"), "--image-encoder", str(encoder)])
     with pytest.raises(ModelFileError, match="image encoder .* does not exist"):
-        main(base + ["--sd15", str(sd15), "--adapter", str(adapter), "--image-encoder", str(tmp_path / "none.safetensors")])
+        main(base + ["--base", str(sd15), "--adapter", str(adapter), "--image-encoder", str(tmp_path / "none.safetensors")])
 
 
 def test_cli_prints_one_line_errors(tmp_path, tiny_clip):
@@ -406,7 +406,7 @@ def test_cli_prints_one_line_errors(tmp_path, tiny_clip):
 def trained_looking_export(frozen, variant: str, path: Path) -> Path:
     """An adapter of ``variant`` for ``frozen``'s UNet and encoder, its weights moved off their initialisation, exported."""
     from training.adapter import IPAdapterModel
-    from training.checkpointing import export_adapter
+    from training.run_files import export_adapter
     from training.variants import adapter_spec
 
     tower = frozen.image_encoder
@@ -424,7 +424,7 @@ def first_image(folder: Path) -> torch.Tensor:
 def test_generation_with_a_plus_adapter_feeds_hidden_states(tmp_path, tiny_clip, references):
     sd15, encoder, frozen = write_model_files(tmp_path / "models")
     adapter = trained_looking_export(frozen, "plus", tmp_path / "ip-adapter-plus_sd15.safetensors")
-    common = ["--data", str(references), "--limit", "1", "--samples-per-image", "1", "--sd15", str(sd15),
+    common = ["--data", str(references), "--limit", "1", "--samples-per-image", "1", "--base", str(sd15),
               "--adapter", str(adapter), "--image-encoder", str(encoder), "--steps", "2", "--resolution", "64",
               "--device", "cpu", *clip_args(tiny_clip)]
     main(common + ["--output", str(tmp_path / "plus")])
@@ -436,20 +436,21 @@ def test_generation_with_a_plus_adapter_feeds_hidden_states(tmp_path, tiny_clip,
 def test_generation_for_sdxl_with_an_sdxl_adapter_and_the_other_family_refused(tmp_path, tiny_clip, references):
     from ipadapter.checkpoint import AdapterFormatError
     from training.adapter import IPAdapterModel
-    from training.checkpointing import export_adapter
+    from ipadapter.registry.families import SD15
     from training.models import build_embedded_models
+    from training.run_files import export_adapter
 
     sdxl, encoder, frozen = write_model_files(tmp_path / "models", family="sdxl")
     adapter = trained_looking_export(frozen, "base", tmp_path / "ip-adapter_sdxl_vit-h.safetensors")
-    common = ["--data", str(references), "--limit", "1", "--samples-per-image", "1", "--sdxl", str(sdxl),
+    common = ["--data", str(references), "--limit", "1", "--samples-per-image", "1", "--base", str(sdxl),
               "--image-encoder", str(encoder), "--steps", "2", "--resolution", "64", "--device", "cpu", *clip_args(tiny_clip)]
     report = main(common + ["--adapter", str(adapter), "--output", str(tmp_path / "image")])
-    assert report["protocol"]["sdxl"] == str(sdxl)
+    assert report["protocol"]["base"] == str(sdxl) and report["protocol"]["family"] == "sdxl"
     main(common + ["--adapter", str(adapter), "--output", str(tmp_path / "text-only"), "--scale", "0"])
     # the SDXL adapter's image prompt changes the image
     assert (first_image(tmp_path / "image") - first_image(tmp_path / "text-only")).abs().mean() > 1
 
-    sd15 = build_embedded_models()
+    sd15 = build_embedded_models(SD15)
     sd15_adapter = export_adapter(IPAdapterModel(sd15.unet, sd15.image_encoder.embed_dim), tmp_path / "sd15.safetensors", 0, "")
     with pytest.raises(AdapterFormatError) as refused:
         main(common + ["--adapter", str(sd15_adapter), "--output", str(tmp_path / "wrong")])

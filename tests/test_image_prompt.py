@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from devtools.adapter_factory import random_adapter
-from ipadapter.architecture import SD15, SDXL
+from ipadapter.registry.families import SD15, SDXL
 from ipadapter.checkpoint import AdapterFormatError, IPAdapterCheckpoint
+from ipadapter.weighting import weight_schedule
 from ipadapter.image_prompt import (
     EncodedImages,
     check_mask,
@@ -98,9 +99,14 @@ def test_mask_follows_each_unet_level():
 
 def test_layer_weights():
     assert parse_layer_weights("", SD15) == {k: 1.0 for k in range(1, 32, 2)}
+    # the style and composition presets are the blocks of the weight types of the same names (cubiq's SD1.5 sets):
+    # the first two down levels and the last up levels, and down_blocks.2
     style = parse_layer_weights("style", SD15)
-    assert [k for k, w in style.items() if w] == [13, 15, 17]
+    assert [k for k, w in style.items() if w] == [1, 3, 5, 7, *range(17, 30, 2)]
     assert [k for k, w in parse_layer_weights("composition", SD15).items() if w] == [9, 11]
+    for preset, weight_type in (("style", "style transfer"), ("composition", "composition")):
+        by_type = weight_schedule(weight_type, SD15, 1.0)
+        assert [k for k, w in parse_layer_weights(preset, SD15).items() if w] == [k for k, w in by_type.items() if w.weight]
     values = parse_layer_weights(",".join(str(i) for i in range(16)), SD15)
     assert values[1] == 0 and values[31] == 15
     assert parse_layer_weights("15:1, 31:0.5", SD15) == {**{k: 0.0 for k in range(1, 32, 2)}, 15: 1.0, 31: 0.5}

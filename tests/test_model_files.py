@@ -1,7 +1,7 @@
 """The unified loader's file search: the names users have for the released files."""
 import pytest
 
-from ipadapter.architecture import SD15, SDXL
+from ipadapter.registry.families import SD15, SDXL
 from ipadapter.model_files import preset_files
 
 ADAPTERS = ["ip-adapter_sd15.safetensors", "ip-adapter_sd15_light_v11.bin", "IP-Adapter-Plus_SD15.safetensors",

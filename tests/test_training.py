@@ -14,16 +14,17 @@ from safetensors import safe_open
 from ipadapter.attention import decoupled_attention
 from ipadapter.checkpoint import load_adapter
 from ipadapter.image_prompt import layer_keys_values
-from ipadapter.architecture import SD15
-from training import checkpointing
+from ipadapter.registry.families import SD15
+from training import run_files
 from training.adapter import IPAdapterModel
-from training.checkpointing import export_adapter
+from training.run_files import export_adapter
 from training.config import Config, ConfigError, load_config
 from training.data import DataError, DataPosition, IndexedPairs, ShardStream, make_loader, open_source, write_toy_dataset
 from training.models import ModelFileError, build_embedded_models
 from training.run import main
 
 from training_fixtures import (
+    write_fake_single_file,
     write_shards,
     ReferenceImageProjModel,
     reference_adapter_modules,
@@ -60,7 +61,7 @@ def test_embedded_default_runs_end_to_end_and_loss_falls(tmp_path, capsys):
     assert sum(history[-2:]) / 2 < 0.9 * sum(history[:2]) / 2, history
     safetensors_path, bin_path = result["export"]
     out = capsys.readouterr().out
-    assert f"exported adapter: {safetensors_path.resolve()}" in out and "--model.sd15" in out
+    assert f"exported adapter: {safetensors_path.resolve()}" in out and "--model.base" in out
     checkpoint = load_adapter(safetensors_path, base_width=None)
     assert checkpoint.spec.variant == "base" and checkpoint.spec.num_tokens == 4
     assert load_adapter(bin_path, base_width=None).spec == checkpoint.spec
@@ -89,7 +90,7 @@ def _copy_unet(unet):
 def test_export_loads_in_diffusers_reference_modules_and_core_with_same_outputs(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    frozen = build_embedded_models(seed=3)
+    frozen = build_embedded_models(SD15, seed=3)
     plain_unet = _copy_unet(frozen.unet)
     model = IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim).eval()
     generator = torch.Generator().manual_seed(0)
@@ -110,7 +111,7 @@ def test_export_loads_in_diffusers_reference_modules_and_core_with_same_outputs(
         # diffusers: the pipeline's own load_ip_adapter on a UNet of the same layout
         diffusers_unet = _copy_unet(plain_unet)
         pipe = StableDiffusionPipeline(
-            vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=None, unet=diffusers_unet,
+            vae=frozen.vae, text_encoder=frozen.text_encoders["text_encoder"], tokenizer=None, unet=diffusers_unet,
             scheduler=frozen.scheduler, safety_checker=None, feature_extractor=None, image_encoder=None,
             requires_safety_checker=False,
         )
@@ -164,7 +165,7 @@ def _core_forward(unet, checkpoint, latents, timesteps, text, embeds):
 
 
 def test_trainable_layers_start_from_text_kv_and_are_numbered_by_processor_order():
-    frozen = build_embedded_models(seed=0)
+    frozen = build_embedded_models(SD15, seed=0)
     model = IPAdapterModel(frozen.unet, 32)
     assert list(model.layers) == [str(k) for k in range(1, 32, 2)]
     modules = dict(frozen.unet.named_modules())
@@ -200,10 +201,10 @@ def test_resume_after_interruptions_matches_uninterrupted_run_bitwise(tmp_path, 
             raise Interrupted("killed during the save of step 4")
         real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpointing.torch, "save", dies_while_saving_step_4)
+    monkeypatch.setattr(run_files.torch, "save", dies_while_saving_step_4)
     with pytest.raises(Interrupted):
         main(small_run_args(interrupted, toy_data, 6))
-    monkeypatch.setattr(checkpointing.torch, "save", real_save)
+    monkeypatch.setattr(run_files.torch, "save", real_save)
     assert (interrupted / "state" / "latest").read_text() == "step-00000002"
     assert (interrupted / "state" / ".tmp-step-00000004").is_dir()  # the half-written state is never used
 
@@ -335,16 +336,20 @@ def test_unreadable_manifests_are_clear_errors(tmp_path):
 def test_missing_model_files_are_clear_errors_before_training(tmp_path, toy_data):
     args = small_run_args(tmp_path / "out", toy_data, 2)
     with pytest.raises(ModelFileError, match="does not exist; expected a diffusers model folder"):
-        main(args + ["--model.sd15", str(tmp_path / "nope"), "--model.image_encoder", str(tmp_path / "enc.safetensors")])
+        main(args + ["--model.base", str(tmp_path / "nope"), "--model.image_encoder", str(tmp_path / "enc.safetensors")])
     (tmp_path / "sd15").mkdir()
-    with pytest.raises(ModelFileError, match="has no unet/, vae/, text_encoder/"):
-        main(args + ["--model.sd15", str(tmp_path / "sd15"), "--model.image_encoder", str(tmp_path / "enc.safetensors")])
+    with pytest.raises(ModelFileError, match=r"'sd15' \(model.base\) is not a base model of SD1.5 or SDXL \(found no subfolders\)"):
+        main(args + ["--model.base", str(tmp_path / "sd15"), "--model.image_encoder", str(tmp_path / "enc.safetensors")])
+    (tmp_path / "sd15" / "unet").mkdir()
+    (tmp_path / "sd15" / "text_encoder").mkdir()
+    with pytest.raises(ModelFileError, match="SD1.5 folder .* has no vae/; expected a diffusers SD1.5 folder"):
+        main(args + ["--model.base", str(tmp_path / "sd15"), "--model.image_encoder", str(tmp_path / "enc.safetensors")])
     not_sd = tmp_path / "not_sd.safetensors"
     from safetensors.torch import save_file
 
     save_file({"some.weight": torch.zeros(2)}, str(not_sd))
-    with pytest.raises(ModelFileError, match="is not an SD1.5 checkpoint"):
-        main(args + ["--model.sd15", str(not_sd), "--model.image_encoder", str(tmp_path / "enc.safetensors")])
+    with pytest.raises(ModelFileError, match=r"is not a base model of SD1.5 or SDXL \(found some.weight\)"):
+        main(args + ["--model.base", str(not_sd), "--model.image_encoder", str(tmp_path / "enc.safetensors")])
     assert not (tmp_path / "out" / "state").exists()
 
 
@@ -357,14 +362,14 @@ def model_files(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_training_from_a_diffusers_folder_and_an_encoder_file(tmp_path, toy_data, model_files):
     sd15, encoder = model_files
-    result = main(small_run_args(tmp_path, toy_data, 2) + ["--model.sd15", str(sd15), "--model.image_encoder", str(encoder),
+    result = main(small_run_args(tmp_path, toy_data, 2) + ["--model.base", str(sd15), "--model.image_encoder", str(encoder),
                                                             "--model.encoder_embed_dim", "32"])
     assert load_adapter(result["export"][0], base_width=None).spec.encoder_width == 32
 
 
 def test_image_encoder_of_the_wrong_width_is_a_clear_error(tmp_path, toy_data, model_files):
     sd15, encoder = model_files
-    args = small_run_args(tmp_path, toy_data, 2) + ["--model.sd15", str(sd15)]
+    args = small_run_args(tmp_path, toy_data, 2) + ["--model.base", str(sd15)]
     with pytest.raises(ModelFileError, match="gives 32-d image embeddings; expected 1024 \\(OpenCLIP ViT-H/14"):
         main(args + ["--model.image_encoder", str(encoder)])
     text_only = tmp_path / "text.safetensors"
@@ -378,7 +383,7 @@ def test_image_encoder_of_the_wrong_width_is_a_clear_error(tmp_path, toy_data, m
 def test_text_encoder_weights_load_with_or_without_the_text_model_prefix():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from training.checkpoint_files import materialise, text_state
+    from training.weight_files import materialise, text_state
 
     config = CLIPTextConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
                             vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
@@ -403,17 +408,19 @@ def test_bf16_frozen_models_keep_fp32_trainable_weights(tmp_path, toy_data):
 def test_config_defaults_are_the_paper_values_and_overrides_work(tmp_path):
     assert yaml.safe_load((REPO / "training" / "configs" / "default.yaml").read_text()) == Config().to_dict() | {
         "model": Config().to_dict()["model"]}
-    config, flags = load_config(["--model.sd15", "a", "--model.image_encoder", "b", "--lr", "2e-4", "--train.batch_size=4", "--resume"])
+    base = write_fake_single_file(tmp_path / "v1-5.safetensors", SD15)
+    config, flags = load_config(["--model.base", str(base), "--model.image_encoder", "b", "--lr", "2e-4", "--train.batch_size=4",
+                                 "--resume"])
     assert (config.optim.lr, config.optim.weight_decay, config.train.batch_size) == (2e-4, 0.01, 4)
     assert (config.data.resolution, config.data.drop_image, config.data.drop_text, config.data.drop_both) == (512, 0.05, 0.05, 0.05)
-    assert flags == {"resume": "latest"} and not config.embedded
+    assert flags == {"resume": "latest"} and not config.embedded and config.family is SD15
     embedded, _ = load_config([])
     assert embedded.embedded and embedded.data.resolution == 64 and embedded.optim.lr == 1e-4
     user = tmp_path / "mine.yaml"
     user.write_text("train:\n  max_steps: 7\n")
     assert load_config(["--config", str(user), "--train.seed", "3"])[0].train.max_steps == 7
     for bad, message in ((["--bogus", "1"], "unknown option 'bogus'"), (["--batch_size", "x"], "expected int"), (["--seed", "1"], "ambiguous"),
-                         (["--model.sd15", "a"], "model.image_encoder is not"), (["--data.drop_both", "0.95"], "sum to")):
+                         (["--model.base", "a"], "model.image_encoder is not"), (["--data.drop_both", "0.95"], "sum to")):
         with pytest.raises(ConfigError, match=message):
             load_config(bad)
 
@@ -449,9 +456,9 @@ def test_indexed_loader_with_workers_gives_the_same_batches(toy_data):
 def test_full_size_sd15_layout_has_the_papers_parameter_count():
     from diffusers import UNet2DConditionModel
 
-    from training.models import SD15_CONFIG_DIR
+    from training.base_models import config_dir
 
-    config = UNet2DConditionModel.load_config(str(SD15_CONFIG_DIR), subfolder="unet", local_files_only=True)
+    config = UNet2DConditionModel.load_config(str(config_dir(SD15)), subfolder="unet", local_files_only=True)
     with torch.device("meta"):  # shapes only, no memory
         unet = UNet2DConditionModel.from_config(config)
         model = IPAdapterModel(unet, embed_dim=1024, num_tokens=4)
@@ -468,7 +475,7 @@ def test_init_adapter_starts_from_the_files_weights_and_refuses_other_adapters(t
 
     first = main(small_run_args(tmp_path / "first", toy_data, 2))
     exported = first["export"][0]
-    frozen = build_embedded_models()
+    frozen = build_embedded_models(SD15)
     model = IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim)
     start_from_adapter_file(model, exported)
     file_tensors = load_adapter(exported, base_width=None).flat_state_dict()

@@ -22,6 +22,7 @@ from training.config import load_config
 from training.data import DataPosition, make_loader, open_source, write_toy_dataset
 from training.distributed import Engine, Process
 from training.loop import batch_positions, compute_loss, sample_draws
+from ipadapter.registry.families import SD15
 from training.models import build_embedded_models, seeded
 from training.run import main
 from training.variants import adapter_spec
@@ -41,7 +42,7 @@ def config_for(data: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def frozen():
-    return build_embedded_models(seed=42).to(CPU)  # the embedded run's models (seed = train.seed)
+    return build_embedded_models(SD15, seed=42).to(CPU)  # the embedded run's models (seed = train.seed)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_a_step_from_the_cache_has_the_loss_and_gradients_of_the_online_step(tmp
     config = config_for(toy_data, "--data.drop_image", "0.25", "--data.drop_text", "0.25", "--data.drop_both", "0.25",
                         "--model.variant", variant, "--model.family", family, *own_folder)
     if family == "sdxl":  # SDXL's cache also holds the pooled text and what the time ids record (size, crop)
-        frozen = build_embedded_models(seed=42, family=config.family).to(CPU)
+        frozen = build_embedded_models(config.family, seed=42).to(CPU)
     source = open_source(str(toy_data))
     build_cache(config, source, frozen, CPU, progress=False)
     cache = open_cache(config, source, frozen.dtype)
@@ -174,7 +175,7 @@ def test_training_from_the_cache_matches_online_training(tmp_path):
         config, _ = load_config(["--data.path", str(toy_data), "--data.resolution", "32", "--cache.text", text,
                                  "--train.output_dir", str(tmp_path / "x")])
         source = open_source(str(toy_data))
-        build_cache(config, source, build_embedded_models(seed=42).to(CPU), CPU, progress=False)
+        build_cache(config, source, build_embedded_models(SD15, seed=42).to(CPU), CPU, progress=False)
         cached = run(f"cached-{text}", "--cache.use", "require", "--cache.text", text)
         # AdamW's first steps move each element by about lr (1e-4) in the direction of its gradient's sign:
         # a float32 difference in a near-zero gradient element can flip it. So: all but a handful of the
@@ -215,7 +216,7 @@ def test_the_cache_of_model_files_is_found_before_loading_and_follows_the_encode
     from training.cache import main as cache_main
 
     sd15, encoder, _ = write_model_files(tmp_path / "models")
-    args = ["--model.sd15", str(sd15), "--model.image_encoder", str(encoder), "--model.encoder_embed_dim", "32",
+    args = ["--model.base", str(sd15), "--model.image_encoder", str(encoder), "--model.encoder_embed_dim", "32",
             "--data.path", str(toy_data), "--data.resolution", str(RESOLUTION), "--data.num_workers", "0",
             "--train.batch_size", "2", "--train.max_steps", "1", "--sample.every", "0", "--train.progress", "false",
             "--train.output_dir", str(tmp_path / "out"), "--cache.dir", str(tmp_path / "cache")]

@@ -17,7 +17,7 @@ from devtools.sdxl_models import (
 )
 from ipadapter.checkpoint import load_adapter
 from training.adapter import IPAdapterModel
-from training.checkpointing import export_adapter
+from training.run_files import export_adapter
 from training.variants import adapter_spec
 
 WIDTH = 64  # model_channels of the scaled-down UNets

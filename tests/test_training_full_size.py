@@ -30,7 +30,7 @@ def test_single_file_sd15_trains_and_exports_a_full_size_adapter(comfy, tmp_path
     from devtools.comfyui_harness import sd15_checkpoint_path
 
     caplog.set_level(logging.INFO, logger="training")
-    result = train_one_step(tmp_path, "--model.sd15", str(sd15_checkpoint_path()))
+    result = train_one_step(tmp_path, "--model.base", str(sd15_checkpoint_path()))
     assert "trainable parameters: 22,319,616" in caplog.text
     assert torch.isfinite(torch.tensor(result["history"])).all()
     exported = load_adapter(result["export"][0])  # validated against the full SD1.5 widths (base 320)
@@ -43,7 +43,7 @@ def test_single_file_sdxl_trains_and_exports_a_full_size_vit_h_adapter_in_bf16(c
     from devtools.comfyui_harness import sdxl_checkpoint_path
 
     caplog.set_level(logging.INFO, logger="training")
-    result = train_one_step(tmp_path, "--model.sdxl", str(sdxl_checkpoint_path()), "--model.frozen_dtype", "bf16",
+    result = train_one_step(tmp_path, "--model.base", str(sdxl_checkpoint_path()), "--model.frozen_dtype", "bf16",
                             "--train.export_formats", "safetensors")
     layers = 2 * 2048 * (10 * 640 + 60 * 1280)  # 70 x (to_k_ip, to_v_ip)
     expected = layers + 1024 * 4 * 2048 + 4 * 2048 + 2 * 2048  # + the projection to 4 tokens of 2048 and its LayerNorm

@@ -9,8 +9,9 @@ from safetensors import safe_open
 
 from ipadapter.checkpoint import load_adapter
 from training.adapter import IPAdapterModel, start_from_adapter_file
-from training.checkpointing import export_adapter
+from training.run_files import export_adapter
 from training.data import write_toy_dataset
+from ipadapter.registry.families import SD15
 from training.models import ModelFileError, build_embedded_models, seeded
 from training.run import main
 from training.variants import adapter_spec
@@ -49,7 +50,7 @@ def test_plus_run_exports_an_sd15_plus_adapter_with_trained_resampler(plus_run):
     checkpoint = load_adapter(safetensors_path, base_width=None)
     spec = checkpoint.spec
     assert (spec.family, spec.variant, spec.num_tokens, spec.encoder_input) == ("SD1.5", "plus", 16, "penultimate")
-    assert spec.encoder_width == build_embedded_models().image_encoder.hidden_width  # the encoder's own width (64 here)
+    assert spec.encoder_width == build_embedded_models(SD15).image_encoder.hidden_width  # the encoder's own width (64 here)
     assert spec.resampler == {"dim": 768, "depth": 4, "dim_head": 64, "heads": 12, "ff_mult": 4}
     assert load_adapter(bin_path, base_width=None).spec == spec
     expected = {"latents", "proj_in.weight", "proj_in.bias", "proj_out.weight", "proj_out.bias", "norm_out.weight", "norm_out.bias"}
@@ -62,7 +63,7 @@ def test_plus_run_exports_an_sd15_plus_adapter_with_trained_resampler(plus_run):
         assert handle.metadata()["variant"] == "plus"
 
     trained = torch.load(output / "state" / "step-00000003" / "adapter.pt", weights_only=True)
-    initial = plus_model(build_embedded_models(seed=SEED)).trainable_state_dict()
+    initial = plus_model(build_embedded_models(SD15, seed=SEED)).trainable_state_dict()
     assert trained.keys() == initial.keys()
     unchanged = [key for key in initial if key.startswith("image_proj.") and torch.equal(trained[key], initial[key])]
     assert not unchanged
@@ -73,7 +74,7 @@ def test_plus_export_loads_in_diffusers_with_the_same_outputs(plus_run):
     from diffusers import StableDiffusionPipeline
 
     output, result = plus_run
-    frozen = build_embedded_models(seed=SEED)
+    frozen = build_embedded_models(SD15, seed=SEED)
     plain_unet, text_only_unet = _copy_unet(frozen.unet), _copy_unet(frozen.unet)
     model = plus_model(frozen).eval()
     start_from_adapter_file(model, result["export"][0])
@@ -85,7 +86,7 @@ def test_plus_export_loads_in_diffusers_with_the_same_outputs(plus_run):
     with torch.no_grad():
         ours = model(latents, timesteps, text, hidden)
         pipe = StableDiffusionPipeline(
-            vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=None, unet=plain_unet,
+            vae=frozen.vae, text_encoder=frozen.text_encoders["text_encoder"], tokenizer=None, unet=plain_unet,
             scheduler=frozen.scheduler, safety_checker=None, feature_extractor=None, image_encoder=None,
             requires_safety_checker=False,
         )
@@ -111,7 +112,7 @@ def test_init_adapter_plus_starts_from_the_file_and_refuses_base(tmp_path, toy_d
     assert started.keys() == file_tensors.keys()
     assert all(torch.equal(started[key], tensor.float()) for key, tensor in file_tensors.items())
 
-    frozen = build_embedded_models(seed=SEED)
+    frozen = build_embedded_models(SD15, seed=SEED)
     base = export_adapter(IPAdapterModel(frozen.unet, frozen.image_encoder.embed_dim), tmp_path / "ip-adapter_sd15.safetensors", 0, "")
     with pytest.raises(ModelFileError) as refused:
         main(small_run_args(tmp_path / "wrong", toy_data, 1, **{"model.variant": "plus", "model.init_adapter": base}))
@@ -168,9 +169,9 @@ def test_plus_trains_from_its_cache_with_sample_grids(tmp_path, toy_data):
 def test_full_size_parameter_counts_of_the_variants():
     from diffusers import UNet2DConditionModel
 
-    from training.models import SD15_CONFIG_DIR
+    from training.base_models import config_dir
 
-    config = UNet2DConditionModel.load_config(str(SD15_CONFIG_DIR), subfolder="unet", local_files_only=True)
+    config = UNet2DConditionModel.load_config(str(config_dir(SD15)), subfolder="unet", local_files_only=True)
     counts = {}
     with torch.device("meta"):  # shapes only: SD1.5 with ViT-H/14 (1024-d embeddings, 1280-wide hidden states)
         unet = UNet2DConditionModel.from_config(config)

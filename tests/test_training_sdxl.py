@@ -9,17 +9,18 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from ipadapter.architecture import SD15, SDXL
+from ipadapter.registry.families import SD15, SDXL
 from ipadapter.checkpoint import load_adapter
 from training.adapter import IPAdapterModel, start_from_adapter_file
-from training.checkpointing import export_adapter
+from training.config import ConfigError
+from training.run_files import export_adapter
 from training.data import crop_rng, image_tensors, write_toy_dataset
 from training.models import ModelFileError, build_embedded_models, seeded
 from training.run import main
 from training.variants import adapter_spec
 
 from test_training import _copy_unet, small_run_args
-from training_fixtures import write_model_files
+from training_fixtures import write_fake_single_file, write_model_files
 
 SEED = 42
 
@@ -52,23 +53,23 @@ def test_time_ids_record_the_original_size_and_the_crop_as_the_authors_script(tm
     assert image_tensors(image, 64, crop_rng(True, 0, 5, 3))["crop_top_left"].tolist() == \
         image_tensors(image, 64, crop_rng(True, 0, 5, 3))["crop_top_left"].tolist()  # one crop per (seed, epoch, sample)
 
-    frozen = build_embedded_models(family=SDXL)
+    frozen = build_embedded_models(SDXL)
     pooled = torch.randn(2, 1280)
     added = frozen.added_conditioning(pooled, torch.tensor([[100, 150], [64, 64]]), torch.tensor([[0, 16], [0, 0]]), 64)
     assert added["text_embeds"] is pooled
     assert added["time_ids"].tolist() == [[100, 150, 0, 16, 64, 64], [64, 64, 0, 0, 64, 64]]
-    assert build_embedded_models().added_conditioning(None, None, None, 64) is None  # SD1.5 has none
+    assert build_embedded_models(SD15).added_conditioning(None, None, None, 64) is None  # SD1.5 has none
 
 
 def test_sdxl_text_condition_is_both_encoders_penultimate_states_and_bigg_pooled():
-    frozen = build_embedded_models(family=SDXL)
+    frozen = build_embedded_models(SDXL)
     ids = frozen.tokenize(["a red circle", ""])
     assert ids.shape == (2, 2, 77)
     assert ids[1, 0, 2].item() == 49407 and ids[1, 1, 2].item() == 0  # CLIP-L pads with the end token, bigG with 0
     context, pooled = frozen.encode_text(ids)
     with torch.no_grad():
-        first = frozen.text_encoder(ids[:, 0], output_hidden_states=True).hidden_states[-2]
-        second = frozen.text_encoder_2(ids[:, 1], output_hidden_states=True)
+        first = frozen.text_encoders["text_encoder"](ids[:, 0], output_hidden_states=True).hidden_states[-2]
+        second = frozen.text_encoders["text_encoder_2"](ids[:, 1], output_hidden_states=True)
     assert context.shape == (2, 77, 2048) and pooled.shape == (2, 1280)
     assert torch.equal(context[..., :768], first) and torch.equal(context[..., 768:], second.hidden_states[-2])
     assert torch.equal(pooled, second.text_embeds)
@@ -95,7 +96,7 @@ def test_sdxl_export_loads_in_diffusers_sdxl_with_the_same_outputs(sdxl_run):
     from diffusers import StableDiffusionXLPipeline
 
     variant, _, result = sdxl_run
-    frozen = build_embedded_models(seed=SEED, family=SDXL)
+    frozen = build_embedded_models(SDXL, seed=SEED)
     plain_unet, text_only_unet = _copy_unet(frozen.unet), _copy_unet(frozen.unet)
     model = sdxl_model(frozen, variant).eval()
     start_from_adapter_file(model, result["export"][0])
@@ -111,7 +112,7 @@ def test_sdxl_export_loads_in_diffusers_sdxl_with_the_same_outputs(sdxl_run):
     with torch.no_grad():
         ours = model(latents, timesteps, text, features, added_cond=added)
         pipe = StableDiffusionXLPipeline(
-            vae=frozen.vae, text_encoder=frozen.text_encoder, text_encoder_2=frozen.text_encoder_2, tokenizer=None,
+            vae=frozen.vae, text_encoder=frozen.text_encoders["text_encoder"], text_encoder_2=frozen.text_encoders["text_encoder_2"], tokenizer=None,
             tokenizer_2=None, unet=plain_unet, scheduler=frozen.scheduler, image_encoder=None, feature_extractor=None,
         )
         export = result["export"][0]
@@ -136,7 +137,7 @@ def test_init_adapter_across_families_is_refused_and_an_sdxl_file_is_the_start(t
     with pytest.raises(ModelFileError) as refused:  # an SDXL file for an SD1.5 run
         main(small_run_args(tmp_path / "wrong", toy_data, 1, **{"model.variant": variant, "model.init_adapter": exported}))
     assert "\n" not in str(refused.value) and "SDXL" in str(refused.value) and "SD1.5" in str(refused.value)
-    frozen = build_embedded_models(seed=SEED)
+    frozen = build_embedded_models(SD15, seed=SEED)
     sd15_file = export_adapter(sdxl_model(frozen, variant), tmp_path / f"{variant}_sd15.safetensors", 0, "")
     with pytest.raises(ModelFileError) as refused:  # and the reverse
         main(small_run_args(tmp_path / "wrong2", toy_data, 1, **{**args, "model.init_adapter": sd15_file}))
@@ -147,9 +148,9 @@ def test_init_adapter_across_families_is_refused_and_an_sdxl_file_is_the_start(t
 def test_full_size_sdxl_parameter_counts_match_the_released_files():
     from diffusers import UNet2DConditionModel
 
-    from training.models import SDXL_CONFIG_DIR
+    from training.base_models import config_dir
 
-    config = UNet2DConditionModel.load_config(str(SDXL_CONFIG_DIR), subfolder="unet", local_files_only=True)
+    config = UNet2DConditionModel.load_config(str(config_dir(SDXL)), subfolder="unet", local_files_only=True)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
         counts = {(variant, embed): IPAdapterModel(unet, spec=adapter_spec(variant, None, embed, 1280, unet)).num_trainable()
@@ -160,26 +161,28 @@ def test_full_size_sdxl_parameter_counts_match_the_released_files():
     assert counts[("plus", 1024)] > layers  # ip-adapter-plus_sdxl_vit-h: + its Resampler
 
 
-def test_an_sdxl_model_folder_trains_and_is_refused_under_the_sd15_option(tmp_path, toy_data):
+def test_an_sdxl_model_folder_is_detected_and_trains(tmp_path, toy_data):
     folder, encoder, _ = write_model_files(tmp_path, seed=3, family="sdxl")
 
-    result = main(small_run_args(tmp_path / "out", toy_data, 1, **{"model.sdxl": folder, "model.image_encoder": encoder,
+    result = main(small_run_args(tmp_path / "out", toy_data, 1, **{"model.base": folder, "model.image_encoder": encoder,
                                                                      "model.encoder_embed_dim": 32}))
     assert result["export"][0].name == "ip-adapter_sdxl_vit-h_step00000001.safetensors"
     assert load_adapter(result["export"][0], base_width=None).spec.family == "SDXL"
     config_text = (tmp_path / "out" / "config.yaml").read_text()
     assert "family: sdxl" in config_text and "resolution: 64" in config_text
 
-    with pytest.raises(ModelFileError) as refused:
-        main(small_run_args(tmp_path / "wrong", toy_data, 1, **{"model.sd15": folder, "model.image_encoder": encoder}))
-    assert "\n" not in str(refused.value) and "model.sdxl" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:  # a family named beside the base model must be the model's
+        main(small_run_args(tmp_path / "wrong", toy_data, 1, **{"model.base": folder, "model.image_encoder": encoder,
+                                                                  "model.family": "sd15"}))
+    assert str(refused.value) == ("model.family = sd15, but model.base 'sdxl' is an SDXL model; "
+                                  "expected model.family sdxl (or leave it out)")
 
     # the cache pass never reads the UNet: it works with the UNet's weights damaged, which training refuses
     from training.cache import main as cache_main
 
     weights = next((folder / "unet").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
-    args = small_run_args(tmp_path / "cached", toy_data, 1, **{"model.sdxl": folder, "model.image_encoder": encoder,
+    args = small_run_args(tmp_path / "cached", toy_data, 1, **{"model.base": folder, "model.image_encoder": encoder,
                                                                 "model.encoder_embed_dim": 32})
     assert cache_main(args)["complete"]
     with pytest.raises(ModelFileError, match="is not a readable .safetensors file"):
@@ -207,24 +210,30 @@ def test_sdxl_resume_matches_the_uninterrupted_run_bitwise(tmp_path, toy_data):
     assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in reference)
 
 
-def test_sdxl_options_default_to_the_family_and_bad_combinations_are_one_line_errors(tmp_path, toy_data):
+def test_the_base_model_gives_the_family_and_its_defaults_and_bad_combinations_are_one_line_errors(tmp_path, toy_data):
     from training.cache import CacheError, main as cache_main
-    from training.config import ConfigError, load_config
+    from training.config import load_config
 
-    config, _ = load_config(["--model.sdxl", "xl.safetensors", "--model.image_encoder", "vit.safetensors"])
+    xl = write_fake_single_file(tmp_path / "xl.safetensors", SDXL)
+    v15 = write_fake_single_file(tmp_path / "v1-5.safetensors", SD15)
+    config, _ = load_config(["--model.base", str(xl), "--model.image_encoder", "vit.safetensors"])
     assert (config.model.family, config.family, config.data.resolution, config.base_model) == \
-        ("sdxl", SDXL, 1024, "xl.safetensors")
-    assert load_config(["--model.sd15", "a", "--model.image_encoder", "b"])[0].family is SD15
+        ("sdxl", SDXL, 1024, str(xl))
+    assert load_config(["--model.base", str(v15), "--model.image_encoder", "b"])[0].family is SD15
     for bad, message in (
-        (["--model.sd15", "a", "--model.sdxl", "b", "--model.image_encoder", "c"], "model.sd15 and model.sdxl are both set"),
-        (["--model.family", "sdxl", "--model.sd15", "a", "--model.image_encoder", "b"],
-         "model.family = sdxl with model.sd15; expected model.sdxl"),
-        (["--model.sdxl", "a"], "model.sdxl is set but model.image_encoder is not"),
+        (["--model.sd15", str(v15), "--model.image_encoder", "c"],
+         "option 'model.sd15' in the command line is now model.base \\(the family is read from the model's files\\)"),
+        (["--model.family", "sd15", "--model.base", str(xl), "--model.image_encoder", "b"],
+         "model.family = sd15, but model.base 'xl.safetensors' is an SDXL model; expected model.family sdxl"),
+        (["--model.base", str(xl)], "model.base is set but model.image_encoder is not"),
         (["--data.crop", "diagonal"], "data.crop = 'diagonal'; expected one of center, random"),
-        (["--model.family", "sd3"], "model.family = 'sd3'; expected one of auto, sd15, sdxl"),
+        (["--model.family", "sd3"], "model.family = 'sd3'; expected one of sd15, sdxl"),
+        (["--model.family", "null"], "model.family is not set; expected one of sd15, sdxl for the embedded run"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(bad)
+    with pytest.raises(ModelFileError, match="base model '.*nowhere' \\(model.base\\) does not exist"):
+        load_config(["--model.base", str(tmp_path / "nowhere"), "--model.image_encoder", "b"])
     args = small_run_args(tmp_path, toy_data, 1, **{"model.family": "sdxl", "data.crop": "random"})
     with pytest.raises(CacheError, match="data.crop is random, and a cache holds one crop per image"):
         cache_main(args)

@@ -8,7 +8,7 @@ every other layer; the middle block's own value is checked separately.
 import pytest
 import torch
 
-from ipadapter.architecture import SD15, SDXL
+from ipadapter.registry.families import SD15, SDXL
 from ipadapter.weighting import EMBEDS_SCALING, WEIGHT_TYPES, scale_keys_values, weight_schedule
 
 W, WC = 0.8, 0.6  # λ and the composition weight

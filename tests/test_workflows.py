@@ -262,8 +262,8 @@ def test_the_command_line_check_fails_on_a_broken_file(tmp_path, comfyui_server)
 
 def write_trained_adapter(path, seed):
     """A file written by the trainer's export (official layout with step and config metadata), random weights."""
-    from ipadapter.architecture import SD15
-    from training.checkpointing import export_adapter
+    from ipadapter.registry.families import SD15
+    from training.run_files import export_adapter
 
     tensors = random_adapter("base", seed=seed)
     ip_adapter = {k: v * 5 for k, v in tensors["ip_adapter"].items()}

@@ -175,13 +175,24 @@ def write_model_files(root: Path, seed: int = 5, family: str = "sd15"):
     """
     from safetensors.torch import save_file
 
-    from ipadapter.architecture import family_by_id
+    from ipadapter.registry import family_by_id
     from training.models import build_embedded_models
 
-    frozen = build_embedded_models(seed=seed, family=family_by_id(family))
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
-        if getattr(frozen, name) is not None:
-            getattr(frozen, name).save_pretrained(str(root / family / name))
+    frozen = build_embedded_models(family_by_id(family), seed=seed)
+    for name, module in {**frozen.modules(), "scheduler": frozen.scheduler}.items():
+        if module is not None and name != "image_encoder":  # the encoder is written below, as an OpenCLIP file
+            module.save_pretrained(str(root / family / name))
     encoder = root / "open_clip_small.safetensors"
     save_file({f"visual.{k}": v.contiguous() for k, v in frozen.image_encoder.visual.state_dict().items()}, str(encoder))
     return root / family, encoder, frozen
+
+
+def write_fake_single_file(path: Path, family) -> Path:
+    """A single file with one tensor under each of the family's single-file prefixes: enough to be detected."""
+    import torch
+    from safetensors.torch import save_file
+
+    facts = family.training
+    prefixes = [facts.unet_prefix, facts.vae_prefix, *(encoder.single_file_prefix for encoder in facts.text_encoders)]
+    save_file({f"{prefix}weight": torch.zeros(2) for prefix in prefixes}, str(path))
+    return path

@@ -17,7 +17,7 @@ from ipadapter.attention import decoupled_attention
 from ipadapter.checkpoint import AdapterFormatError, AdapterSpec, build_projection, load_adapter
 
 from .models import ModelFileError, check_unet_layout
-from .variants import unet_family
+from .variants import family_of_diffusers_unet
 
 
 class ImageTokens:
@@ -80,7 +80,7 @@ class IPAdapterModel(nn.Module):
         cross = unet.config.cross_attention_dim
         if spec is None:
             spec = AdapterSpec("base", num_tokens, cross, "image_embeds", embed_dim, unet.config.block_out_channels[0],
-                               architecture=unet_family(unet))
+                               architecture=family_of_diffusers_unet(unet))
         self.spec = spec
         self.num_tokens = spec.num_tokens
         self.image_proj = build_projection(spec)

@@ -154,10 +154,9 @@ def fingerprint(config: Config, source: DataSource, dtype: torch.dtype) -> dict:
     """Everything that changes what the encoders give for the data; equal fingerprints, same cache. Computed from
     the config and the files, without loading a model."""
     features = {} if image_key(config) == "image_embeds" else {"image_features": image_key(config)}  # base: as before
-    family = {} if config.family.id == "sd15" else {"family": config.family.id}  # SD1.5 caches: as before
     return {
         **features,
-        **family,
+        "family": config.family.id,
         "version": FORMAT_VERSION,
         "resolution": config.data.resolution,
         "clip_size": CLIP_SIZE,
@@ -385,7 +384,7 @@ def encode_unit(frozen: FrozenModels, config: Config, items: list, webdataset: b
                     encoded["pooled_text"] = pooled.cpu()
             else:
                 encoded["input_ids"] = input_ids
-            if frozen.family.pooled_text_width is not None:  # SDXL's time ids record the image's size and crop
+            if frozen.family.training.time_ids:  # SDXL's time ids record the image's size and crop
                 encoded.update({name: torch.stack([s[name] for s in good]) for name in ("original_size", "crop_top_left")})
             outputs = iter(range(len(good)))
         for sample in batch:
@@ -414,7 +413,7 @@ def _dummy_outputs(frozen: FrozenModels, config: Config, device: torch.device) -
         image_key(config): frozen.encode_images(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE, device=device), image_key(config))[0].cpu(),
     }
     outputs.update(empty_prompt_outputs(frozen, config, device))
-    if frozen.family.pooled_text_width is not None:
+    if frozen.family.training.time_ids:
         outputs.update(original_size=torch.tensor([size, size]), crop_top_left=torch.tensor([0, 0]))
     return outputs
 

@@ -59,13 +59,16 @@ def open_data(config: Config, is_main: bool = True, barrier=lambda: None):
 
 
 def open_models(config: Config, device: torch.device, skip: tuple[str, ...] = ()) -> FrozenModels:
-    """The frozen models of the run, without the modules named in ``skip`` (``unet``, ``text_encoder``,
-    ``text_encoder_2``, ``image_encoder``): those are not read from the user's files."""
+    """The frozen models of the run, without the modules named in ``skip`` (``unet``, a text encoder's folder name,
+    ``image_encoder``): those are not read from the user's files."""
     dtype = resolve_dtype(config.model.frozen_dtype, device)
     if not config.embedded:
-        return load_frozen_models(config.base_model, config.model.image_encoder, dtype, config.model.encoder_embed_dim,
-                                  config.family, skip)
-    frozen = build_embedded_models(seed=config.train.seed, dtype=dtype, family=config.family)
+        return load_frozen_models(config.base_model, config.model.image_encoder, dtype, config.family,
+                                  config.model.encoder_embed_dim, skip)
+    frozen = build_embedded_models(config.family, seed=config.train.seed, dtype=dtype)
     for name in skip:
-        setattr(frozen, name, None)
+        if name in frozen.text_encoders:
+            frozen.text_encoders[name] = None
+        else:
+            setattr(frozen, name, None)
     return frozen

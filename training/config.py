@@ -15,8 +15,9 @@ import yaml
 
 from ipadapter.files import write_text_atomic
 
+from ipadapter.registry import families, trainable_variants, variant_by_name
+
 from .errors import UserError
-from .variants import DEFAULT_TOKENS, VARIANTS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -29,13 +30,12 @@ class ConfigError(UserError):
 
 @dataclass
 class ModelConfig:
-    sd15: str | None = None  # diffusers folder or single-file .safetensors/.ckpt of SD1.5
-    sdxl: str | None = None  # the same for SDXL (sd_xl_base_1.0.safetensors or a diffusers folder)
-    family: str = "auto"  # auto (sdxl when model.sdxl is given) | sd15 | sdxl; the embedded run builds this family
-    image_encoder: str | None = None  # OpenCLIP ViT-H/14 weights (ViT-bigG/14 too for SDXL), open_clip or transformers keys
-    variant: str = "base"  # base | plus | plus-face | full-face (see training/variants.py)
+    base: str | None = None  # the base model: a diffusers folder or single-file .safetensors/.ckpt; its family is detected
+    family: str | None = None  # the embedded run builds this family (configs/embedded.yaml); with model.base, detected
+    image_encoder: str | None = None  # the image encoder's weights (one the family's adapters use), open_clip or transformers keys
+    variant: str = "base"  # one of the trainable variants of ipadapter.registry (base, plus, plus-face, full-face)
     num_tokens: int | None = None  # image tokens; None = the variant's (base 4, plus 16); full-face: one per hidden state
-    encoder_embed_dim: int | None = None  # image embedding width the encoder must give; None: the family's (SD1.5 1024, SDXL 1280 or 1024)
+    encoder_embed_dim: int | None = None  # image embedding width the encoder must give; None: one of the family's encoders'
     frozen_dtype: str = "auto"  # auto = bf16 on GPUs that have it, else fp16; fp32 on CPU
     init_adapter: str | None = None  # start from this adapter file (official .bin/.safetensors or an export)
 
@@ -44,8 +44,8 @@ class ModelConfig:
 class DataConfig:
     path: str | None = None  # manifest (.jsonl/.csv), image folder, or tar shards ("a/{00000..00099}.tar")
     format: str = "auto"  # auto | manifest | folder | webdataset
-    resolution: int | None = None  # None: the family's (SD1.5 512, SDXL 1024)
-    crop: str = "center"  # center | random (SDXL's time ids record the crop; random crops are encoded online)
+    resolution: int | None = None  # None: the family's
+    crop: str = "center"  # center | random (time ids, where the family has them, record the crop; random crops are encoded online)
     drop_image: float = 0.05
     drop_text: float = 0.05
     drop_both: float = 0.05
@@ -121,12 +121,12 @@ class Config:
 
     @property
     def base_model(self) -> str | None:
-        return self.model.sdxl or self.model.sd15
+        return self.model.base
 
     @property
     def family(self):
-        """The model family's architecture table (``ipadapter.architecture``)."""
-        from ipadapter.architecture import family_by_id
+        """The model family's registry entry (``ipadapter.registry``)."""
+        from ipadapter.registry import family_by_id
 
         return family_by_id(self.model.family)
 
@@ -209,9 +209,16 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+# options of earlier versions, and what replaced them
+REPLACED_OPTIONS = {"model.sd15": "model.base", "model.sdxl": "model.base", "sd15": "model.base", "sdxl": "model.base"}
+
+
 def resolve_key(dotted: str, origin: str) -> tuple[str, str]:
     """``section.key`` as given, or a bare ``key`` that names exactly one field of one section."""
     dotted = dotted.replace("-", "_")
+    if dotted in REPLACED_OPTIONS:
+        raise ConfigError(f"option '{dotted}' in {origin} is now {REPLACED_OPTIONS[dotted]} (the family is read from the "
+                          f"model's files); expected --{REPLACED_OPTIONS[dotted]} PATH")
     if "." in dotted:
         section_name, _, key = dotted.partition(".")
         if section_name in SECTIONS and key in _field_types(getattr(Config(), section_name)):
@@ -294,21 +301,38 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, dict[str, str]]:
     if config.embedded:
         config = build(True)
     validate(config)
-    if config.model.family == "auto":
-        config.model.family = "sdxl" if config.model.sdxl else "sd15"
+    config.model.family = resolve_family(config).id
     if config.data.resolution is None:
-        config.data.resolution = FAMILY_RESOLUTION[config.model.family]
+        config.data.resolution = config.family.training.resolution
     validate_resolution(config)
     if config.model.num_tokens is None:
-        config.model.num_tokens = DEFAULT_TOKENS[config.model.variant]
+        config.model.num_tokens = variant_by_name(config.model.variant).tokens
     return config, flags
+
+
+def resolve_family(config: Config):
+    """The family of the base model, read from its files; the embedded run's is ``model.family``."""
+    from ipadapter.registry import family_by_id, families
+
+    if config.base_model is None:
+        if config.model.family is None:
+            raise ConfigError("model.family is not set; expected one of "
+                              f"{', '.join(f.id for f in families())} for the embedded run (or model.base)")
+        return family_by_id(config.model.family)
+    from .base_models import detect_family
+
+    family = detect_family(config.base_model)  # a missing or unrecognised model: a one-line ModelFileError
+    if config.model.family not in (None, family.id):
+        raise ConfigError(f"model.family = {config.model.family}, but model.base '{Path(config.base_model).name}' is "
+                          f"an {family.name} model; expected model.family {family.id} (or leave it out)")
+    return family
 
 
 def validate(config: Config) -> None:
     choices = {
-        "model.variant": (config.model.variant, VARIANTS),
+        "model.variant": (config.model.variant, trainable_variants()),
         "model.frozen_dtype": (config.model.frozen_dtype, ("auto", "bf16", "fp16", "fp32")),
-        "model.family": (config.model.family, ("auto", "sd15", "sdxl")),
+        "model.family": (config.model.family, (None, *(family.id for family in families()))),
         "data.crop": (config.data.crop, ("center", "random")),
         "data.format": (config.data.format, ("auto", "manifest", "folder", "webdataset")),
         "distributed.strategy": (config.distributed.strategy, ("auto", "single", "ddp", "deepspeed")),
@@ -319,18 +343,13 @@ def validate(config: Config) -> None:
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{name} = '{value}'; expected one of {', '.join(allowed)}")
+            raise ConfigError(f"{name} = '{value}'; expected one of {', '.join(str(a) for a in allowed if a is not None)}")
     bad_formats = set(config.train.export_formats) - {"safetensors", "bin"}
     if bad_formats:
         raise ConfigError(f"train.export_formats has {sorted(bad_formats)}; expected safetensors and/or bin")
-    if config.model.sd15 and config.model.sdxl:
-        raise ConfigError("model.sd15 and model.sdxl are both set; expected one base model")
-    base_option = "sdxl" if config.model.sdxl else "sd15"
-    if config.model.family not in ("auto", base_option) and config.base_model:
-        raise ConfigError(f"model.family = {config.model.family} with model.{base_option}; expected model.{config.model.family}")
     if (config.base_model is None) != (config.model.image_encoder is None):
-        given, missing = (f"model.{base_option}", "model.image_encoder") if config.model.image_encoder is None \
-            else ("model.image_encoder", "model.sd15 or model.sdxl")
+        given, missing = ("model.base", "model.image_encoder") if config.model.image_encoder is None \
+            else ("model.image_encoder", "model.base")
         raise ConfigError(f"{given} is set but {missing} is not; give both (real models) or neither (embedded toy run)")
     drops = config.data.drop_image + config.data.drop_text + config.data.drop_both
     if min(config.data.drop_image, config.data.drop_text, config.data.drop_both) < 0 or drops > 1:
@@ -350,9 +369,6 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{name} = {getattr(getattr(config, section), key)}; expected 0 or more")
 
 
-FAMILY_RESOLUTION = {"sd15": 512, "sdxl": 1024}
-
-
 def validate_resolution(config: Config) -> None:
     if config.data.resolution < 1 or config.data.resolution % 8:
         raise ConfigError(f"data.resolution = {config.data.resolution}; expected a positive multiple of 8 (the VAE's downsampling)")
@@ -362,7 +378,7 @@ def usage() -> str:
     lines = [
         "usage: python -m training.run [--config file.yaml] [--section.key value ...] [--resume [state folder]]",
         "",
-        "Without model files (model.sd15 or model.sdxl, and model.image_encoder) it runs the embedded toy default.",
+        "Without model files (model.base and model.image_encoder) it runs the embedded toy default.",
         "Options (default):",
     ]
     defaults = Config()

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from ipadapter.files import write_text_atomic
+from ipadapter.registry import VARIANTS
 
 from .cli import run_cli
-from .config import FAMILY_RESOLUTION
 from .clip_score import CLIPSCORE_WEIGHT, clipscore, load_scoring_clip, score_samples, summarize
 from .eval_data import EvalError, Reference, generated_files, load_references
 
@@ -39,19 +39,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--clip-model", default="ViT-L-14", help="OpenCLIP architecture of --clip (name or config .json; "
                         "default ViT-L-14, the paper's; ViT-L-14-quickgelu for OpenAI weights)")
     parser.add_argument("--generated", help="score the images in this folder (<reference name>_<k>.png) instead of generating")
-    parser.add_argument("--sd15", help="SD1.5: diffusers folder or single-file checkpoint")
-    parser.add_argument("--sdxl", help="SDXL base instead: diffusers folder or single-file checkpoint")
+    parser.add_argument("--base", help="the base model: diffusers folder or single-file checkpoint (its family is read from it)")
     parser.add_argument("--adapter", help="IP-Adapter checkpoint of that family (.bin or .safetensors, official layout; "
-                        "base, light, plus, plus-face or full-face)")
-    parser.add_argument("--image-encoder", help="the adapter's image encoder (OpenCLIP ViT-H/14; ViT-bigG/14 for ip-adapter_sdxl)")
+                        f"{', '.join(v.name for v in VARIANTS)})")
+    parser.add_argument("--image-encoder", help="the adapter's image encoder (the one it was trained on)")
     parser.add_argument("--scale", type=float, default=1.0, help="λ, the image prompt weight (paper: 1.0)")
     parser.add_argument("--prompt", choices=("empty", "caption"), default="empty",
                         help="text prompt: empty (paper, image prompt only) or the reference's caption")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (paper: 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (paper: 7.5)")
-    parser.add_argument("--resolution", type=int, help="default: the family's, 512 (SD1.5) or 1024 (SDXL)")
+    parser.add_argument("--resolution", type=int, help="default: the family's training resolution")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="dtype of SD1.5 and the encoder")
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="dtype of the base model and the encoder")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--generation-batch", type=int, default=4,
                         help="references generated together (x samples-per-image x 2 for guidance); images do not depend on it")
@@ -59,25 +58,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", default="runs/eval", help="folder for report.json, per_image.csv and generated images")
     parser.add_argument("--overwrite", action="store_true", help="regenerate images that the output folder already holds")
     args = parser.parse_args(argv)
-    if args.sd15 and args.sdxl:
-        raise EvalError("--sd15 and --sdxl are both given; expected one base model")
-    args.family = "sdxl" if args.sdxl else "sd15"
-    args.base_model = args.sdxl or args.sd15
-    if args.resolution is None:
-        args.resolution = FAMILY_RESOLUTION[args.family]
-    generation = [args.base_model, args.adapter, args.image_encoder]
+    generation = [args.base, args.adapter, args.image_encoder]
     if args.generated and any(generation):
-        raise EvalError("--generated scores existing images; leave out --sd15/--sdxl/--adapter/--image-encoder (or --generated)")
+        raise EvalError("--generated scores existing images; leave out --base/--adapter/--image-encoder (or --generated)")
     if not args.generated and not all(generation):
-        absent = [f"--{n}" for n, v in zip(("sd15 (or --sdxl)", "adapter", "image-encoder"), generation) if not v]
-        raise EvalError(f"{', '.join(absent)} not given; expected --sd15 or --sdxl, --adapter and --image-encoder to generate, "
+        absent = [f"--{n}" for n, v in zip(("base", "adapter", "image-encoder"), generation) if not v]
+        raise EvalError(f"{', '.join(absent)} not given; expected --base, --adapter and --image-encoder to generate, "
                         "or --generated DIR to score existing images")
+    args.family = None
+    if args.base:
+        from .base_models import detect_family
+        from .errors import ModelFileError
+
+        try:
+            args.family = detect_family(args.base, "--base")
+        except ModelFileError as error:
+            raise EvalError(str(error)) from None
+    if args.resolution is None and args.family is not None:
+        args.resolution = args.family.training.resolution
     for name in ("samples_per_image", "steps", "resolution", "batch_size", "generation_batch"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # no resolution: scoring existing images
             raise EvalError(f"--{name.replace('_', '-')} = {getattr(args, name)}; expected a positive number")
     if args.limit < 0:
         raise EvalError(f"--limit = {args.limit}; expected 0 (all) or more")
-    if args.resolution % 8:
+    if args.resolution is not None and args.resolution % 8:
         raise EvalError(f"--resolution = {args.resolution}; expected a multiple of 8")
     return args
 
@@ -114,10 +118,8 @@ def generate_all(args: argparse.Namespace, references: list[Reference], folder: 
     from .data import image_tensors, open_image
     from .sampling import generate
 
-    settings = {k: getattr(args, k) for k in ("adapter", "sd15", "image_encoder", "scale", "prompt", "steps", "guidance",
+    settings = {k: getattr(args, k) for k in ("adapter", "base", "image_encoder", "scale", "prompt", "steps", "guidance",
                                                "resolution", "seed", "dtype")}
-    if args.sdxl:  # SD1.5 settings files stay as they were
-        settings["sdxl"] = args.sdxl
     settings_file = folder / GENERATION_SETTINGS
     if settings_file.is_file() and not args.overwrite and json.loads(settings_file.read_text()) != settings:
         raise EvalError(f"'{folder}' holds images generated with other settings ({settings_file.name}); "
@@ -152,20 +154,18 @@ def sample_seed(seed: int, reference: int, sample: int) -> int:
 
 
 def load_generator(args: argparse.Namespace, device: torch.device):
-    """SD1.5 or SDXL + the adapter (base, light, plus, plus-face or full-face; official layout) + the image encoder,
-    on ``device``."""
-    from ipadapter.architecture import family_by_id
+    """The base model + the adapter (any variant; official layout) + the image encoder, on ``device``."""
     from ipadapter.checkpoint import check_encoder, load_adapter
 
     from .adapter import IPAdapterModel
     from .models import load_frozen_models, resolve_dtype
 
-    family = family_by_id(args.family)
+    family = args.family
     checkpoint = load_adapter(args.adapter, base_width=None, architecture=family)  # another family's file: refused
     spec = checkpoint.spec
     embeds = spec.encoder_input == "image_embeds"  # hidden states: check_encoder below
-    frozen = load_frozen_models(args.base_model, args.image_encoder, resolve_dtype(args.dtype, device), spec.encoder_width,
-                                family, check_embed_dim=embeds)
+    frozen = load_frozen_models(args.base, args.image_encoder, resolve_dtype(args.dtype, device), family, spec.encoder_width,
+                                check_embed_dim=embeds)
     check_encoder(spec, frozen.image_encoder.embed_dim, frozen.image_encoder.hidden_width, checkpoint.source, frozen.image_encoder.name)
     unet_width = frozen.unet.config.block_out_channels[0]
     if spec.base_width != unet_width:
@@ -215,8 +215,9 @@ def build_report(args, description: str, clip_name: str, references, files, scor
     if args.generated:
         protocol["generated"] = str(args.generated)
     else:
-        protocol.update({k: getattr(args, k) for k in ("sd15", "sdxl", "adapter", "image_encoder", "scale", "prompt", "steps",
-                                                       "guidance", "resolution", "seed") if k != "sdxl" or args.sdxl})
+        protocol.update({k: getattr(args, k) for k in ("base", "adapter", "image_encoder", "scale", "prompt", "steps",
+                                                       "guidance", "resolution", "seed")})
+        protocol["family"] = args.family.id
         protocol["sampler"] = "DDIM"
     per_image = []
     for index, reference in enumerate(references):

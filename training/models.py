@@ -1,9 +1,9 @@
 """The frozen models: the base model (UNet, VAE, text encoders) and the OpenCLIP image encoder.
 
-SD1.5 has one text encoder (CLIP ViT-L, its last layer's output is the context); SDXL two
-(CLIP ViT-L and OpenCLIP ViT-bigG, their penultimate layers concatenated to a 2048-wide
-context, and bigG's pooled, projected output for the UNet's added conditioning). Loaded
-offline from the user's files, or built as scaled-down random-weight copies with the
+What a family's text encoders give comes from its registry entry: each encoder's output (the last
+layer, or the penultimate one), concatenated into the context, and the pooled, projected output of
+the one marked ``pooled`` for the UNet's added conditioning with the time ids. Loaded offline from
+the user's files (``training.base_models``), or built as scaled-down random-weight copies with the
 family's layer layout for the embedded default run.
 """
 from __future__ import annotations
@@ -16,18 +16,15 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig
 
-from ipadapter.files import first_line
 from ipadapter.encoder import EncoderFormatError, ImageEncoder, build_vision_tower, load_image_encoder
-from ipadapter.architecture import SD15, SDXL, Architecture, family_names, family_of_processor_names
+from ipadapter.files import first_line
+from ipadapter.registry import Family, encoder_by_id, family_names, family_of_processor_names
 
-from .checkpoint_files import diffusers_part, load_folder_part, open_checkpoint, text_encoder_part
+from .base_models import TIME_IDS, config_dir, detect_family, load_base_model, text_encoder_class
 from .errors import ModelFileError
-from .sdxl_files import SDXL_CONFIG_DIR, detect_base_model_family, load_sdxl_folder, load_sdxl_single_file
 
-SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
-VIT_H_EMBED_DIM = 1024
 CONTEXT_LENGTH = 77
 START_TOKEN, END_TOKEN = 49406, 49407
 
@@ -70,19 +67,15 @@ class PromptTokenizer:
 class FrozenModels:
     unet: UNet2DConditionModel | None
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    image_encoder: ImageEncoder
-    tokenizer: PromptTokenizer
+    text_encoders: dict[str, torch.nn.Module | None]  # by the family's text-encoder folder name, in its order
+    image_encoder: ImageEncoder | None
+    tokenizers: dict[str, PromptTokenizer]
     scheduler: DDPMScheduler
     dtype: torch.dtype
-    family: Architecture = SD15
-    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's OpenCLIP ViT-bigG text model
-    tokenizer_2: PromptTokenizer | None = None
+    family: Family
     empty_text: torch.Tensor | None = None  # text-encoder output of the empty prompt [77, context]; computed once
-    empty_pooled: torch.Tensor | None = None  # SDXL: its pooled embedding [1280]
+    empty_pooled: torch.Tensor | None = None  # its pooled embedding (families with time ids)
     zero_image: torch.Tensor | None = None  # penultimate states of an all-zero CLIP input (plus: a dropped image); once
-
-    TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
     @property
     def vae_scale_factor(self) -> int:
@@ -90,9 +83,9 @@ class FrozenModels:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids: [B, 77], or [B, 2, 77] for SDXL's two tokenizers."""
-        ids = self.tokenizer(prompts)
-        return ids if self.tokenizer_2 is None else torch.stack([ids, self.tokenizer_2(prompts)], dim=1)
+        """Token ids: [B, 77] for one text encoder, [B, encoders, 77] for several."""
+        ids = [tokenizer(prompts) for tokenizer in self.tokenizers.values()]
+        return ids[0] if len(ids) == 1 else torch.stack(ids, dim=1)
 
     def empty_text_embeds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The dropped-caption text condition (context, pooled or None), computed once (or read from the cache)."""
@@ -102,12 +95,14 @@ class FrozenModels:
         pooled = None if self.empty_pooled is None else self.empty_pooled.to(device)
         return self.empty_text.to(device), pooled
 
+    def modules(self) -> dict[str, torch.nn.Module | None]:
+        return {"unet": self.unet, "vae": self.vae, **self.text_encoders, "image_encoder": self.image_encoder}
+
     def to(self, device: torch.device, offload: tuple[str, ...] = ()) -> "FrozenModels":
-        """Move to ``device`` and cast to the frozen dtype. Modules named in ``offload`` (``"text_encoder"``,
-        ``"image_encoder"``) stay on the CPU: training from ``training.cache`` needs them only for sample grids.
-        SDXL's VAE stays fp32 under fp16 (it overflows there; the authors' script keeps it fp32 too)."""
-        for name in ("unet", "vae", *self.TEXT_ENCODERS, "image_encoder"):
-            module = getattr(self, name)
+        """Move to ``device`` and cast to the frozen dtype. Modules named in ``offload`` (a text encoder's folder
+        name, ``"image_encoder"``) stay on the CPU: training from ``training.cache`` needs them only for sample
+        grids. A VAE that asks for it (``force_upcast``, SDXL's) stays fp32 under fp16: it overflows there."""
+        for name, module in self.modules().items():
             if module is None:  # left out (the cache pass has no UNet)
                 continue
             if name not in offload:
@@ -120,22 +115,26 @@ class FrozenModels:
 
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(context [B, 77, width], pooled [B, 1280] or None) on the device of ``input_ids``, wherever the encoders
-        are. SD1.5: the text encoder's last layer. SDXL: both encoders' penultimate layers, concatenated, and
-        bigG's projected pooled output."""
-        device = input_ids.device
-        if self.text_encoder_2 is None:
-            return self.text_encoder(input_ids.to(self.text_encoder.device))[0].to(device), None
-        first = self.text_encoder(input_ids[:, 0].to(self.text_encoder.device), output_hidden_states=True)
-        second = self.text_encoder_2(input_ids[:, 1].to(self.text_encoder_2.device), output_hidden_states=True)
-        context = torch.cat([first.hidden_states[-2], second.hidden_states[-2].to(first.hidden_states[-2])], dim=-1)
-        return context.to(device), second.text_embeds.to(device)
+        """(context [B, 77, width], pooled [B, width] or None) on the device of ``input_ids``, wherever the encoders
+        are: each encoder's chosen layer (its output, or a hidden state), concatenated; the pooled one's projected
+        pooled output."""
+        device, encoders = input_ids.device, self.family.training.text_encoders
+        ids = [input_ids] if len(encoders) == 1 else input_ids.unbind(1)
+        states, pooled = [], None
+        for encoder, encoder_ids in zip(encoders, ids):
+            model = self.text_encoders[encoder.folder]
+            output = model(encoder_ids.to(model.device), output_hidden_states=encoder.hidden_layer != -1)
+            state = output.last_hidden_state if encoder.hidden_layer == -1 else output.hidden_states[encoder.hidden_layer]
+            states.append(state.to(states[0]) if states else state)
+            if encoder.pooled:
+                pooled = output.text_embeds.to(device)
+        return torch.cat(states, dim=-1).to(device), pooled
 
     def added_conditioning(self, pooled: torch.Tensor | None, original_size: torch.Tensor | None,
                            crop_top_left: torch.Tensor | None, resolution: int) -> dict | None:
-        """SDXL's added conditioning: the pooled text and the time ids (original height, width, crop top, left,
-        target height, width), as the authors' SDXL training script builds them; None for SD1.5."""
-        if self.family.pooled_text_width is None:
+        """The added conditioning of families with time ids: the pooled text and the time ids (original height,
+        width, crop top, left, target height, width), as the authors' SDXL training script builds them."""
+        if not self.family.training.time_ids:
             return None
         target = torch.tensor([resolution, resolution], device=pooled.device).expand(len(pooled), 2)
         time_ids = torch.cat([original_size.to(pooled.device), crop_top_left.to(pooled.device), target], dim=1)
@@ -180,124 +179,73 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def family_scheduler(family: Architecture = SD15, folder: Path | None = None) -> DDPMScheduler:
-    """The DDPM training schedule (SD1.5 and SDXL alike: scaled_linear 0.00085..0.012, 1000 steps, epsilon), from
-    the model folder's ``scheduler/`` when it has one (SDXL's holds its Euler inference config: same betas and
-    steps; DDPMScheduler keeps the keys it knows), else from the configs shipped here."""
-    if folder is None or not (folder / "scheduler" / "scheduler_config.json").is_file():
-        folder = SDXL_CONFIG_DIR if family is SDXL else SD15_CONFIG_DIR
-    config = DDPMScheduler.load_config(str(folder), subfolder="scheduler", local_files_only=True)
-    return DDPMScheduler.from_config(config)
+def family_scheduler(family: Family, folder: Path | None = None) -> DDPMScheduler:
+    """The DDPM training schedule: the model folder's ``scheduler/`` when it has one (SDXL's holds its Euler
+    inference config: same betas and steps; DDPMScheduler keeps the keys it knows), else the family's."""
+    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
+        config = DDPMScheduler.load_config(str(folder), subfolder="scheduler", local_files_only=True)
+        return DDPMScheduler.from_config(config)
+    return DDPMScheduler(**family.training.noise_schedule)
+
+
+def text_encoder_names(family: Family) -> tuple[str, ...]:
+    """The family's text encoders by folder name: what ``skip`` and ``offload`` call them."""
+    return tuple(encoder.folder for encoder in family.training.text_encoders)
+
+
+def tokenizers_for(family: Family, folders: dict[str, Path | None] | None = None) -> dict[str, PromptTokenizer]:
+    """One tokenizer per text encoder: the model folder's own where it has one; each pads as its encoder was trained."""
+    return {encoder.folder: PromptTokenizer((folders or {}).get(encoder.folder),
+                                            pad=END_TOKEN if encoder.pad_id is None else encoder.pad_id)
+            for encoder in family.training.text_encoders}
 
 
 # --- the user's files ------------------------------------------------------------
 
 
-def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dtype,
-                       encoder_embed_dim: int | None = VIT_H_EMBED_DIM, family: Architecture = SD15,
-                       skip: tuple[str, ...] = (), check_embed_dim: bool = True) -> FrozenModels:
+def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dtype, family: Family,
+                       encoder_embed_dim: int | None = None, skip: tuple[str, ...] = (),
+                       check_embed_dim: bool = True) -> FrozenModels:
     """The base model of ``family`` and the image encoder from the user's files; ``encoder_embed_dim`` None allows
-    the family's encoders (``check_embed_dim`` False: any encoder). The modules named in ``skip`` (``unet``,
-    ``text_encoder``, ``text_encoder_2``, ``image_encoder``) are not read: the cache pass never runs the UNet, a run
-    from the cache without sample grids never runs the encoders."""
+    the family's encoders (``check_embed_dim`` False: any encoder). The modules named in ``skip`` (``unet``, a text
+    encoder's folder name, ``image_encoder``) are not read: the cache pass never runs the UNet, a run from the cache
+    without sample grids never runs the encoders."""
     base = Path(base_path).expanduser()
-    option = f"model.{family.id}"
-    if not base.exists():
-        raise ModelFileError(f"{family.name} model '{base}' ({option}) does not exist; "
-                             "expected a diffusers model folder or a single-file .safetensors")
-    found = detect_base_model_family(base)
-    if found is not None and found != family.id:
-        raise ModelFileError(f"'{base.name}' is a {found} model, given as {option}; expected a {family.name} model "
-                             f"(pass it as model.{found})")
-    text_encoder_2 = tokenizer_2 = None
-    if family is SDXL:  # loaded in the frozen dtype: SDXL in fp32 is 13 GB
-        load = load_sdxl_folder if base.is_dir() else load_sdxl_single_file
-        parts = load(base, dtype, skip)
-        unet, vae, text_encoder, text_encoder_2 = parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2
-        tokenizer_dir, tokenizer_2 = parts.tokenizer_dir, PromptTokenizer(parts.tokenizer_2_dir, pad=0)
-        scheduler = family_scheduler(family, base if base.is_dir() else None)
-    elif base.is_dir():
-        unet, vae, text_encoder, tokenizer_dir = _load_diffusers_folder(base, dtype, skip)
-        scheduler = family_scheduler(family, base)
-    else:
-        unet, vae, text_encoder = _load_single_file(base, dtype, skip)
-        tokenizer_dir, scheduler = None, family_scheduler(family)
-    if unet is not None:
-        check_unet_layout(unet, str(base), family)
-    modules = (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder), ("second text encoder", text_encoder_2))
-    for name, module in modules:
+    found = detect_family(base)
+    if found is not family:
+        raise ModelFileError(f"'{base.name}' is an {found.name} model; expected an {family.name} model")
+    parts = load_base_model(base, family, dtype, skip)
+    if parts.unet is not None:
+        check_unet_layout(parts.unet, str(base), family)
+    for name, module in {"UNet": parts.unet, "VAE": parts.vae, **parts.text_encoders}.items():
         if module is not None:
-            check_finite(module, f"{family.name} {name} of '{base.name}'")
+            check_finite(module, f"{family.name} {name.replace('_', ' ')} of '{base.name}'")
     encoder = None
     if "image_encoder" not in skip:
         encoder = _load_image_encoder(Path(image_encoder_path).expanduser(), encoder_embed_dim, family, check_embed_dim)
     if skip:
         log.info("models: not read (never run here): %s", ", ".join(name.replace("_", " ") for name in skip))
-    return FrozenModels(unet, vae, text_encoder, encoder, PromptTokenizer(tokenizer_dir), scheduler, dtype, family,
-                        text_encoder_2, tokenizer_2)
+    scheduler = family_scheduler(family, base if base.is_dir() else None)
+    return FrozenModels(parts.unet, parts.vae, parts.text_encoders, encoder,
+                        tokenizers_for(family, parts.tokenizer_dirs), scheduler, dtype, family)
 
 
-def _load_diffusers_folder(folder: Path, dtype: torch.dtype, skip: tuple[str, ...] = ()):
-    missing = [name for name in ("unet", "vae", "text_encoder") if not (folder / name).is_dir()]
-    if missing:
-        raise ModelFileError(
-            f"SD1.5 folder '{folder}' has no {', '.join(m + '/' for m in missing)}; "
-            "expected a diffusers model folder (unet/, vae/, text_encoder/) or a single-file checkpoint"
-        )
-    unet, vae, text_encoder = (None if name in skip else load_folder_part(cls, folder, name, dtype, "SD1.5")
-                               for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
-                                                 ("text_encoder", CLIPTextModel)))
-    tokenizer_dir = folder / "tokenizer"
-    return unet, vae, text_encoder, tokenizer_dir if tokenizer_dir.is_dir() else None
+def family_encoders(family: Family) -> str:
+    """``OpenCLIP ViT-H/14, the encoder of the SD1.5 adapters``, for messages."""
+    names = [encoder_by_id(encoder).name for encoder in family.encoders]
+    return f"{' or '.join(names)}, the encoder{'s' if len(names) > 1 else ''} of the {family.name} adapters"
 
 
-UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
-
-
-def _load_single_file(path: Path, dtype: torch.dtype, skip: tuple[str, ...] = ()):
-    """UNet, VAE and text encoder from an SD1.5 single file, part by part in ``dtype`` (no second copy), with the
-    configs shipped in ``configs/sd15``; modules in ``skip`` are not read."""
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-    )
-
-    name, expected = path.name, "SD1.5's UNet, VAE and CLIP text encoder in the original single-file layout"
-    with open_checkpoint(path) as weights:
-        missing = [p for p in (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX) if not any(k.startswith(p) for k in weights.keys)]
-        if missing:
-            found = ", ".join(weights.keys[:3]) or "nothing"
-            raise ModelFileError(f"'{name}' is not an SD1.5 checkpoint (no {missing[0]}* keys; found {found}); expected {expected}")
-        unet = vae = text_encoder = None
-        if "unet" not in skip:
-            unet = diffusers_part(weights, UNet2DConditionModel, SD15_CONFIG_DIR / "unet", UNET_PREFIX,
-                                  convert_ldm_unet_checkpoint, "UNet", "SD1.5", expected, dtype)
-        vae = diffusers_part(weights, AutoencoderKL, SD15_CONFIG_DIR / "vae", VAE_PREFIX, convert_ldm_vae_checkpoint,
-                             "VAE", "SD1.5", expected, dtype)
-        if "text_encoder" not in skip:
-            text_encoder = text_encoder_part(weights, CLIPTextModel, SD15_CONFIG_DIR / "text_encoder" / "config.json",
-                                             TEXT_PREFIX, lambda part, _: convert_ldm_clip_checkpoint(part),
-                                             "CLIP text encoder", expected, dtype)
-    return unet, vae, text_encoder
-
-
-ENCODER_EMBED_DIMS = {"sd15": (VIT_H_EMBED_DIM,), "sdxl": (1280, VIT_H_EMBED_DIM)}  # the released adapters' encoders
-ENCODER_NAMES = {"sd15": "OpenCLIP ViT-H/14, the encoder of the SD1.5 adapters",
-                 "sdxl": "OpenCLIP ViT-bigG/14 or ViT-H/14, the encoders of the SDXL adapters"}
-
-
-def _load_image_encoder(path: Path, embed_dim: int | None = VIT_H_EMBED_DIM, family: Architecture = SD15,
-                        check_embed_dim: bool = True) -> ImageEncoder:
+def _load_image_encoder(path: Path, embed_dim: int | None, family: Family, check_embed_dim: bool = True) -> ImageEncoder:
     if not path.is_file():
-        raise ModelFileError(f"image encoder '{path}' does not exist; expected {ENCODER_NAMES[family.id]} (.safetensors or .bin)")
+        raise ModelFileError(f"image encoder '{path}' does not exist; expected {family_encoders(family)} (.safetensors or .bin)")
     try:
         encoder = load_image_encoder(str(path), device="cpu", dtype=torch.float32)
     except (EncoderFormatError, ValueError, OSError) as error:
         raise ModelFileError(f"image encoder '{path.name}': {first_line(error)}") from None
-    allowed = ENCODER_EMBED_DIMS[family.id] if embed_dim is None else (embed_dim,)
+    allowed = tuple(encoder_by_id(e).embed_dim for e in family.encoders) if embed_dim is None else (embed_dim,)
     if check_embed_dim and encoder.embed_dim not in allowed:
-        expected = ENCODER_NAMES[family.id] if embed_dim is None else "model.encoder_embed_dim"
+        expected = family_encoders(family) if embed_dim is None else "model.encoder_embed_dim"
         raise ModelFileError(
             f"image encoder '{path.name}' ({encoder.name}) gives {encoder.embed_dim}-d image embeddings; "
             f"expected {' or '.join(map(str, allowed))} ({expected})"
@@ -311,7 +259,7 @@ def check_finite(module: torch.nn.Module, what: str) -> None:
             raise ModelFileError(f"{what} has NaN/inf in {name}; the file is damaged, expected finite weights")
 
 
-def check_unet_layout(unet: UNet2DConditionModel, source: str, expected: Architecture = SD15) -> dict[str, int]:
+def check_unet_layout(unet: UNet2DConditionModel, source: str, expected: Family) -> dict[str, int]:
     """The official key of each cross-attention processor; refuse a UNet not laid out like ``expected``."""
     processor_names = list(unet.attn_processors)
     family = family_of_processor_names(processor_names)
@@ -331,11 +279,12 @@ def check_unet_layout(unet: UNet2DConditionModel, source: str, expected: Archite
 
 EMBEDDED_BASE_WIDTH = 32
 EMBEDDED_ENCODER = dict(width=64, layers=2, head_width=16, patch_size=14, embed_dim=32)
+EMBEDDED_TEXT_MLP = 512  # the text encoders' MLP width (their own width and heads stay the family's)
 
 
-def build_embedded_models(seed: int = 0, dtype: torch.dtype = torch.float32, family: Architecture = SD15) -> FrozenModels:
+def build_embedded_models(family: Family, seed: int = 0, dtype: torch.dtype = torch.float32) -> FrozenModels:
     """Random-weight copies of ``family``'s models and a ViT-H-layout encoder, scaled down, with the family's
-    cross-attention layers (SD1.5: 16; SDXL: 70, transformer depths 2 and 10, 2048-wide context)."""
+    layers: the UNet of its registry entry, each text encoder with as many layers as the one it reads."""
     with seeded(seed):
         unet = build_embedded_unet(family)
         vae = AutoencoderKL(
@@ -346,42 +295,30 @@ def build_embedded_models(seed: int = 0, dtype: torch.dtype = torch.float32, fam
             latent_channels=4,
             norm_num_groups=8,
             sample_size=64,
-            scaling_factor=0.18215 if family is SD15 else 0.13025,
+            scaling_factor=family.training.vae_scaling_factor,
         )
-        text_config = CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json"))
-        text_config.intermediate_size = 512
-        text_config.num_hidden_layers = 1 if family is SD15 else 2  # SDXL reads the penultimate layer
-        text_encoder = CLIPTextModel(text_config)
-        text_encoder_2 = tokenizer_2 = None
-        if family is SDXL:  # OpenCLIP ViT-bigG's text model (width 1280, pooled output projected to 1280), 2 layers
-            bigg_config = CLIPTextConfig.from_json_file(str(SDXL_CONFIG_DIR / "text_encoder_2" / "config.json"))
-            bigg_config.num_hidden_layers, bigg_config.intermediate_size = 2, 512
-            text_encoder_2 = CLIPTextModelWithProjection(bigg_config)
-            tokenizer_2 = PromptTokenizer(pad=0)
-        image_encoder = build_vision_tower("ViT-H-14", **EMBEDDED_ENCODER)
+        text_encoders = {}
+        for encoder in family.training.text_encoders:
+            config = CLIPTextConfig.from_json_file(str(config_dir(family) / encoder.folder / "config.json"))
+            config.num_hidden_layers, config.intermediate_size = -encoder.hidden_layer, EMBEDDED_TEXT_MLP
+            text_encoders[encoder.folder] = text_encoder_class(encoder)(config)
+        image_encoder = build_vision_tower("ViT-H-14", **EMBEDDED_ENCODER)  # variants.EMBEDDED_ENCODER_KIND
     check_unet_layout(unet, "embedded", family)
-    return FrozenModels(unet, vae, text_encoder, image_encoder, PromptTokenizer(), family_scheduler(family), dtype, family,
-                        text_encoder_2, tokenizer_2)
+    return FrozenModels(unet, vae, text_encoders, image_encoder, tokenizers_for(family), family_scheduler(family),
+                        dtype, family)
 
 
-def build_embedded_unet(family: Architecture = SD15, width: int = EMBEDDED_BASE_WIDTH) -> UNet2DConditionModel:
+def build_embedded_unet(family: Family, width: int = EMBEDDED_BASE_WIDTH) -> UNet2DConditionModel:
     """A random UNet with ``family``'s block layout and context width, ``width`` channels in the first block."""
-    if family is SD15:
-        return UNet2DConditionModel(
-            sample_size=8, block_out_channels=(width, 2 * width, 4 * width, 4 * width), layers_per_block=2,
-            cross_attention_dim=family.context_dim, attention_head_dim=8, norm_num_groups=8,
-        )
-    channels = (width, 2 * width, 4 * width)
-    return UNet2DConditionModel(
-        sample_size=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=channels, layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=tuple(max(1, c // 64) for c in channels),  # diffusers' name for the head count; heads of 64
-        cross_attention_dim=family.context_dim, use_linear_projection=True, norm_num_groups=32,
-        addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=family.pooled_text_width + 6 * 256,
-    )
+    arguments = dict(family.training.embedded_unet)
+    channels = tuple(multiplier * width for multiplier in arguments.pop("width_multipliers"))
+    head_width, heads = arguments.pop("head_width", None), arguments.pop("heads", None)
+    heads = heads if head_width is None else tuple(max(1, c // head_width) for c in channels)  # diffusers' name: head count
+    if family.training.time_ids:
+        arguments["projection_class_embeddings_input_dim"] = (family.training.pooled_width
+                                                              + TIME_IDS * arguments["addition_time_embed_dim"])
+    return UNet2DConditionModel(block_out_channels=channels, attention_head_dim=heads,
+                                cross_attention_dim=family.context_dim, **arguments)
 
 
 @contextlib.contextmanager

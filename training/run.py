@@ -12,22 +12,23 @@ from pathlib import Path
 
 from .adapter import IPAdapterModel, start_from_adapter_file
 from .cache import open_cache
-from .checkpointing import export_adapter, find_state, load_state, save_state
+from .run_files import export_adapter, find_state, load_state, save_state
 from .cli import open_data, open_models, run_cli, setup_logging
 from .config import Config, load_config, usage
 from .data import DataPosition, make_loader
 from .distributed import Engine, Process, setup, teardown
 from .loop import StepHook, train
-from .models import FrozenModels, resolve_dtype, seeded
+from .models import resolve_dtype, seeded, text_encoder_names
 from .variants import adapter_spec, export_name
 
 log = logging.getLogger("training")
 
 REAL_MODELS_HINT = """To train on the real models, point the run at your files (nothing is downloaded):
-  python -m training.run --model.sd15 /models/stable-diffusion-v1-5 \\
+  python -m training.run --model.base /models/stable-diffusion-v1-5 \\
       --model.image_encoder /models/open_clip_vit_h14_laion2b.safetensors \\
       --data.path /data/pairs.jsonl --train.output_dir runs/my-adapter
-(model.sd15 is a diffusers folder or a single-file .safetensors, or give model.sdxl for SDXL; data.path a
+(model.base is a diffusers folder or a single-file .safetensors of any family the trainer knows: which one is read
+from the files; data.path a
 .jsonl/.csv manifest, a folder of images with .txt captions, or WebDataset shards like 'shards/{00000..00099}.tar')"""
 
 
@@ -55,7 +56,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     source = open_data(config, process.is_main, process.barrier)
     cache = open_cache(config, source, resolve_dtype(config.model.frozen_dtype, process.device))
     # from the cache the encoders serve only sample grids: not read without them, else kept off the accelerator
-    unused = () if cache is None else ("image_encoder", *(FrozenModels.TEXT_ENCODERS if cache.text == "embeds" else ()))
+    unused = () if cache is None else ("image_encoder", *(text_encoder_names(config.family) if cache.text == "embeds" else ()))
     frozen = open_models(config, process.device, skip=() if config.sample.every else unused)
     encoder_embed_dim = frozen.image_encoder.embed_dim if frozen.image_encoder is not None else cache.image_embed_dim
     hidden_width = frozen.image_encoder.hidden_width if frozen.image_encoder is not None else cache.image_hidden_width

@@ -32,7 +32,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ipadapter.encoder import build_vision_tower
 from ipadapter.preprocess import preprocess
-from training.models import SD15_CONFIG_DIR, PromptTokenizer, check_unet_layout, family_scheduler
+from ipadapter.registry.families import SD15
+from training.base_models import config_dir
+from training.models import PromptTokenizer, check_unet_layout, family_scheduler
 
 from . import data
 
@@ -93,7 +95,7 @@ def train_vae(vae: AutoencoderKL, steps: int, batch_size: int, seed: int, lr: fl
 
 
 def build_text_encoder(seed: int) -> CLIPTextModel:
-    config = CLIPTextConfig.from_json_file(str(SD15_CONFIG_DIR / "text_encoder" / "config.json"))
+    config = CLIPTextConfig.from_json_file(str(config_dir(SD15) / "text_encoder" / "config.json"))
     config.num_hidden_layers, config.intermediate_size = 1, 512
     torch.manual_seed(seed)
     return CLIPTextModel(config).eval().requires_grad_(False)
@@ -105,7 +107,7 @@ def build_unet(width: int, seed: int) -> UNet2DConditionModel:
         sample_size=data.SIZE // 8, block_out_channels=(width, 2 * width, 4 * width, 4 * width), layers_per_block=2,
         cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
     )
-    check_unet_layout(unet, "colour_shapes base UNet")
+    check_unet_layout(unet, "colour_shapes base UNet", SD15)
     return unet
 
 
@@ -212,7 +214,7 @@ def train_base(unet, vae, text_encoder, images: np.ndarray, captions: list[str],
     weights of a short run are noisy at high noise levels, where the colour is decided.
     """
     tokenizer = PromptTokenizer()
-    scheduler = family_scheduler()
+    scheduler = family_scheduler(SD15)
     prompts = sorted(set(captions)) + [""]
     contexts = text_embeddings(text_encoder, tokenizer, prompts)
     processors = unet.attn_processors
@@ -260,7 +262,7 @@ def save_models(folder: Path, unet, vae, text_encoder, image_encoder) -> tuple[P
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text_encoder.save_pretrained(folder / "text_encoder")
-    family_scheduler().save_pretrained(folder / "scheduler")
+    family_scheduler(SD15).save_pretrained(folder / "scheduler")
     encoder_path = folder / "image_encoder.safetensors"
     save_file({f"visual.{k}": v.contiguous() for k, v in image_encoder.visual.state_dict().items()}, str(encoder_path))
     return folder, encoder_path

@@ -25,9 +25,10 @@ TIMESTEPS = (100, 400, 700, 800, 900, 950, 999)
 @torch.no_grad()
 def loss_by_timestep(sd_folder: Path, encoder_file: Path, adapter_file: Path, seed: int, count: int = 96,
                      timesteps=TIMESTEPS) -> list[dict]:
+    from ipadapter.registry.families import SD15
     from training.eval import load_generator
 
-    args = argparse.Namespace(adapter=str(adapter_file), sd15=str(sd_folder), base_model=str(sd_folder), family="sd15",
+    args = argparse.Namespace(adapter=str(adapter_file), base=str(sd_folder), family=SD15,
                               image_encoder=str(encoder_file), dtype="fp32")
     model, frozen = load_generator(args, torch.device("cpu"))
     rng = random.Random(seed)

@@ -132,7 +132,7 @@ def train_adapter(settings: Settings, sd_folder: Path, encoder_file: Path, data_
     from training.run import main as train_main
 
     files = [
-        "--model.sd15", str(sd_folder), "--model.image_encoder", str(encoder_file),
+        "--model.base", str(sd_folder), "--model.image_encoder", str(encoder_file),
         "--data.path", str(data_folder), "--data.resolution", str(data.SIZE), "--data.num_workers", "0",
         "--cache.dir", str(output_dir / "cache"), "--train.progress", "false",
     ]

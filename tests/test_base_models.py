@@ -1,22 +1,22 @@
-"""training.sdxl_files: SDXL base from a diffusers folder or the original single file, offline; family detection."""
+"""training.base_models: a family's base model from a diffusers folder or the original single file, offline (SDXL here,
+the family with two text encoders and time ids; SD1.5 runs through the same code in test_training.py); detection."""
 import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from ipadapter.architecture import SDXL
+from ipadapter.registry.families import SD15, SDXL
+from training.base_models import BaseModelParts, config_dir, detect_family, load_base_model, looks_like
 from training.models import ModelFileError, PromptTokenizer, check_finite, family_scheduler
-from training.sdxl_files import (
-    CLIP_G_PREFIX,
-    CLIP_L_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIX,
-    SDXLParts,
-    detect_base_model_family,
-    load_sdxl_folder,
-    load_sdxl_single_file,
-)
+from training_fixtures import write_fake_single_file
+
+UNET_PREFIX, VAE_PREFIX = SDXL.training.unet_prefix, SDXL.training.vae_prefix
+CLIP_L_PREFIX, CLIP_G_PREFIX = (encoder.single_file_prefix for encoder in SDXL.training.text_encoders)
+
+
+def load_sdxl(path, dtype=torch.float32):
+    return load_base_model(path, SDXL, dtype)
 
 
 def small_sdxl_parts(width: int = 32):
@@ -69,30 +69,30 @@ def assert_same_weights(loaded: torch.nn.Module, saved: torch.nn.Module):
 
 def test_folder_loads_every_weight(sdxl_folder):
     folder, modules = sdxl_folder
-    parts = load_sdxl_folder(folder)
-    assert isinstance(parts, SDXLParts)
+    parts = load_sdxl(folder)
+    assert isinstance(parts, BaseModelParts)
     for name, module in modules.items():
-        loaded = getattr(parts, name)
+        loaded = getattr(parts, name) if name in ("unet", "vae") else parts.text_encoders[name]
         assert type(loaded) is type(module)
         assert_same_weights(loaded, module)
         assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()]), name
-    assert parts.text_encoder_2.config.projection_dim == 1280
+    assert parts.text_encoders["text_encoder_2"].config.projection_dim == 1280
     assert parts.vae.config.scaling_factor == 0.13025
-    assert parts.tokenizer_dir is None and parts.tokenizer_2_dir is None
+    assert parts.tokenizer_dirs == {"text_encoder": None, "text_encoder_2": None}
     assert parts.scheduler_dir == folder / "scheduler"
     scheduler = family_scheduler(SDXL, folder)
     assert type(scheduler).__name__ == "DDPMScheduler"
     assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.prediction_type == "epsilon"
     # the text encoders run: the pooled bigG embedding is what SDXL's added conditioning takes
     ids = torch.tensor([[49406 % 1000, 5, 6, 999] + [0] * 73])
-    assert parts.text_encoder_2(ids).text_embeds.shape == (1, 1280)
+    assert parts.text_encoders["text_encoder_2"](ids).text_embeds.shape == (1, 1280)
 
 
 def test_folder_in_half_precision(sdxl_folder):
     folder, modules = sdxl_folder
-    parts = load_sdxl_folder(folder, dtype=torch.float16)
-    for name in modules:
-        assert {p.dtype for p in getattr(parts, name).parameters()} == {torch.float16}, name
+    parts = load_sdxl(folder, dtype=torch.float16)
+    for name, module in {"unet": parts.unet, "vae": parts.vae, **parts.text_encoders}.items():
+        assert {p.dtype for p in module.parameters()} == {torch.float16}, name
     weight = parts.unet.conv_in.weight
     assert torch.equal(weight, modules["unet"].conv_in.weight.to(torch.float16))
 
@@ -110,7 +110,7 @@ def test_folder_with_bin_and_sharded_weights(sdxl_folder, tmp_path):
     torch.save(modules["unet"].state_dict(), str(copy / "unet" / "diffusion_pytorch_model.bin"))
     modules["vae"].save_pretrained(copy / "vae", max_shard_size="20KB")
     assert (copy / "vae" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    parts = load_sdxl_folder(copy)
+    parts = load_sdxl(copy)
     assert_same_weights(parts.unet, modules["unet"])
     assert_same_weights(parts.vae, modules["vae"])
 
@@ -122,16 +122,16 @@ def test_folder_errors_are_one_line(sdxl_folder, tmp_path):
     for name in ("unet", "vae", "text_encoder"):
         (partial / name).symlink_to(folder / name, target_is_directory=True)
     with pytest.raises(ModelFileError) as error:
-        load_sdxl_folder(partial)
+        load_sdxl(partial)
     message = str(error.value)
-    assert "\n" not in message and "has no text_encoder_2/" in message and "expected a diffusers SDXL base folder" in message
+    assert "\n" not in message and "has no text_encoder_2/" in message and "expected a diffusers SDXL folder" in message
 
     sd15 = tmp_path / "sd15"
     (sd15 / "unet").mkdir(parents=True)
     (sd15 / "text_encoder").mkdir()
     (sd15 / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel", "cross_attention_dim": 768}')
-    with pytest.raises(ModelFileError, match=r"looks like an SD1\.5 model folder; pass it as model\.sd15"):
-        load_sdxl_folder(sd15)
+    with pytest.raises(ModelFileError, match=r"it looks like an SD1\.5 model folder"):
+        load_sdxl(sd15)
 
     no_weights = tmp_path / "no-weights"
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -141,7 +141,7 @@ def test_folder_errors_are_one_line(sdxl_folder, tmp_path):
             if item.name == "config.json":
                 (target / item.name).write_text(item.read_text())
     with pytest.raises(ModelFileError, match=r"unet/ has no weights; expected diffusion_pytorch_model\.safetensors"):
-        load_sdxl_folder(no_weights)
+        load_sdxl(no_weights)
 
     missing_tensor = tmp_path / "missing-tensor"
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -154,11 +154,11 @@ def test_folder_errors_are_one_line(sdxl_folder, tmp_path):
     del state["decoder.conv_out.weight"]
     save_file(state, str(weights))
     with pytest.raises(ModelFileError) as error:
-        load_sdxl_folder(missing_tensor)
+        load_sdxl(missing_tensor)
     assert "\n" not in str(error.value) and "lacks 1 weights (e.g. decoder.conv_out.weight)" in str(error.value)
 
     with pytest.raises(ModelFileError, match="does not exist"):
-        load_sdxl_folder(tmp_path / "nowhere")
+        load_sdxl(tmp_path / "nowhere")
 
 
 def fake_single_file(path, prefixes):
@@ -172,60 +172,68 @@ SD15_KEYS = (UNET_PREFIX + "input_blocks.0.0.", VAE_PREFIX + "encoder.conv_in.",
              "cond_stage_model.transformer.text_model.final_layer_norm.")
 
 
-def test_detect_base_model_family(sdxl_folder, tmp_path):
+def test_detect_family(sdxl_folder, tmp_path):
     folder, _ = sdxl_folder
-    assert detect_base_model_family(folder) == "sdxl"
-    assert detect_base_model_family(str(folder)) == "sdxl"
-    assert detect_base_model_family(fake_single_file(tmp_path / "xl.safetensors", SDXL_KEYS)) == "sdxl"
-    assert detect_base_model_family(fake_single_file(tmp_path / "v15.safetensors", SD15_KEYS)) == "sd15"
-    assert detect_base_model_family(fake_single_file(tmp_path / "refiner.safetensors",
-                                                     ("conditioner.embedders.0.model.ln_final.",))) is None
-    assert detect_base_model_family(fake_single_file(tmp_path / "other.safetensors", ("encoder.",))) is None
+    assert detect_family(folder) is SDXL and detect_family(str(folder)) is SDXL
+    assert detect_family(fake_single_file(tmp_path / "xl.safetensors", SDXL_KEYS)) is SDXL
+    assert detect_family(fake_single_file(tmp_path / "v15.safetensors", SD15_KEYS)) is SD15
+    assert detect_family(write_fake_single_file(tmp_path / "from-registry.safetensors", SD15)) is SD15
+    assert detect_family(write_fake_single_file(tmp_path / "from-registry-xl.safetensors", SDXL)) is SDXL
     ckpt = tmp_path / "v15.ckpt"
     torch.save({"state_dict": {f"{p}weight": torch.zeros(2) for p in SD15_KEYS}}, str(ckpt))
-    assert detect_base_model_family(ckpt) == "sd15"
+    assert detect_family(ckpt) is SD15
+    refiner = fake_single_file(tmp_path / "refiner.safetensors", ("conditioner.embedders.0.model.ln_final.",))
+    other = fake_single_file(tmp_path / "other.safetensors", ("encoder.",))
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
-    assert detect_base_model_family(tmp_path / "broken.safetensors") is None
-    assert detect_base_model_family(tmp_path / "nowhere.safetensors") is None
+    for path, message in ((refiner, "it looks like an SDXL refiner checkpoint"), (other, "found encoder.weight"),
+                          (tmp_path / "broken.safetensors", "is not a readable .safetensors file"),
+                          (tmp_path / "nowhere.safetensors", "does not exist; expected a diffusers model folder")):
+        with pytest.raises(ModelFileError) as error:
+            detect_family(path)
+        assert "\n" not in str(error.value) and message in str(error.value), str(error.value)
+    assert looks_like(tmp_path / "broken.safetensors") == (None, None)
 
     sd15 = tmp_path / "sd15-folder"
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         (sd15 / name).mkdir(parents=True)
-    assert detect_base_model_family(sd15) == "sd15"
+    assert detect_family(sd15) is SD15
     (sd15 / "unet" / "config.json").write_text('{"cross_attention_dim": 768}')
-    assert detect_base_model_family(sd15) == "sd15"
+    assert detect_family(sd15) is SD15
     (sd15 / "unet" / "config.json").write_text('{"cross_attention_dim": 1024}')  # SD2
-    assert detect_base_model_family(sd15) is None
-    assert detect_base_model_family(tmp_path / "empty-folder-that-is-missing") is None
+    with pytest.raises(ModelFileError, match="it looks like an SD2.x model folder"):
+        detect_family(sd15)
 
 
 def test_single_file_refuses_other_families(tmp_path):
     with pytest.raises(ModelFileError) as error:
-        load_sdxl_single_file(fake_single_file(tmp_path / "v1-5.safetensors", SD15_KEYS))
+        load_sdxl(fake_single_file(tmp_path / "v1-5.safetensors", SD15_KEYS))
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith("'v1-5.safetensors' is not an SDXL base checkpoint (no OpenCLIP bigG text encoder: "
-                              "conditioner.embedders.1.model.* keys; it looks like an SD1.5 checkpoint; pass it as model.sd15)")
+    assert message.startswith("'v1-5.safetensors' is not an SDXL checkpoint (no OpenCLIP ViT-bigG/14 text encoder: "
+                              "conditioner.embedders.1.model.* keys; it looks like an SD1.5 checkpoint)"), message
     with pytest.raises(ModelFileError, match="SDXL refiner checkpoint"):
-        load_sdxl_single_file(fake_single_file(tmp_path / "refiner.safetensors",
-                                               (UNET_PREFIX, VAE_PREFIX, "conditioner.embedders.0.model.ln_final.")))
+        load_sdxl(fake_single_file(tmp_path / "refiner.safetensors",
+                                   (UNET_PREFIX, VAE_PREFIX, "conditioner.embedders.0.model.ln_final.")))
     with pytest.raises(ModelFileError, match=r"no VAE: first_stage_model\.\* keys; found"):
-        load_sdxl_single_file(fake_single_file(tmp_path / "no-vae.safetensors", (SDXL_KEYS[0], *SDXL_KEYS[2:])))
+        load_sdxl(fake_single_file(tmp_path / "no-vae.safetensors", (SDXL_KEYS[0], *SDXL_KEYS[2:])))
     (tmp_path / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     with pytest.raises(ModelFileError, match="is not a readable .safetensors file"):
-        load_sdxl_single_file(tmp_path / "truncated.safetensors")
+        load_sdxl(tmp_path / "truncated.safetensors")
     with pytest.raises(ModelFileError, match="does not exist"):
-        load_sdxl_single_file(tmp_path / "nowhere.safetensors")
+        load_sdxl(tmp_path / "nowhere.safetensors")
 
 
 def test_shipped_configs():
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from training.sdxl_files import SDXL_CONFIG_DIR
-
-    unet = UNet2DConditionModel.load_config(str(SDXL_CONFIG_DIR), subfolder="unet", local_files_only=True)
+    for family in (SD15, SDXL):  # the shipped configs agree with the registry
+        unet = UNet2DConditionModel.load_config(str(config_dir(family)), subfolder="unet", local_files_only=True)
+        assert unet["cross_attention_dim"] == family.context_dim == family.training.context_width
+        vae = AutoencoderKL.load_config(str(config_dir(family)), subfolder="vae", local_files_only=True)
+        assert vae["scaling_factor"] == family.training.vae_scaling_factor
+    unet = UNet2DConditionModel.load_config(str(config_dir(SDXL)), subfolder="unet", local_files_only=True)
     assert unet["cross_attention_dim"] == 2048 and unet["transformer_layers_per_block"] == [1, 2, 10]
-    vae = AutoencoderKL.load_config(str(SDXL_CONFIG_DIR), subfolder="vae", local_files_only=True)
+    vae = AutoencoderKL.load_config(str(config_dir(SDXL)), subfolder="vae", local_files_only=True)
     assert vae["scaling_factor"] == 0.13025 and vae["force_upcast"] is True
     scheduler = family_scheduler(SDXL)
     assert (scheduler.config.beta_start, scheduler.config.beta_end, scheduler.config.beta_schedule) == (
@@ -245,26 +253,25 @@ def file_tensor(path, key):
 
 @pytest.mark.slow
 def test_full_size_single_file():
-    """The random full-size SDXL base file (fp16, 6.9 GB) through load_sdxl_single_file, in fp16 (6.9 GB of memory)."""
+    """The random full-size SDXL base file (fp16, 6.9 GB) through load_base_model, in fp16 (6.9 GB of memory)."""
     from devtools.comfyui_harness import sdxl_checkpoint_path
 
     path = sdxl_checkpoint_path()
     start = time.perf_counter()
-    parts = load_sdxl_single_file(path, dtype=torch.float16)
-    print(f"load_sdxl_single_file: {time.perf_counter() - start:.1f} s")
+    parts = load_sdxl(path, dtype=torch.float16)
+    print(f"load_base_model: {time.perf_counter() - start:.1f} s")
 
     counts = {}
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(parts, name)
+    for name, module in {"unet": parts.unet, "vae": parts.vae, **parts.text_encoders}.items():
         check_finite(module, name)
         assert not any(t.is_meta for t in [*module.parameters(), *module.buffers()]), name
         assert {p.dtype for p in module.parameters()} == {torch.float16}, name
         counts[name] = sum(p.numel() for p in module.parameters())
     assert counts["text_encoder_2"] > 690e6 and counts["unet"] > 2.5e9, counts
-    assert parts.text_encoder_2.config.projection_dim == 1280 and parts.vae.config.scaling_factor == 0.13025
+    assert parts.text_encoders["text_encoder_2"].config.projection_dim == 1280 and parts.vae.config.scaling_factor == 0.13025
 
     unet, vae = parts.unet.state_dict(), parts.vae.state_dict()
-    clip_l, clip_g = parts.text_encoder.state_dict(), parts.text_encoder_2.state_dict()
+    clip_l, clip_g = parts.text_encoders["text_encoder"].state_dict(), parts.text_encoders["text_encoder_2"].state_dict()
     clip_l_prefix = "text_model." if any(k.startswith("text_model.") for k in clip_l) else ""
     same = {  # loaded tensor: the file's key (and how the original layout stores it)
         "unet conv_in": (unet["conv_in.weight"], UNET_PREFIX + "input_blocks.0.0.weight", None),
@@ -305,9 +312,9 @@ def test_full_size_single_file():
     parts.unet = parts.vae = None  # 5 GB less before running the text encoders
     ids = PromptTokenizer()(["a photo of a cat", "a painting of a dog"])
     with torch.no_grad():
-        output = parts.text_encoder_2(ids, output_hidden_states=True)
+        output = parts.text_encoders["text_encoder_2"](ids, output_hidden_states=True)
         pooled, penultimate = output.text_embeds.float(), output.hidden_states[-2].float()
-        clip_l_states = parts.text_encoder(ids, output_hidden_states=True).hidden_states[-2].float()
+        clip_l_states = parts.text_encoders["text_encoder"](ids, output_hidden_states=True).hidden_states[-2].float()
     assert pooled.shape == (2, 1280) and penultimate.shape == (2, 77, 1280) and clip_l_states.shape == (2, 77, 768)
     for tensor in (pooled, penultimate, clip_l_states):
         assert torch.isfinite(tensor).all() and tensor.std() > 1e-3

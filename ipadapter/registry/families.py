@@ -1,0 +1,125 @@
+"""The model families, one entry each: everything the nodes and the trainer know of a family.
+
+A new UNet family is one more entry here (and ``FAMILIES``); a new kind of model (a DiT)
+also adds its :class:`AttachKind` once.
+"""
+from __future__ import annotations
+
+from .schema import AttachKind, Family, TextEncoder, Training, unet_layers
+
+UNET_CROSS_ATTENTION = AttachKind("UNet cross-attention", "attn2", ("input", "middle", "output"),
+                                  "cross-attention layers")
+
+# SD1.5 and SDXL train on the same DDPM schedule (the authors' scripts keep it for both)
+LDM_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          prediction_type="epsilon", clip_sample=False, steps_offset=1)
+CLIP_L = dict(name="CLIP ViT-L/14 text encoder", folder="text_encoder", layout="clip", width=768)
+
+SD15 = Family(
+    id="sd15",
+    name="SD1.5",
+    attach=UNET_CROSS_ATTENTION,
+    layers=unet_layers([
+        ("down_blocks.0.attentions.0", ("input", 1), 1, 1),
+        ("down_blocks.0.attentions.1", ("input", 2), 1, 1),
+        ("down_blocks.1.attentions.0", ("input", 4), 1, 2),
+        ("down_blocks.1.attentions.1", ("input", 5), 1, 2),
+        ("down_blocks.2.attentions.0", ("input", 7), 1, 4),
+        ("down_blocks.2.attentions.1", ("input", 8), 1, 4),
+        ("up_blocks.1.attentions.0", ("output", 3), 1, 4),
+        ("up_blocks.1.attentions.1", ("output", 4), 1, 4),
+        ("up_blocks.1.attentions.2", ("output", 5), 1, 4),
+        ("up_blocks.2.attentions.0", ("output", 6), 1, 2),
+        ("up_blocks.2.attentions.1", ("output", 7), 1, 2),
+        ("up_blocks.2.attentions.2", ("output", 8), 1, 2),
+        ("up_blocks.3.attentions.0", ("output", 9), 1, 1),
+        ("up_blocks.3.attentions.1", ("output", 10), 1, 1),
+        ("up_blocks.3.attentions.2", ("output", 11), 1, 1),
+        ("mid_block.attentions.0", ("middle", 0), 1, 4),
+    ], base_width=320),
+    context_dim=768,
+    base_width=320,
+    resampler_width=768,
+    encoders=("vit-h",),
+    released_adapters={
+        "light": ("ip-adapter_sd15_light_v11", "ip-adapter_sd15_light"),
+        "standard": ("ip-adapter_sd15",),
+        "vit-bigg": ("ip-adapter_sd15_vit-g",),
+        "plus": ("ip-adapter-plus_sd15",),
+        "plus-face": ("ip-adapter-plus-face_sd15",),
+        "full-face": ("ip-adapter-full-face_sd15",),
+    },
+    # as cubiq's ComfyUI_IPAdapter_plus defines them for SD1.5 (by transformer_index 0-3, 9-15 and 4, 5): the
+    # first two down levels and the last up levels carry style, down_blocks.2 the layout
+    style_blocks=(("input", 1), ("input", 2), ("input", 4), ("input", 5), *(("output", i) for i in range(5, 12))),
+    composition_blocks={("input", 7): 0.25, ("input", 8): 1.0},
+    training=Training(
+        text_encoders=(TextEncoder(**CLIP_L, single_file_prefix="cond_stage_model.transformer.", hidden_layer=-1),),
+        vae_scaling_factor=0.18215,
+        time_ids=False,
+        resolution=512,
+        noise_schedule=LDM_NOISE_SCHEDULE,
+        prediction="epsilon",
+        embedded_unet=dict(sample_size=8, width_multipliers=(1, 2, 4, 4), layers_per_block=2, heads=8, norm_num_groups=8),
+    ),
+)
+
+SDXL = Family(
+    id="sdxl",
+    name="SDXL",
+    attach=UNET_CROSS_ATTENTION,
+    layers=unet_layers([
+        ("down_blocks.1.attentions.0", ("input", 4), 2, 2),
+        ("down_blocks.1.attentions.1", ("input", 5), 2, 2),
+        ("down_blocks.2.attentions.0", ("input", 7), 10, 4),
+        ("down_blocks.2.attentions.1", ("input", 8), 10, 4),
+        ("up_blocks.0.attentions.0", ("output", 0), 10, 4),
+        ("up_blocks.0.attentions.1", ("output", 1), 10, 4),
+        ("up_blocks.0.attentions.2", ("output", 2), 10, 4),
+        ("up_blocks.1.attentions.0", ("output", 3), 2, 2),
+        ("up_blocks.1.attentions.1", ("output", 4), 2, 2),
+        ("up_blocks.1.attentions.2", ("output", 5), 2, 2),
+        ("mid_block.attentions.0", ("middle", 0), 10, 4),
+    ], base_width=320),
+    context_dim=2048,
+    base_width=320,
+    resampler_width=1280,
+    encoders=("vit-bigg", "vit-h"),
+    released_adapters={
+        "standard": ("ip-adapter_sdxl_vit-h",),
+        "vit-bigg": ("ip-adapter_sdxl",),
+        "plus": ("ip-adapter-plus_sdxl_vit-h",),
+        "plus-face": ("ip-adapter-plus-face_sdxl_vit-h",),
+    },
+    # InstantStyle: up_blocks.0.attentions.1 (keys 69-87) carries style, down_blocks.2.attentions.1 (keys 29-47) layout
+    style_blocks=(("output", 1),),
+    composition_blocks={("input", 8): 1.0},
+    training=Training(
+        text_encoders=(
+            TextEncoder(**CLIP_L, single_file_prefix="conditioner.embedders.0.transformer.", hidden_layer=-2),
+            TextEncoder(name="OpenCLIP ViT-bigG/14 text encoder", folder="text_encoder_2", single_file_prefix="conditioner.embedders.1.model.", layout="open_clip",
+                        width=1280, hidden_layer=-2, pooled=True, pad_id=0),
+        ),
+        vae_scaling_factor=0.13025,
+        time_ids=True,
+        resolution=1024,
+        noise_schedule=LDM_NOISE_SCHEDULE,
+        prediction="epsilon",
+        embedded_unet=dict(
+            sample_size=8, width_multipliers=(1, 2, 4), layers_per_block=2, head_width=64, norm_num_groups=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+        ),
+    ),
+)
+
+FAMILIES: tuple[Family, ...] = (SD15, SDXL)
+
+# Base models that look like a family's but take no IP-Adapter here: (what tells them, what they are).
+UNSUPPORTED_SINGLE_FILES = (
+    ("conditioner.embedders.0.model.", "an SDXL refiner checkpoint (OpenCLIP bigG only, no CLIP-L), not a base model"),
+    ("cond_stage_model.model.", "an SD2.x checkpoint (OpenCLIP ViT-H text encoder), which the trainer does not support"),
+)
+UNSUPPORTED_CONTEXT_WIDTHS = {1024: "an SD2.x model folder", 1280: "an SDXL refiner model folder"}

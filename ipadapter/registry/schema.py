@@ -1,0 +1,219 @@
+"""What a registry entry holds: a model family, an image encoder, an adapter variant.
+
+The classes know no family: every number lives in the entries (``families.py``,
+``encoders.py``, ``variants.py``). A family's layers are named four ways: the official
+checkpoint key, the diffusers module, the ComfyUI block and the position inside that
+block; *how* the image term reaches them (which ComfyUI patch, which order the blocks
+run) is the family's :class:`AttachKind`, one per kind of model (UNet cross-attention
+today; DiT blocks add a second).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+
+@dataclass(frozen=True)
+class AttachKind:
+    """How the image term is attached to a kind of model."""
+
+    name: str  # "UNet cross-attention"
+    comfy_patch: str  # the transformer_options["patches_replace"] entry that replaces the layers
+    block_groups: tuple[str, ...]  # the ComfyUI block groups in the order the model runs them
+    layer_noun: str  # "cross-attention layers", for messages
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer that takes the image term."""
+
+    key: int  # index in the official checkpoint (1, 3, 5, ...)
+    diffusers_name: str  # module path of the attention in diffusers' model
+    comfy_block: tuple[str, int]  # ("input", 4) ... ("middle", 0)
+    transformer_index: int  # position inside the block's transformer; ComfyUI's block_index
+    width_multiplier: int  # layer width = multiplier x the model's first-block width
+    width: int  # at the family's full size
+
+    @property
+    def diffusers_processor(self) -> str:
+        return self.diffusers_name + ".processor"
+
+    @property
+    def comfy_patch_key(self) -> tuple[str, int, int]:
+        """Key of the layer's ComfyUI patch: (block, id, transformer index)."""
+        return (*self.comfy_block, self.transformer_index)
+
+
+def unet_layers(blocks: list[tuple[str, tuple[str, int], int, int]], base_width: int) -> tuple[Layer, ...]:
+    """Layers in official key order from (diffusers block, ComfyUI block, transformer depth, width multiplier).
+
+    The official key of a UNet layer is the position of its ``attn2`` processor in diffusers'
+    ``attn_processors`` order (down blocks, up blocks, then the middle block): every
+    transformer block has a self-attention processor before it, so the keys are 1, 3, 5, ...
+    """
+    layers, key = [], 1
+    for diffusers_block, comfy_block, depth, multiplier in blocks:
+        for index in range(depth):
+            name = f"{diffusers_block}.transformer_blocks.{index}.attn2"
+            layers.append(Layer(key, name, comfy_block, index, multiplier, multiplier * base_width))
+            key += 2
+    return tuple(layers)
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a base model, as the trainer reads and runs it."""
+
+    name: str  # "CLIP ViT-L/14 text encoder", for messages
+    folder: str  # subfolder of a diffusers model folder; the trainer's name for it
+    single_file_prefix: str  # its tensors' prefix in the original single-file layout
+    layout: str  # "clip": transformers CLIP keys in the file; "open_clip": OpenCLIP's (fused in_proj)
+    width: int
+    hidden_layer: int  # the context is this layer's output: -1 the last, -2 the penultimate
+    pooled: bool = False  # its projected pooled output goes to the UNet's added conditioning
+    pad_id: int | None = None  # what pads a caption: None the end token, else this id
+
+
+@dataclass(frozen=True)
+class Training:
+    """What the trainer needs to know of a family's base model."""
+
+    text_encoders: tuple[TextEncoder, ...]
+    vae_scaling_factor: float
+    time_ids: bool  # added conditioning: pooled text + (original size, crop top-left, target size)
+    resolution: int  # default training resolution
+    noise_schedule: dict  # diffusers DDPMScheduler arguments (the training schedule)
+    prediction: str  # what the UNet predicts: "epsilon"; the loss is the MSE to it
+    embedded_unet: dict  # the scaled-down UNet of the embedded run: diffusers UNet2DConditionModel arguments,
+    # with ``width_multipliers`` (x the base width) for block_out_channels and ``head_width`` (channels per head)
+    # or ``heads`` for attention_head_dim
+    unet_prefix: str = "model.diffusion_model."  # the UNet's and VAE's tensors in the original single-file layout
+    vae_prefix: str = "first_stage_model."
+    shipped_configs: str = ""  # the trainer's config folder for the parts (training/configs/<this>); "": the family id
+
+    @property
+    def context_width(self) -> int:
+        return sum(encoder.width for encoder in self.text_encoders)
+
+    @property
+    def pooled_width(self) -> int | None:
+        return next((encoder.width for encoder in self.text_encoders if encoder.pooled), None)
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """A model family that takes an IP-Adapter: its layers, how they are patched, and its files."""
+
+    id: str  # "sd15": option values, file names
+    name: str  # "SD1.5": messages
+    attach: AttachKind
+    layers: tuple[Layer, ...]
+    context_dim: int  # width of the text tokens, and so of the image tokens
+    base_width: int  # channels of the model's first block
+    resampler_width: int  # the plus Resampler's width as the authors train it (heads of 64)
+    encoders: tuple[str, ...]  # ids of the image encoders its adapters are trained on; the first is the family's
+    # own (export names leave it out: ip-adapter_sdxl is on ViT-bigG/14, ip-adapter_sdxl_vit-h on ViT-H/14)
+    released_adapters: dict[str, tuple[str, ...]]  # unified-loader preset -> released file stems, first match wins
+    # The blocks that carry style and layout (InstantStyle): the "style" / "composition" layer presets and
+    # weight types; composition blocks carry their share of the composition weight.
+    style_blocks: tuple[tuple[str, int], ...]
+    composition_blocks: dict[tuple[str, int], float]
+    training: Training
+
+    @property
+    def native_encoder(self) -> str:
+        return self.encoders[0]
+
+    @cached_property
+    def layer_by_key(self) -> dict[int, Layer]:
+        return {layer.key: layer for layer in self.layers}
+
+    @cached_property
+    def layer_by_diffusers_name(self) -> dict[str, Layer]:
+        return {layer.diffusers_name: layer for layer in self.layers}
+
+    @cached_property
+    def layer_by_patch_key(self) -> dict[tuple[str, int, int], Layer]:
+        return {layer.comfy_patch_key: layer for layer in self.layers}
+
+    @cached_property
+    def blocks(self) -> list[tuple[str, int]]:
+        """The ComfyUI blocks with image layers in the order the model runs them."""
+        order = {group: position for position, group in enumerate(self.attach.block_groups)}
+        return sorted({layer.comfy_block for layer in self.layers}, key=lambda block: (order[block[0]], block[1]))
+
+    def block_position(self, layer: Layer) -> int:
+        """Where the layer's block runs among the blocks with image layers (ComfyUI's transformer_index)."""
+        return self.blocks.index(layer.comfy_block)
+
+    @property
+    def keys(self) -> list[int]:
+        return [layer.key for layer in self.layers]
+
+    def describe_layers(self) -> str:
+        """``"70 cross-attention layers (keys 1, 3, ..., 139)"``, for messages."""
+        keys = self.keys
+        return f"{len(keys)} {self.attach.layer_noun} (keys {keys[0]}, {keys[1]}, ..., {keys[-1]})"
+
+    def adapter_tensor_names(self) -> set[str]:
+        return {f"{layer.key}.{name}.weight" for layer in self.layers for name in ("to_k_ip", "to_v_ip")}
+
+    def layer_widths(self, base_width: int | None = None) -> dict[int, int]:
+        """Width of each layer by official key, at full size or for a scaled-down copy of the layout."""
+        base = self.base_width if base_width is None else base_width
+        return {layer.key: layer.width_multiplier * base for layer in self.layers}
+
+    @cached_property
+    def layer_presets(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        """The ``layers`` presets beside "all": the style and the composition blocks."""
+        return {"style": self.style_blocks, "composition": tuple(self.composition_blocks)}
+
+    def preset_weights(self, preset: str) -> dict[int, float]:
+        """Per-layer multipliers of a layer preset: 1 on the preset's blocks, 0 elsewhere."""
+        if preset == "all":
+            return {key: 1.0 for key in self.keys}
+        blocks = set(self.layer_presets[preset])
+        return {layer.key: float(layer.comfy_block in blocks) for layer in self.layers}
+
+    @property
+    def preset_names(self) -> list[str]:
+        return ["all", *self.layer_presets]
+
+    def describe_blocks(self, blocks) -> str:
+        """The diffusers blocks of some ComfyUI blocks, for tooltips: ``up_blocks.0.attentions.1``."""
+        names = []
+        for layer in self.layers:
+            name = layer.diffusers_name.split(".transformer_blocks.")[0]
+            if layer.comfy_block in blocks and name not in names:
+                names.append(name)
+        return ", ".join(names)
+
+
+@dataclass(frozen=True)
+class ImageEncoderKind:
+    """An image encoder that adapters are trained on."""
+
+    id: str  # "vit-h"
+    name: str  # "OpenCLIP ViT-H/14"
+    embed_dim: int  # the projected image embedding (base adapters' input)
+    hidden_width: int  # the hidden states (plus / full-face adapters' input)
+    layers: int
+    patch_size: int
+    head_width: int  # channels per attention head (not recorded in a weights file)
+    file_tag: str  # in released adapter names on another family's encoder: ip-adapter_sdxl_vit-h
+    file_stems: tuple[str, ...] = ()  # the names users give its weights file (lower case, folders allowed)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An adapter variant: what the trainer makes and the unified loader offers."""
+
+    name: str  # "base", "light", "plus", "plus-face", "full-face"
+    projection: str  # what its tensors show: "base" (Linear + LayerNorm), "plus" (Resampler), "full-face" (MLP)
+    encoder_input: str  # "image_embeds" (the projected embedding) or "penultimate" (hidden states)
+    tokens: int | None  # image tokens per reference; None: one per encoder hidden state
+    file_prefix: str  # ip-adapter, ip-adapter-plus, ...
+    file_suffix: str = ""  # _light
+    trainable: bool = True  # the trainer makes it
+    description: str = ""
+    resampler: dict = field(default_factory=dict)  # plus: depth, dim_head, ff_mult (the width is the family's)

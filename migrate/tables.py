@@ -1,4 +1,4 @@
-"""The node definitions that the migrator (``ipadapter/migrate.py``) reads and writes, as data.
+"""The node definitions that the migrator (``rules.py``) reads and writes, as data.
 
 Three tables of ``node id -> NodeSpec``: cubiq's ComfyUI_IPAdapter_plus (every node of
 its ``NODE_CLASS_MAPPINGS``, inputs as its ``INPUT_TYPES`` declares them), this pack's

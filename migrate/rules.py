@@ -1,11 +1,9 @@
-"""Rewrite a ComfyUI workflow made with cubiq's ComfyUI_IPAdapter_plus with this pack's nodes.
-
-    python -m ipadapter migrate IN.json OUT.json
+"""The rules that rewrite cubiq's nodes as this pack's (``python -m migrate IN.json OUT.json``).
 
 :func:`migrate` takes a workflow in the editor's format (``nodes`` / ``links``) or the API
 format (``{id: {class_type, inputs}}``) and returns the same format and a :class:`Report`.
 Each cubiq node is rewritten by the rule for its type (:data:`RULES`), widget by widget, by
-name and meaning (``migrate_tables.py`` holds both packs' node definitions, ``migrate_formats.py``
+name and meaning (``tables.py`` holds both packs' node definitions, ``formats.py``
 reads and writes the two formats); where ours means something else, the report says so. A node that no rule can map (FaceID, Kolors,
 pickled embeds, an option ours lacks) stays as it is and the report gives the reason; a
 replaced node also stays where such a node still takes an output of it that only cubiq's pack
@@ -16,10 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .architecture import SD15, SDXL
-from .migrate_formats import MigrationError  # noqa: F401  (callers catch it from here)
-from .migrate_formats import Node, Out, assign_ids, is_cubiq, read, spec_of, write_api, write_ui
-from .migrate_tables import CUBIQ, CUBIQ_PRESETS, CUBIQ_TYPES, OUR_COMBINE, PRESETS, SCALING, WEIGHT_TYPES
+from ipadapter.architecture import SD15, SDXL
+
+from .formats import MigrationError  # noqa: F401  (callers catch it from here)
+from .formats import Node, Out, assign_ids, is_cubiq, read, spec_of, write_api, write_ui
+from .tables import CUBIQ, CUBIQ_PRESETS, CUBIQ_TYPES, OUR_COMBINE, PRESETS, SCALING, WEIGHT_TYPES
 
 PRESET = dict(zip(CUBIQ_PRESETS, PRESETS))
 SIMPLE_WEIGHT_TYPES = {"standard": "linear", "prompt is more important": "ease out", "style transfer": "style transfer"}

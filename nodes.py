@@ -26,10 +26,7 @@ from .ipadapter.image_prompt import (
     tokens_per_reference,
     parse_layer_weights,
 )
-from .ipadapter.model_files import PRESETS, preset_files
 from .ipadapter.preprocess import CROP_MODES
-from .ipadapter.reference_prep import CROP_POSITIONS, INTERPOLATIONS, NOISE_TYPES, make_noise, prepare_reference
-from .ipadapter.tiles import blend_detail, center_square, detail_tiles, tile_reference
 from .ipadapter.weighting import (
     EMBEDS_SCALING,
     FRAME_TIMINGS,
@@ -39,7 +36,10 @@ from .ipadapter.weighting import (
     parse_weights,
     weight_schedule,
 )
-from .ipadapter.heatmap import as_images, block_maps
+from .comfyui_glue.heatmap import as_images, block_maps
+from .comfyui_glue.model_files import PRESETS, preset_files
+from .comfyui_glue.reference_prep import CROP_POSITIONS, INTERPOLATIONS, NOISE_TYPES, make_noise, prepare_reference
+from .comfyui_glue.tiles import blend_detail, center_square, detail_tiles, tile_reference
 from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits, record_attention, unet_family
 
 ADAPTER = "IPADAPTER_KIT"

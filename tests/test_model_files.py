@@ -1,8 +1,11 @@
 """The unified loader's file search: the names users have for the released files."""
 import pytest
 
+from devtools.comfy_inprocess import pack_module
 from ipadapter.architecture import SD15, SDXL
-from ipadapter.model_files import preset_files
+
+# loaded as ComfyUI loads it, inside the pack: the glue imports the core relatively
+preset_files = pack_module("comfyui_glue.model_files").preset_files
 
 ADAPTERS = ["ip-adapter_sd15.safetensors", "ip-adapter_sd15_light_v11.bin", "IP-Adapter-Plus_SD15.safetensors",
             "ip-adapter-plus-face_sd15.safetensors", "sub/ip-adapter-full-face_sd15.safetensors",

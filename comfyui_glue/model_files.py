@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .architecture import Architecture
+from ..ipadapter.architecture import Architecture
 
 VIT_H = "ViT-H/14"
 VIT_BIGG = "ViT-bigG/14"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .preprocess import as_channels_first
+from ..ipadapter.preprocess import as_channels_first
 
 CROP_POSITIONS = ("center", "top", "bottom", "left", "right", "pad")
 INTERPOLATIONS = ("LANCZOS", "BICUBIC", "HAMMING", "BILINEAR", "BOX", "NEAREST")

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from .ipadapter.checkpoint import IPAdapterCheckpoint, check_encoder, load_adapter
+from .ipadapter.choices import COMBINE_MODES, CROP_MODES, EMBEDS_SCALING, FRAME_TIMINGS, LAYER_PRESETS, WEIGHT_TYPES
 from .ipadapter.encoder import ImageEncoder, load_image_encoder
 from .ipadapter.files import atomic_path
 from .ipadapter.image_prompt import (
-    COMBINE_MODES,
-    LAYER_PRESETS,
     EncodedImages,
     check_mask,
     combine_embeds,
@@ -26,11 +25,7 @@ from .ipadapter.image_prompt import (
     tokens_per_reference,
     parse_layer_weights,
 )
-from .ipadapter.preprocess import CROP_MODES
 from .ipadapter.weighting import (
-    EMBEDS_SCALING,
-    FRAME_TIMINGS,
-    WEIGHT_TYPES,
     frame_schedule,
     parse_frame_weights,
     parse_weights,

@@ -18,14 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from .architecture import Architecture
+from .choices import EMBEDS_SCALING, FRAME_TIMINGS, WEIGHT_TYPES
 
-WEIGHT_TYPES = (
-    "linear", "ease in", "ease out", "ease in-out", "reverse in-out",
-    "weak input", "weak output", "weak middle", "strong middle",
-    "style transfer", "composition", "strong style transfer", "style and composition",
-    "style transfer precise", "composition precise",
-)
-EMBEDS_SCALING = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
 WEAK = 0.2  # the "weak" / "strong" types' factor
 FAINT = 0.1  # "composition precise" on the blocks that are neither style nor composition
 
@@ -117,9 +111,6 @@ def scale_keys_values(k: torch.Tensor, v: torch.Tensor, weight: float, scaling: 
         mean = v.mean(dim=-2, keepdim=True)
         return k * weight, v - mean + mean * weight, 1.0
     return k * weight, v * weight, 1.0
-
-
-FRAME_TIMINGS = ("linear", "ease in", "ease out", "ease in-out")
 
 
 def frame_schedule(timing: str, frames: int, start: float, end: float) -> list[float]:

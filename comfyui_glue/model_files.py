@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass
 
 from ..ipadapter.architecture import Architecture
+from .interface import PRESETS
 
 VIT_H = "ViT-H/14"
 VIT_BIGG = "ViT-bigG/14"
-PRESETS = ("light", "standard", "vit-bigg", "plus", "plus-face", "full-face")
 
 # preset -> adapter file stems (first match wins), per family id
 ADAPTER_NAMES: dict[str, dict[str, tuple[str, ...]]] = {

@@ -10,10 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..ipadapter.preprocess import as_channels_first
-
-CROP_POSITIONS = ("center", "top", "bottom", "left", "right", "pad")
-INTERPOLATIONS = ("LANCZOS", "BICUBIC", "HAMMING", "BILINEAR", "BOX", "NEAREST")
-NOISE_TYPES = ("fade", "dissolve", "gaussian", "shuffle")
+from .interface import CROP_POSITIONS, INTERPOLATIONS, NOISE_TYPES
 
 
 def prepare_reference(images: torch.Tensor, crop_position: str = "center", interpolation: str = "LANCZOS",

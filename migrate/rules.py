@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from comfyui_glue.interface import PRESETS
 from ipadapter.architecture import SD15, SDXL
+from ipadapter.choices import COMBINE_MODES, EMBEDS_SCALING, WEIGHT_TYPES
 
 from .formats import MigrationError  # noqa: F401  (callers catch it from here)
 from .formats import Node, Out, assign_ids, is_cubiq, read, spec_of, write_api, write_ui
-from .tables import CUBIQ, CUBIQ_PRESETS, CUBIQ_TYPES, OUR_COMBINE, PRESETS, SCALING, WEIGHT_TYPES
+from .tables import CUBIQ, CUBIQ_PRESETS, CUBIQ_TYPES
 
 PRESET = dict(zip(CUBIQ_PRESETS, PRESETS))
 SIMPLE_WEIGHT_TYPES = {"standard": "linear", "prompt is more important": "ease out", "style transfer": "style transfer"}
@@ -238,7 +240,7 @@ class Migration:
     def combine(self, node: Node) -> str:
         if "combine_embeds" not in node.values:
             return "concat"  # cubiq's default where the node has no widget for it
-        method = self.choice(node, "combine_embeds", OUR_COMBINE)
+        method = self.choice(node, "combine_embeds", COMBINE_MODES)
         if method == "norm average":
             self.note(node, "norm average here scales each reference to the same length; cubiq's normalises each "
                             "feature across the references")
@@ -250,7 +252,7 @@ class Migration:
             "model": self.get(node, "model") if model is None else model, "ipadapter": pipe.adapter, "embeds": embeds,
             "weight": weight, "weight_type": weight_type, "start_at": self.get(node, "start_at"),
             "end_at": self.get(node, "end_at"), "combine": combine or self.combine(node),
-            "embeds_scaling": self.choice(node, "embeds_scaling", SCALING) if "embeds_scaling" in node.values else "V only",
+            "embeds_scaling": self.choice(node, "embeds_scaling", EMBEDS_SCALING) if "embeds_scaling" in node.values else "V only",
             "attn_mask": self.get(node, "attn_mask"),
             "batch_mode": "one per latent" if node.kind in BATCH else "all latents", **more,
         }
@@ -506,7 +508,7 @@ def encoder(m: Migration, node: Node) -> dict:
 
 
 def combine_embeds(m: Migration, node: Node) -> dict:
-    method = m.choice(node, "method", OUR_COMBINE, " (concat, add, subtract, average, norm average)")
+    method = m.choice(node, "method", COMBINE_MODES, " (concat, add, subtract, average, norm average)")
     if method == "norm average":
         m.note(node, "norm average here scales each reference to the same length; cubiq's normalises each feature "
                      "across the references")

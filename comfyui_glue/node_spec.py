@@ -79,10 +79,11 @@ class NodeSpec:
 
     def input_types(self, list_files: Callable[[str], list[str]]) -> dict:
         """What the node's ``INPUT_TYPES`` returns; ``list_files`` gives the choices of a FILES input."""
-        sections = {"required": [i for i in self.inputs if not i.optional],
-                    "optional": [i for i in self.inputs if i.optional]}
-        return {section: {i.name: i.declared(list_files) for i in inputs}
-                for section, inputs in sections.items() if inputs or section == "required"}
+        declared = {"required": {i.name: i.declared(list_files) for i in self.inputs if not i.optional}}
+        optional = {i.name: i.declared(list_files) for i in self.inputs if i.optional}
+        if optional:
+            declared["optional"] = optional
+        return declared
 
 
 def sock(name, kind, *, tooltip=None, optional=False):

@@ -643,6 +643,13 @@ def test_command_line_writes_the_migrated_workflow_and_reports(tmp_path, info):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cubiq.json", "ours.json"]
 
 
+def test_the_migrator_loads_neither_torch_nor_comfyui():
+    code = ("import sys, migrate.__main__; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'comfy', 'folder_paths', 'nodes'}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not JSON"),
     ("[1, 2]", "not a ComfyUI workflow"),

@@ -1,6 +1,9 @@
 """ComfyUI nodes: sockets in, a call into ``ipadapter/``, sockets out.
 
-One node set serves every family in ``ipadapter.architecture`` (SD1.5, SDXL):
+Each node's inputs and outputs are defined in ``comfyui_glue/interface.py`` (shared with the
+workflow migrator); a class here holds what the node does.
+
+One node set serves every family in ``ipadapter.registry``:
 the family is read from the MODEL and the adapter's tensors. Node ids and
 socket types start with ``IPAdapterKit`` / ``IPADAPTER_KIT`` so this pack
 installs next to other IP-Adapter packs without either overriding the other.
@@ -16,9 +19,8 @@ import torch
 from .ipadapter.checkpoint import IPAdapterCheckpoint, check_encoder, load_adapter
 from .ipadapter.encoder import ImageEncoder, load_image_encoder
 from .ipadapter.files import atomic_path
+from .ipadapter.registry import ENCODERS, VARIANTS
 from .ipadapter.image_prompt import (
-    COMBINE_MODES,
-    LAYER_PRESETS,
     EncodedImages,
     check_mask,
     combine_embeds,
@@ -26,28 +28,20 @@ from .ipadapter.image_prompt import (
     tokens_per_reference,
     parse_layer_weights,
 )
-from .ipadapter.model_files import PRESETS, preset_files
-from .ipadapter.preprocess import CROP_MODES
-from .ipadapter.reference_prep import CROP_POSITIONS, INTERPOLATIONS, NOISE_TYPES, make_noise, prepare_reference
-from .ipadapter.tiles import blend_detail, center_square, detail_tiles, tile_reference
 from .ipadapter.weighting import (
-    EMBEDS_SCALING,
-    FRAME_TIMINGS,
-    WEIGHT_TYPES,
     frame_schedule,
     parse_frame_weights,
     parse_weights,
     weight_schedule,
 )
-from .ipadapter.heatmap import as_images, block_maps
-from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits, record_attention, family_of_comfy_unet
+from .comfyui_glue.heatmap import as_images, block_maps
+from .comfyui_glue.interface import BATCH_MODES, ENCODER_FOLDER, FAMILIES, MODEL_FAMILIES, MODEL_FOLDER, NODES, SAVED_EMBEDS
+from .comfyui_glue.model_files import preset_files
+from .comfyui_glue.reference_prep import make_noise, prepare_reference
+from .comfyui_glue.tiles import blend_detail, center_square, detail_tiles, tile_reference
+from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits, family_of_comfy_unet, record_attention
 
-ADAPTER = "IPADAPTER_KIT"
-ENCODER = "IPADAPTER_KIT_ENCODER"
-EMBEDS = "IPADAPTER_KIT_EMBEDS"
-REGIONS = "IPADAPTER_KIT_REGIONS"
 CATEGORY = "ipadapter_kit"
-MODEL_FOLDER = "ipadapter"
 EMBEDS_SUBFOLDER = "ipadapter_embeds"
 
 
@@ -153,9 +147,6 @@ def encode_images(encoder: ManagedEncoder, image, crop: str, negative_image=None
     return EncodedImages(embeds, penultimate, uncond_embeds, uncond_penultimate, encoder.encoder.name)
 
 
-BATCH_MODES = ("all latents", "one per latent")
-
-
 def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0, start_at=0.0, end_at=1.0,
                 combine="average", layer_weights="all", attn_mask=None, weight_type="linear",
                 embeds_scaling="V only", composition_weight=1.0, batch_mode="all latents", frame_weights=""):
@@ -181,70 +172,61 @@ def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0
 # --- node classes ------------------------------------------------------------------
 
 
-def _files(folder):
+def list_files(listing: str) -> list[str]:
+    """The choices of a file input: a model folder's files, or the embeddings Save Embeds wrote."""
     import folder_paths
 
-    return folder_paths.get_filename_list(folder)
+    if listing != SAVED_EMBEDS:
+        return folder_paths.get_filename_list(listing)
+
+    def safetensors_in(folder, annotation=""):
+        if not os.path.isdir(folder):
+            return []
+        return [f"{name}{annotation}" for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")]
+
+    saved = os.path.join(folder_paths.get_output_directory(), EMBEDS_SUBFOLDER)
+    return safetensors_in(folder_paths.get_input_directory()) + [
+        f"{EMBEDS_SUBFOLDER}/{name}" for name in safetensors_in(saved, " [output]")]
 
 
-WEIGHT = ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05,
-                    "tooltip": "λ, the image prompt's weight: 0 gives the model without the adapter, 1 the paper's default."})
-WEIGHT_TYPE_TOOLTIP = (
-    "How λ is spread over the layers (blocks counted in the order the UNet runs them; the layer preset multiplies it). "
-    "linear: λ everywhere. ease in / ease out: from full to 5% / from 5% to full over the blocks; ease in-out: strongest "
-    "in the middle; reverse in-out: weakest there. weak input / output / middle: that part at 20%; strong middle: input "
-    "and output at 20%. style transfer / composition: only the style / layout blocks (SDXL: up_blocks.0.attentions.1 / "
-    "down_blocks.2.attentions.1); strong style transfer: every block but the layout ones; style and composition: both, "
-    "the layout blocks at composition_weight. The precise forms also push away from the reference where it should not "
-    "act: style transfer precise on the layout blocks, composition precise on all others (which keep 10%)."
-)
-EMBEDS_SCALING_TOOLTIP = (
-    "Where the weight goes. V only: on the image attention's output (the paper's λ). K+V: into the image keys and values. "
-    "K+V w/ C penalty: the same, with narrow layers weighted less (width / 1280). K+mean(V) w/ C penalty: the keys and "
-    "only the mean of the values."
-)
-CROP = (list(CROP_MODES), {"default": "crop", "tooltip": "How a non-square image becomes 224×224: center crop (the reference), pad, or stretch."})
+class InterfaceNode:
+    """A node whose sockets and widgets are ``NODES[its class name]``: the class name is the node id."""
 
-
-class IPAdapterKitLoader:
-    DESCRIPTION = ("Loads an IP-Adapter from models/ipadapter: SD1.5 or SDXL, base, light, plus, plus-face or full-face. "
-                   "Family and variant are read from the tensors, never from the file name.")
-    CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = (ADAPTER,)
-    RETURN_NAMES = ("ipadapter",)
-    FUNCTION = "load"
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        outputs = NODES[cls.__name__].outputs
+        cls.RETURN_TYPES = tuple(kind for _, kind in outputs)
+        cls.RETURN_NAMES = tuple(name for name, _ in outputs)
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"ipadapter_file": (_files(MODEL_FOLDER), {"tooltip": "A .safetensors or .bin file from models/ipadapter."})}}
+        return NODES[cls.__name__].input_types(list_files)
+
+
+class IPAdapterKitLoader(InterfaceNode):
+    DESCRIPTION = (f"Loads an IP-Adapter from models/ipadapter: {MODEL_FAMILIES}, {', '.join(v.name for v in VARIANTS)}. "
+                   "Family and variant are read from the tensors, never from the file name.")
+    CATEGORY = f"{CATEGORY}/loaders"
+    FUNCTION = "load"
 
     def load(self, ipadapter_file):
         return (load_adapter_file(ipadapter_file),)
 
 
-class IPAdapterKitUnifiedLoader:
-    DESCRIPTION = ("Finds the released adapter of a preset for the MODEL's family (SD1.5 or SDXL) in models/ipadapter, "
+class IPAdapterKitUnifiedLoader(InterfaceNode):
+    DESCRIPTION = (f"Finds the released adapter of a preset for the MODEL's family ({MODEL_FAMILIES}) in models/ipadapter, "
                    "and the image encoder it needs in models/clip_vision, by their usual file names; checks the pair "
                    "from the tensors. Loaded files stay cached across queues.")
     CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = ("MODEL", ADAPTER, ENCODER)
-    RETURN_NAMES = ("model", "ipadapter", "image_encoder")
     FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "Passed through unchanged; its family picks the files."}),
-            "preset": (list(PRESETS), {"default": "standard", "tooltip": "light (SD1.5 only, subtle), standard, vit-bigg (ViT-bigG/14 encoder), plus (16 tokens, stronger), plus-face (portraits), full-face (SD1.5 only)."}),
-        }}
 
     def load(self, model, preset):
         import folder_paths
 
         family = family_of_comfy_unet(model.model.diffusion_model)
         files = preset_files(
-            family, preset, folder_paths.get_filename_list(MODEL_FOLDER), folder_paths.get_filename_list("clip_vision"),
-            folder_paths.get_folder_paths(MODEL_FOLDER), folder_paths.get_folder_paths("clip_vision"),
+            family, preset, folder_paths.get_filename_list(MODEL_FOLDER), folder_paths.get_filename_list(ENCODER_FOLDER),
+            folder_paths.get_folder_paths(MODEL_FOLDER), folder_paths.get_folder_paths(ENCODER_FOLDER),
         )
         adapter = load_adapter_file(files.adapter)
         encoder = load_encoder_file(files.encoder)
@@ -254,32 +236,20 @@ class IPAdapterKitUnifiedLoader:
         return (model, adapter, encoder)
 
 
-class IPAdapterKitEncoderLoader:
+class IPAdapterKitEncoderLoader(InterfaceNode):
     DESCRIPTION = ("Loads a CLIP image encoder from models/clip_vision (OpenCLIP or transformers format): "
-                   "ViT-H/14 for SD1.5 and the SDXL _vit-h adapters, ViT-bigG/14 for ip-adapter_sdxl.")
+                   f"{' or '.join(encoder.name for encoder in ENCODERS)}, the one the adapter was trained on.")
     CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = (ENCODER,)
-    RETURN_NAMES = ("image_encoder",)
     FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"clip_name": (_files("clip_vision"), {"tooltip": "e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors or CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"})}}
 
     def load(self, clip_name):
         return (load_encoder_file(clip_name),)
 
 
-class IPAdapterKitEncoderFromCLIPVision:
+class IPAdapterKitEncoderFromCLIPVision(InterfaceNode):
     DESCRIPTION = "Uses the weights of ComfyUI's own Load CLIP Vision output as this pack's image encoder."
     CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = (ENCODER,)
-    RETURN_NAMES = ("image_encoder",)
     FUNCTION = "convert"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"clip_vision": ("CLIP_VISION", {"tooltip": "The output of ComfyUI's Load CLIP Vision node (ViT-H/14 or ViT-bigG/14)."})}}
 
     def convert(self, clip_vision):
         cached = getattr(clip_vision, "_ipadapter_kit_encoder", None)
@@ -289,29 +259,10 @@ class IPAdapterKitEncoderFromCLIPVision:
         return (cached,)
 
 
-class IPAdapterKitEncode:
+class IPAdapterKitEncode(InterfaceNode):
     DESCRIPTION = "Encodes reference images (a batch) into image-prompt embeddings."
     CATEGORY = CATEGORY
-    RETURN_TYPES = (EMBEDS,)
-    RETURN_NAMES = ("embeds",)
     FUNCTION = "encode"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "image_encoder": (ENCODER, {"tooltip": "From Load IP-Adapter Image Encoder."}),
-                "image": ("IMAGE", {"tooltip": "One or more reference images."}),
-                "crop": CROP,
-            },
-            "optional": {
-                "negative_image": ("IMAGE", {"tooltip": "Replaces the unconditional image input (default: a zero embedding for base adapters, a blank image for plus/full-face)."}),
-                "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05, "tooltip": "Multiplies the features of every image of this batch: how much these references count when combined with others."}),
-                "image_weights": ("STRING", {"default": "", "tooltip": "One number per image of the batch, comma-separated (e.g. '1, 0.5'), multiplied with weight; empty: 1 for each."}),
-                "detail_tiles": ("INT", {"default": 1, "min": 1, "max": 4, "tooltip": "Enhancer: also cut each image's center square into N×N tiles, each seen at the encoder's full resolution, and blend their features in; 1: off."}),
-                "detail_ratio": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "With detail tiles: the share of the whole view in the blend (the rest is the tiles' mean)."}),
-            },
-        }
 
     def encode(self, image_encoder, image, crop, negative_image=None, weight=1.0, image_weights="", detail_tiles=1,
                detail_ratio=0.5):
@@ -320,111 +271,50 @@ class IPAdapterKitEncode:
         return (embeds.weighted([weight * w for w in weights]),)  # weighted() checks one weight or one per image
 
 
-class IPAdapterKitFrameWeights:
+class IPAdapterKitFrameWeights(InterfaceNode):
     DESCRIPTION = "Makes a weight per frame (latent) for Apply's frame_weights: a ramp from start to end over the frames."
     CATEGORY = f"{CATEGORY}/utils"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("frame_weights",)
     FUNCTION = "make"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "timing": (list(FRAME_TIMINGS), {"default": "linear", "tooltip": "The ramp's shape: linear, ease in (slow start), ease out (fast start), ease in-out (slow at both ends)."}),
-            "frames": ("INT", {"default": 16, "min": 1, "max": 9999, "tooltip": "How many frames the ramp covers; later frames keep the end value."}),
-            "start": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05, "tooltip": "The first frame's weight (a multiple of λ)."}),
-            "end": ("FLOAT", {"default": 0.0, "min": -1.0, "max": 3.0, "step": 0.05, "tooltip": "The last frame's weight."}),
-        }}
 
     def make(self, timing, frames, start, end):
         return (", ".join(f"{w:.4g}" for w in frame_schedule(timing, frames, start, end)),)
 
 
-class IPAdapterKitPrepImage:
+class IPAdapterKitPrepImage(InterfaceNode):
     DESCRIPTION = ("Chooses the square of a reference image that the encoder sees (224×224): where to crop a "
                    "non-square image, or pad it whole; the resize filter; optional sharpening.")
     CATEGORY = f"{CATEGORY}/utils"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
     FUNCTION = "prepare"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": "Reference images."}),
-            "interpolation": (list(INTERPOLATIONS), {"default": "LANCZOS", "tooltip": "The resize filter (PIL's)."}),
-            "crop_position": (list(CROP_POSITIONS), {"default": "center", "tooltip": "Which square of a non-square image to keep, or pad: the whole image with black bars."}),
-            "sharpening": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "Contrast-adaptive sharpening after the resize; 0: none."}),
-        }}
 
     def prepare(self, image, interpolation, crop_position, sharpening):
         return (prepare_reference(image, crop_position, interpolation, sharpening),)
 
 
-class IPAdapterKitNoise:
+class IPAdapterKitNoise(InterfaceNode):
     DESCRIPTION = ("Makes a negative image for Encode Image's negative_image: noise from black or from the reference. "
                    "The image prompt is then steered away from it instead of from an empty image.")
     CATEGORY = f"{CATEGORY}/utils"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("noise",)
     FUNCTION = "make"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "type": (list(NOISE_TYPES), {"default": "fade", "tooltip": "fade: the image mixed with noise; dissolve: a share of the pixels replaced; gaussian: the image plus normal noise; shuffle: its tiles shuffled and mirrored, plus noise."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "How much noise: 0 leaves the image (or black) as it is."}),
-                "blur": ("INT", {"default": 0, "min": 0, "max": 32, "step": 1, "tooltip": "Gaussian blur kernel size in pixels after the noise; 0: none."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "The same seed gives the same noise."}),
-            },
-            "optional": {"image": ("IMAGE", {"tooltip": "Make the noise from this image (its center square); without it, from black."})},
-        }
 
     def make(self, type, strength, blur, seed, image=None):  # noqa: A002  (the widget's name)
         return (make_noise(type, strength, blur, image, seed),)
 
 
-class IPAdapterKitCombineEmbeds:
+class IPAdapterKitCombineEmbeds(InterfaceNode):
     DESCRIPTION = "Joins or merges encoded references (from Encode Image or Load Embeds) into one embeds input."
     CATEGORY = f"{CATEGORY}/embeds"
-    RETURN_TYPES = (EMBEDS,)
-    RETURN_NAMES = ("embeds",)
     FUNCTION = "combine"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        slot = {"tooltip": "More embeds, from the same image encoder."}
-        return {
-            "required": {
-                "embeds_1": (EMBEDS, {"tooltip": "The first embeds; with subtract, the one the others are taken from."}),
-                "method": (list(COMBINE_MODES), {"default": "concat", "tooltip": "concat keeps every reference (Apply's combine then decides); the other methods merge them into one reference here: average, add, subtract (the first minus the mean of the others), norm average."}),
-            },
-            "optional": {f"embeds_{i}": (EMBEDS, slot) for i in range(2, 6)},
-        }
 
     def combine(self, embeds_1, method, **more):
         parts = [embeds_1, *(more[name] for name in sorted(more) if more[name] is not None)]
         return (combine_embeds(parts, method),)
 
 
-class IPAdapterKitEncodeTiled:
+class IPAdapterKitEncodeTiled(InterfaceNode):
     DESCRIPTION = ("Encodes a tall or wide reference as squares along its long side (each a reference of its own) "
                    "instead of cropping its sides away, and gives each square's mask over the picture for regional use.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (EMBEDS, "MASK")
-    RETURN_NAMES = ("embeds", "tile_masks")
     FUNCTION = "encode"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "image_encoder": (ENCODER, {"tooltip": "From Load IP-Adapter Image Encoder."}),
-                "image": ("IMAGE", {"tooltip": "The reference; a square one gives a single tile (the whole image)."}),
-            },
-            "optional": {"negative_image": ("IMAGE", {"tooltip": "Replaces the unconditional image input."})},
-        }
 
     def encode(self, image_encoder, image, negative_image=None):
         tiles, masks = tile_reference(image)
@@ -460,33 +350,12 @@ def masked_conditioning(conditioning, mask, strength):
             for tensor, options in conditioning]
 
 
-class IPAdapterKitRegion:
+class IPAdapterKitRegion(InterfaceNode):
     DESCRIPTION = ("One region of the picture: a reference with its own mask, weight, weight type and window, and "
                    "optionally its own text. Chain regions, then connect the last one to Apply's regions input and its "
                    "positive / negative to the sampler (combined with a global prompt if you like).")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (REGIONS, "CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("regions", "positive", "negative")
     FUNCTION = "region"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "embeds": (EMBEDS, {"tooltip": "This region's reference, from Encode Image."}),
-                "weight": WEIGHT,
-                "weight_type": (list(WEIGHT_TYPES), {"default": "linear", "tooltip": WEIGHT_TYPE_TOOLTIP}),
-                "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where this region's image prompt starts."}),
-                "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where it stops."}),
-                "prompt_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Strength of this region's text inside its mask."}),
-            },
-            "optional": {
-                "mask": ("MASK", {"tooltip": "Where this region is (1) and is not (0); without a mask, the whole picture."}),
-                "positive": ("CONDITIONING", {"tooltip": "This region's own text, limited to its mask."}),
-                "negative": ("CONDITIONING", {"tooltip": "This region's own negative text, limited to its mask."}),
-                "regions": (REGIONS, {"tooltip": "The regions before this one in the chain."}),
-            },
-        }
 
     def region(self, embeds, weight, weight_type, start_at, end_at, prompt_strength, mask=None, positive=None,
                negative=None, regions=None):
@@ -500,39 +369,11 @@ class IPAdapterKitRegion:
         return (chain, list(chain.positive), list(chain.negative))
 
 
-class IPAdapterKitApply:
+class IPAdapterKitApply(InterfaceNode):
     DESCRIPTION = ("Gives a MODEL an image prompt: adds λ·Attention(Q, K', V') to every cross-attention layer "
-                   "(16 in SD1.5, 70 in SDXL). The adapter must be of the MODEL's family.")
+                   f"({', '.join(f'{len(f.layers)} in {f.name}' for f in FAMILIES)}). The adapter must be of the MODEL's family.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL model; it is cloned, never changed."}),
-                "ipadapter": (ADAPTER, {"tooltip": "From Load IP-Adapter."}),
-                "weight": WEIGHT,
-                "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where the image prompt starts."}),
-                "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the denoising schedule where it stops."}),
-                "combine": (list(COMBINE_MODES), {"default": "average", "tooltip": "Several references: average their features, concatenate their tokens (each keeps its own), add them, subtract (the first minus the mean of the others), or norm average (each scaled to the same length first, so none outweighs the others)."}),
-                "layers": ([*LAYER_PRESETS, "custom"], {"default": "all", "tooltip": "Which layers take the image prompt: all; style (SD1.5 up_blocks.1, SDXL up_blocks.0.attentions.1); composition (SD1.5 down_blocks.2, SDXL down_blocks.2.attentions.1); or custom."}),
-                "custom_layer_weights": ("STRING", {"default": "", "tooltip": "With layers = custom: one number per layer in key order (16 for SD1.5, keys 1, 3, ..., 31; 70 for SDXL, keys 1, 3, ..., 139), or key:value pairs like '15:1, 11:0.5', where every layer not listed gets 0."}),
-            },
-            "optional": {
-                "embeds": (EMBEDS, {"tooltip": "From IP-Adapter Encode Image or Load Embeds."}),
-                "image": ("IMAGE", {"tooltip": "Instead of embeds: a reference image, encoded with image_encoder."}),
-                "image_encoder": (ENCODER, {"tooltip": "Needed with image."}),
-                "attn_mask": ("MASK", {"tooltip": "Where the image prompt applies (1) and where not (0): regional prompting."}),
-                "weight_type": (list(WEIGHT_TYPES), {"default": "linear", "tooltip": WEIGHT_TYPE_TOOLTIP}),
-                "embeds_scaling": (list(EMBEDS_SCALING), {"default": "V only", "tooltip": EMBEDS_SCALING_TOOLTIP}),
-                "composition_weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip": "With weight type 'style and composition': the composition blocks' weight, as a multiple of λ (so λ = 0 still turns everything off)."}),
-                "batch_mode": (list(BATCH_MODES), {"default": "all latents", "tooltip": "all latents: every latent of the batch gets the same image prompt (references combined). one per latent: reference i conditions latent i, and latents beyond the last reference get the last one (animation, batches of variations); combine is then not used."}),
-                "regions": (REGIONS, {"tooltip": "From IP-Adapter Region nodes: each region's reference is applied with its own mask, weight, weight type and window (combine, layers, scaling from this node), together with embeds if those are connected too."}),
-                "frame_weights": ("STRING", {"default": "", "multiline": True, "tooltip": "A weight per latent of the batch (frame), comma-separated, multiplying λ; latents beyond the list get its last value; empty: 1. IP-Adapter Frame Weights makes such lists. Follows context windows (the frame numbers ComfyUI or AnimateDiff hand over)."}),
-            },
-        }
 
     def apply(self, model, ipadapter, weight, start_at, end_at, combine, layers, custom_layer_weights,
               embeds=None, image=None, image_encoder=None, attn_mask=None, weight_type="linear",
@@ -551,27 +392,12 @@ class IPAdapterKitApply:
                             weight_type, embeds_scaling, composition_weight, batch_mode, frame_weights),)
 
 
-class IPAdapterKitAttentionMap:
+class IPAdapterKitAttentionMap(InterfaceNode):
     DESCRIPTION = ("Shows where the image prompt lands: runs one sampling step of a patched MODEL and returns how "
                    "strongly the image term acts over the picture, averaged and per UNet block. Use it to tune masks "
                    "and layer weights.")
     CATEGORY = f"{CATEGORY}/utils"
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("heat_maps", "average")
     FUNCTION = "map"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "A MODEL patched by Apply IP-Adapter."}),
-            "positive": ("CONDITIONING", {"tooltip": "The prompt you sample with."}),
-            "negative": ("CONDITIONING", {"tooltip": "The negative prompt you sample with."}),
-            "latent_image": ("LATENT", {"tooltip": "The latent you sample (its first image is mapped)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "The noise seed."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "The schedule's length (euler, normal)."}),
-            "at_step": ("INT", {"default": 0, "min": 0, "max": 999, "tooltip": "Which step to look at: 0 is the noisiest."}),
-            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance scale."}),
-        }}
 
     def map(self, model, positive, negative, latent_image, seed, steps, at_step, cfg):
         if at_step >= steps:
@@ -582,42 +408,21 @@ class IPAdapterKitAttentionMap:
         return as_images(maps, scale=8)
 
 
-class IPAdapterKitSimple:
+class IPAdapterKitSimple(InterfaceNode):
     DESCRIPTION = "The common path in one node: model + reference image + λ."
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL model."}),
-                "image": ("IMAGE", {"tooltip": "The reference image."}),
-                "weight": WEIGHT,
-                "ipadapter_file": (_files(MODEL_FOLDER), {"tooltip": "e.g. ip-adapter_sd15.safetensors or ip-adapter_sdxl_vit-h.safetensors in models/ipadapter; it must match the MODEL's family."}),
-                "clip_name": (_files("clip_vision"), {"tooltip": "The adapter's image encoder in models/clip_vision (ViT-H/14, or ViT-bigG/14 for ip-adapter_sdxl)."}),
-            }
-        }
 
     def apply(self, model, image, weight, ipadapter_file, clip_name):
         embeds = encode_images(load_encoder_file(clip_name), image, "crop")
         return (patch_model(model, load_adapter_file(ipadapter_file), embeds, weight),)
 
 
-class IPAdapterKitSaveEmbeds:
+class IPAdapterKitSaveEmbeds(InterfaceNode):
     DESCRIPTION = "Saves image-prompt embeddings as .safetensors in output/ipadapter_embeds."
     CATEGORY = f"{CATEGORY}/embeds"
-    RETURN_TYPES = ()
     FUNCTION = "save"
     OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "embeds": (EMBEDS, {"tooltip": "Embeddings to keep."}),
-            "filename_prefix": ("STRING", {"default": "ipadapter_embeds", "tooltip": "File name prefix; a counter is added."}),
-        }}
 
     def save(self, embeds, filename_prefix):
         import folder_paths
@@ -635,25 +440,10 @@ class IPAdapterKitSaveEmbeds:
         return {"ui": {"text": [path]}}
 
 
-class IPAdapterKitLoadEmbeds:
+class IPAdapterKitLoadEmbeds(InterfaceNode):
     DESCRIPTION = "Loads image-prompt embeddings saved by Save Embeds (from input/ or output/ipadapter_embeds)."
     CATEGORY = f"{CATEGORY}/embeds"
-    RETURN_TYPES = (EMBEDS,)
-    RETURN_NAMES = ("embeds",)
     FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        import folder_paths
-
-        def listing(folder, annotation=""):
-            if not os.path.isdir(folder):
-                return []
-            return [f"{name}{annotation}" for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")]
-
-        files = listing(folder_paths.get_input_directory())
-        files += [f"{EMBEDS_SUBFOLDER}/{name}" for name in listing(os.path.join(folder_paths.get_output_directory(), EMBEDS_SUBFOLDER), " [output]")]
-        return {"required": {"embeds_file": (files, {"tooltip": "A .safetensors file written by Save Embeds."})}}
 
     def load(self, embeds_file):
         import folder_paths
@@ -687,21 +477,4 @@ NODE_CLASS_MAPPINGS = {
     "IPAdapterKitLoadEmbeds": IPAdapterKitLoadEmbeds,
 }
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "IPAdapterKitLoader": "Load IP-Adapter",
-    "IPAdapterKitUnifiedLoader": "IP-Adapter Unified Loader",
-    "IPAdapterKitEncoderLoader": "Load IP-Adapter Image Encoder",
-    "IPAdapterKitEncoderFromCLIPVision": "IP-Adapter Encoder from CLIP Vision",
-    "IPAdapterKitEncode": "IP-Adapter Encode Image",
-    "IPAdapterKitCombineEmbeds": "Combine IP-Adapter Embeds",
-    "IPAdapterKitFrameWeights": "IP-Adapter Frame Weights",
-    "IPAdapterKitPrepImage": "Prepare Image for IP-Adapter",
-    "IPAdapterKitNoise": "IP-Adapter Noise (negative image)",
-    "IPAdapterKitEncodeTiled": "IP-Adapter Encode Tiled",
-    "IPAdapterKitRegion": "IP-Adapter Region",
-    "IPAdapterKitApply": "Apply IP-Adapter",
-    "IPAdapterKitAttentionMap": "IP-Adapter Attention Map",
-    "IPAdapterKitSimple": "IP-Adapter (simple)",
-    "IPAdapterKitSaveEmbeds": "Save IP-Adapter Embeds",
-    "IPAdapterKitLoadEmbeds": "Load IP-Adapter Embeds",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: NODES[node_id].title for node_id in NODE_CLASS_MAPPINGS}

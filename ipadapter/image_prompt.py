@@ -13,8 +13,7 @@ import torch.nn.functional as F
 
 from .registry import Family
 from .checkpoint import IPAdapterCheckpoint, check_encoder
-
-COMBINE_MODES = ("average", "concat", "add", "subtract", "norm average")
+from .choices import COMBINE_MODES
 
 
 def combine_features(features: torch.Tensor, mode: str) -> torch.Tensor:
@@ -209,9 +208,6 @@ def check_mask(mask: torch.Tensor) -> torch.Tensor:
     if mask.dim() != 3 or mask.shape[-1] == 0 or mask.shape[-2] == 0:
         raise ValueError(f"attention mask has shape {list(mask.shape)}; expected [height, width] or [batch, height, width]")
     return mask
-
-
-LAYER_PRESETS = ("all", "style", "composition")  # every family defines these (Family.layer_presets)
 
 
 def parse_layer_weights(text: str, architecture: Family) -> dict[int, float]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .choices import CROP_MODES
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CROP_MODES = ("crop", "pad", "stretch")
 
 
 def as_channels_first(images: torch.Tensor) -> torch.Tensor:

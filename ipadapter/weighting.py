@@ -17,15 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .choices import C_PENALTY_WIDTH, EMBEDS_SCALING, FRAME_TIMINGS, WEIGHT_TYPES
 from .registry import Family
 
-WEIGHT_TYPES = (
-    "linear", "ease in", "ease out", "ease in-out", "reverse in-out",
-    "weak input", "weak output", "weak middle", "strong middle",
-    "style transfer", "composition", "strong style transfer", "style and composition",
-    "style transfer precise", "composition precise",
-)
-EMBEDS_SCALING = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
 WEAK = 0.2  # the "weak" / "strong" types' factor
 FAINT = 0.1  # "composition precise" on the blocks that are neither style nor composition
 
@@ -104,7 +98,7 @@ def scale_keys_values(k: torch.Tensor, v: torch.Tensor, weight: float, scaling: 
     """Image keys and values with the weight moved into them, and the weight left for the output.
 
     V only: the output is scaled, ``w·Attn(q, K', V')``. K+V: ``Attn(q, w·K', w·V')``.
-    The C-penalty modes first multiply w by (layer width / 1280), so narrow layers get
+    The C-penalty modes first multiply w by (layer width / C_PENALTY_WIDTH), so narrow layers get
     less; K+mean(V) scales only the mean of V' over the image tokens.
     """
     if scaling not in EMBEDS_SCALING:
@@ -112,14 +106,11 @@ def scale_keys_values(k: torch.Tensor, v: torch.Tensor, weight: float, scaling: 
     if scaling == "V only":
         return k, v, weight
     if scaling != "K+V":
-        weight = weight * k.shape[-1] / 1280.0
+        weight = weight * k.shape[-1] / C_PENALTY_WIDTH
     if scaling == "K+mean(V) w/ C penalty":
         mean = v.mean(dim=-2, keepdim=True)
         return k * weight, v - mean + mean * weight, 1.0
     return k * weight, v * weight, 1.0
-
-
-FRAME_TIMINGS = ("linear", "ease in", "ease out", "ease in-out")
 
 
 def frame_schedule(timing: str, frames: int, start: float, end: float) -> list[float]:

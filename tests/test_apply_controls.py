@@ -78,7 +78,8 @@ def test_k_plus_v_scaling_moves_the_weight_into_keys_and_values(nodes, adapter, 
 def test_layer_presets_multiply_the_weight_type(nodes, adapter, model, embeds):
     term = term_of(nodes.patch_model(model, adapter, embeds, 1.0, layer_weights="style", weight_type="weak output"))
     on = {key: term.layer_weight(key) for key in range(1, 32, 2) if term.layer_weight(key)}
-    assert on == pytest.approx({13: 0.2, 15: 0.2, 17: 0.2})  # up_blocks.1 only, at the weak output factor
+    # SD1.5's style blocks: the input ones at λ, the output ones at the weak output factor
+    assert on == pytest.approx({1: 1.0, 3: 1.0, 5: 1.0, 7: 1.0, **{key: 0.2 for key in range(17, 30, 2)}})
 
 
 def test_encode_weights_and_combine_node(nodes, encoder, adapter, model, sample):

@@ -1,4 +1,4 @@
-"""The migrator from cubiq's ComfyUI_IPAdapter_plus (``python -m ipadapter migrate``, ipadapter/migrate.py).
+"""The migrator from cubiq's ComfyUI_IPAdapter_plus (``python -m migrate``, the ``migrate`` package).
 
 The cubiq graphs are written here node by node (:class:`Graph`, builders below: the
 graphs of that pack's published examples, and more), with its nodes' ids, widget order
@@ -34,8 +34,8 @@ import numpy as np
 import pytest
 
 from devtools.comfy_import import REPO_ROOT
-from ipadapter.migrate import MIDDLE_BLOCK_NOTE, is_cubiq, migrate
-from ipadapter.migrate_tables import COMFY, CUBIQ, FILES, OURS
+from migrate.rules import MIDDLE_BLOCK_NOTE, is_cubiq, migrate
+from migrate.tables import COMFY, CUBIQ, FILES, OURS
 from test_workflows import models_server  # noqa: F401  (fixture: random models under the workflows' names)
 from devtools.workflow_tools import (
     ADAPTER, CHECKPOINT, ENCODER, REFERENCE_IMAGES, check_workflow, node_inputs, shrink, socket_inputs, ui_to_api,
@@ -624,7 +624,7 @@ def test_combine_max_is_reported():
 # -- the command line -------------------------------------------------------------------------
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ipadapter", "migrate", *map(str, args)], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "migrate", *map(str, args)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -641,6 +641,13 @@ def test_command_line_writes_the_migrated_workflow_and_reports(tmp_path, info):
     assert lines[0] == f"wrote {target} (ui format)" and lines[-1].startswith("summary: 5 cubiq nodes")
     assert len([line for line in lines if line.startswith("left in place: node ")]) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cubiq.json", "ours.json"]
+
+
+def test_the_migrator_loads_neither_torch_nor_comfyui():
+    code = ("import sys, migrate.__main__; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'comfy', 'folder_paths', 'nodes'}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("content, message", [
@@ -670,7 +677,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, content, message):
 
 def test_out_appears_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
     """A write that fails half way leaves the old OUT as it was, and no temporary file."""
-    from ipadapter.__main__ import main
+    from migrate.__main__ import main
 
     source_path, target = tmp_path / "in.json", tmp_path / "out.json"
     source_path.write_text(json.dumps(simple_graph().api()))
@@ -682,11 +689,11 @@ def test_out_appears_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", fail_half_way)
-    assert main(["migrate", str(source_path), str(target)]) == 2
+    assert main([str(source_path), str(target)]) == 2
     monkeypatch.undo()
     assert "No space left on device" in capsys.readouterr().err
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["in.json", "out.json"]
-    assert main(["migrate", str(source_path), str(target)]) == 0
+    assert main([str(source_path), str(target)]) == 0
     assert json.loads(target.read_text())["7"]["class_type"] == "IPAdapterKitApply"
 
 

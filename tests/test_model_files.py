@@ -1,8 +1,11 @@
 """The unified loader's file search: the names users have for the released files."""
 import pytest
 
+from devtools.comfy_inprocess import pack_module
 from ipadapter.registry.families import SD15, SDXL
-from ipadapter.model_files import preset_files
+
+# loaded as ComfyUI loads it, inside the pack: the glue imports the core relatively
+preset_files = pack_module("comfyui_glue.model_files").preset_files
 
 ADAPTERS = ["ip-adapter_sd15.safetensors", "ip-adapter_sd15_light_v11.bin", "IP-Adapter-Plus_SD15.safetensors",
             "ip-adapter-plus-face_sd15.safetensors", "sub/ip-adapter-full-face_sd15.safetensors",
@@ -43,7 +46,7 @@ def test_missing_files_and_sd15_only_presets_are_one_line_errors():
         find(SDXL, "plus", adapters=["ip-adapter_sd15.safetensors"])
     message = str(error.value)
     assert "\n" not in message and "ip-adapter-plus_sdxl_vit-h.safetensors/.bin" in message and "/m/ipadapter" in message
-    with pytest.raises(FileNotFoundError, match="no ViT-bigG/14 image encoder found .* in /m/clip_vision"):
+    with pytest.raises(FileNotFoundError, match="no OpenCLIP ViT-bigG/14 image encoder found .* in /m/clip_vision"):
         find(SDXL, "vit-bigg", encoders=["models/image_encoder/model.safetensors"])
     with pytest.raises(ValueError, match="preset 'full-face' has no SDXL adapter; expected one of standard, vit-bigg, plus, plus-face"):
         find(SDXL, "full-face")

@@ -73,8 +73,9 @@ def test_apply_node_patches_and_keeps_input(nodes, encoder, adapter, model):
     attn2 = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert len(attn2) == 16
     term = attn2[("middle", 0, 0)].terms[0]
-    assert [k for k in range(1, 32, 2) if term.layer_weight(k)] == [13, 15, 17]
-    assert term.layer_weight(15) == pytest.approx(0.8)
+    # layers = style: SD1.5's style blocks (the first two down levels, the last up levels)
+    assert [k for k in range(1, 32, 2) if term.layer_weight(k)] == [1, 3, 5, 7, *range(17, 30, 2)]
+    assert term.layer_weight(19) == pytest.approx(0.8)
     assert "patches_replace" not in model.model_options["transformer_options"]
 
 

@@ -2,7 +2,13 @@
 import pytest
 import torch
 
-from ipadapter.reference_prep import contrast_adaptive_sharpening, make_noise, prepare_reference
+from devtools.comfy_inprocess import pack_module
+
+# loaded as ComfyUI loads it, inside the pack: the glue imports the core relatively
+reference_prep = pack_module("comfyui_glue.reference_prep")
+contrast_adaptive_sharpening = reference_prep.contrast_adaptive_sharpening
+make_noise = reference_prep.make_noise
+prepare_reference = reference_prep.prepare_reference
 
 
 def quadrants(height=60, width=180):

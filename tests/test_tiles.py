@@ -1,7 +1,7 @@
-"""Tiled references and detail tiles: the core functions, and the nodes with a real encoder."""
+"""Tiled references and detail tiles: the functions, and the nodes with a real encoder."""
 import torch
 
-from ipadapter.tiles import blend_detail, detail_tiles, tile_offsets, tile_reference
+from comfyui_glue.tiles import blend_detail, detail_tiles, tile_offsets, tile_reference
 from test_nodes import encoder, nodes  # noqa: F401  (module fixtures)
 
 

@@ -54,7 +54,7 @@ def test_unified_loader_finds_checks_and_caches(nodes, model, model_folders):
     with pytest.raises(FileNotFoundError) as error:
         loader.load(model, "plus-face")
     assert "ip-adapter-plus-face_sd15.safetensors/.bin" in str(error.value) and str(model_folders) in str(error.value)
-    with pytest.raises(FileNotFoundError, match="no ViT-bigG/14 image encoder"):
+    with pytest.raises(FileNotFoundError, match="no OpenCLIP ViT-bigG/14 image encoder"):
         write_adapter(model_folders / "ipadapter" / "ip-adapter_sd15_vit-G.safetensors", variant="base",
                       base_width=WIDTH, encoder_width=1280)
         loader.load(model, "vit-bigg")

@@ -180,12 +180,15 @@ class Family:
         return ["all", *self.layer_presets]
 
     def describe_blocks(self, blocks) -> str:
-        """The diffusers blocks of some ComfyUI blocks, for tooltips: ``up_blocks.0.attentions.1``."""
-        names = []
+        """Some ComfyUI blocks in diffusers' names, for tooltips: a whole level (``down_blocks.2``) where every one
+        of its attentions is in, else the attentions (``up_blocks.0.attentions.1``)."""
+        blocks, levels = set(blocks), {}
         for layer in self.layers:
-            name = layer.diffusers_name.split(".transformer_blocks.")[0]
-            if layer.comfy_block in blocks and name not in names:
-                names.append(name)
+            attention = layer.diffusers_name.split(".transformer_blocks.")[0]
+            levels.setdefault(attention.rsplit(".attentions.", 1)[0], {})[attention] = layer.comfy_block in blocks
+        names = []
+        for level, chosen in levels.items():
+            names += [level] if all(chosen.values()) else [attention for attention, is_in in chosen.items() if is_in]
         return ", ".join(names)
 
 

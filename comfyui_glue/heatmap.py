@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import Family
-from .image_prompt import token_grid
+from ..ipadapter.registry import Family
+from ..ipadapter.image_prompt import token_grid
 
 
 def to_latent(strength: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""``python -m ipadapter migrate IN.json OUT.json`` (run from the pack's folder).
+"""``python -m migrate IN.json OUT.json`` (run from the pack's folder).
 
 Rewrites a workflow made with cubiq's ComfyUI_IPAdapter_plus with this pack's nodes
-(``ipadapter/migrate.py``), in the format it came in (the editor's or the API's), and
+(``rules.py``), in the format it came in (the editor's or the API's), and
 prints what it did: one line per cubiq node left in place with the reason, notes where
 ours means something else, a summary. Exit status 0 once OUT is written (also when
 nodes were left in place), 2 with a one-line error when IN cannot be read or is not a
@@ -14,8 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from .files import write_text_atomic
-from .migrate import MigrationError, migrate
+from ipadapter.files import write_text_atomic
+
+from .rules import MigrationError, migrate
 
 
 def load(path: Path) -> dict:
@@ -46,12 +47,11 @@ def run(source: Path, target: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ipadapter", description="Tools of the IP-Adapter Kit pack.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    migrate_command = commands.add_parser(
-        "migrate", help="rewrite a workflow made with cubiq's ComfyUI_IPAdapter_plus with this pack's nodes")
-    migrate_command.add_argument("input", type=Path, help="the workflow (editor or API format)")
-    migrate_command.add_argument("output", type=Path, help="where to write the result (not the input)")
+    parser = argparse.ArgumentParser(
+        prog="python -m migrate",
+        description="Rewrite a workflow made with cubiq's ComfyUI_IPAdapter_plus with this pack's nodes.")
+    parser.add_argument("input", type=Path, help="the workflow (editor or API format)")
+    parser.add_argument("output", type=Path, help="where to write the result (not the input)")
     options = parser.parse_args(argv)
     try:
         lines = run(options.input, options.output)

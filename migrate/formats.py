@@ -1,4 +1,4 @@
-"""The two formats of a ComfyUI workflow, read into one graph model and written back (for ``migrate.py``).
+"""The two formats of a ComfyUI workflow, read into one graph model and written back (for ``rules.py``).
 
 The editor's format keeps every node's place, size and widget values (by position) and a
 list of links; the API format keeps each node's inputs by name, links as ``[node, slot]``.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from .migrate_tables import COMFY, CUBIQ, OURS
+from .tables import COMFY, CUBIQ, OURS
 
 
 class MigrationError(ValueError):

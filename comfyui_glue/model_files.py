@@ -10,36 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .registry import Family
+from ..ipadapter.registry import PRESETS, Family, encoder_by_id
 
-VIT_H = "ViT-H/14"
-VIT_BIGG = "ViT-bigG/14"
-PRESETS = ("light", "standard", "vit-bigg", "plus", "plus-face", "full-face")
-
-# preset -> adapter file stems (first match wins), per family id
-ADAPTER_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
-    "sd15": {
-        "light": ("ip-adapter_sd15_light_v11", "ip-adapter_sd15_light"),
-        "standard": ("ip-adapter_sd15",),
-        "vit-bigg": ("ip-adapter_sd15_vit-g",),
-        "plus": ("ip-adapter-plus_sd15",),
-        "plus-face": ("ip-adapter-plus-face_sd15",),
-        "full-face": ("ip-adapter-full-face_sd15",),
-    },
-    "sdxl": {
-        "standard": ("ip-adapter_sdxl_vit-h",),
-        "vit-bigg": ("ip-adapter_sdxl",),
-        "plus": ("ip-adapter-plus_sdxl_vit-h",),
-        "plus-face": ("ip-adapter-plus-face_sdxl_vit-h",),
-    },
-}
-ENCODER_OF_PRESET = {"vit-bigg": VIT_BIGG}  # every other preset: ViT-H/14
-ENCODER_NAMES = {
-    VIT_H: ("clip-vit-h-14-laion2b-s32b-b79k", "vit-h-14-laion2b-s32b-b79k", "clip-vit-h-14", "vit-h-14",
-            "models/image_encoder/model", "models/image_encoder/pytorch_model"),
-    VIT_BIGG: ("clip-vit-bigg-14-laion2b-39b-b160k", "vit-bigg-14-laion2b-39b-b160k", "clip-vit-bigg-14", "vit-bigg-14",
-               "sdxl_models/image_encoder/model", "sdxl_models/image_encoder/pytorch_model"),
-}
 EXTENSIONS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
@@ -70,10 +42,11 @@ def find_file(names: list[str], wanted: tuple[str, ...]) -> str | None:
 
 def preset_files(architecture: Family, preset: str, adapter_names: list[str], encoder_names: list[str],
                  adapter_folders: list[str], encoder_folders: list[str]) -> PresetFiles:
-    """The adapter and encoder files of a preset for this family; a missing one is a one-line error."""
+    """The adapter and encoder files of a preset for this family (its released names, in the registry); a missing
+    one is a one-line error."""
     if preset not in PRESETS:
         raise ValueError(f"preset '{preset}' is unknown; expected one of {', '.join(PRESETS)}")
-    by_preset = ADAPTER_NAMES[architecture.id]
+    by_preset = architecture.released_adapters
     if preset not in by_preset:
         offered = ", ".join(p for p in PRESETS if p in by_preset)
         raise ValueError(f"preset '{preset}' has no {architecture.name} adapter; expected one of {offered} for this MODEL")
@@ -84,11 +57,11 @@ def preset_files(architecture: Family, preset: str, adapter_names: list[str], en
             f"no {architecture.name} '{preset}' adapter found: looked for {', '.join(w + '.safetensors/.bin' for w in wanted)} "
             f"in {', '.join(adapter_folders) or 'no ipadapter folder'}"
         )
-    kind = ENCODER_OF_PRESET.get(preset, VIT_H)
-    encoder = find_file(encoder_names, ENCODER_NAMES[kind])
+    kind = encoder_by_id(PRESETS[preset][1])
+    encoder = find_file(encoder_names, kind.file_stems)
     if encoder is None:
         raise FileNotFoundError(
-            f"no {kind} image encoder found for '{adapter}': looked for {', '.join(ENCODER_NAMES[kind])} "
+            f"no {kind.name} image encoder found for '{adapter}': looked for {', '.join(kind.file_stems)} "
             f"(.safetensors/.bin, any case) in {', '.join(encoder_folders) or 'no clip_vision folder'}"
         )
-    return PresetFiles(adapter, encoder, kind)
+    return PresetFiles(adapter, encoder, kind.name)

@@ -1,11 +1,9 @@
-"""Rewrite a ComfyUI workflow made with cubiq's ComfyUI_IPAdapter_plus with this pack's nodes.
-
-    python -m ipadapter migrate IN.json OUT.json
+"""The rules that rewrite cubiq's nodes as this pack's (``python -m migrate IN.json OUT.json``).
 
 :func:`migrate` takes a workflow in the editor's format (``nodes`` / ``links``) or the API
 format (``{id: {class_type, inputs}}``) and returns the same format and a :class:`Report`.
 Each cubiq node is rewritten by the rule for its type (:data:`RULES`), widget by widget, by
-name and meaning (``migrate_tables.py`` holds both packs' node definitions, ``migrate_formats.py``
+name and meaning (``tables.py`` holds both packs' node definitions, ``formats.py``
 reads and writes the two formats); where ours means something else, the report says so. A node that no rule can map (FaceID, Kolors,
 pickled embeds, an option ours lacks) stays as it is and the report gives the reason; a
 replaced node also stays where such a node still takes an output of it that only cubiq's pack
@@ -16,10 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .registry.families import SD15, SDXL
-from .migrate_formats import MigrationError  # noqa: F401  (callers catch it from here)
-from .migrate_formats import Node, Out, assign_ids, is_cubiq, read, spec_of, write_api, write_ui
-from .migrate_tables import CUBIQ, CUBIQ_PRESETS, CUBIQ_TYPES, OUR_COMBINE, PRESETS, SCALING, WEIGHT_TYPES
+from comfyui_glue.interface import PRESETS
+from ipadapter.choices import COMBINE_MODES, EMBEDS_SCALING, WEIGHT_TYPES
+from ipadapter.registry import families
+
+from .formats import MigrationError  # noqa: F401  (callers catch it from here)
+from .formats import Node, Out, assign_ids, is_cubiq, read, spec_of, write_api, write_ui
+from .tables import CUBIQ, CUBIQ_PRESETS, CUBIQ_TYPES
 
 PRESET = dict(zip(CUBIQ_PRESETS, PRESETS))
 SIMPLE_WEIGHT_TYPES = {"standard": "linear", "prompt is more important": "ease out", "style transfer": "style transfer"}
@@ -239,7 +240,7 @@ class Migration:
     def combine(self, node: Node) -> str:
         if "combine_embeds" not in node.values:
             return "concat"  # cubiq's default where the node has no widget for it
-        method = self.choice(node, "combine_embeds", OUR_COMBINE)
+        method = self.choice(node, "combine_embeds", COMBINE_MODES)
         if method == "norm average":
             self.note(node, "norm average here scales each reference to the same length; cubiq's normalises each "
                             "feature across the references")
@@ -251,7 +252,7 @@ class Migration:
             "model": self.get(node, "model") if model is None else model, "ipadapter": pipe.adapter, "embeds": embeds,
             "weight": weight, "weight_type": weight_type, "start_at": self.get(node, "start_at"),
             "end_at": self.get(node, "end_at"), "combine": combine or self.combine(node),
-            "embeds_scaling": self.choice(node, "embeds_scaling", SCALING) if "embeds_scaling" in node.values else "V only",
+            "embeds_scaling": self.choice(node, "embeds_scaling", EMBEDS_SCALING) if "embeds_scaling" in node.values else "V only",
             "attn_mask": self.get(node, "attn_mask"),
             "batch_mode": "one per latent" if node.kind in BATCH else "all latents", **more,
         }
@@ -311,7 +312,7 @@ def model_loader(m: Migration, node: Node) -> dict:
     if "kolors" in lower:
         raise Unmapped(f"'{name}' is a Kolors adapter, which this pack does not load")
     loader = m.add("IPAdapterKitLoader", node, {"ipadapter_file": name}, claim=True)
-    family = "sdxl" if "sdxl" in lower else "sd15" if "sd15" in lower else None
+    family = next((family.id for family in families() if family.id in lower), None)  # the released names say it
     return {0: Pipe(Out(loader, 0), None, family)}
 
 
@@ -369,10 +370,15 @@ def layer_weights(m: Migration, node: Node, pipe: Pipe) -> dict:
     if weight_type in ("style transfer precise", "composition precise"):
         raise Unmapped(f"layer_weights with weight type '{weight_type}' cannot be expressed: ours multiplies the "
                        "type's own weights by the layer weights")
-    family = {"sd15": SD15, "sdxl": SDXL}.get(pipe.family) or (SD15 if max(pairs) > len(SDXL.blocks) - 1 else None)
+    family = next((family for family in families() if family.id == pipe.family), None)
+    if family is None:  # the block numbers tell when only one family has that many
+        fitting = [family for family in families() if max(pairs) < len(family.blocks)]
+        family = fitting[0] if len(fitting) == 1 else None
     if family is None:
-        raise Unmapped("its layer_weights are per block, 16 in SD1.5 and 11 in SDXL, and the graph does not say which "
-                       "family (name the adapter file …sd15… or …sdxl…, or set Apply's custom layers by hand)")
+        counts = ", ".join(f"{len(f.blocks)} in {f.name}" for f in families())
+        names = " or ".join(f"…{f.id}…" for f in families())
+        raise Unmapped(f"its layer_weights are per block, {counts}, and the graph does not say which "
+                       f"family (name the adapter file {names}, or set Apply's custom layers by hand)")
     if max(pairs) >= len(family.blocks):
         raise Unmapped(f"its layer_weights name block {max(pairs)}; {family.name} has {len(family.blocks)}")
     middle = family.blocks.index(("middle", 0))
@@ -507,7 +513,7 @@ def encoder(m: Migration, node: Node) -> dict:
 
 
 def combine_embeds(m: Migration, node: Node) -> dict:
-    method = m.choice(node, "method", OUR_COMBINE, " (concat, add, subtract, average, norm average)")
+    method = m.choice(node, "method", COMBINE_MODES, " (concat, add, subtract, average, norm average)")
     if method == "norm average":
         m.note(node, "norm average here scales each reference to the same length; cubiq's normalises each feature "
                      "across the references")

@@ -1,102 +1,22 @@
-"""The node definitions that the migrator (``ipadapter/migrate.py``) reads and writes, as data.
+"""The node definitions that the migrator (``rules.py``) reads and writes, as data.
 
 Three tables of ``node id -> NodeSpec``: cubiq's ComfyUI_IPAdapter_plus (every node of
 its ``NODE_CLASS_MAPPINGS``, inputs as its ``INPUT_TYPES`` declares them), this pack's
-nodes, and the one ComfyUI node the migrator adds (Conditioning (Set Mask)). The
-editor stores a node's widget values by position, so the order of the inputs here is
-the widget order. ``tests/test_migrate.py`` holds the tables to the live definitions:
-ours and ComfyUI's to ``/object_info`` of a ComfyUI with this pack, cubiq's to its
-``INPUT_TYPES`` where a copy of that pack is at hand (``CUBIQ_PATH``). Plain data, so
-the migrator needs neither torch nor ComfyUI.
+nodes (their one definition, ``comfyui_glue/interface.py``), and the one ComfyUI node the
+migrator adds (Conditioning (Set Mask)). The editor stores a node's widget values by
+position, so the order of the inputs here is the widget order. ``tests/test_migrate.py``
+holds the tables to the live definitions: ours and ComfyUI's to ``/object_info`` of a
+ComfyUI with this pack, cubiq's to its ``INPUT_TYPES`` where a copy of that pack is at hand
+(``CUBIQ_PATH``). Plain data, so the migrator needs neither torch nor ComfyUI.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-FILES = "FILES"  # a combo whose choices are the files of a model folder (they differ per installation)
-WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
-SEED_NAMES = {"seed", "noise_seed"}  # the editor adds a "control after generate" widget after these
-
-
-@dataclass(frozen=True)
-class Input:
-    name: str
-    kind: object  # a socket or widget type, the choices of a combo (a tuple), or FILES
-    default: object = None  # as declared; None where the definition declares none
-    low: float | None = None
-    high: float | None = None
-    optional: bool = False
-
-    @property
-    def is_widget(self) -> bool:
-        return isinstance(self.kind, tuple) or self.kind in WIDGET_KINDS or self.kind == FILES
-
-    @property
-    def socket_type(self) -> str:
-        """The type of the input's socket (a widget turned into a socket: its type, COMBO for a list)."""
-        return "COMBO" if isinstance(self.kind, tuple) or self.kind == FILES else self.kind
-
-    @property
-    def initial(self):
-        """The value a new node starts with."""
-        if self.default is not None:
-            return self.default
-        return self.kind[0] if isinstance(self.kind, tuple) and self.kind else None
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    inputs: tuple[Input, ...]
-    outputs: tuple[tuple[str, str], ...]  # (name, type) per output slot
-    title: str = ""
-
-    def input(self, name: str) -> Input | None:
-        return next((i for i in self.inputs if i.name == name), None)
-
-    def widgets(self) -> list[str]:
-        """``widgets_values`` order: widget inputs, each seed followed by its "control after generate"."""
-        names = []
-        for item in sorted(self.inputs, key=lambda i: i.optional):  # required first, each group in order
-            if item.is_widget:
-                names.append(item.name)
-                if item.kind == "INT" and item.name in SEED_NAMES:
-                    names.append("control_after_generate")
-        return names
-
-    def sockets(self) -> list[Input]:
-        return [i for i in sorted(self.inputs, key=lambda i: i.optional) if not i.is_widget]
-
-
-def sock(name, kind, optional=False):
-    return Input(name, kind, optional=optional)
-
-
-def num(kind, name, default, low, high, optional=False):
-    return Input(name, kind, default, low, high, optional)
-
-
-def combo(name, choices, default=None, optional=False):
-    return Input(name, tuple(choices) if choices != FILES else FILES, default, optional=optional)
-
-
-def text(name, default, optional=False):
-    return Input(name, "STRING", default, optional=optional)
-
-
-def spec(inputs, outputs, title=""):
-    return NodeSpec(tuple(inputs), tuple((o, o) if isinstance(o, str) else o for o in outputs), title)
-
-
-def opt(*inputs):
-    return [Input(i.name, i.kind, i.default, i.low, i.high, True) for i in inputs]
-
+from comfyui_glue.interface import NODES
+from comfyui_glue.node_spec import FILES, Input, NodeSpec, combo, num, opt, sock, spec, text
+from ipadapter.choices import EMBEDS_SCALING as SCALING, WEIGHT_TYPES  # cubiq's names too: ours took them, in order
 
 # -- cubiq's ComfyUI_IPAdapter_plus ---------------------------------------------------------
 
-WEIGHT_TYPES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak output",
-                "weak middle", "strong middle", "style transfer", "composition", "strong style transfer",
-                "style and composition", "style transfer precise", "composition precise")
-SCALING = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
 CUBIQ_COMBINE = ("concat", "add", "subtract", "average", "norm average")
 CUBIQ_PRESETS = ("LIGHT - SD1.5 only (low strength)", "STANDARD (medium strength)", "VIT-G (medium strength)",
                  "PLUS (high strength)", "PLUS FACE (portraits)", "FULL FACE - SD1.5 only (portraits stronger)")
@@ -223,72 +143,9 @@ CUBIQ: dict[str, NodeSpec] = {
 # Output types that only cubiq's nodes make or take: a node of that pack left in place needs them from that pack.
 CUBIQ_TYPES = {"IPADAPTER", "EMBEDS", "IPADAPTER_PARAMS", "INSIGHTFACE", "WEIGHTS_STRATEGY"}
 
-# -- this pack --------------------------------------------------------------------------------
+# -- this pack: its nodes' one definition -------------------------------------------------------
 
-ADAPTER, ENCODER, KIT_EMBEDS, REGIONS = "IPADAPTER_KIT", "IPADAPTER_KIT_ENCODER", "IPADAPTER_KIT_EMBEDS", "IPADAPTER_KIT_REGIONS"
-OUR_COMBINE = ("average", "concat", "add", "subtract", "norm average")
-PRESETS = ("light", "standard", "vit-bigg", "plus", "plus-face", "full-face")
-OUR_WEIGHT = num("FLOAT", "weight", 1.0, -1.0, 3.0)
-OUR_WINDOW = [num("FLOAT", "start_at", 0.0, 0.0, 1.0), num("FLOAT", "end_at", 1.0, 0.0, 1.0)]
-OUR_WTYPE = combo("weight_type", WEIGHT_TYPES, "linear")
-
-OURS: dict[str, NodeSpec] = {
-    "IPAdapterKitLoader": spec([combo("ipadapter_file", FILES)], [("ipadapter", ADAPTER)], "Load IP-Adapter"),
-    "IPAdapterKitUnifiedLoader": spec([sock("model", "MODEL"), combo("preset", PRESETS, "standard")],
-                                      [("model", "MODEL"), ("ipadapter", ADAPTER), ("image_encoder", ENCODER)],
-                                      "IP-Adapter Unified Loader"),
-    "IPAdapterKitEncoderLoader": spec([combo("clip_name", FILES)], [("image_encoder", ENCODER)],
-                                      "Load IP-Adapter Image Encoder"),
-    "IPAdapterKitEncoderFromCLIPVision": spec([sock("clip_vision", "CLIP_VISION")], [("image_encoder", ENCODER)],
-                                              "IP-Adapter Encoder from CLIP Vision"),
-    "IPAdapterKitEncode": spec([sock("image_encoder", ENCODER), IMAGE, combo("crop", ("crop", "pad", "stretch"), "crop"),
-                                *opt(sock("negative_image", "IMAGE"), OUR_WEIGHT, text("image_weights", ""),
-                                     num("INT", "detail_tiles", 1, 1, 4), num("FLOAT", "detail_ratio", 0.5, 0.0, 1.0))],
-                               [("embeds", KIT_EMBEDS)], "IP-Adapter Encode Image"),
-    "IPAdapterKitCombineEmbeds": spec([sock("embeds_1", KIT_EMBEDS), combo("method", OUR_COMBINE, "concat"),
-                                       *opt(*(sock(f"embeds_{i}", KIT_EMBEDS) for i in range(2, 6)))],
-                                      [("embeds", KIT_EMBEDS)], "Combine IP-Adapter Embeds"),
-    "IPAdapterKitFrameWeights": spec([combo("timing", ("linear", "ease in", "ease out", "ease in-out"), "linear"),
-                                      num("INT", "frames", 16, 1, 9999), num("FLOAT", "start", 1.0, -1.0, 3.0),
-                                      num("FLOAT", "end", 0.0, -1.0, 3.0)], [("frame_weights", "STRING")],
-                                     "IP-Adapter Frame Weights"),
-    "IPAdapterKitPrepImage": spec([IMAGE, combo("interpolation", ("LANCZOS", "BICUBIC", "HAMMING", "BILINEAR", "BOX", "NEAREST"), "LANCZOS"),
-                                   combo("crop_position", ("center", "top", "bottom", "left", "right", "pad"), "center"),
-                                   num("FLOAT", "sharpening", 0.0, 0.0, 1.0)], [("image", "IMAGE")],
-                                  "Prepare Image for IP-Adapter"),
-    "IPAdapterKitNoise": spec([combo("type", ("fade", "dissolve", "gaussian", "shuffle"), "fade"),
-                               num("FLOAT", "strength", 1.0, 0.0, 1.0), num("INT", "blur", 0, 0, 32),
-                               num("INT", "seed", 0, 0, 2**31 - 1), *opt(IMAGE)], [("noise", "IMAGE")],
-                              "IP-Adapter Noise (negative image)"),
-    "IPAdapterKitEncodeTiled": spec([sock("image_encoder", ENCODER), IMAGE, *opt(sock("negative_image", "IMAGE"))],
-                                    [("embeds", KIT_EMBEDS), ("tile_masks", "MASK")], "IP-Adapter Encode Tiled"),
-    "IPAdapterKitRegion": spec([sock("embeds", KIT_EMBEDS), OUR_WEIGHT, OUR_WTYPE, *OUR_WINDOW,
-                                num("FLOAT", "prompt_strength", 1.0, 0.0, 10.0),
-                                *opt(sock("mask", "MASK"), sock("positive", "CONDITIONING"),
-                                     sock("negative", "CONDITIONING"), sock("regions", REGIONS))],
-                               [("regions", REGIONS), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
-                               "IP-Adapter Region"),
-    "IPAdapterKitApply": spec([sock("model", "MODEL"), sock("ipadapter", ADAPTER), OUR_WEIGHT, *OUR_WINDOW,
-                               combo("combine", OUR_COMBINE, "average"),
-                               combo("layers", ("all", "style", "composition", "custom"), "all"),
-                               text("custom_layer_weights", ""),
-                               *opt(sock("embeds", KIT_EMBEDS), IMAGE, sock("image_encoder", ENCODER),
-                                    sock("attn_mask", "MASK"), OUR_WTYPE, combo("embeds_scaling", SCALING, "V only"),
-                                    num("FLOAT", "composition_weight", 1.0, -1.0, 5.0),
-                                    combo("batch_mode", ("all latents", "one per latent"), "all latents"),
-                                    sock("regions", REGIONS), text("frame_weights", ""))],
-                              ["MODEL"], "Apply IP-Adapter"),
-    "IPAdapterKitAttentionMap": spec([sock("model", "MODEL"), sock("positive", "CONDITIONING"),
-                                      sock("negative", "CONDITIONING"), sock("latent_image", "LATENT"),
-                                      num("INT", "seed", 0, 0, 0xFFFFFFFFFFFFFFFF), num("INT", "steps", 20, 1, 1000),
-                                      num("INT", "at_step", 0, 0, 999), num("FLOAT", "cfg", 7.0, 0.0, 100.0)],
-                                     [("heat_maps", "IMAGE"), ("average", "MASK")], "IP-Adapter Attention Map"),
-    "IPAdapterKitSimple": spec([sock("model", "MODEL"), IMAGE, OUR_WEIGHT, combo("ipadapter_file", FILES),
-                                combo("clip_name", FILES)], ["MODEL"], "IP-Adapter (simple)"),
-    "IPAdapterKitSaveEmbeds": spec([sock("embeds", KIT_EMBEDS), text("filename_prefix", "ipadapter_embeds")], [],
-                                   "Save IP-Adapter Embeds"),
-    "IPAdapterKitLoadEmbeds": spec([combo("embeds_file", FILES)], [("embeds", KIT_EMBEDS)], "Load IP-Adapter Embeds"),
-}
+OURS: dict[str, NodeSpec] = NODES
 
 # ComfyUI's own nodes that a migrated graph can gain (cubiq's regional texts are this node's job).
 COMFY: dict[str, NodeSpec] = {

@@ -9,11 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .preprocess import as_channels_first
-
-CROP_POSITIONS = ("center", "top", "bottom", "left", "right", "pad")
-INTERPOLATIONS = ("LANCZOS", "BICUBIC", "HAMMING", "BILINEAR", "BOX", "NEAREST")
-NOISE_TYPES = ("fade", "dissolve", "gaussian", "shuffle")
+from ..ipadapter.preprocess import as_channels_first
+from .interface import CROP_POSITIONS, INTERPOLATIONS, NOISE_TYPES
 
 
 def prepare_reference(images: torch.Tensor, crop_position: str = "center", interpolation: str = "LANCZOS",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ipadapter.checkpoint import IPAdapterCheckpoint, check_encoder, load_adapter
+from .ipadapter.adapter_file import IPAdapterCheckpoint, check_encoder, load_adapter
 from .ipadapter.encoder import ImageEncoder, load_image_encoder
 from .ipadapter.files import atomic_path
 from .ipadapter.registry import ENCODERS, VARIANTS

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .ipadapter.attention import image_attention
-from .ipadapter.checkpoint import AdapterFormatError, IPAdapterCheckpoint
+from .ipadapter.adapter_file import AdapterFormatError, IPAdapterCheckpoint
 from .ipadapter.image_prompt import layer_keys_values, mask_to_tokens
 from .ipadapter.weighting import scale_keys_values
 from .ipadapter.registry import Family, family_names, family_of_comfy_layout

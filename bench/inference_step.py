@@ -84,7 +84,7 @@ def image_prompt_term(family: str, variant: str, width: int, seed: int):
 
     from devtools.adapter_factory import random_adapter
     from devtools.comfy_inprocess import pack_module
-    from ipadapter.checkpoint import IPAdapterCheckpoint
+    from ipadapter.adapter_file import IPAdapterCheckpoint
 
     state = random_adapter(variant, base_width=width, seed=seed, family=family)
     checkpoint = IPAdapterCheckpoint.from_state_dicts(**state, base_width=width)

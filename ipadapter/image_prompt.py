@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .registry import Family
-from .checkpoint import IPAdapterCheckpoint, check_encoder
+from .adapter_file import IPAdapterCheckpoint, check_encoder
 from .choices import COMBINE_MODES
 
 

@@ -6,7 +6,7 @@ from diffusers.models.attention_processor import Attention, IPAdapterAttnProcess
 
 from devtools.adapter_factory import random_adapter
 from ipadapter.attention import decoupled_attention, image_attention, sdpa_attention
-from ipadapter.checkpoint import IPAdapterCheckpoint
+from ipadapter.adapter_file import IPAdapterCheckpoint
 
 
 def diffusers_attention_with_adapter(width=640, heads=10, weight=0.7, seed=0):

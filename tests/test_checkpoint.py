@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from devtools.adapter_factory import random_adapter
 from ipadapter.registry.families import SD15, SDXL
-from ipadapter.checkpoint import (
+from ipadapter.adapter_file import (
     AdapterFormatError,
     IPAdapterCheckpoint,
     check_encoder,

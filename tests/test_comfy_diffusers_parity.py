@@ -4,7 +4,7 @@ import torch
 
 from devtools.adapter_factory import random_adapter
 from devtools.comfy_inprocess import build_sd15_model_patcher, diffusers_unet_from_comfy, noise_prediction, pack_module
-from ipadapter.checkpoint import IPAdapterCheckpoint
+from ipadapter.adapter_file import IPAdapterCheckpoint
 
 WIDTH = 64
 

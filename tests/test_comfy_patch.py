@@ -7,7 +7,7 @@ import torch
 from devtools.adapter_factory import random_adapter
 from devtools.comfy_inprocess import build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at
 from ipadapter.registry import family_by_id
-from ipadapter.checkpoint import IPAdapterCheckpoint
+from ipadapter.adapter_file import IPAdapterCheckpoint
 from devtools.sdxl_models import build_sdxl_model_patcher
 
 pytestmark = pytest.mark.comfyui_2024

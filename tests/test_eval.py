@@ -385,7 +385,7 @@ def test_generation_input_errors(tmp_path, tiny_clip, references, generator_file
         main(base + ["--generated", str(tmp_path), "--base", str(sd15)])
     with pytest.raises(EvalError, match="is not a device"):
         main(base + ["--generated", str(tmp_path), "--device", "gpu0"])
-    from ipadapter.checkpoint import AdapterFormatError
+    from ipadapter.adapter_file import AdapterFormatError
     from training.models import ModelFileError
 
     with pytest.raises(AdapterFormatError, match="does not exist"):
@@ -434,7 +434,7 @@ def test_generation_with_a_plus_adapter_feeds_hidden_states(tmp_path, tiny_clip,
 
 
 def test_generation_for_sdxl_with_an_sdxl_adapter_and_the_other_family_refused(tmp_path, tiny_clip, references):
-    from ipadapter.checkpoint import AdapterFormatError
+    from ipadapter.adapter_file import AdapterFormatError
     from training.adapter import IPAdapterModel
     from ipadapter.registry.families import SD15
     from training.models import build_embedded_models

@@ -3,7 +3,7 @@ import torch
 
 from devtools.adapter_factory import random_adapter
 from ipadapter.registry.families import SD15, SDXL
-from ipadapter.checkpoint import AdapterFormatError, IPAdapterCheckpoint
+from ipadapter.adapter_file import AdapterFormatError, IPAdapterCheckpoint
 from ipadapter.weighting import weight_schedule
 from ipadapter.image_prompt import (
     EncodedImages,

@@ -22,7 +22,7 @@ def encoder(nodes):
 
 @pytest.fixture(scope="module")
 def adapter(nodes):
-    checkpoint = pack_module("ipadapter.checkpoint").IPAdapterCheckpoint.from_state_dicts(
+    checkpoint = pack_module("ipadapter.adapter_file").IPAdapterCheckpoint.from_state_dicts(
         **random_adapter("base", base_width=WIDTH), source="ip-adapter_sd15.safetensors", base_width=None)
     return nodes.LoadedAdapter(checkpoint, checkpoint.build_projection())
 
@@ -104,7 +104,7 @@ def test_bad_input_gets_one_line_errors(nodes, comfy, encoder, adapter, model):
         apply(full_width, adapter, 1.0, 0.0, 1.0, "average", "all", "", embeds=embeds)
     assert "starts 32 channels wide" in one_line(error)
 
-    checkpoint_module = pack_module("ipadapter.checkpoint")
+    checkpoint_module = pack_module("ipadapter.adapter_file")
     bigg = checkpoint_module.IPAdapterCheckpoint.from_state_dicts(
         **random_adapter("base", base_width=WIDTH, encoder_width=1280), source="ip-adapter_sd15_vit-G.safetensors", base_width=None)
     with pytest.raises(ValueError) as error:

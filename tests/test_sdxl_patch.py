@@ -105,7 +105,7 @@ def test_patched_sdxl_matches_diffusers_load_ip_adapter(sdxl, diffusers_sdxl, ad
         if hasattr(processor, "scale"):
             processor.scale = [weight]
 
-    checkpoint = pack_module("ipadapter.checkpoint").IPAdapterCheckpoint.from_state_dicts(**nested, base_width=None)
+    checkpoint = pack_module("ipadapter.adapter_file").IPAdapterCheckpoint.from_state_dicts(**nested, base_width=None)
     generator = torch.Generator().manual_seed(5)
     images, diffusers_embeds = encoder_features(variant, encoder_width, generator)
     cond, uncond = image_prompt.image_tokens(checkpoint, checkpoint.build_projection(), images, None)
@@ -134,7 +134,7 @@ def nodes(comfy):
 
 
 def loaded_adapter(nodes, source, **adapter):
-    checkpoint = pack_module("ipadapter.checkpoint").IPAdapterCheckpoint.from_state_dicts(
+    checkpoint = pack_module("ipadapter.adapter_file").IPAdapterCheckpoint.from_state_dicts(
         **random_adapter(**adapter), source=source, base_width=None)
     return nodes.LoadedAdapter(checkpoint, checkpoint.build_projection())
 
@@ -235,7 +235,7 @@ def test_full_size_sdxl_unet_runs_all_seventy_patches_and_weight_zero_is_exact(c
 
 def check_full_size_patches(patcher_module, model):
     architecture = patcher_module.family_of_comfy_unet(model.model.diffusion_model)
-    checkpoint = pack_module("ipadapter.checkpoint").IPAdapterCheckpoint.from_state_dicts(
+    checkpoint = pack_module("ipadapter.adapter_file").IPAdapterCheckpoint.from_state_dicts(
         **random_adapter("base", family="sdxl", seed=1, dtype=torch.bfloat16), source="ip-adapter_sdxl_vit-h.bin")
     assert patcher_module.check_model_fits(model.model.diffusion_model, checkpoint) is architecture
     generator = torch.Generator().manual_seed(2)

@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 
 from ipadapter.attention import decoupled_attention
-from ipadapter.checkpoint import load_adapter
+from ipadapter.adapter_file import load_adapter
 from ipadapter.image_prompt import layer_keys_values
 from ipadapter.registry.families import SD15
 from training import run_files

@@ -15,7 +15,7 @@ from devtools.sdxl_models import (
     sdxl_added_conditioning,
     sdxl_time_ids,
 )
-from ipadapter.checkpoint import load_adapter
+from ipadapter.adapter_file import load_adapter
 from training.adapter import IPAdapterModel
 from training.run_files import export_adapter
 from training.variants import adapter_spec

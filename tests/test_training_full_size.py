@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ipadapter.checkpoint import load_adapter
+from ipadapter.adapter_file import load_adapter
 from ipadapter.encoder import build_vision_tower
 from training.data import write_toy_dataset
 from training.run import main

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ipadapter.checkpoint import load_adapter
+from ipadapter.adapter_file import load_adapter
 from training.adapter import IPAdapterModel, start_from_adapter_file
 from training.run_files import export_adapter
 from training.data import write_toy_dataset

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from ipadapter.registry.families import SD15, SDXL
-from ipadapter.checkpoint import load_adapter
+from ipadapter.adapter_file import load_adapter
 from training.adapter import IPAdapterModel, start_from_adapter_file
 from training.config import ConfigError
 from training.run_files import export_adapter

@@ -14,7 +14,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from ipadapter.attention import decoupled_attention
-from ipadapter.checkpoint import AdapterFormatError, AdapterSpec, build_projection, load_adapter
+from ipadapter.adapter_file import AdapterFormatError, AdapterSpec, build_projection, load_adapter
 
 from .models import ModelFileError, check_unet_layout
 from .variants import family_of_diffusers_unet

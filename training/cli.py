@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ipadapter.checkpoint import AdapterFormatError
+from ipadapter.adapter_file import AdapterFormatError
 from ipadapter.encoder import EncoderFormatError
 
 from .config import Config

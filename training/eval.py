@@ -155,7 +155,7 @@ def sample_seed(seed: int, reference: int, sample: int) -> int:
 
 def load_generator(args: argparse.Namespace, device: torch.device):
     """The base model + the adapter (any variant; official layout) + the image encoder, on ``device``."""
-    from ipadapter.checkpoint import check_encoder, load_adapter
+    from ipadapter.adapter_file import check_encoder, load_adapter
 
     from .adapter import IPAdapterModel
     from .models import load_frozen_models, resolve_dtype

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ipadapter.checkpoint import IPAdapterCheckpoint, save_adapter
+from ipadapter.adapter_file import IPAdapterCheckpoint, save_adapter
 from ipadapter.files import write_text_atomic
 
 from .adapter import IPAdapterModel

@@ -10,7 +10,7 @@ configured per model family as the authors' training scripts do.
 """
 from __future__ import annotations
 
-from ipadapter.checkpoint import AdapterSpec
+from ipadapter.adapter_file import AdapterSpec
 from ipadapter.registry import (
     Family, encoder_by_id, encoder_of_widths, export_stem, family_names, family_of_processor_names, variant_by_name,
 )

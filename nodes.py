@@ -26,14 +26,9 @@ from .ipadapter.image_prompt import (
     combine_embeds,
     image_tokens,
     tokens_per_reference,
-    parse_layer_weights,
 )
-from .ipadapter.weighting import (
-    frame_schedule,
-    parse_frame_weights,
-    parse_weights,
-    weight_schedule,
-)
+from .ipadapter.weighting import frame_schedule, parse_frame_weights, parse_weights
+from .ipadapter.weighting import layer_weights as per_layer_weights
 from .comfyui_glue.heatmap import as_images, block_maps
 from .comfyui_glue.interface import BATCH_MODES, ENCODER_FOLDER, FAMILIES, MODEL_FAMILIES, MODEL_FOLDER, NODES, SAVED_EMBEDS
 from .comfyui_glue.model_files import preset_files
@@ -159,12 +154,11 @@ def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0
         cond, uncond = image_tokens(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate, combine)
     sampling = model.model.model_sampling
     mask = check_mask(attn_mask) if attn_mask is not None else None
-    schedule = weight_schedule(weight_type, architecture, weight, weight * composition_weight)
-    multipliers = parse_layer_weights(layer_weights, architecture)
     term = ImagePromptTerm.build(
-        adapter.checkpoint, cond, uncond, 1.0, {key: lw.weight * multipliers[key] for key, lw in schedule.items()},
-        sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at), mask,
-        embeds_scaling, {key for key, lw in schedule.items() if lw.swapped}, parse_frame_weights(frame_weights),
+        adapter.checkpoint, cond, uncond,
+        per_layer_weights(architecture, weight, weight_type, layer_weights, composition_weight),
+        sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at), mask, embeds_scaling,
+        parse_frame_weights(frame_weights),
     )
     return apply_image_prompt(model, term)
 

@@ -15,7 +15,7 @@ import torch
 from .ipadapter.attention import image_attention
 from .ipadapter.adapter_file import AdapterFormatError, IPAdapterCheckpoint
 from .ipadapter.image_prompt import layer_keys_values, mask_to_tokens
-from .ipadapter.weighting import scale_keys_values
+from .ipadapter.weighting import LayerWeight, scale_keys_values
 from .ipadapter.registry import Family, family_names, family_of_comfy_layout
 
 COND, UNCOND = 0, 1  # the values of ComfyUI's cond_or_uncond list
@@ -69,7 +69,7 @@ def comfy_attention():
 
 @dataclass(eq=False)
 class ImagePromptTerm:
-    """One applied image prompt: its image keys/values per layer, weight, window and mask.
+    """One applied image prompt: its image keys/values and weight per layer, window and mask.
 
     K'/V' do not depend on the step, so they are computed once here (fp32, on
     the CPU) and then copied once per device and dtype the UNet runs in.
@@ -77,7 +77,6 @@ class ImagePromptTerm:
 
     architecture: Family
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer key -> [2 (cond, uncond), references, T, C]
-    weight: float
     layer_weights: dict[int, float]  # what multiplies each layer's attention output
     sigma_start: float
     sigma_end: float
@@ -88,20 +87,20 @@ class ImagePromptTerm:
     _masks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, checkpoint: IPAdapterCheckpoint, cond_tokens, uncond_tokens, weight, layer_weights,
-              sigma_start, sigma_end, mask=None, scaling="V only", swapped=frozenset(), frame_weights=None) -> "ImagePromptTerm":
+    def build(cls, checkpoint: IPAdapterCheckpoint, cond_tokens, uncond_tokens, layer_weights: dict[int, LayerWeight],
+              sigma_start, sigma_end, mask=None, scaling="V only", frame_weights=None) -> "ImagePromptTerm":
         """``cond_tokens`` [N, T, C]: N = 1 conditions every latent alike, N > 1 conditions latent i with
-        reference i (the last one for the latents beyond N). ``layer_weights`` multiply ``weight`` per
-        layer key (a key not given: 1). ``scaling`` says where the weight goes
-        (``ipadapter.weighting.scale_keys_values``); on the ``swapped`` layers the conditional half gets
+        reference i (the last one for the latents beyond N). ``layer_weights``: each layer's weight and swap
+        flag (``ipadapter.weighting.layer_weights``). ``scaling`` says where the weight goes
+        (``ipadapter.weighting.scale_keys_values``); on the swapped layers the conditional half gets
         empty image tokens and the unconditional half the reference's. ``frame_weights`` [F] multiply
         the weight of latent i by entry i (the last one beyond F)."""
         tokens = torch.stack([cond_tokens, uncond_tokens.to(cond_tokens).expand_as(cond_tokens)])
         keys_values = layer_keys_values(checkpoint, tokens, torch.device("cpu"), torch.float32)
         output_weights = {}
         for key, (k, v) in keys_values.items():
-            layer_weight = float(weight) * layer_weights.get(key, 1.0)
-            if key in swapped:
+            layer_weight = float(layer_weights[key].weight)
+            if layer_weights[key].swapped:
                 k, v = (torch.stack([torch.zeros_like(x[0]), x[0]]) for x in (k, v))
             if layer_weight == 0:  # skipped at sampling time, so λ = 0 stays exact whatever the scaling
                 output_weights[key] = 0.0
@@ -110,8 +109,7 @@ class ImagePromptTerm:
             keys_values[key] = (k, v)
         if frame_weights is not None:
             frame_weights = torch.as_tensor(frame_weights, dtype=torch.float32).flatten()
-        return cls(checkpoint.spec.architecture, keys_values, float(weight), output_weights, sigma_start, sigma_end,
-                   mask, frame_weights)
+        return cls(checkpoint.spec.architecture, keys_values, output_weights, sigma_start, sigma_end, mask, frame_weights)
 
     def layer_weight(self, key: int) -> float:
         return self.layer_weights[key]

@@ -90,7 +90,8 @@ def image_prompt_term(family: str, variant: str, width: int, seed: int):
     checkpoint = IPAdapterCheckpoint.from_state_dicts(**state, base_width=width)
     generator = torch.Generator().manual_seed(seed)
     cond, uncond = (torch.randn(1, TOKENS[variant], FAMILIES[family].context_dim, generator=generator) for _ in range(2))
-    return pack_module("patcher").ImagePromptTerm.build(checkpoint, cond, uncond, 1.0, {}, 1e9, 0.0)
+    weights = pack_module("ipadapter.weighting").layer_weights(checkpoint.spec.architecture, 1.0)
+    return pack_module("patcher").ImagePromptTerm.build(checkpoint, cond, uncond, weights, 1e9, 0.0)
 
 
 def adapter_variants(model, family: str, width: int) -> dict:

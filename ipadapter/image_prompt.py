@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .registry import Family
 from .adapter_file import IPAdapterCheckpoint, check_encoder
 from .choices import COMBINE_MODES
 
@@ -208,32 +207,3 @@ def check_mask(mask: torch.Tensor) -> torch.Tensor:
     if mask.dim() != 3 or mask.shape[-1] == 0 or mask.shape[-2] == 0:
         raise ValueError(f"attention mask has shape {list(mask.shape)}; expected [height, width] or [batch, height, width]")
     return mask
-
-
-def parse_layer_weights(text: str, architecture: Family) -> dict[int, float]:
-    """Per-layer multipliers from a preset name, one number per layer (in key order), or ``key:value`` pairs.
-
-    With ``key:value`` pairs (``"15:1, 11:0.5"``) the layers not named get 0.
-    """
-    text = text.strip()
-    if not text:
-        return architecture.preset_weights("all")
-    if text in architecture.preset_names:
-        return architecture.preset_weights(text)
-    parts = [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
-    keys = architecture.keys
-    try:
-        if all(":" in part for part in parts):
-            pairs = {int(k): float(v) for k, v in (part.split(":") for part in parts)}
-            unknown = sorted(set(pairs) - set(keys))
-            if unknown:
-                raise ValueError(f"layer keys {unknown} are not {architecture.name} cross-attention keys")
-            return {key: pairs.get(key, 0.0) for key in keys}
-        values = [float(part) for part in parts]
-    except ValueError as error:
-        raise ValueError(f"layer weights '{text[:60]}' are not readable ({error}); expected a preset "
-                         f"({', '.join(architecture.preset_names)}), {len(keys)} numbers or key:value pairs") from None
-    if len(values) != len(keys):
-        raise ValueError(f"layer weights give {len(values)} numbers; expected {len(keys)}, one per layer of the "
-                         f"{architecture.name} model's {architecture.describe_layers()}")
-    return dict(zip(keys, values))

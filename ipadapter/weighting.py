@@ -50,6 +50,46 @@ def weight_schedule(weight_type: str, architecture: Family, weight: float,
     }
 
 
+def layer_weights(architecture: Family, weight: float, weight_type: str = "linear", layers: str = "all",
+                  composition_weight: float = 1.0) -> dict[int, LayerWeight]:
+    """λ as each layer's weight and swap flag, by official key: the weight type spreads ``weight`` over the blocks,
+    the layer preset or custom weights (``layers``, see :func:`parse_layer_weights`) multiply it, and
+    ``composition_weight`` is the composition blocks' share of λ for "style and composition". The one place where
+    λ becomes per-layer weights."""
+    schedule = weight_schedule(weight_type, architecture, weight, weight * composition_weight)
+    multipliers = parse_layer_weights(layers, architecture)
+    return {key: LayerWeight(entry.weight * multipliers[key], entry.swapped) for key, entry in schedule.items()}
+
+
+def parse_layer_weights(text: str, architecture: Family) -> dict[int, float]:
+    """Per-layer multipliers from a preset name, one number per layer (in key order), or ``key:value`` pairs.
+
+    With ``key:value`` pairs (``"15:1, 11:0.5"``) the layers not named get 0.
+    """
+    text = text.strip()
+    if not text:
+        return architecture.preset_weights("all")
+    if text in architecture.preset_names:
+        return architecture.preset_weights(text)
+    parts = [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
+    keys = architecture.keys
+    try:
+        if all(":" in part for part in parts):
+            pairs = {int(k): float(v) for k, v in (part.split(":") for part in parts)}
+            unknown = sorted(set(pairs) - set(keys))
+            if unknown:
+                raise ValueError(f"layer keys {unknown} are not {architecture.name} cross-attention keys")
+            return {key: pairs.get(key, 0.0) for key in keys}
+        values = [float(part) for part in parts]
+    except ValueError as error:
+        raise ValueError(f"layer weights '{text[:60]}' are not readable ({error}); expected a preset "
+                         f"({', '.join(architecture.preset_names)}), {len(keys)} numbers or key:value pairs") from None
+    if len(values) != len(keys):
+        raise ValueError(f"layer weights give {len(values)} numbers; expected {len(keys)}, one per layer of the "
+                         f"{architecture.name} model's {architecture.describe_layers()}")
+    return dict(zip(keys, values))
+
+
 def _block_weights(weight_type, architecture, weight, composition_weight) -> dict[tuple[str, int], float]:
     blocks = architecture.blocks
     count = len(blocks)

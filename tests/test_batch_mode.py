@@ -6,6 +6,7 @@ import torch
 
 from devtools.comfy_inprocess import UNetInputs, random_unet_inputs, sigma_at
 from test_comfy_patch import architecture, checkpoint, model, patcher_module  # noqa: F401  (module fixtures)
+from ipadapter.weighting import layer_weights
 
 LATENTS = 3
 
@@ -17,7 +18,7 @@ def tokens(architecture, references, seed):
 
 def per_latent_term(patcher_module, checkpoint, cond, frame_weights=None):
     uncond = torch.zeros_like(cond[:1])
-    return patcher_module.ImagePromptTerm.build(checkpoint, cond, uncond, 1.0, {}, 1e9, 0.0,
+    return patcher_module.ImagePromptTerm.build(checkpoint, cond, uncond, layer_weights(checkpoint.spec.architecture, 1.0), 1e9, 0.0,
                                                 frame_weights=frame_weights)
 
 

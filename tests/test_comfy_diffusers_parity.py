@@ -5,6 +5,7 @@ import torch
 from devtools.adapter_factory import random_adapter
 from devtools.comfy_inprocess import build_sd15_model_patcher, diffusers_unet_from_comfy, noise_prediction, pack_module
 from ipadapter.adapter_file import IPAdapterCheckpoint
+from ipadapter.weighting import layer_weights
 
 WIDTH = 64
 
@@ -30,7 +31,7 @@ def test_patched_comfy_model_matches_diffusers_load_ip_adapter(comfy, weight):
     image_embeds = torch.randn(1, 1024, generator=generator) * 3
     images = image_prompt.EncodedImages(image_embeds, torch.zeros(1, 257, 1280))
     cond, uncond = image_prompt.image_tokens(checkpoint, projection, images, None)
-    term = patcher_module.ImagePromptTerm.build(checkpoint, cond, uncond, weight, {}, 1e9, 0.0)
+    term = patcher_module.ImagePromptTerm.build(checkpoint, cond, uncond, layer_weights(checkpoint.spec.architecture, weight), 1e9, 0.0)
     patched = patcher_module.apply_image_prompt(model, term)
 
     latent = torch.randn(2, 4, 8, 8, generator=generator)

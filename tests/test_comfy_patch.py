@@ -7,6 +7,7 @@ import torch
 from devtools.adapter_factory import random_adapter
 from devtools.comfy_inprocess import build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at
 from ipadapter.registry import family_by_id
+from ipadapter.weighting import LayerWeight
 from ipadapter.adapter_file import IPAdapterCheckpoint
 from devtools.sdxl_models import build_sdxl_model_patcher
 
@@ -48,8 +49,9 @@ def make_term(patcher_module, checkpoint, weight=1.0, sigma_start=1e9, sigma_end
     generator = torch.Generator().manual_seed(seed)
     cond = torch.randn(1, 4, architecture.context_dim, generator=generator)
     uncond = torch.randn(1, 4, architecture.context_dim, generator=generator)
-    layer_weights = layers or {k: 1.0 for k in architecture.keys}
-    return patcher_module.ImagePromptTerm.build(checkpoint, cond, uncond, weight, layer_weights, sigma_start, sigma_end, mask)
+    multipliers = layers or {k: 1.0 for k in architecture.keys}
+    layer_weights = {key: LayerWeight(weight * multiplier) for key, multiplier in multipliers.items()}
+    return patcher_module.ImagePromptTerm.build(checkpoint, cond, uncond, layer_weights, sigma_start, sigma_end, mask)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,7 @@ def test_two_applications_add_both_terms(patcher_module, model, checkpoint, midd
     expected = optimized_attention(q, k, v, 8)
     for term in (first, second):
         k_ip, v_ip = (t[[0, 1]] for t in term.keys_values[middle.key])
-        expected = expected + image_attention(q, k_ip, v_ip, 8, term.weight)
+        expected = expected + image_attention(q, k_ip, v_ip, 8, term.layer_weight(middle.key))
     assert torch.allclose(patch(q, k, v, options), expected, atol=1e-5)
 
 

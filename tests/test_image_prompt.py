@@ -4,7 +4,7 @@ import torch
 from devtools.adapter_factory import random_adapter
 from ipadapter.registry.families import SD15, SDXL
 from ipadapter.adapter_file import AdapterFormatError, IPAdapterCheckpoint
-from ipadapter.weighting import weight_schedule
+from ipadapter.weighting import parse_layer_weights, weight_schedule
 from ipadapter.image_prompt import (
     EncodedImages,
     check_mask,
@@ -13,7 +13,6 @@ from ipadapter.image_prompt import (
     image_tokens,
     layer_keys_values,
     mask_to_tokens,
-    parse_layer_weights,
     token_grid,
 )
 

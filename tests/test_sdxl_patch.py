@@ -26,6 +26,7 @@ from devtools.sdxl_models import (
     sdxl_time_ids,
     sdxl_unet_config,
 )
+from ipadapter.weighting import layer_weights
 
 pytestmark = pytest.mark.comfyui_2024
 
@@ -109,7 +110,7 @@ def test_patched_sdxl_matches_diffusers_load_ip_adapter(sdxl, diffusers_sdxl, ad
     generator = torch.Generator().manual_seed(5)
     images, diffusers_embeds = encoder_features(variant, encoder_width, generator)
     cond, uncond = image_prompt.image_tokens(checkpoint, checkpoint.build_projection(), images, None)
-    patched = patcher_module.apply_image_prompt(sdxl, patcher_module.ImagePromptTerm.build(checkpoint, cond, uncond, weight, {}, 1e9, 0.0))
+    patched = patcher_module.apply_image_prompt(sdxl, patcher_module.ImagePromptTerm.build(checkpoint, cond, uncond, layer_weights(checkpoint.spec.architecture, weight), 1e9, 0.0))
 
     inputs, pooled = sdxl_batch(sdxl, generator)
     sigma = sigma_at(sdxl, t)
@@ -242,7 +243,7 @@ def check_full_size_patches(patcher_module, model):
     cond, uncond = (torch.randn(1, 4, CONTEXT, generator=generator) for _ in range(2))
 
     def apply(to, weight):
-        return patcher_module.apply_image_prompt(to, patcher_module.ImagePromptTerm.build(checkpoint, cond, uncond, weight, {}, 1e9, 0.0))
+        return patcher_module.apply_image_prompt(to, patcher_module.ImagePromptTerm.build(checkpoint, cond, uncond, layer_weights(checkpoint.spec.architecture, weight), 1e9, 0.0))
 
     seen = Counter()
 

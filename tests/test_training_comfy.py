@@ -19,6 +19,7 @@ from ipadapter.adapter_file import load_adapter
 from training.adapter import IPAdapterModel
 from training.run_files import export_adapter
 from training.variants import adapter_spec
+from ipadapter.weighting import layer_weights
 
 WIDTH = 64  # model_channels of the scaled-down UNets
 EMBED_DIM, HIDDEN_WIDTH, HIDDEN_TOKENS = 1024, 1280, 257  # ViT-H/14: pooled embedding, penultimate hidden states
@@ -89,7 +90,7 @@ def check_export_in_comfyui(comfy, tmp_path, variant: str, family: str = "sd15")
     images = nodes.encode_images(encoder, torch.zeros(1, 224, 224, 3), "crop")
     cond, uncond = image_prompt.image_tokens(adapter.checkpoint, adapter.projection, images, images.uncond_penultimate)
     assert cond.shape == uncond.shape == (1, spec.num_tokens, setup.context_dim)
-    term = patcher_module.ImagePromptTerm.build(adapter.checkpoint, cond, uncond, 1.0, {}, 1e9, 0.0)
+    term = patcher_module.ImagePromptTerm.build(adapter.checkpoint, cond, uncond, layer_weights(adapter.checkpoint.spec.architecture, 1.0), 1e9, 0.0)
     patched = patcher_module.apply_image_prompt(patcher, term)
 
     latent = torch.randn(2, 4, LATENT, LATENT, generator=generator)

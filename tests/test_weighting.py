@@ -138,3 +138,16 @@ def test_frame_schedules():
     assert parse_frame_weights("1, 0.5\n0.25") == [1.0, 0.5, 0.25] and parse_frame_weights(" ") is None
     with pytest.raises(ValueError, match="frame weights 'a, b' are not numbers"):
         parse_frame_weights("a, b")
+
+
+@pytest.mark.parametrize("family", [SD15, SDXL], ids=lambda f: f.id)
+def test_layer_weights_is_the_weight_type_times_the_layer_preset_with_the_swap_flags(family):
+    from ipadapter.weighting import layer_weights, parse_layer_weights
+
+    weights = layer_weights(family, W, "style transfer precise", "style", composition_weight=2.0)
+    schedule, preset = weight_schedule("style transfer precise", family, W, 2.0 * W), parse_layer_weights("style", family)
+    assert set(weights) == set(family.keys)
+    for key, entry in weights.items():
+        assert entry.weight == pytest.approx(schedule[key].weight * preset[key]) and entry.swapped == schedule[key].swapped
+    assert any(entry.swapped for entry in weights.values())  # the precise type's layout blocks
+    assert all(entry.weight == 0 for entry in layer_weights(family, 0.0, "composition precise", "all").values())

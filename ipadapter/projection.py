@@ -14,7 +14,7 @@ from torch import nn
 class LinearProjection(nn.Module):
     """Base / light adapter: one global embedding -> ``num_tokens`` tokens."""
 
-    def __init__(self, embed_dim: int = 1024, cross_attention_dim: int = 768, num_tokens: int = 4):
+    def __init__(self, embed_dim: int, cross_attention_dim: int, num_tokens: int = 4):
         super().__init__()
         self.num_tokens = num_tokens
         self.cross_attention_dim = cross_attention_dim
@@ -29,7 +29,7 @@ class LinearProjection(nn.Module):
 class MLPProjection(nn.Module):
     """Full-face adapter: every hidden state of the encoder becomes a token."""
 
-    def __init__(self, hidden_width: int = 1280, cross_attention_dim: int = 768):
+    def __init__(self, hidden_width: int, cross_attention_dim: int):
         super().__init__()
         self.proj = nn.Sequential(
             nn.Linear(hidden_width, hidden_width),
@@ -90,14 +90,14 @@ class Resampler(nn.Module):
 
     def __init__(
         self,
-        dim: int = 768,
-        depth: int = 4,
-        dim_head: int = 64,
-        heads: int = 12,
-        num_queries: int = 16,
-        hidden_width: int = 1280,
-        output_dim: int = 768,
-        ff_mult: int = 4,
+        dim: int,
+        depth: int,
+        dim_head: int,
+        heads: int,
+        num_queries: int,
+        hidden_width: int,
+        output_dim: int,
+        ff_mult: int,
     ):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)

@@ -210,15 +210,16 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 # options of earlier versions, and what replaced them
-REPLACED_OPTIONS = {"model.sd15": "model.base", "model.sdxl": "model.base", "sd15": "model.base", "sdxl": "model.base"}
+REPLACED_OPTIONS = {"model.sd15": "model.base", "model.sdxl": "model.base"}
 
 
 def resolve_key(dotted: str, origin: str) -> tuple[str, str]:
     """``section.key`` as given, or a bare ``key`` that names exactly one field of one section."""
     dotted = dotted.replace("-", "_")
-    if dotted in REPLACED_OPTIONS:
-        raise ConfigError(f"option '{dotted}' in {origin} is now {REPLACED_OPTIONS[dotted]} (the family is read from the "
-                          f"model's files); expected --{REPLACED_OPTIONS[dotted]} PATH")
+    replaced = REPLACED_OPTIONS.get(dotted if "." in dotted else f"model.{dotted}")
+    if replaced:
+        raise ConfigError(f"option '{dotted}' in {origin} is now {replaced} (the family is read from the model's files); "
+                          f"expected --{replaced} PATH")
     if "." in dotted:
         section_name, _, key = dotted.partition(".")
         if section_name in SECTIONS and key in _field_types(getattr(Config(), section_name)):

@@ -1,1 +1,1 @@
-"""Trainer for IP-Adapter on Stable Diffusion 1.5: ``python -m training.run``."""
+"""Trainer for IP-Adapters on the model families of ``ipadapter.registry`` (SD1.5, SDXL): ``python -m training.run``."""

@@ -60,7 +60,7 @@ def batch_positions(step: int, process: Process, batch_size: int) -> list[int]:
 
 
 def compute_loss(engine: Engine, frozen: FrozenModels, batch: dict, draws: SampleDraws, device: torch.device) -> torch.Tensor:
-    """ε-MSE of one batch: images are encoded here, or their encoders' outputs come from ``training.cache``.
+    """The MSE to the family's prediction target (ε) of one batch: images are encoded here, or their encoders' outputs come from ``training.cache``.
 
     Both ways are the same computation: the cache holds what the encoders give (VAE
     posterior moments, image embedding or hidden states, text-encoder output or token ids), and every
@@ -81,7 +81,14 @@ def compute_loss(engine: Engine, frozen: FrozenModels, batch: dict, draws: Sampl
     added_cond = frozen.added_conditioning(pooled, batch.get("original_size"), batch.get("crop_top_left"),
                                            latents.shape[-1] * frozen.vae_scale_factor)
     prediction = engine(noisy_latents, timesteps, text_embeds, image_features, added_cond=added_cond)
-    return F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+    return F.mse_loss(prediction.float(), training_target(frozen.family.training.prediction, noise).float(), reduction="mean")
+
+
+def training_target(prediction: str, noise: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, as its family's registry entry says: the noise (epsilon prediction)."""
+    if prediction != "epsilon":
+        raise ValueError(f"the family predicts '{prediction}'; the trainer trains epsilon prediction")
+    return noise
 
 
 def image_embeddings(frozen: FrozenModels, batch: dict, keep_image: torch.Tensor, device: torch.device) -> torch.Tensor:

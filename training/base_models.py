@@ -69,17 +69,6 @@ def tokenizer_folder(encoder: TextEncoder) -> str:
 # --- which family --------------------------------------------------------------------
 
 
-def looks_like(path: Path) -> tuple[Family | None, str | None]:
-    """(family, what it looks like) of a folder or single file, from its layout or keys alone."""
-    if path.is_dir():
-        return family_of_model_folder(path)
-    try:
-        with open_checkpoint(path) as weights:
-            return family_of_single_file(weights.keys)
-    except ModelFileError:
-        return None, None
-
-
 def detect_family(path: str | Path, option: str = "model.base") -> Family:
     """The family of a base model folder or single file; a missing or unrecognised one is a one-line error."""
     path = Path(path).expanduser()

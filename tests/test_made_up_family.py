@@ -14,7 +14,8 @@ import torch
 from devtools.comfy_inprocess import noise_prediction, pack_module
 from ipadapter.adapter_file import load_adapter
 from ipadapter.image_prompt import EncodedImages
-from ipadapter.registry import Family, TextEncoder, Training, register_family, unet_layers, unregister_family
+from ipadapter import registry
+from ipadapter.registry import Family, TextEncoder, Training, unet_layers
 from ipadapter.registry.families import LDM_NOISE_SCHEDULE, UNET_CROSS_ATTENTION
 from training.adapter import IPAdapterModel
 from training.base_models import detect_family
@@ -94,12 +95,12 @@ def family(comfy, tmp_path_factory):
                             projection_dim=CONTEXT, hidden_act="quick_gelu", max_position_embeddings=77)
     (configs / "text_encoder" / "config.json").write_text(json.dumps(config.to_dict()))
     entry = made_up_family(configs)
-    registries = [pack_module("ipadapter.registry"), None]
-    for registry in registries:
-        (registry.register_family if registry else register_family)(entry)
+    registries = (pack_module("ipadapter.registry"), registry)
+    for each in registries:
+        each.register_family(entry)
     yield entry
-    for registry in registries:
-        (registry.unregister_family if registry else unregister_family)(entry)
+    for each in registries:
+        each.unregister_family(entry)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from .comfy_import import REPO_ROOT
 from .comfyui_setup import cache_root, ensure_comfyui
@@ -93,6 +92,18 @@ def colour_shapes_quick_build() -> BackgroundBuild:
     """The colour_shapes experiment at its ``--quick`` settings (its test's fixture): data, base model, our trainer,
     sampling through ComfyUI with this pack's nodes. It depends on nearly all of the product."""
     key = source_digest(["experiments/colour_shapes", "training", "ipadapter", "nodes.py", "patcher.py", "__init__.py",
-                         "devtools/comfy_import.py"], environment_key())
+                         "comfyui_glue", "devtools/comfy_import.py"], environment_key())
     command = [sys.executable, "-m", "experiments.colour_shapes", "--quick", "--output_dir"]
     return BackgroundBuild("colour-shapes-quick", key, command)
+
+
+def gpu_bench_dry_run_build() -> BackgroundBuild:
+    """``bench/gpu.py --cpu --small``, the GPU run's dry run (its test reads the JSON and the Markdown it writes)."""
+    key = source_digest(["bench", "training", "ipadapter", "nodes.py", "patcher.py", "__init__.py", "comfyui_glue",
+                         "devtools"], environment_key())
+    command = [sys.executable, str(REPO_ROOT / "bench" / "gpu.py"), "--cpu", "--small", "--out"]
+    return BackgroundBuild("gpu-bench-dry-run", key, command, result_name="gpu_bench.json")
+
+
+# fixture name -> its build: tests/conftest.py starts each one a collected test needs
+BUILDS = {"colour_shapes_quick": colour_shapes_quick_build, "gpu_bench_dry_run": gpu_bench_dry_run_build}

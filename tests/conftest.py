@@ -14,32 +14,43 @@ import pytest
 from devtools.comfy_import import PACK_FOLDER_NAME, REPO_ROOT, import_comfy
 from devtools.comfyui_harness import ComfyUIError, sd15_checkpoint_path, start_comfyui_server
 from devtools.comfyui_setup import ensure_comfyui
-from devtools.heavy_fixtures import colour_shapes_quick_build
+from devtools.heavy_fixtures import BUILDS
 
-COLOUR_SHAPES_BUILD = pytest.StashKey()
+STARTED_BUILDS = pytest.StashKey()
 
 
 @pytest.hookimpl(trylast=True)  # after the -m / -k deselection
 def pytest_collection_modifyitems(config, items):
-    """The colour_shapes run trains for minutes: it starts now, in a process of its own beside the other
-    tests (unless its result for this code is cached), and the tests that read it go last."""
-    late = [item for item in items if "colour_shapes_quick" in getattr(item, "fixturenames", ())]
-    if late:
-        items[:] = [item for item in items if item not in late] + late
-        config.stash[COLOUR_SHAPES_BUILD] = colour_shapes_quick_build()
+    """The heavy fixtures (devtools.heavy_fixtures.BUILDS: the colour_shapes run, the GPU bench's dry run) take
+    minutes: each one a collected test needs starts now, in a process of its own beside the other tests
+    (unless its result for this code is cached), and the tests that read them go last."""
+    wanted = {name for item in items for name in getattr(item, "fixturenames", ()) if name in BUILDS}
+    late = [item for item in items if wanted & set(getattr(item, "fixturenames", ()))]
+    items[:] = [item for item in items if item not in late] + late
+    config.stash[STARTED_BUILDS] = {name: BUILDS[name]() for name in sorted(wanted)}
 
 
 def pytest_unconfigure(config):
-    build = config.stash.get(COLOUR_SHAPES_BUILD, None)
-    if build is not None:
+    for build in config.stash.get(STARTED_BUILDS, {}).values():
         build.stop()
+
+
+def built(request, name: str):
+    build = request.config.stash.get(STARTED_BUILDS, {}).get(name) or BUILDS[name]()
+    return build, build.result()
 
 
 @pytest.fixture(scope="session")
 def colour_shapes_quick(request) -> dict:
     """The results of ``python -m experiments.colour_shapes --quick``, built once for this code and cached."""
-    build = request.config.stash.get(COLOUR_SHAPES_BUILD, None) or colour_shapes_quick_build()
-    return build.result()
+    return built(request, "colour_shapes_quick")[1]
+
+
+@pytest.fixture(scope="session")
+def gpu_bench_dry_run(request) -> tuple[dict, str]:
+    """``bench/gpu.py --cpu --small``: its JSON report and Markdown section, built once for this code and cached."""
+    build, report = built(request, "gpu_bench_dry_run")
+    return report, (build.folder / "gpu_bench.md").read_text()
 
 
 @pytest.fixture(scope="session")

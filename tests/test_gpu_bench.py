@@ -1,8 +1,5 @@
 """bench/gpu.py's CPU dry run writes the GPU run's JSON keys, finite figures and the Markdown section."""
-import json
-import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,12 +20,9 @@ def explained(flat: dict, key: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gpu-bench")
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--cpu", "--small", "--out", str(folder)],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads((folder / "gpu_bench.json").read_text()), (folder / "gpu_bench.md").read_text()
+def dry_run(gpu_bench_dry_run):
+    """The dry run, started in the background when the session was collected (tests/conftest.py)."""
+    return gpu_bench_dry_run
 
 
 def test_dry_run_has_the_gpu_runs_key_set(dry_run):

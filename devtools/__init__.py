@@ -17,6 +17,8 @@ One copy of each helper, imported as ``devtools.<module>`` from the repository r
 * ``adapter_factory``: random tensors with the exact keys and shapes of the released
   SD1.5 and SDXL adapters;
 * ``clip_vision``: transformers CLIP vision towers with random weights;
+* ``heavy_fixtures``: fixtures that take minutes (the colour-shapes run, the GPU bench's dry
+  run), built in a process of their own and cached by a digest of the code they depend on;
 * ``workflow_tools``: the UI workflows of ``workflows/`` against live node definitions
   (``python -m devtools.workflow_tools check|api``).
 

@@ -801,7 +801,7 @@ def test_the_migrated_graph_gives_the_latents_of_cubiqs(cubiq, comfy, tmp_path):
 # -- the graph editor -------------------------------------------------------------------------
 
 try:  # the browser test's editor fixture and LOAD script; its module skips itself without Playwright / Chromium
-    from test_workflows_browser import LOAD, MISSING_NODES_TEXT, editor  # noqa: F401
+    from test_workflows_browser import LOAD, editor, missing_nodes_dialog, named_links  # noqa: F401
 except pytest.skip.Exception as missing:
     BROWSER_MISSING = str(missing)
 
@@ -816,11 +816,11 @@ def test_a_migrated_workflow_loads_in_the_graph_editor(editor, info):
     state = editor.evaluate(LOAD, workflow)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     editor.screenshot(path=str(ARTIFACTS / "browser-migrated-regional.png"))
-    assert not [text for text in state["dialogs"] if MISSING_NODES_TEXT in text], state["dialogs"]
+    assert not [text for text in state["dialogs"] if missing_nodes_dialog(text)], state["dialogs"]
     assert not editor.errors, editor.errors
     shown = {node["id"]: node for node in state["nodes"]}
     saved = {node["id"]: node for node in state["saved"]["nodes"]}
     for node in workflow["nodes"]:
         assert shown[node["id"]]["type"] == node["type"] and node["type"] in state["registered"]
         assert saved[node["id"]].get("widgets_values", []) == node.get("widgets_values", []), node["type"]
-    assert sorted(map(list, state["saved"]["links"])) == sorted(workflow["links"])
+    assert sorted(named_links(state["saved"])) == sorted(named_links(workflow))

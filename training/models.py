@@ -22,7 +22,7 @@ from ipadapter.encoder import EncoderFormatError, ImageEncoder, build_vision_tow
 from ipadapter.files import first_line
 from ipadapter.registry import Family, encoder_by_id, family_names, family_of_processor_names
 
-from .base_models import TIME_IDS, config_dir, detect_family, load_base_model, text_encoder_class
+from .base_models import TIME_IDS, config_dir, load_base_model, text_encoder_class
 from .errors import ModelFileError
 
 CONTEXT_LENGTH = 77
@@ -210,11 +210,8 @@ def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dty
     the family's encoders (``check_embed_dim`` False: any encoder). The modules named in ``skip`` (``unet``, a text
     encoder's folder name, ``image_encoder``) are not read: the cache pass never runs the UNet, a run from the cache
     without sample grids never runs the encoders."""
-    base = Path(base_path).expanduser()
-    found = detect_family(base)
-    if found is not family:
-        raise ModelFileError(f"'{base.name}' is an {found.name} model; expected an {family.name} model")
-    parts = load_base_model(base, family, dtype, skip)
+    base = Path(base_path).expanduser()  # its family was read from it already (training.config, training.eval)
+    parts = load_base_model(base, family, dtype, skip)  # another family's files are refused, saying what they look like
     if parts.unet is not None:
         check_unet_layout(parts.unet, str(base), family)
     for name, module in {"UNet": parts.unet, "VAE": parts.vae, **parts.text_encoders}.items():

@@ -5,7 +5,11 @@ Two files carry the same tensors:
 - ``.safetensors``: the same, flattened to ``image_proj.proj.weight``,
   ``ip_adapter.1.to_k_ip.weight``, ...
 
-The variant is read from the tensors, never from the file name.
+XLabs' Flux adapter names the same parts its own way (``ip_adapter_proj_model.*``,
+``double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj.*``); it is read into the
+groups above and written back in its own names.
+
+The family and the variant are read from the tensors, never from the file name.
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .files import atomic_path, read_weights
-from .registry import Family, encoder_of_widths, families, family_of_adapter_keys
-from .projection import LinearProjection, MLPProjection, Resampler
+from .registry import Family, Variant, encoder_of_widths, families, family_of_adapter_layers, variants_of
+from .projection import LinearProjection, MLPProjection, MLPTokens, Resampler, TimeResampler
 
 GROUP_ALIASES = {
     "image_proj": "image_proj",
@@ -29,6 +33,10 @@ GROUP_ALIASES = {
     "adapter_modules": "ip_adapter",
 }
 IGNORED_PREFIXES = ("unet.",)  # frozen UNet weights in a reference training state
+
+OFFICIAL, XLABS = "ip-adapter", "xlabs"  # the key layouts a file can have
+XLABS_PROJECTION = "ip_adapter_proj_model."
+XLABS_LAYER = re.compile(r"double_blocks\.(\d+)\.processor\.ip_adapter_double_stream_([kv])_proj\.(weight|bias)$")
 
 FULL_SIZE = "full size"  # base_width: the family's own (320)
 
@@ -42,14 +50,16 @@ class AdapterFormatError(ValueError):
 class AdapterSpec:
     """What the tensors say about an adapter."""
 
-    variant: str  # "base" (also light), "plus" (also plus-face) or "full-face"
+    variant: str  # "base" (also light), "plus" (also plus-face), "full-face"; "xlabs", "instantx"
     num_tokens: int | None  # image tokens per reference; None = one per encoder hidden state
-    cross_attention_dim: int
+    cross_attention_dim: int  # width of the image tokens
     encoder_input: str  # "image_embeds" (projected CLS, 1-d) or "penultimate" (hidden states)
     encoder_width: int
-    base_width: int  # width of the first UNet block, 320 at full size
+    base_width: int  # width of the first UNet block (320 at full size); a DiT's hidden width
     resampler: dict = field(default_factory=dict)  # depth / heads / dim_head / dim for "plus"
     architecture: Family | None = None  # the model family, read from the layer keys
+    projection: str = ""  # the projection's kind (Variant.projection); "" until the family is known
+    layer_keys: tuple[int, ...] = ()  # the layers it carries (a DiT adapter may carry some blocks only)
 
     @property
     def family(self) -> str:
@@ -73,6 +83,7 @@ class IPAdapterCheckpoint:
     spec: AdapterSpec
     source: str = "<memory>"
     metadata: dict[str, str] = field(default_factory=dict)
+    layout: str = OFFICIAL  # the key names it is written back with
 
     @classmethod
     def from_state_dicts(
@@ -83,15 +94,21 @@ class IPAdapterCheckpoint:
         base_width: int | None | str = FULL_SIZE,
         metadata: dict[str, str] | None = None,
         architecture: Family | None = None,
+        layout: str = OFFICIAL,
     ) -> "IPAdapterCheckpoint":
         image_proj = {str(k): v for k, v in image_proj.items()}
         ip_adapter = {str(k): v for k, v in ip_adapter.items()}
         spec = detect_spec(image_proj, ip_adapter, source, base_width, architecture)
-        return cls(image_proj, ip_adapter, spec, source, dict(metadata or {}))
+        return cls(image_proj, ip_adapter, spec, source, dict(metadata or {}), layout)
 
     def layer_weights(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(to_k_ip, to_v_ip) weights of the layer with this official key."""
         return self.ip_adapter[f"{key}.to_k_ip.weight"], self.ip_adapter[f"{key}.to_v_ip.weight"]
+
+    def layer_tensors(self, key: int) -> dict[str, torch.Tensor]:
+        """Every tensor of one layer, by its name inside the layer (``to_k_ip.weight``, ``norm_q.weight``...)."""
+        prefix = f"{key}."
+        return {name[len(prefix):]: tensor for name, tensor in self.ip_adapter.items() if name.startswith(prefix)}
 
     def build_projection(self) -> nn.Module:
         """The image projection module with this checkpoint's weights (strict keys), fp32."""
@@ -104,6 +121,13 @@ class IPAdapterCheckpoint:
         return {"image_proj": dict(self.image_proj), "ip_adapter": dict(self.ip_adapter)}
 
     def flat_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors under the file names of its layout."""
+        if self.layout == XLABS:
+            flat = {f"{XLABS_PROJECTION}{k}": v for k, v in self.image_proj.items()}
+            for name, tensor in self.ip_adapter.items():
+                key, kind, parameter = re.match(r"(\d+)\.to_([kv])_ip\.(weight|bias)$", name).groups()
+                flat[f"double_blocks.{key}.processor.ip_adapter_double_stream_{kind}_proj.{parameter}"] = tensor
+            return flat
         flat = {f"image_proj.{k}": v for k, v in self.image_proj.items()}
         flat.update({f"ip_adapter.{k}": v for k, v in self.ip_adapter.items()})
         return flat
@@ -112,17 +136,26 @@ class IPAdapterCheckpoint:
         def cast(group):
             return {k: v.to(dtype) if v.is_floating_point() else v for k, v in group.items()}
 
-        return IPAdapterCheckpoint(cast(self.image_proj), cast(self.ip_adapter), self.spec, self.source, self.metadata)
+        return IPAdapterCheckpoint(cast(self.image_proj), cast(self.ip_adapter), self.spec, self.source, self.metadata,
+                                   self.layout)
 
     def num_parameters(self) -> int:
         return sum(v.numel() for v in [*self.image_proj.values(), *self.ip_adapter.values()])
 
 
 def build_projection(spec: AdapterSpec) -> nn.Module:
-    if spec.variant == "base":
+    projection = spec.projection or spec.variant
+    if projection == "base":
         return LinearProjection(spec.encoder_width, spec.cross_attention_dim, spec.num_tokens)
-    if spec.variant == "full-face":
+    if projection == "full-face":
         return MLPProjection(spec.encoder_width, spec.cross_attention_dim)
+    if projection == "mlp":
+        return MLPTokens(spec.encoder_width, spec.resampler["hidden"], spec.cross_attention_dim, spec.num_tokens)
+    if projection == "time-resampler":
+        return TimeResampler(dim=spec.resampler["dim"], depth=spec.resampler["depth"], dim_head=spec.resampler["dim_head"],
+                             heads=spec.resampler["heads"], num_queries=spec.num_tokens, hidden_width=spec.encoder_width,
+                             output_dim=spec.cross_attention_dim, ff_mult=spec.resampler["ff_mult"],
+                             timestep_width=spec.resampler["timestep_width"])
     return Resampler(
         dim=spec.resampler["dim"],
         depth=spec.resampler["depth"],
@@ -151,8 +184,9 @@ def load_adapter(
     path = Path(path)
     name = path.name
     state_dict, metadata = read_state_dict(path)
+    layout = XLABS if any(str(key).startswith(XLABS_PROJECTION) for key in state_dict) else OFFICIAL
     image_proj, ip_adapter = split_groups(state_dict, name)
-    return IPAdapterCheckpoint.from_state_dicts(image_proj, ip_adapter, name, base_width, metadata, architecture)
+    return IPAdapterCheckpoint.from_state_dicts(image_proj, ip_adapter, name, base_width, metadata, architecture, layout)
 
 
 def read_state_dict(path: Path) -> tuple[dict, dict[str, str]]:
@@ -170,8 +204,14 @@ def split_groups(state_dict: dict, source: str) -> tuple[dict[str, torch.Tensor]
             groups[GROUP_ALIASES[key]].update({str(k): v for k, v in value.items()})
             continue
         prefix, _, rest = key.partition(".")
+        xlabs_layer = XLABS_LAYER.match(key)
         if prefix in GROUP_ALIASES and rest and isinstance(value, torch.Tensor):
             groups[GROUP_ALIASES[prefix]][rest] = value
+        elif key.startswith(XLABS_PROJECTION) and isinstance(value, torch.Tensor):
+            groups["image_proj"][key[len(XLABS_PROJECTION):]] = value
+        elif xlabs_layer and isinstance(value, torch.Tensor):
+            index, kind, parameter = xlabs_layer.groups()
+            groups["ip_adapter"][f"{index}.to_{kind}_ip.{parameter}"] = value
         elif not key.startswith(IGNORED_PREFIXES):
             unknown.append(key)
     if unknown or not groups["image_proj"] or not groups["ip_adapter"]:
@@ -195,7 +235,7 @@ def detect_spec(
     base_width: int | None | str = FULL_SIZE,
     architecture: Family | None = None,
 ) -> AdapterSpec:
-    if "perceiver_resampler.proj_in.weight" in image_proj or "norm.weight" in image_proj and "proj.0.weight" in image_proj:
+    if "perceiver_resampler.proj_in.weight" in image_proj:
         raise AdapterFormatError(
             f"'{source}' is a FaceID adapter (its projection takes an InsightFace identity embedding); "
             "expected a base, light, plus, plus-face or full-face adapter"
@@ -203,37 +243,55 @@ def detect_spec(
     if any("lora" in key for key in ip_adapter):
         raise AdapterFormatError(f"'{source}' carries LoRA weights (a FaceID adapter); expected plain to_k_ip/to_v_ip weights")
     spec = _detect_projection(image_proj, source)
-    family = _detect_family(ip_adapter, source)
+    family, variant = _detect_family(ip_adapter, spec.projection, source)
     if architecture is not None and family is not architecture:
         raise AdapterFormatError(
-            f"'{source}' is an {family.name} adapter ({len(family.layers)} layers, image tokens "
+            f"'{source}' is an {family.name} adapter ({len(spec_layer_keys(ip_adapter))} layers, image tokens "
             f"{spec.cross_attention_dim} wide); expected an {architecture.name} adapter "
-            f"({len(architecture.layers)} layers, {architecture.context_dim} wide)"
+            f"({len(architecture.layers)} layers, {architecture.token_width} wide)"
         )
-    if spec.cross_attention_dim != family.context_dim:
+    full_size = base_width == FULL_SIZE
+    # a scaled-down DiT (tests, toy models) scales its token width too; a UNet's stays the text encoder's
+    if (full_size or family.attach.is_unet) and spec.cross_attention_dim != family.token_width:
         raise AdapterFormatError(
             f"'{source}' makes image tokens {spec.cross_attention_dim} wide; "
-            f"expected {family.context_dim}, the {family.name} cross-attention width"
+            f"expected {family.token_width}, the {family.name} "
+            f"{'cross-attention' if family.attach.is_unet else 'image-token'} width"
         )
-    width = family.base_width if base_width == FULL_SIZE else base_width
-    found_base = _validate_layers(ip_adapter, family, spec.cross_attention_dim, source, width)
-    return AdapterSpec(**{**spec.__dict__, "base_width": found_base, "architecture": family})
+    width = family.base_width if full_size else base_width
+    found_base = _validate_layers(ip_adapter, family, variant, spec.cross_attention_dim, source, width)
+    return AdapterSpec(**{**spec.__dict__, "variant": variant.name if not family.attach.is_unet else spec.variant,
+                          "base_width": found_base, "architecture": family,
+                          "layer_keys": tuple(family.preset_keys(variant.layers))})
 
 
-def _detect_family(ip_adapter: dict[str, torch.Tensor], source: str) -> Family:
-    family = family_of_adapter_keys(ip_adapter)
-    if family is not None:
-        return family
-    found = set(ip_adapter)
-    # name the family whose keys come closest, and what differs
-    closest = max(families(), key=lambda f: len(found & f.adapter_tensor_names()) - len(found - f.adapter_tensor_names()))
-    expected = closest.adapter_tensor_names()
-    extra = sorted(found - expected, key=_natural)
-    missing = sorted(expected - found, key=_natural)
-    detail = f"unexpected {extra[:2]}" if extra else f"missing {missing[:2]}"
-    options = " or ".join(f"{2 * len(f.layers)} for {f.name}'s {f.describe_layers()}" for f in families())
+def spec_layer_keys(ip_adapter: dict[str, torch.Tensor]) -> list[int]:
+    """The layer keys an ``ip_adapter`` group carries (``7.to_k_ip.weight`` -> 7)."""
+    return sorted({int(name.split(".", 1)[0]) for name in ip_adapter if name.split(".", 1)[0].isdigit()})
+
+
+def _detect_family(ip_adapter: dict[str, torch.Tensor], projection: str, source: str) -> tuple[Family, Variant]:
+    keys = spec_layer_keys(ip_adapter)
+    matches = family_of_adapter_layers(keys)
+    fitting = [(family, variant) for family, variant in matches if variant.projection == projection]
+    if fitting:
+        return fitting[0]
+    if matches and projection == "mlp":
+        raise AdapterFormatError(
+            f"'{source}' is a FaceID adapter (its projection takes an InsightFace identity embedding); "
+            "expected a base, light, plus, plus-face or full-face adapter"
+        )
+    if matches:
+        family = matches[0][0]
+        offered = ", ".join(sorted({f"{v.name} ({v.projection})" for v in variants_of(family)}))
+        raise AdapterFormatError(f"'{source}' has {family.name} layers but a {projection} projection; expected one of "
+                                 f"{family.name}'s adapters: {offered}")
+    options = "; ".join(f"{f.name}: {', '.join(f'{len(f.preset_keys(v.layers))} ({v.name})' for v in variants_of(f))}"
+                        for f in families())
+    found = f"keys {keys[0]}..{keys[-1]}" if keys else "no numbered layers"
     raise AdapterFormatError(
-        f"'{source}' has {len(found)} ip_adapter tensors ({detail}); expected to_k_ip/to_v_ip weights: {options}"
+        f"'{source}' carries image layers for {len(keys)} layers ({found}); expected the layer count of a known "
+        f"family's adapter ({options})"
     )
 
 
@@ -253,13 +311,22 @@ def _detect_projection(image_proj: dict[str, torch.Tensor], source: str) -> Adap
                 f"'{source}': image_proj.proj.weight is [{out_features}, {encoder_width}]; "
                 f"expected [tokens x {cross}, encoder width]"
             )
-        return AdapterSpec("base", out_features // cross, cross, "image_embeds", encoder_width, 0)
+        return AdapterSpec("base", out_features // cross, cross, "image_embeds", encoder_width, 0, projection="base")
+    if keys == {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias"}:
+        hidden, encoder_width = _shape(image_proj, "proj.0.weight", source)
+        out_features = _shape(image_proj, "proj.2.weight", source)[0]
+        (cross,) = _shape(image_proj, "norm.weight", source)
+        if out_features % cross or _shape(image_proj, "proj.2.weight", source)[1] != hidden:
+            raise AdapterFormatError(f"'{source}': image_proj.proj.2.weight is {list(image_proj['proj.2.weight'].shape)}; "
+                                     f"expected [tokens x {cross}, {hidden}]")
+        return AdapterSpec("mlp", out_features // cross, cross, "image_embeds", encoder_width, 0, {"hidden": hidden},
+                           projection="mlp")
     if {"proj.0.weight", "proj.2.weight", "proj.3.weight"} <= keys:
         hidden, encoder_width = _shape(image_proj, "proj.0.weight", source)
         (cross,) = _shape(image_proj, "proj.3.weight", source)
         if _shape(image_proj, "proj.2.weight", source) != (cross, hidden):
             raise AdapterFormatError(f"'{source}': image_proj.proj.2.weight does not join [{hidden}] to [{cross}]")
-        return AdapterSpec("full-face", None, cross, "penultimate", encoder_width, 0)
+        return AdapterSpec("full-face", None, cross, "penultimate", encoder_width, 0, projection="full-face")
     if "latents" in keys and "proj_in.weight" in keys:
         _, num_queries, dim = _shape(image_proj, "latents", source)
         _, encoder_width = _shape(image_proj, "proj_in.weight", source)
@@ -268,28 +335,40 @@ def _detect_projection(image_proj: dict[str, torch.Tensor], source: str) -> Adap
         inner_dim = _shape(image_proj, "layers.0.0.to_q.weight", source)[0]
         ff_inner = _shape(image_proj, "layers.0.1.1.weight", source)[0]
         resampler = {"dim": dim, "depth": depth, "dim_head": 64, "heads": inner_dim // 64, "ff_mult": ff_inner // dim}
-        return AdapterSpec("plus", num_queries, cross, "penultimate", encoder_width, 0, resampler)
+        if "time_embedding.linear_1.weight" in keys:
+            resampler["timestep_width"] = _shape(image_proj, "time_embedding.linear_1.weight", source)[1]
+            return AdapterSpec("time-resampler", num_queries, cross, "penultimate", encoder_width, 0, resampler,
+                               projection="time-resampler")
+        return AdapterSpec("plus", num_queries, cross, "penultimate", encoder_width, 0, resampler, projection="plus")
     found = ", ".join(sorted(keys)[:4])
     raise AdapterFormatError(
-        f"'{source}': unknown image projection (keys {found}); expected a Linear+LayerNorm (base/light), "
-        "Resampler (plus/plus-face) or MLP (full-face) projection"
+        f"'{source}': unknown image projection (keys {found}); expected a Linear+LayerNorm (base/light, XLabs), "
+        "Resampler (plus/plus-face, SD3.5 InstantX), MLP (full-face) or MLP+LayerNorm (Flux InstantX) projection"
     )
 
 
-def _validate_layers(
-    ip_adapter: dict[str, torch.Tensor], family: Family, cross: int, source: str, base_width: int | None
-) -> int:
-    first = family.layers[0]
+def _validate_layers(ip_adapter: dict[str, torch.Tensor], family: Family, variant: Variant, cross: int, source: str,
+                     base_width: int | None) -> int:
+    """Every layer carries the variant's tensors in the family's shapes; returns the base width found."""
+    layers = [family.layer_by_key[key] for key in family.preset_keys(variant.layers)]
+    first = layers[0]
     if base_width is None:
         base_width = ip_adapter[f"{first.key}.to_k_ip.weight"].shape[0] // first.width_multiplier
-    widths = family.layer_widths(base_width)
-    for layer in family.layers:
-        for name in ("to_k_ip", "to_v_ip"):
-            shape = tuple(ip_adapter[f"{layer.key}.{name}.weight"].shape)
-            if shape != (widths[layer.key], cross):
+    expected_names = set(variant.layer_tensors)
+    for layer in layers:
+        names = {name.split(".", 1)[1] for name in ip_adapter if name.split(".", 1)[0] == str(layer.key)}
+        if names != expected_names:
+            missing, extra = sorted(expected_names - names), sorted(names - expected_names)
+            found = f"lacks {missing[0]}" if missing else f"has an unexpected {extra[0]}"
+            raise AdapterFormatError(f"'{source}': ip_adapter layer {layer.key} {found}; expected "
+                                     f"{', '.join(variant.layer_tensors)} per layer ({family.name} {variant.name})")
+        width = layer.width_multiplier * base_width
+        for name, shape in variant.layer_shapes(width, cross).items():
+            found = tuple(ip_adapter[f"{layer.key}.{name}"].shape)
+            if shape is not None and found != shape:
                 raise AdapterFormatError(
-                    f"'{source}': ip_adapter.{layer.key}.{name}.weight is {list(shape)}, "
-                    f"expected {[widths[layer.key], cross]} ({family.name} layer {layer.diffusers_name}"
+                    f"'{source}': ip_adapter.{layer.key}.{name} is {list(found)}, expected {list(shape)} "
+                    f"({family.name} layer {layer.diffusers_name}"
                     + (f", base width {base_width})" if base_width != family.base_width else ")")
                 )
     return base_width

@@ -1,4 +1,4 @@
-"""Image projections: CLIP image features -> image tokens of the UNet's context width.
+"""Image projections: image-encoder features -> image tokens of the model's context width.
 
 Parameter names match the official checkpoints' ``image_proj`` group, so the
 released tensors load with strict key matching.
@@ -70,8 +70,10 @@ class PerceiverAttention(nn.Module):
         return x.view(batch, length, self.heads, -1).transpose(1, 2)
 
     def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        features = self.norm1(features)
-        latents = self.norm2(latents)
+        return self.attend(self.norm1(features), self.norm2(latents))
+
+    def attend(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The attention of normalised latents to normalised features and themselves."""
         batch, length, _ = latents.shape
         q = self._split_heads(self.to_q(latents))
         k, v = self.to_kv(torch.cat((features, latents), dim=-2)).chunk(2, dim=-1)
@@ -115,3 +117,70 @@ class Resampler(nn.Module):
             latents = attention(features, latents) + latents
             latents = feed_forward(latents) + latents
         return self.norm_out(self.proj_out(latents))
+
+
+class MLPTokens(nn.Module):
+    """InstantX's Flux adapter: one pooled embedding -> MLP -> ``num_tokens`` tokens, each layer-normalised."""
+
+    def __init__(self, embed_dim: int, hidden: int, cross_attention_dim: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.cross_attention_dim = cross_attention_dim
+        self.proj = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, num_tokens * cross_attention_dim))
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(image_embeds).reshape(-1, self.num_tokens, self.cross_attention_dim))
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, width: int, max_period: float = 10000.0) -> torch.Tensor:
+    """The DDPM timestep embedding, cosines first: [N] -> [N, width]."""
+    half = width // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    angles = timesteps.float()[:, None] * frequencies[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepMLP(nn.Module):
+    def __init__(self, in_width: int, width: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_width, width)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class TimeResampler(nn.Module):
+    """InstantX's SD3.5 adapter: a Resampler whose latents are modulated by the denoising timestep (AdaLN before
+    the attention and the feed-forward of every layer). Returns the tokens and the timestep embedding, which the
+    attention layers' own AdaLN takes too."""
+
+    def __init__(self, dim: int, depth: int, dim_head: int, heads: int, num_queries: int, hidden_width: int,
+                 output_dim: int, ff_mult: int, timestep_width: int):
+        super().__init__()
+        self.timestep_width = timestep_width
+        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
+        self.proj_in = nn.Linear(hidden_width, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.time_embedding = TimestepMLP(timestep_width, dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult),
+                           nn.Sequential(nn.SiLU(), nn.Linear(dim, 4 * dim))])
+            for _ in range(depth)
+        )
+
+    def forward(self, hidden_states: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [N, T, hidden] and timesteps [N] (0..1000) -> tokens [N, queries, output], embedding [N, dim]."""
+        time = self.time_embedding(sinusoidal_embedding(timesteps, self.timestep_width).to(hidden_states.dtype))
+        latents = self.latents.repeat(hidden_states.shape[0], 1, 1)
+        features = self.proj_in(hidden_states) + time[:, None]
+        for attention, feed_forward, modulation in self.layers:
+            shift_attention, scale_attention, shift_ff, scale_ff = modulation(time)[:, None].chunk(4, dim=-1)
+            modulated = attention.norm2(latents) * (1 + scale_attention) + shift_attention
+            latents = attention.attend(attention.norm1(features), modulated) + latents
+            modulated = feed_forward[0](latents) * (1 + scale_ff) + shift_ff
+            latents = feed_forward[1:](modulated) + latents
+        return self.norm_out(self.proj_out(latents)), time

@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 
 from comfyui_glue.interface import PRESETS
 from ipadapter.choices import COMBINE_MODES, EMBEDS_SCALING, WEIGHT_TYPES
-from ipadapter.registry import families
+from ipadapter.registry import families as all_families
 
 from .formats import MigrationError  # noqa: F401  (callers catch it from here)
 from .formats import Node, Out, assign_ids, is_cubiq, read, spec_of, write_api, write_ui
 from .tables import CUBIQ, CUBIQ_PRESETS, CUBIQ_TYPES
+
+
+def families():
+    """The families cubiq's graphs can be of: its pack patches UNets only."""
+    return tuple(family for family in all_families() if family.attach.is_unet)
 
 PRESET = dict(zip(CUBIQ_PRESETS, PRESETS))
 SIMPLE_WEIGHT_TYPES = {"standard": "linear", "prompt is more important": "ease out", "style transfer": "style transfer"}

@@ -128,7 +128,7 @@ def test_refuses_missing_layer(tmp_path):
     del nested["ip_adapter"]["31.to_v_ip.weight"]
     with pytest.raises(AdapterFormatError) as error:
         load_adapter(write_bin(tmp_path / "short.bin", nested))
-    assert_one_line(error, "short.bin", "31 ip_adapter tensors", "31.to_v_ip.weight", "expected to_k_ip/to_v_ip weights: 32")
+    assert_one_line(error, "short.bin", "layer 31 lacks to_v_ip.weight", "expected to_k_ip.weight, to_v_ip.weight per layer")
 
 
 def test_refuses_sdxl_adapter_where_sd15_is_expected(tmp_path):

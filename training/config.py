@@ -15,7 +15,7 @@ import yaml
 
 from ipadapter.files import write_text_atomic
 
-from ipadapter.registry import families, trainable_variants, variant_by_name
+from ipadapter.registry import trainable_families, trainable_variants, variant_by_name
 
 from .errors import UserError
 
@@ -318,7 +318,7 @@ def resolve_family(config: Config):
     if config.base_model is None:
         if config.model.family is None:
             raise ConfigError("model.family is not set; expected one of "
-                              f"{', '.join(f.id for f in families())} for the embedded run (or model.base)")
+                              f"{', '.join(f.id for f in trainable_families())} for the embedded run (or model.base)")
         return family_by_id(config.model.family)
     from .base_models import detect_family
 
@@ -333,7 +333,7 @@ def validate(config: Config) -> None:
     choices = {
         "model.variant": (config.model.variant, trainable_variants()),
         "model.frozen_dtype": (config.model.frozen_dtype, ("auto", "bf16", "fp16", "fp32")),
-        "model.family": (config.model.family, (None, *(family.id for family in families()))),
+        "model.family": (config.model.family, (None, *(family.id for family in trainable_families()))),
         "data.crop": (config.data.crop, ("center", "random")),
         "data.format": (config.data.format, ("auto", "manifest", "folder", "webdataset")),
         "distributed.strategy": (config.distributed.strategy, ("auto", "single", "ddp", "deepspeed")),

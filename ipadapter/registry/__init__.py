@@ -12,13 +12,13 @@ from typing import Iterable
 
 from .encoders import ENCODERS
 from .families import FAMILIES as _BUILT_IN, UNSUPPORTED_CONTEXT_WIDTHS, UNSUPPORTED_SINGLE_FILES
-from .schema import AttachKind, Family, ImageEncoderKind, Layer, TextEncoder, Training, Variant, unet_layers
+from .schema import AttachKind, Family, ImageEncoderKind, Layer, TextEncoder, Training, Variant, dit_layers, unet_layers
 from .variants import PRESETS, VARIANTS
 
 __all__ = [
-    "AttachKind", "Family", "ImageEncoderKind", "Layer", "TextEncoder", "Training", "Variant", "unet_layers",
-    "ENCODERS", "PRESETS", "VARIANTS", "families", "register_family", "family_by_id", "family_names",
-    "family_of_adapter_keys", "family_of_comfy_layout", "family_of_processor_names", "family_of_single_file",
+    "AttachKind", "Family", "ImageEncoderKind", "Layer", "TextEncoder", "Training", "Variant", "dit_layers",
+    "unet_layers", "ENCODERS", "PRESETS", "VARIANTS", "families", "register_family", "family_by_id", "family_names",
+    "family_of_adapter_keys", "family_of_adapter_layers", "variants_of", "trainable_families", "family_of_comfy_layout", "family_of_processor_names", "family_of_single_file",
     "family_of_model_folder", "official_keys_from_processor_names", "encoder_by_id", "encoder_of_widths",
     "variant_by_name", "trainable_variants", "export_stem",
 ]
@@ -62,6 +62,13 @@ def family_of_adapter_keys(tensor_names: Iterable[str]) -> Family | None:
     return next((family for family in _FAMILIES if family.adapter_tensor_names() == names), None)
 
 
+def family_of_adapter_layers(layer_keys: Iterable[int]) -> list[tuple[Family, Variant]]:
+    """The (family, variant) pairs whose adapters carry exactly these layer keys (XLabs: Flux's double blocks)."""
+    keys = set(layer_keys)
+    return [(family, variant) for family in _FAMILIES for variant in variants_of(family)
+            if set(family.preset_keys(variant.layers)) == keys]
+
+
 def family_of_comfy_layout(patch_keys: Iterable[tuple[str, int, int]], context_dim: int | None) -> Family | None:
     """The family of a ComfyUI model with image layers at ``patch_keys`` and this text-token width."""
     patch_keys = set(patch_keys)
@@ -91,7 +98,7 @@ def family_of_single_file(keys: Iterable[str]) -> tuple[Family | None, str | Non
 
     # the family with the most text encoders first: SDXL's first prefix is not SD1.5's, but a superset rule
     # must not let a one-encoder family claim a two-encoder file
-    for family in sorted(_FAMILIES, key=lambda f: -len(f.training.text_encoders)):
+    for family in sorted(trainable_families(), key=lambda f: -len(f.training.text_encoders)):
         if all(has(encoder.single_file_prefix) for encoder in family.training.text_encoders):
             return family, f"an {family.name} checkpoint"
     for prefix, looks_like in UNSUPPORTED_SINGLE_FILES:
@@ -109,11 +116,11 @@ def family_of_model_folder(folder: Path) -> tuple[Family | None, str | None]:
     except (OSError, ValueError, AttributeError):
         width = None
     if width is not None:
-        family = next((f for f in _FAMILIES if f.context_dim == width), None)
+        family = next((f for f in trainable_families() if f.context_dim == width), None)
         if family is not None:
             return family, f"an {family.name} model folder"
         return None, UNSUPPORTED_CONTEXT_WIDTHS.get(width if isinstance(width, int) else -1)
-    for family in sorted(_FAMILIES, key=lambda f: -len(f.training.text_encoders)):
+    for family in sorted(trainable_families(), key=lambda f: -len(f.training.text_encoders)):
         if (folder / "unet").is_dir() and all((folder / e.folder).is_dir() for e in family.training.text_encoders):
             return family, f"an {family.name} model folder"
     return None, None
@@ -135,11 +142,24 @@ def encoder_of_widths(embed_dim: int | None = None, hidden_width: int | None = N
                  if embed_dim in (None, encoder.embed_dim) and hidden_width in (None, encoder.hidden_width)), None)
 
 
-def variant_by_name(name: str) -> Variant:
-    found = next((variant for variant in VARIANTS if variant.name == name), None)
+def variant_by_name(name: str, family: Family | None = None) -> Variant:
+    """The variant of this name (made for ``family``, where rows of one name differ per family)."""
+    found = next((variant for variant in VARIANTS if variant.name == name and (family is None or variant.serves(family))),
+                 None)
     if found is None:
-        raise ValueError(f"adapter variant '{name}' is unknown; expected one of {', '.join(v.name for v in VARIANTS)}")
+        names = sorted({v.name for v in VARIANTS if family is None or v.serves(family)})
+        where = f" for {family.name}" if family is not None else ""
+        raise ValueError(f"adapter variant '{name}' is unknown{where}; expected one of {', '.join(names)}")
     return found
+
+
+def variants_of(family: Family) -> tuple[Variant, ...]:
+    return tuple(variant for variant in VARIANTS if variant.serves(family))
+
+
+def trainable_families() -> tuple[Family, ...]:
+    """The families the trainer makes adapters for (their entries have training facts)."""
+    return tuple(family for family in _FAMILIES if family.training is not None)
 
 
 def trainable_variants() -> tuple[str, ...]:

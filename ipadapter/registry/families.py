@@ -1,14 +1,16 @@
 """The model families, one entry each: everything the nodes and the trainer know of a family.
 
-A new UNet family is one more entry here (and ``FAMILIES``); a new kind of model (a DiT)
-also adds its :class:`AttachKind` once.
+A new family is one more entry here (and ``FAMILIES``); a new kind of model also adds its
+:class:`AttachKind` once (UNet cross-attention; DiT blocks).
 """
 from __future__ import annotations
 
-from .schema import AttachKind, Family, TextEncoder, Training, unet_layers
+from .schema import AttachKind, Family, TextEncoder, Training, dit_layers, unet_layers
 
 UNET_CROSS_ATTENTION = AttachKind("UNet cross-attention", "attn2", ("input", "middle", "output"),
                                   "cross-attention layers")
+# A DiT's image term rides on its transformer blocks: ComfyUI's patches_replace["dit"] replaces a whole block
+DIT_BLOCKS = AttachKind("DiT blocks", "dit", ("double_block", "single_block"), "transformer blocks")
 
 # SD1.5 and SDXL train on the same DDPM schedule (the authors' scripts keep it for both)
 LDM_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -115,7 +117,59 @@ SDXL = Family(
     ),
 )
 
-FAMILIES: tuple[Family, ...] = (SD15, SDXL)
+FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS = 19, 38
+
+# Flux.1 dev / schnell: 19 double-stream blocks (image and text apart), then 38 single-stream blocks. The released
+# adapters: XLabs' (CLIP ViT-L/14, 4 or 16 tokens, double blocks only) and InstantX's (SigLIP, 128 tokens, all 57).
+FLUX = Family(
+    id="flux",
+    name="Flux.1",
+    attach=DIT_BLOCKS,
+    layers=dit_layers([("transformer_blocks", "double_block", FLUX_DOUBLE_BLOCKS),
+                       ("single_transformer_blocks", "single_block", FLUX_SINGLE_BLOCKS)], width=3072),
+    context_dim=4096,  # T5-XXL: the adapters' image tokens are as wide as the text tokens
+    base_width=3072,
+    resampler_width=0,
+    encoders=("clip-l", "siglip"),
+    released_adapters={
+        "flux-xlabs": ("flux-ip-adapter-v2", "ip_adapter", "xlabs-flux-ip-adapter-v2", "flux-ip-adapter",
+                       "xlabs-flux-ip-adapter"),
+        "flux-instantx": ("flux.1-dev-ip-adapter", "instantx-flux-ip-adapter", "flux-instantx-ip-adapter",
+                          "ip-adapter_flux", "ip-adapter"),
+    },
+    style_blocks=(),
+    composition_blocks={},
+    training=None,
+    # structural ranges, no claim about what each carries: the double blocks see image and text apart (the only
+    # ones XLabs' adapter patches), the single blocks the joint sequence
+    block_presets={"double blocks": tuple(("double_block", i) for i in range(FLUX_DOUBLE_BLOCKS)),
+                   "single blocks": tuple(("single_block", i) for i in range(FLUX_SINGLE_BLOCKS))},
+)
+
+SD35_BLOCKS = 38
+
+# SD3.5 Large: 38 joint (MMDiT) blocks, 38 heads of 64. InstantX's adapter: SigLIP hidden states through a
+# timestep-conditioned Resampler to 64 tokens as wide as the model, on every block.
+SD35 = Family(
+    id="sd35",
+    name="SD3.5 Large",
+    attach=DIT_BLOCKS,
+    layers=dit_layers([("transformer_blocks", "double_block", SD35_BLOCKS)], width=2432),
+    context_dim=4096,
+    base_width=2432,
+    resampler_width=1280,
+    encoders=("siglip",),
+    released_adapters={"sd35-instantx": ("sd3.5-large-ip-adapter", "instantx-sd3.5-large-ip-adapter",
+                                         "ip-adapter_sd35", "ip-adapter")},
+    style_blocks=(),
+    composition_blocks={},
+    training=None,
+    image_token_width=2432,
+    block_presets={"first half": tuple(("double_block", i) for i in range(SD35_BLOCKS // 2)),
+                   "second half": tuple(("double_block", i) for i in range(SD35_BLOCKS // 2, SD35_BLOCKS))},
+)
+
+FAMILIES: tuple[Family, ...] = (SD15, SDXL, FLUX, SD35)
 
 # Base models that look like a family's but take no IP-Adapter here: (what tells them, what they are).
 UNSUPPORTED_SINGLE_FILES = (

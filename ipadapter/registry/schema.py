@@ -4,8 +4,8 @@ The classes know no family: every number lives in the entries (``families.py``,
 ``encoders.py``, ``variants.py``). A family's layers are named four ways: the official
 checkpoint key, the diffusers module, the ComfyUI block and the position inside that
 block; *how* the image term reaches them (which ComfyUI patch, which order the blocks
-run) is the family's :class:`AttachKind`, one per kind of model (UNet cross-attention
-today; DiT blocks add a second).
+run) is the family's :class:`AttachKind`, one per kind of model (UNet cross-attention,
+DiT blocks).
 """
 from __future__ import annotations
 
@@ -22,15 +22,20 @@ class AttachKind:
     block_groups: tuple[str, ...]  # the ComfyUI block groups in the order the model runs them
     layer_noun: str  # "cross-attention layers", for messages
 
+    @property
+    def is_unet(self) -> bool:
+        """Whether the blocks are a UNet's input / middle / output groups (the weight types named after them)."""
+        return set(self.block_groups) == {"input", "middle", "output"}
+
 
 @dataclass(frozen=True)
 class Layer:
     """One layer that takes the image term."""
 
-    key: int  # index in the official checkpoint (1, 3, 5, ...)
+    key: int  # index in the official checkpoint (1, 3, 5, ... in a UNet; 0, 1, 2, ... in a DiT)
     diffusers_name: str  # module path of the attention in diffusers' model
-    comfy_block: tuple[str, int]  # ("input", 4) ... ("middle", 0)
-    transformer_index: int  # position inside the block's transformer; ComfyUI's block_index
+    comfy_block: tuple[str, int]  # ("input", 4) ... ("middle", 0); ("double_block", 0), ("single_block", 3)
+    transformer_index: int | None  # position inside the block's transformer (ComfyUI's block_index); None: a DiT block
     width_multiplier: int  # layer width = multiplier x the model's first-block width
     width: int  # at the family's full size
 
@@ -39,9 +44,19 @@ class Layer:
         return self.diffusers_name + ".processor"
 
     @property
-    def comfy_patch_key(self) -> tuple[str, int, int]:
-        """Key of the layer's ComfyUI patch: (block, id, transformer index)."""
-        return (*self.comfy_block, self.transformer_index)
+    def comfy_patch_key(self) -> tuple:
+        """Key of the layer's ComfyUI patch: (block, id, transformer index) in a UNet, (block, id) in a DiT."""
+        return self.comfy_block if self.transformer_index is None else (*self.comfy_block, self.transformer_index)
+
+
+def dit_layers(blocks: list[tuple[str, str, int]], width: int) -> tuple[Layer, ...]:
+    """DiT layers keyed 0, 1, 2, ... in the order the model runs them, from (diffusers blocks, ComfyUI block kind,
+    count): the numbering the released DiT adapters use for their per-block tensors."""
+    layers = []
+    for diffusers_blocks, comfy_kind, count in blocks:
+        for index in range(count):
+            layers.append(Layer(len(layers), f"{diffusers_blocks}.{index}.attn", (comfy_kind, index), None, 1, width))
+    return tuple(layers)
 
 
 def unet_layers(blocks: list[tuple[str, tuple[str, int], int, int]], base_width: int) -> tuple[Layer, ...]:
@@ -100,7 +115,7 @@ class Training:
         return next((encoder.width for encoder in self.text_encoders if encoder.pooled), None)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Family:
     """A model family that takes an IP-Adapter: its layers, how they are patched, and its files."""
 
@@ -118,11 +133,22 @@ class Family:
     # weight types; composition blocks carry their share of the composition weight.
     style_blocks: tuple[tuple[str, int], ...]
     composition_blocks: dict[tuple[str, int], float]
-    training: Training
+    training: Training | None  # None: the trainer does not make this family's adapters yet
+    # Named block ranges offered as ``layers`` presets beside "all" (DiTs: no style/composition blocks are known)
+    block_presets: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
+    image_token_width: int | None = None  # width of the image tokens when it is not context_dim (SD3.5: the model's)
+
+    def __repr__(self) -> str:
+        return f"Family({self.id!r})"
 
     @property
     def native_encoder(self) -> str:
         return self.encoders[0]
+
+    @property
+    def token_width(self) -> int:
+        """Width of the image tokens its adapters make."""
+        return self.image_token_width or self.context_dim
 
     @cached_property
     def layer_by_key(self) -> dict[int, Layer]:
@@ -165,13 +191,22 @@ class Family:
 
     @cached_property
     def layer_presets(self) -> dict[str, tuple[tuple[str, int], ...]]:
-        """The ``layers`` presets beside "all": the style and the composition blocks."""
-        return {"style": self.style_blocks, "composition": tuple(self.composition_blocks)}
+        """The ``layers`` presets beside "all": the style and the composition blocks, where known, and the
+        family's named block ranges."""
+        presets = {"style": self.style_blocks, "composition": tuple(self.composition_blocks)} if self.style_blocks else {}
+        return {**presets, **self.block_presets}
+
+    def preset_keys(self, preset: str) -> list[int]:
+        """The official keys of the layers in a preset."""
+        return [key for key, multiplier in self.preset_weights(preset).items() if multiplier]
 
     def preset_weights(self, preset: str) -> dict[int, float]:
         """Per-layer multipliers of a layer preset: 1 on the preset's blocks, 0 elsewhere."""
         if preset == "all":
             return {key: 1.0 for key in self.keys}
+        if preset not in self.layer_presets:
+            raise ValueError(f"layer preset '{preset}' is not defined for {self.name}; expected one of "
+                             f"{', '.join(self.preset_names)}")
         blocks = set(self.layer_presets[preset])
         return {layer.key: float(layer.comfy_block in blocks) for layer in self.layers}
 
@@ -181,8 +216,16 @@ class Family:
 
     def describe_blocks(self, blocks) -> str:
         """Some ComfyUI blocks in diffusers' names, for tooltips: a whole level (``down_blocks.2``) where every one
-        of its attentions is in, else the attentions (``up_blocks.0.attentions.1``)."""
+        of its attentions is in, else the attentions (``up_blocks.0.attentions.1``); DiT blocks as index ranges
+        (``transformer_blocks.0-18``)."""
         blocks, levels = set(blocks), {}
+        if not self.attach.is_unet:
+            ranges: dict[str, list[int]] = {}
+            for layer in self.layers:
+                if layer.comfy_block in blocks:
+                    prefix, index = layer.diffusers_name.rsplit(".attn", 1)[0].rsplit(".", 1)
+                    ranges.setdefault(prefix, []).append(int(index))
+            return ", ".join(f"{prefix}.{min(found)}-{max(found)}" for prefix, found in ranges.items())
         for layer in self.layers:
             attention = layer.diffusers_name.split(".transformer_blocks.")[0]
             levels.setdefault(attention.rsplit(".attentions.", 1)[0], {})[attention] = layer.comfy_block in blocks
@@ -205,6 +248,8 @@ class ImageEncoderKind:
     head_width: int  # channels per attention head (not recorded in a weights file)
     file_tag: str  # in released adapter names on another family's encoder: ip-adapter_sdxl_vit-h
     file_stems: tuple[str, ...] = ()  # the names users give its weights file (lower case, folders allowed)
+    activation: str = "gelu"  # transformers' hidden_act: "gelu", "quick_gelu", "gelu_pytorch_tanh" (not in the file)
+    layout: str = "clip"  # "clip": class token and projection; "siglip": no class token, an attention-pooling head
 
 
 @dataclass(frozen=True)
@@ -220,3 +265,15 @@ class Variant:
     trainable: bool = True  # the trainer makes it
     description: str = ""
     resampler: dict = field(default_factory=dict)  # plus: depth, dim_head, ff_mult (the width is the family's)
+    families: tuple[str, ...] = ()  # the families it is made for; (): every UNet family
+    layers: str = "all"  # the layer preset of its family whose layers it carries (XLabs: the double blocks)
+    layer_tensors: tuple[str, ...] = ("to_k_ip.weight", "to_v_ip.weight")  # each layer's tensors in the file
+
+    def layer_shapes(self, width: int, token_width: int) -> dict[str, tuple[int, ...] | None]:
+        """The shape of each layer tensor for a layer this wide (None: not fixed by the two widths)."""
+        known = {"to_k_ip.weight": (width, token_width), "to_v_ip.weight": (width, token_width),
+                 "to_k_ip.bias": (width,), "to_v_ip.bias": (width,), "norm_ip.linear.bias": (2 * token_width,)}
+        return {name: known.get(name) for name in self.layer_tensors}
+
+    def serves(self, family: "Family") -> bool:
+        return family.id in self.families if self.families else family.attach.is_unet

@@ -25,6 +25,7 @@ from .ipadapter.image_prompt import (
     check_mask,
     combine_embeds,
     image_tokens,
+    projection_inputs,
     tokens_per_reference,
 )
 from .ipadapter.weighting import frame_schedule, parse_frame_weights, parse_weights
@@ -34,7 +35,9 @@ from .comfyui_glue.interface import BATCH_MODES, ENCODER_FOLDER, FAMILIES, MODEL
 from .comfyui_glue.model_files import preset_files
 from .comfyui_glue.reference_prep import make_noise, prepare_reference
 from .comfyui_glue.tiles import blend_detail, center_square, detail_tiles, tile_reference
-from .patcher import ImagePromptTerm, apply_image_prompt, check_model_fits, family_of_comfy_unet, record_attention
+from .comfyui_glue.dit_patch import TimedImagePromptTerm
+from .patcher import (ImagePromptTerm, apply_image_prompt, check_model_fits, dit_width_and_heads, family_of_comfy_model,
+                      record_attention)
 
 CATEGORY = "ipadapter_kit"
 EMBEDS_SUBFOLDER = "ipadapter_embeds"
@@ -148,18 +151,25 @@ def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0
     architecture = check_model_fits(model.model.diffusion_model, adapter.checkpoint)
     if batch_mode not in BATCH_MODES:
         raise ValueError(f"batch mode '{batch_mode}' is unknown; expected one of {', '.join(BATCH_MODES)}")
+    sampling = model.model.model_sampling
+    weights = per_layer_weights(architecture, weight, weight_type, layer_weights, composition_weight)
+    window = dict(sigma_start=sampling.percent_to_sigma(start_at), sigma_end=sampling.percent_to_sigma(end_at),
+                  mask=check_mask(attn_mask) if attn_mask is not None else None,
+                  frame_weights=parse_frame_weights(frame_weights))
+    if adapter.checkpoint.spec.projection == "time-resampler":  # its tokens change with the step
+        per_reference = batch_mode == "one per latent"
+        cond, uncond = projection_inputs(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate,
+                                         "concat" if per_reference else combine)
+        term = TimedImagePromptTerm(adapter.checkpoint, adapter.projection, cond, uncond, combine == "concat"
+                                    and not per_reference, weights, embeds_scaling, sampling.timestep, **window)
+        return apply_image_prompt(model, term)
     if batch_mode == "one per latent":
         cond, uncond = tokens_per_reference(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate)
     else:
         cond, uncond = image_tokens(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate, combine)
-    sampling = model.model.model_sampling
-    mask = check_mask(attn_mask) if attn_mask is not None else None
-    term = ImagePromptTerm.build(
-        adapter.checkpoint, cond, uncond,
-        per_layer_weights(architecture, weight, weight_type, layer_weights, composition_weight),
-        sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at), mask, embeds_scaling,
-        parse_frame_weights(frame_weights),
-    )
+    heads = None if architecture.attach.is_unet else dit_width_and_heads(model.model.diffusion_model)[1]
+    term = ImagePromptTerm.build(adapter.checkpoint, cond, uncond, weights, window["sigma_start"], window["sigma_end"],
+                                 window["mask"], embeds_scaling, window["frame_weights"], heads)
     return apply_image_prompt(model, term)
 
 
@@ -217,7 +227,7 @@ class IPAdapterKitUnifiedLoader(InterfaceNode):
     def load(self, model, preset):
         import folder_paths
 
-        family = family_of_comfy_unet(model.model.diffusion_model)
+        family = family_of_comfy_model(model.model.diffusion_model)
         files = preset_files(
             family, preset, folder_paths.get_filename_list(MODEL_FOLDER), folder_paths.get_filename_list(ENCODER_FOLDER),
             folder_paths.get_folder_paths(MODEL_FOLDER), folder_paths.get_folder_paths(ENCODER_FOLDER),
@@ -398,7 +408,7 @@ class IPAdapterKitAttentionMap(InterfaceNode):
             raise ValueError(f"at_step {at_step} is past the schedule; expected a step below steps ({steps})")
         samples = latent_image["samples"]
         recorder = record_attention(model, positive, negative, samples, seed, steps, at_step, cfg)
-        maps = block_maps(recorder.strength, family_of_comfy_unet(model.model.diffusion_model), *samples.shape[-2:])
+        maps = block_maps(recorder.strength, family_of_comfy_model(model.model.diffusion_model), *samples.shape[-2:])
         return as_images(maps, scale=8)
 
 

@@ -1,4 +1,5 @@
-"""ComfyUI glue: attn2 replace patches that add image-prompt terms to a UNet's cross-attention layers.
+"""ComfyUI glue: attn2 replace patches that add image-prompt terms to a UNet's cross-attention layers
+(a DiT's blocks: ``comfyui_glue/dit_patch.py``).
 
 The math lives in ``ipadapter/``; this module only speaks ComfyUI's patch
 protocol (``patches_replace["attn2"]`` callables get projected q, k, v and the
@@ -82,34 +83,28 @@ class ImagePromptTerm:
     sigma_end: float
     mask: torch.Tensor | None = None  # [M, H, W] in 0..1
     frame_weights: torch.Tensor | None = None  # [F]: a weight per latent of the batch
+    projection: str = "base"  # the adapter's projection kind (Variant.projection): how a DiT block takes the term
     _on_device: dict = field(default_factory=dict, repr=False)
     _window: tuple = field(default=(None, False), repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, checkpoint: IPAdapterCheckpoint, cond_tokens, uncond_tokens, layer_weights: dict[int, LayerWeight],
-              sigma_start, sigma_end, mask=None, scaling="V only", frame_weights=None) -> "ImagePromptTerm":
+              sigma_start, sigma_end, mask=None, scaling="V only", frame_weights=None, heads=None) -> "ImagePromptTerm":
         """``cond_tokens`` [N, T, C]: N = 1 conditions every latent alike, N > 1 conditions latent i with
         reference i (the last one for the latents beyond N). ``layer_weights``: each layer's weight and swap
         flag (``ipadapter.weighting.layer_weights``). ``scaling`` says where the weight goes
         (``ipadapter.weighting.scale_keys_values``); on the swapped layers the conditional half gets
         empty image tokens and the unconditional half the reference's. ``frame_weights`` [F] multiply
-        the weight of latent i by entry i (the last one beyond F)."""
+        the weight of latent i by entry i (the last one beyond F). ``heads``: a DiT's head count (its adapters
+        may normalise K' per head)."""
         tokens = torch.stack([cond_tokens, uncond_tokens.to(cond_tokens).expand_as(cond_tokens)])
-        keys_values = layer_keys_values(checkpoint, tokens, torch.device("cpu"), torch.float32)
-        output_weights = {}
-        for key, (k, v) in keys_values.items():
-            layer_weight = float(layer_weights[key].weight)
-            if layer_weights[key].swapped:
-                k, v = (torch.stack([torch.zeros_like(x[0]), x[0]]) for x in (k, v))
-            if layer_weight == 0:  # skipped at sampling time, so λ = 0 stays exact whatever the scaling
-                output_weights[key] = 0.0
-                continue
-            k, v, output_weights[key] = scale_keys_values(k, v, layer_weight, scaling)
-            keys_values[key] = (k, v)
+        keys_values = layer_keys_values(checkpoint, tokens, torch.device("cpu"), torch.float32, heads)
+        keys_values, output_weights = weigh_keys_values(keys_values, layer_weights, scaling)
         if frame_weights is not None:
             frame_weights = torch.as_tensor(frame_weights, dtype=torch.float32).flatten()
-        return cls(checkpoint.spec.architecture, keys_values, output_weights, sigma_start, sigma_end, mask, frame_weights)
+        return cls(checkpoint.spec.architecture, keys_values, output_weights, sigma_start, sigma_end, mask, frame_weights,
+                   checkpoint.spec.projection)
 
     def layer_weight(self, key: int) -> float:
         return self.layer_weights[key]
@@ -190,6 +185,24 @@ class ImagePromptTerm:
             self._on_device = {(device, dtype): moved(c) for (_, dtype), c in self._on_device.items()}
             self._masks = {}
         return self
+
+
+def weigh_keys_values(keys_values, layer_weights: dict[int, LayerWeight], scaling: str):
+    """Each layer's K'/V' with its weight moved in as ``scaling`` says, and the weight left for its output.
+
+    On the swapped layers the conditional half gets empty image tokens and the unconditional half the reference's."""
+    weighted, output_weights = {}, {}
+    for key, (k, v) in keys_values.items():
+        layer_weight = float(layer_weights[key].weight)
+        if layer_weights[key].swapped:
+            k, v = (torch.stack([torch.zeros_like(x[0]), x[0]]) for x in (k, v))
+        if layer_weight == 0:  # skipped at sampling time, so λ = 0 stays exact whatever the scaling
+            output_weights[key] = 0.0
+            weighted[key] = (k, v)
+            continue
+        k, v, output_weights[key] = scale_keys_values(k, v, layer_weight, scaling)
+        weighted[key] = (k, v)
+    return weighted, output_weights
 
 
 def record_attention(model, positive, negative, latent: torch.Tensor, seed: int, steps: int, at_step: int,
@@ -292,8 +305,36 @@ def _spatial_transformers(diffusion_model):
             yield name, transformer
 
 
-def family_of_comfy_unet(diffusion_model) -> Family:
-    """The family of a ComfyUI UNet, from where its cross-attention layers are and their context width."""
+def dit_blocks(diffusion_model) -> dict[tuple[str, int], torch.nn.Module]:
+    """The blocks of a ComfyUI DiT by their ``patches_replace["dit"]`` key: Flux's double and single blocks,
+    SD3's joint blocks (which ComfyUI patches as "double_block")."""
+    if hasattr(diffusion_model, "joint_blocks"):
+        return {("double_block", i): block for i, block in enumerate(diffusion_model.joint_blocks)}
+    blocks = {("double_block", i): block for i, block in enumerate(getattr(diffusion_model, "double_blocks", ()))}
+    blocks.update({("single_block", i): block for i, block in enumerate(getattr(diffusion_model, "single_blocks", ()))})
+    return blocks
+
+
+def dit_width_and_heads(diffusion_model) -> tuple[int, int]:
+    """A ComfyUI DiT's hidden width and attention head count."""
+    if hasattr(diffusion_model, "joint_blocks"):
+        attention = diffusion_model.joint_blocks[0].x_block.attn
+        return attention.qkv.weight.shape[1], attention.num_heads
+    block = diffusion_model.double_blocks[0]
+    return block.hidden_size, block.num_heads
+
+
+def family_of_comfy_model(diffusion_model) -> Family:
+    """The family of a ComfyUI model: a UNet's from where its cross-attention layers are and their context width,
+    a DiT's from its blocks."""
+    blocks = dit_blocks(diffusion_model)
+    if blocks:
+        family = family_of_comfy_layout(blocks, None)
+        if family is None:
+            counts = ", ".join(f"{sum(1 for b in blocks if b[0] == kind)} {kind}s" for kind in sorted({b[0] for b in blocks}))
+            raise ValueError(f"the MODEL is a DiT with {counts}; expected {family_names()} "
+                             "(Flux.1: 19 double + 38 single blocks, SD3.5 Large: 38 joint blocks)")
+        return family
     patch_keys, context = set(), set()
     for name, transformer in _spatial_transformers(diffusion_model):
         for index, block in enumerate(transformer.transformer_blocks):
@@ -310,14 +351,20 @@ def family_of_comfy_unet(diffusion_model) -> Family:
 
 
 def check_model_fits(diffusion_model, checkpoint: IPAdapterCheckpoint) -> Family:
-    """The UNet's family, after refusing an adapter of another family or of another width."""
-    family = family_of_comfy_unet(diffusion_model)
+    """The model's family, after refusing an adapter of another family or of another width."""
+    family = family_of_comfy_model(diffusion_model)
     spec = checkpoint.spec
     if spec.architecture is not family:
         raise AdapterFormatError(
             f"'{checkpoint.source}' is an {spec.family} adapter, but the MODEL is {family.name} "
             f"({family.describe_layers()}, context width {family.context_dim}); expected an {family.name} adapter"
         )
+    if not family.attach.is_unet:
+        width, _ = dit_width_and_heads(diffusion_model)
+        if width != spec.base_width:
+            raise AdapterFormatError(f"the MODEL's blocks are {width} wide; '{checkpoint.source}' was made for "
+                                     f"{spec.base_width} ({family.name} is {family.base_width})")
+        return family
     first = family.layers[0]
     found = cross_attention_modules(diffusion_model, family)[first.key].to_q.weight.shape[0] // first.width_multiplier
     if found != spec.base_width:
@@ -338,7 +385,11 @@ def cross_attention_modules(diffusion_model, architecture: Family):
 
 
 def apply_image_prompt(model, term: ImagePromptTerm):
-    """A clone of ``model`` (a ComfyUI ModelPatcher) with ``term`` added to every cross-attention layer."""
+    """A clone of ``model`` (a ComfyUI ModelPatcher) with ``term`` added to every layer its adapter carries."""
+    if not term.architecture.attach.is_unet:
+        from .comfyui_glue.dit_patch import apply_dit_image_prompt
+
+        return apply_dit_image_prompt(model, term)
     patched = model.clone()
     replace = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     attention_modules = cross_attention_modules(patched.model.diffusion_model, term.architecture)

@@ -12,12 +12,12 @@ from .node_spec import NodeSpec, combo, files, num, opt, sock, spec, text
 if __package__ == "comfyui_glue":  # imported from the repository root (the workflow migrator, tools)
     from ipadapter import registry
     from ipadapter.choices import (
-        C_PENALTY_WIDTH, COMBINE_MODES, CROP_MODES, EMBEDS_SCALING, FRAME_TIMINGS, LAYER_PRESETS, WEIGHT_TYPES,
+        C_PENALTY_WIDTH, COMBINE_MODES, CROP_MODES, EMBEDS_SCALING, FRAME_TIMINGS, WEIGHT_TYPES,
     )
 else:  # inside ComfyUI, which imports the pack as a package named after its folder
     from ..ipadapter import registry
     from ..ipadapter.choices import (
-        C_PENALTY_WIDTH, COMBINE_MODES, CROP_MODES, EMBEDS_SCALING, FRAME_TIMINGS, LAYER_PRESETS, WEIGHT_TYPES,
+        C_PENALTY_WIDTH, COMBINE_MODES, CROP_MODES, EMBEDS_SCALING, FRAME_TIMINGS, WEIGHT_TYPES,
     )
 
 ADAPTER = "IPADAPTER_KIT"
@@ -39,12 +39,15 @@ BATCH_MODES = ("all latents", "one per latent")
 
 # What the tooltips say of the families and encoders, from the registry (the families built in when the pack loads).
 FAMILIES = registry.families()
-MODEL_FAMILIES = registry.family_names()  # "SD1.5 or SDXL"
+MODEL_FAMILIES = registry.family_names()  # "SD1.5 or SDXL or ..."
+UNET_FAMILIES = tuple(family for family in FAMILIES if family.attach.is_unet)
+DIT_FAMILIES = tuple(family for family in FAMILIES if not family.attach.is_unet)
+LAYER_PRESETS = tuple(dict.fromkeys(name for family in FAMILIES for name in family.preset_names))
 
 
-def per_family(describe) -> str:
+def per_family(describe, families=FAMILIES) -> str:
     """``"SD1.5: ...; SDXL: ..."``"""
-    return "; ".join(f"{family.name}: {describe(family)}" for family in FAMILIES)
+    return "; ".join(f"{family.name}: {describe(family)}" for family in families)
 
 
 def describe_preset(name: str) -> str:
@@ -54,7 +57,10 @@ def describe_preset(name: str) -> str:
     return f"{name} ({variant} on {registry.encoder_by_id(encoder).name}{only})"
 
 
-STYLE_BLOCKS = per_family(lambda f: f"{f.describe_blocks(f.style_blocks)} / {f.describe_blocks(f.composition_blocks)}")
+STYLE_BLOCKS = per_family(lambda f: f"{f.describe_blocks(f.style_blocks)} / {f.describe_blocks(f.composition_blocks)}",
+                          UNET_FAMILIES)
+DIT_PRESETS = per_family(lambda f: ", ".join(f"{name} = {f.describe_blocks(blocks)}"
+                                             for name, blocks in f.block_presets.items()), DIT_FAMILIES)
 
 WEIGHT = num("FLOAT", "weight", 1.0, -1.0, 3.0, step=0.05,
              tooltip="λ, the image prompt's weight: 0 gives the model without the adapter, 1 the paper's default.")
@@ -64,7 +70,9 @@ WEIGHT_TYPE_TOOLTIP = (
     "in the middle; reverse in-out: weakest there. weak input / output / middle: that part at 20%; strong middle: input "
     f"and output at 20%. style transfer / composition: only the style / layout blocks ({STYLE_BLOCKS}); strong style transfer: every block but the layout ones; style and composition: both, "
     "the layout blocks at composition_weight. The precise forms also push away from the reference where it should not "
-    "act: style transfer precise on the layout blocks, composition precise on all others (which keep 10%)."
+    "act: style transfer precise on the layout blocks, composition precise on all others (which keep 10%). "
+    f"{' and '.join(f.name for f in DIT_FAMILIES)} (DiTs) take the first five, over their blocks in run order; the "
+    "types named after UNet blocks or style/layout blocks are refused there."
 )
 WEIGHT_TYPE = combo("weight_type", WEIGHT_TYPES, "linear", tooltip=WEIGHT_TYPE_TOOLTIP)
 EMBEDS_SCALING_TOOLTIP = (
@@ -182,7 +190,8 @@ NODES: dict[str, NodeSpec] = {
             "first, so none outweighs the others).")),
         combo("layers", (*LAYER_PRESETS, "custom"), "all", tooltip=(
             "Which layers take the image prompt: all; style / composition, the blocks of the weight types of the same "
-            f"names ({STYLE_BLOCKS}); or custom.")),
+            f"names ({STYLE_BLOCKS}); the DiTs' block ranges ({DIT_PRESETS}); or custom. A preset the MODEL's "
+            "family does not define is refused.")),
         text("custom_layer_weights", "", tooltip=(
             "With layers = custom: one number per layer in key order ("
             + per_family(lambda f: f.describe_layers()) + "), or key:value pairs like '15:1, 11:0.5', where every "
@@ -227,7 +236,7 @@ NODES: dict[str, NodeSpec] = {
         sock("image", "IMAGE", tooltip="The reference image."),
         WEIGHT,
         files("ipadapter_file", MODEL_FOLDER, tooltip=(
-            "e.g. " + " or ".join(f"{family.released_adapters['standard'][0]}.safetensors" for family in FAMILIES)
+            "e.g. " + " or ".join(f"{next(iter(family.released_adapters.values()))[0]}.safetensors" for family in FAMILIES)
             + " in models/ipadapter; it must match the MODEL's family.")),
         files("clip_name", ENCODER_FOLDER, tooltip=(
             "The image encoder the adapter was trained on, in models/clip_vision: "

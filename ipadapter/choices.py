@@ -12,9 +12,8 @@ EMBEDS_SCALING = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
 C_PENALTY_WIDTH = 1280  # the C-penalty scalings weigh a layer by its width over this one (cubiq's definition)
 FRAME_TIMINGS = ("linear", "ease in", "ease out", "ease in-out")
 
-# image_prompt.py: how several references are combined, which layers take the prompt
+# image_prompt.py: how several references are combined
 COMBINE_MODES = ("average", "concat", "add", "subtract", "norm average")
-LAYER_PRESETS = ("all", "style", "composition")  # every family defines these (Family.layer_presets)
 
 # preprocess.py: how a non-square image becomes the encoder's square
 CROP_MODES = ("crop", "pad", "stretch")

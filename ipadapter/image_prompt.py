@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .adapter_file import IPAdapterCheckpoint, check_encoder
 from .choices import COMBINE_MODES
+from .dit_attention import dit_keys_values
 
 
 def combine_features(features: torch.Tensor, mode: str) -> torch.Tensor:
@@ -149,6 +150,24 @@ def tokens_per_reference(
         return projection(cond), projection(uncond.mean(dim=0, keepdim=True))
 
 
+def projection_inputs(
+    checkpoint: IPAdapterCheckpoint,
+    projection: torch.nn.Module,
+    images: EncodedImages,
+    default_uncond_penultimate: torch.Tensor | None,
+    combine: str = "average",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the projection takes, for a projection that also takes the step (SD3.5 InstantX's Resampler): the
+    conditional features [N, ...] (concat: every reference, to be projected one by one; else merged into one) and
+    the unconditional ones [1, ...]."""
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine mode '{combine}' is unknown; expected one of {', '.join(COMBINE_MODES)}")
+    cond, uncond = _features(checkpoint, projection, images, default_uncond_penultimate)
+    if combine != "concat":
+        cond = combine_features(cond, combine)
+    return cond, uncond.mean(dim=0, keepdim=True)
+
+
 def _features(checkpoint, projection, images, default_uncond_penultimate):
     """The projection's conditional and unconditional inputs, on its device and dtype."""
     if len(images) == 0:
@@ -158,7 +177,8 @@ def _features(checkpoint, projection, images, default_uncond_penultimate):
     cond = images.image_embeds if uses_embeds else images.penultimate
     uncond = images.uncond_image_embeds if uses_embeds else images.uncond_penultimate
     if uncond is None:
-        if uses_embeds:
+        # SD3.5 InstantX, like diffusers' SD3 pipeline, takes zero features for the unconditional half
+        if uses_embeds or spec.projection == "time-resampler":
             uncond = torch.zeros_like(cond[:1])
         elif default_uncond_penultimate is not None:
             uncond = default_uncond_penultimate
@@ -170,16 +190,30 @@ def _features(checkpoint, projection, images, default_uncond_penultimate):
 
 
 def layer_keys_values(
-    checkpoint: IPAdapterCheckpoint, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype
+    checkpoint: IPAdapterCheckpoint, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype,
+    heads: int | None = None, time_embedding: torch.Tensor | None = None,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """K' and V' of every layer for these image tokens; they do not depend on the step."""
+    """K' and V' of every layer the adapter carries, for these image tokens [..., T, C]. A UNet's do not depend on
+    the step; SD3.5 InstantX's take the timestep embedding its Resampler made (``time_embedding`` [..., E]).
+    ``heads``: the model's head count, for the DiT adapters that normalise K' per head."""
+    spec = checkpoint.spec
     tokens = tokens.to(device=device, dtype=torch.float32)
     result = {}
-    for layer in checkpoint.spec.architecture.layers:
-        to_k, to_v = checkpoint.layer_weights(layer.key)
-        k = tokens @ to_k.to(device=device, dtype=torch.float32).T
-        v = tokens @ to_v.to(device=device, dtype=torch.float32).T
-        result[layer.key] = (k.to(dtype), v.to(dtype))
+    if spec.architecture.attach.is_unet:
+        for key in spec.layer_keys:
+            to_k, to_v = checkpoint.layer_weights(key)
+            k = tokens @ to_k.to(device=device, dtype=torch.float32).T
+            v = tokens @ to_v.to(device=device, dtype=torch.float32).T
+            result[key] = (k.to(dtype), v.to(dtype))
+        return result
+    lead = tokens.shape[:-2]
+    flat = tokens.reshape(-1, *tokens.shape[-2:])
+    if time_embedding is not None:
+        time_embedding = time_embedding.to(device=device, dtype=torch.float32).reshape(-1, time_embedding.shape[-1])
+    for key in spec.layer_keys:
+        layer = {name: tensor.to(device) for name, tensor in checkpoint.layer_tensors(key).items()}
+        k, v = dit_keys_values(spec.projection, layer, flat, heads, time_embedding)
+        result[key] = (k.reshape(*lead, *k.shape[-2:]).to(dtype), v.reshape(*lead, *v.shape[-2:]).to(dtype))
     return result
 
 

@@ -144,7 +144,7 @@ def test_patched_in_comfyui_every_layer_weight_zero_exact_and_the_training_model
     reset_all_parameters(base.diffusion_model, seed=4)
     device = comfy.model_management.get_torch_device()
     model = comfy.model_patcher.ModelPatcher(base.eval(), load_device=device, offload_device=device)
-    assert patcher_module.family_of_comfy_unet(model.model.diffusion_model) is family
+    assert patcher_module.family_of_comfy_model(model.model.diffusion_model) is family
 
     folder_paths.add_model_folder_path(nodes.MODEL_FOLDER, str(trained.parent))
     (adapter,) = nodes.IPAdapterKitLoader().load(trained.name)

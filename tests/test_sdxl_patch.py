@@ -54,7 +54,7 @@ def test_configs_are_comfyuis_own(comfy):
 
 def test_scaled_down_unet_has_the_seventy_sdxl_layers(sdxl):
     patcher_module = pack_module("patcher")
-    architecture = patcher_module.family_of_comfy_unet(sdxl.model.diffusion_model)
+    architecture = patcher_module.family_of_comfy_model(sdxl.model.diffusion_model)
     assert architecture.id == "sdxl" and len(architecture.layers) == 70
     modules = patcher_module.cross_attention_modules(sdxl.model.diffusion_model, architecture)
     widths = {key: module.to_q.weight.shape[0] for key, module in modules.items()}
@@ -235,7 +235,7 @@ def test_full_size_sdxl_unet_runs_all_seventy_patches_and_weight_zero_is_exact(c
 
 
 def check_full_size_patches(patcher_module, model):
-    architecture = patcher_module.family_of_comfy_unet(model.model.diffusion_model)
+    architecture = patcher_module.family_of_comfy_model(model.model.diffusion_model)
     checkpoint = pack_module("ipadapter.adapter_file").IPAdapterCheckpoint.from_state_dicts(
         **random_adapter("base", family="sdxl", seed=1, dtype=torch.bfloat16), source="ip-adapter_sdxl_vit-h.bin")
     assert patcher_module.check_model_fits(model.model.diffusion_model, checkpoint) is architecture

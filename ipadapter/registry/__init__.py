@@ -69,11 +69,12 @@ def family_of_adapter_layers(layer_keys: Iterable[int]) -> list[tuple[Family, Va
             if set(family.preset_keys(variant.layers)) == keys]
 
 
-def family_of_comfy_layout(patch_keys: Iterable[tuple[str, int, int]], context_dim: int | None) -> Family | None:
-    """The family of a ComfyUI model with image layers at ``patch_keys`` and this text-token width."""
+def family_of_comfy_layout(patch_keys: Iterable[tuple], context_dim: int | None) -> Family | None:
+    """The family of a ComfyUI model with image layers at ``patch_keys`` and this text-token width (a UNet's;
+    ``None`` for a DiT, whose block layout alone tells it: scaled-down copies keep the block counts)."""
     patch_keys = set(patch_keys)
-    return next((family for family in _FAMILIES
-                 if family.context_dim == context_dim and set(family.layer_by_patch_key) == patch_keys), None)
+    return next((family for family in _FAMILIES if set(family.layer_by_patch_key) == patch_keys
+                 and (family.context_dim == context_dim or (context_dim is None and not family.attach.is_unet))), None)
 
 
 def official_keys_from_processor_names(processor_names: list[str]) -> dict[str, int]:

@@ -4,6 +4,7 @@ Weights come from the user's file, never from a download: an OpenCLIP
 checkpoint (``visual.*`` keys, a full CLIP state dict, or bare tower keys) or
 the transformers ``CLIPVisionModelWithProjection`` format most ComfyUI users
 have (``CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors``), converted in memory.
+A SigLIP tower (no class token) goes to ``siglip.py``, behind the same interface.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import open_clip
 import torch
@@ -21,6 +22,9 @@ from torch import nn
 from .files import read_weights
 from .preprocess import preprocess
 from .registry import ENCODERS, encoder_of_widths
+
+if TYPE_CHECKING:
+    from .siglip import SiglipEncoder
 
 DEFAULT_HEAD_WIDTH = 64  # an unknown tower's (the head width cannot be read from the tensors)
 
@@ -150,7 +154,7 @@ def _tower_state_dict(state_dict: dict, source: str) -> dict[str, torch.Tensor]:
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     keys = list(state_dict)
     transformers_layout = any(
-        k.startswith(("vision_model.embeddings.patch_embedding", "embeddings.patch_embedding")) for k in keys
+        k.startswith(("vision_model.embeddings.patch_embedding.", "embeddings.patch_embedding.")) for k in keys
     )
     if transformers_layout:
         if "visual_projection.weight" not in state_dict:
@@ -170,8 +174,8 @@ def _tower_state_dict(state_dict: dict, source: str) -> dict[str, torch.Tensor]:
     text_only = any("token_embedding" in k or k.startswith(("text_model.", "transformer.resblocks.")) for k in keys)
     what = "a CLIP text model without a vision tower" if text_only else "not a CLIP vision model"
     raise EncoderFormatError(
-        f"'{source}' is {what} (found keys like {found}); "
-        "expected an OpenCLIP ViT checkpoint or transformers CLIPVisionModelWithProjection weights"
+        f"'{source}' is {what} (found keys like {found}); expected an OpenCLIP ViT checkpoint or transformers "
+        "CLIPVisionModelWithProjection or SiglipVisionModel weights"
     )
 
 
@@ -206,9 +210,12 @@ def _vision_config(tower: dict[str, torch.Tensor], source: str, heads: int | Non
 
 
 def encoder_from_state_dict(state_dict: dict, source: str = "<memory>", heads: int | None = None,
-                            quick_gelu: bool = False) -> ImageEncoder:
+                            quick_gelu: bool | None = None) -> ImageEncoder:
     tower = _tower_state_dict(state_dict, source)
     embed_dim, vision_cfg = _vision_config(tower, source, heads)
+    if quick_gelu is None:  # no config says: the known encoder of these widths does (OpenAI's ViT-L/14: QuickGELU)
+        known = encoder_of_widths(embed_dim, vision_cfg["width"])
+        quick_gelu = known is not None and known.activation == "quick_gelu"
     try:
         with torch.device("meta"):  # no random initialisation, no storage: the tensors below become its weights
             visual = open_clip.model._build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
@@ -242,23 +249,29 @@ def encoder_from_state_dict(state_dict: dict, source: str = "<memory>", heads: i
 def load_image_encoder(
     source: str | os.PathLike | dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     heads: int | None = None,
-) -> ImageEncoder:
+) -> ImageEncoder | SiglipEncoder:
     """An ImageEncoder from a file (or a state dict already in memory).
 
     The tensors do not record the attention head count nor the activation. For
     the file names the libraries save (``CONFIG_OF_WEIGHTS``) the config beside
-    the weights gives them; any other file gets GELU, as ViT-H/14 and ViT-bigG/14
-    have, and their head width (else 64). ``heads`` overrides the head count.
+    the weights gives them; any other file gets those of the registry's encoder
+    of its widths (ViT-H/14, ViT-bigG/14: GELU; OpenAI's ViT-L/14: QuickGELU),
+    else GELU and 64-wide heads. ``heads`` overrides the head count.
+    A SigLIP tower gives a :class:`~ipadapter.siglip.SiglipEncoder`.
     """
+    from .siglip import is_siglip, saved_config, siglip_encoder_from_state_dict  # siglip.py imports this module
+
     if isinstance(source, dict):  # the caller's tensors (ComfyUI's model): the encoder gets its own copies
-        encoder = encoder_from_state_dict({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in source.items()},
-                                          "<state dict>", heads)
+        state_dict, path = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in source.items()}, None
     else:
         path = Path(source)
         state_dict, _ = read_weights(path, "image encoder", EncoderFormatError)
-        config = config_beside(path)
-        encoder = encoder_from_state_dict(state_dict, path.name, heads or config.get("heads"),
-                                          config.get("quick_gelu", False))
+    name = path.name if path is not None else "<state dict>"
+    if is_siglip(state_dict):
+        encoder = siglip_encoder_from_state_dict(state_dict, name, heads, saved_config(path))
+    else:
+        config = config_beside(path) if path is not None else {}
+        encoder = encoder_from_state_dict(state_dict, name, heads or config.get("heads"), config.get("quick_gelu"))
     return encoder.to(device=device, dtype=dtype)
 
 

@@ -33,8 +33,9 @@ def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return resized.clamp(0, 1)  # bicubic overshoots; PIL clips to the pixel range as well
 
 
-def preprocess(images: torch.Tensor, size: int = 224, mode: str = "crop") -> torch.Tensor:
-    """Images in 0..1 -> normalised [B, 3, size, size] pixels for the CLIP encoder.
+def preprocess(images: torch.Tensor, size: int = 224, mode: str = "crop", mean: tuple[float, ...] = CLIP_MEAN,
+               std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
+    """Images in 0..1 -> normalised [B, 3, size, size] pixels for the CLIP encoder (another encoder's ``mean``/``std``).
 
     - ``crop``: shortest side to ``size`` (bicubic, antialiased; the long side
       floored as transformers does), center crop: the reference's CLIPImageProcessor;
@@ -58,11 +59,11 @@ def preprocess(images: torch.Tensor, size: int = 224, mode: str = "crop") -> tor
         scale = size / max(height, width)
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
         images = _resize(images, new_h, new_w)
-        canvas = torch.tensor(CLIP_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        canvas = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
         canvas = canvas.repeat(images.shape[0], 1, size, size)
         top, left = (size - new_h) // 2, (size - new_w) // 2
         canvas[..., top : top + new_h, left : left + new_w] = images
         images = canvas
-    mean = torch.tensor(CLIP_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return (images - mean) / std
+    channel_mean = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    channel_std = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - channel_mean) / channel_std

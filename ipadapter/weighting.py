@@ -42,12 +42,29 @@ def weight_schedule(weight_type: str, architecture: Family, weight: float,
     """
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight type '{weight_type}' is unknown; expected one of {', '.join(WEIGHT_TYPES)}")
+    if weight_type not in weight_types_of(architecture):
+        reason = ("names UNet blocks (input / middle / output)" if weight_type in UNET_GROUP_TYPES
+                  else "needs the family's style and layout blocks, which are known for UNets only")
+        raise ValueError(f"weight type '{weight_type}' {reason}; {architecture.name} is a DiT: expected one of "
+                         f"{', '.join(weight_types_of(architecture))}")
     by_block = _block_weights(weight_type, architecture, weight, composition_weight)
     swapped = _swapped_blocks(weight_type, architecture)
     return {
         layer.key: LayerWeight(by_block.get(layer.comfy_block, 0.0), layer.comfy_block in swapped)
         for layer in architecture.layers
     }
+
+
+UNET_GROUP_TYPES = ("weak input", "weak output", "weak middle", "strong middle")
+RAMP_TYPES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out")
+
+
+def weight_types_of(architecture: Family) -> tuple[str, ...]:
+    """The weight types that mean something for a family: all for a UNet with style blocks, the ramps over the
+    blocks (in the order the model runs them) for a DiT."""
+    if architecture.attach.is_unet and architecture.style_blocks:
+        return WEIGHT_TYPES
+    return tuple(name for name in WEIGHT_TYPES if name in RAMP_TYPES or (architecture.attach.is_unet and name in UNET_GROUP_TYPES))
 
 
 def layer_weights(architecture: Family, weight: float, weight_type: str = "linear", layers: str = "all",
@@ -71,6 +88,9 @@ def parse_layer_weights(text: str, architecture: Family) -> dict[int, float]:
         return architecture.preset_weights("all")
     if text in architecture.preset_names:
         return architecture.preset_weights(text)
+    if not any(character.isdigit() for character in text):  # a name: another family's preset, or a typo
+        raise ValueError(f"layer preset '{text[:40]}' is not defined for {architecture.name}; expected one of "
+                         f"{', '.join(architecture.preset_names)}, or numbers per layer")
     parts = [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
     keys = architecture.keys
     try:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import pytest
 from safetensors.torch import save_file
 
-from devtools import dit_models
+from devtools import dit_adapters, dit_models
 from devtools.comfy_inprocess import pack_module
 
 TOLERANCE = 1e-4
@@ -27,10 +27,6 @@ EMBED = 24  # the image encoder's embedding width in these tests
 
 def relative_error(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def randn(generator, *shape, scale=0.2):
-    return torch.randn(*shape, generator=generator) * scale
 
 
 @pytest.fixture(scope="module")
@@ -62,63 +58,8 @@ def sd3():
 
 
 def xlabs_file(path, tokens: int, context: int, width: int, seed: int = 0):
-    """A random XLabs Flux adapter in its released key layout."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {"ip_adapter_proj_model.proj.weight": randn(generator, tokens * context, EMBED),
-               "ip_adapter_proj_model.proj.bias": randn(generator, tokens * context),
-               "ip_adapter_proj_model.norm.weight": 1 + randn(generator, context),
-               "ip_adapter_proj_model.norm.bias": randn(generator, context)}
-    for block in range(19):
-        for kind in "kv":
-            prefix = f"double_blocks.{block}.processor.ip_adapter_double_stream_{kind}_proj"
-            tensors[f"{prefix}.weight"] = randn(generator, width, context, scale=2 / context**0.5)
-            tensors[f"{prefix}.bias"] = randn(generator, width)
-    save_file(tensors, str(path))
+    save_file(dit_adapters.xlabs_file_tensors(tokens, context, width, EMBED, seed), str(path))
     return path
-
-
-def instantx_flux_state(tokens: int, context: int, width: int, hidden: int = 48, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    image_proj = {"proj.0.weight": randn(generator, hidden, EMBED), "proj.0.bias": randn(generator, hidden),
-                  "proj.2.weight": randn(generator, tokens * context, hidden), "proj.2.bias": randn(generator, tokens * context),
-                  "norm.weight": 1 + randn(generator, context), "norm.bias": randn(generator, context)}
-    ip_adapter = {f"{key}.to_{kind}_ip.weight": randn(generator, width, context, scale=2 / context**0.5)
-                  for key in range(57) for kind in "kv"}
-    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
-
-
-def sd35_state(width: int, heads: int, features: int = 32, dim: int = 128, queries: int = 8, seed: int = 0) -> dict:
-    """A random SD3.5 InstantX adapter in its released layout (the Resampler's ``layers.{i}.{0,1,2}`` names)."""
-    generator = torch.Generator().manual_seed(seed)
-    head = width // heads
-    image_proj = {"latents": randn(generator, 1, queries, dim), "proj_in.weight": randn(generator, dim, features),
-                  "proj_in.bias": randn(generator, dim), "proj_out.weight": randn(generator, width, dim),
-                  "proj_out.bias": randn(generator, width), "norm_out.weight": 1 + randn(generator, width),
-                  "norm_out.bias": randn(generator, width),
-                  "time_embedding.linear_1.weight": randn(generator, dim, 320), "time_embedding.linear_1.bias": randn(generator, dim),
-                  "time_embedding.linear_2.weight": randn(generator, dim, dim), "time_embedding.linear_2.bias": randn(generator, dim)}
-    for layer in range(4):
-        p = f"layers.{layer}"
-        image_proj.update({
-            f"{p}.0.norm1.weight": 1 + randn(generator, dim), f"{p}.0.norm1.bias": randn(generator, dim),
-            f"{p}.0.norm2.weight": 1 + randn(generator, dim), f"{p}.0.norm2.bias": randn(generator, dim),
-            f"{p}.0.to_q.weight": randn(generator, dim, dim), f"{p}.0.to_kv.weight": randn(generator, 2 * dim, dim),
-            f"{p}.0.to_out.weight": randn(generator, dim, dim),
-            f"{p}.1.0.weight": 1 + randn(generator, dim), f"{p}.1.0.bias": randn(generator, dim),
-            f"{p}.1.1.weight": randn(generator, 4 * dim, dim), f"{p}.1.3.weight": randn(generator, dim, 4 * dim),
-            f"{p}.2.1.weight": randn(generator, 4 * dim, dim), f"{p}.2.1.bias": randn(generator, 4 * dim),
-        })
-    ip_adapter = {}
-    for key in range(38):
-        ip_adapter.update({
-            f"{key}.norm_ip.linear.weight": randn(generator, 2 * width, dim), f"{key}.norm_ip.linear.bias": randn(generator, 2 * width),
-            f"{key}.to_k_ip.weight": randn(generator, width, width, scale=0.3),
-            f"{key}.to_v_ip.weight": randn(generator, width, width, scale=0.3),
-            f"{key}.norm_q.weight": 1 + randn(generator, head, scale=0.3),
-            f"{key}.norm_k.weight": 1 + randn(generator, head, scale=0.3),
-            f"{key}.norm_ip_k.weight": 1 + randn(generator, head, scale=0.3),
-        })
-    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
 def loaded(nodes_module, path):
@@ -176,7 +117,7 @@ def test_sd35_instantx_matches_diffusers(tmp_path, sd3, nodes_module):
 
     model, comfy_model = sd3
     width, heads = model.inner_dim, model.config.num_attention_heads
-    state = sd35_state(width, heads, seed=7)
+    state = dit_adapters.sd35_state(width, heads, features=32, dim=128, queries=8, seed=7)
     assert not torch.allclose(state["ip_adapter"]["0.norm_q.weight"], torch.ones(width // heads))
     path = tmp_path / "ip-adapter.bin"
     torch.save(state, path)
@@ -247,7 +188,8 @@ class InstantXFluxReference:
 def test_instantx_flux_matches_the_published_formula(tmp_path, flux, nodes_module):
     model, comfy_model = flux
     context = model.config.joint_attention_dim
-    state = instantx_flux_state(tokens=6, context=context, width=model.inner_dim, seed=9)
+    state = dit_adapters.instantx_flux_state(tokens=6, context=context, width=model.inner_dim, embed=EMBED, hidden=48,
+                                             seed=9)
     path = tmp_path / "ip-adapter.bin"
     torch.save(state, path)
     adapter = loaded(nodes_module, path)

@@ -70,11 +70,19 @@ def family_of_adapter_layers(layer_keys: Iterable[int]) -> list[tuple[Family, Va
 
 
 def family_of_comfy_layout(patch_keys: Iterable[tuple], context_dim: int | None) -> Family | None:
-    """The family of a ComfyUI model with image layers at ``patch_keys`` and this text-token width (a UNet's;
-    ``None`` for a DiT, whose block layout alone tells it: scaled-down copies keep the block counts)."""
+    """The family of a ComfyUI model with image layers at ``patch_keys`` and this text-token width (a UNet's).
+
+    A DiT (``context_dim`` None) is told by its blocks alone: the family whose block table holds them all, the
+    exact one first. Fewer blocks are a reduced-depth copy (tests, distilled models such as Flux.1 Lite): the
+    adapter's other blocks have nothing to patch; the widths are checked against the adapter when it is applied."""
     patch_keys = set(patch_keys)
-    return next((family for family in _FAMILIES if set(family.layer_by_patch_key) == patch_keys
-                 and (family.context_dim == context_dim or (context_dim is None and not family.attach.is_unet))), None)
+    exact = next((family for family in _FAMILIES if set(family.layer_by_patch_key) == patch_keys
+                  and (family.context_dim == context_dim or (context_dim is None and not family.attach.is_unet))), None)
+    if exact is not None or context_dim is not None:
+        return exact
+    kinds = {key[0] for key in patch_keys}
+    return next((family for family in _FAMILIES if not family.attach.is_unet and patch_keys <= set(family.layer_by_patch_key)
+                 and kinds == {layer.comfy_block[0] for layer in family.layers}), None)
 
 
 def official_keys_from_processor_names(processor_names: list[str]) -> dict[str, int]:

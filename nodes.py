@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .ipadapter.adapter_file import IPAdapterCheckpoint, check_encoder, load_adapter
+from .ipadapter.adapter_file import AdapterFormatError, IPAdapterCheckpoint, check_encoder, load_adapter
 from .ipadapter.encoder import ImageEncoder, load_image_encoder
 from .ipadapter.files import atomic_path
-from .ipadapter.registry import ENCODERS, VARIANTS
+from .ipadapter.registry import ENCODERS, PRESETS, VARIANTS, variant_by_name
 from .ipadapter.image_prompt import (
     EncodedImages,
     check_mask,
@@ -232,12 +232,32 @@ class IPAdapterKitUnifiedLoader(InterfaceNode):
             family, preset, folder_paths.get_filename_list(MODEL_FOLDER), folder_paths.get_filename_list(ENCODER_FOLDER),
             folder_paths.get_folder_paths(MODEL_FOLDER), folder_paths.get_folder_paths(ENCODER_FOLDER),
         )
-        adapter = load_adapter_file(files.adapter)
+        adapter = first_fitting_adapter(model, family, preset, files.adapters)
         encoder = load_encoder_file(files.encoder)
-        check_model_fits(model.model.diffusion_model, adapter.checkpoint)
         check_encoder(adapter.checkpoint.spec, encoder.encoder.embed_dim, encoder.encoder.hidden_width,
                       adapter.checkpoint.source, files.encoder)
         return (model, adapter, encoder)
+
+
+def first_fitting_adapter(model, family, preset: str, candidates) -> LoadedAdapter:
+    """The first candidate file that is the preset's adapter for this MODEL (released names are shared across
+    families and versions: the tensors decide); none fitting is a one-line error saying what each one is."""
+    wanted = variant_by_name(PRESETS[preset][0], family).projection
+    refused = []
+    for name in candidates:
+        try:
+            adapter = load_adapter_file(name)
+            spec = adapter.checkpoint.spec
+            if spec.projection != wanted:
+                raise AdapterFormatError(f"'{name}' is {spec.describe()}; expected a {wanted} projection for '{preset}'")
+            check_model_fits(model.model.diffusion_model, adapter.checkpoint)
+            return adapter
+        except ValueError as reason:  # AdapterFormatError and the model's own refusals
+            refused.append(reason)
+    if len(refused) == 1:
+        raise refused[0]
+    raise AdapterFormatError(f"no file fits preset '{preset}' for {family.name}: "
+                             + "; ".join(str(reason)[:160] for reason in refused))
 
 
 class IPAdapterKitEncoderLoader(InterfaceNode):

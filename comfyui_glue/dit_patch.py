@@ -20,7 +20,7 @@ import torch
 
 from ..ipadapter.dit_attention import image_attention, joint_image_attention, reweighted_rms
 from ..ipadapter.image_prompt import layer_keys_values
-from ..patcher import COND, RECORD_KEY, ImagePromptTerm, comfy_attention, frame_indices, weigh_keys_values
+from ..patcher import COND, RECORD_KEY, ImagePromptTerm, comfy_attention, dit_blocks, frame_indices, weigh_keys_values
 
 LATENT_KEY = "ipadapter_kit_latent"  # transformer option: (latent height, latent width, text tokens) of this call
 WRAPPER_KEY = "ipadapter_kit_latent_shape"
@@ -228,8 +228,11 @@ def apply_dit_image_prompt(model, term):
     patched = model.clone()
     replace = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     family = term.architecture
+    present = dit_blocks(patched.model.diffusion_model)
     for key in term.layer_weights:
         layer = family.layer_by_key[key]
+        if layer.comfy_block not in present:  # a reduced-depth model: nothing to patch there
+            continue
         existing = replace.get(layer.comfy_patch_key)
         if isinstance(existing, DiTBlockPatch) and existing.key == key:
             patch = existing.with_term(term)

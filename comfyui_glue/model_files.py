@@ -17,9 +17,11 @@ EXTENSIONS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 @dataclass(frozen=True)
 class PresetFiles:
-    adapter: str  # relative name in the ipadapter folder
+    adapter: str  # relative name in the ipadapter folder: the first candidate
     encoder: str  # relative name in the clip_vision folder
     encoder_kind: str
+    adapters: tuple[str, ...] = ()  # every file with one of the preset's names, best first (several releases share
+    # a name: XLabs' v1 and v2 are both ip_adapter.safetensors, InstantX's Flux and SD3.5 both ip-adapter.bin)
 
 
 def _stem(name: str) -> str:
@@ -30,14 +32,22 @@ def _stem(name: str) -> str:
     return name
 
 
-def find_file(names: list[str], wanted: tuple[str, ...]) -> str | None:
-    """The first of ``names`` whose stem is one of ``wanted`` (a folder prefix allowed), in ``wanted``'s order."""
+def find_files(names: list[str], wanted: tuple[str, ...], hints: tuple[str, ...] = ()) -> list[str]:
+    """``names`` whose stem is one of ``wanted`` (a folder prefix allowed), in ``wanted``'s order; among equal names,
+    those whose path says one of ``hints`` (the family) first, then a later version (``v2``)."""
+    found = []
     for pattern in wanted:
         regex = re.compile(rf"(^|.*/){re.escape(pattern)}$")
-        for name in sorted(names):
-            if regex.match(_stem(name)):
-                return name
-    return None
+        matches = [name for name in sorted(names) if regex.match(_stem(name)) and name not in found]
+        found += sorted(matches, key=lambda name: (not any(hint in name.lower() for hint in hints),
+                                                   "v2" not in name.lower()))
+    return found
+
+
+def find_file(names: list[str], wanted: tuple[str, ...]) -> str | None:
+    """The first of ``names`` whose stem is one of ``wanted`` (a folder prefix allowed), in ``wanted``'s order."""
+    found = find_files(names, wanted)
+    return found[0] if found else None
 
 
 def preset_files(architecture: Family, preset: str, adapter_names: list[str], encoder_names: list[str],
@@ -51,7 +61,8 @@ def preset_files(architecture: Family, preset: str, adapter_names: list[str], en
         offered = ", ".join(p for p in PRESETS if p in by_preset)
         raise ValueError(f"preset '{preset}' has no {architecture.name} adapter; expected one of {offered} for this MODEL")
     wanted = by_preset[preset]
-    adapter = find_file(adapter_names, wanted)
+    adapters = find_files(adapter_names, wanted, (architecture.id, architecture.name.lower().split()[0]))
+    adapter = adapters[0] if adapters else None
     if adapter is None:
         raise FileNotFoundError(
             f"no {architecture.name} '{preset}' adapter found: looked for {', '.join(w + '.safetensors/.bin' for w in wanted)} "
@@ -64,4 +75,4 @@ def preset_files(architecture: Family, preset: str, adapter_names: list[str], en
             f"no {kind.name} image encoder found for '{adapter}': looked for {', '.join(kind.file_stems)} "
             f"(.safetensors/.bin, any case) in {', '.join(encoder_folders) or 'no clip_vision folder'}"
         )
-    return PresetFiles(adapter, encoder, kind.name)
+    return PresetFiles(adapter, encoder, kind.name, tuple(adapters))

@@ -50,3 +50,23 @@ def test_missing_files_and_sd15_only_presets_are_one_line_errors():
         find(SDXL, "vit-bigg", encoders=["models/image_encoder/model.safetensors"])
     with pytest.raises(ValueError, match="preset 'full-face' has no SDXL adapter; expected one of standard, vit-bigg, plus, plus-face"):
         find(SDXL, "full-face")
+
+
+def test_dit_presets_list_every_file_of_their_names_later_versions_first():
+    from ipadapter.registry.families import FLUX, SD35
+
+    adapters = ["xlabs/flux-ip-adapter/ip_adapter.safetensors", "xlabs/flux-ip-adapter-v2/ip_adapter.safetensors",
+                "instantx/FLUX.1-dev-IP-Adapter/ip-adapter.bin", "instantx/SD3.5-Large-IP-Adapter/ip-adapter.bin"]
+    encoders = ["clip_vision_l.safetensors", "sigclip_vision_patch14_384.safetensors"]
+    xlabs = find(FLUX, "flux-xlabs", adapters, encoders)
+    assert xlabs.adapters == ("xlabs/flux-ip-adapter-v2/ip_adapter.safetensors",
+                              "xlabs/flux-ip-adapter/ip_adapter.safetensors")
+    assert xlabs.encoder == "clip_vision_l.safetensors"
+    instantx = find(FLUX, "flux-instantx", adapters, encoders)
+    # the folder names it first; SD3.5's file of the same name stays a candidate, which its tensors then refuse
+    assert instantx.adapters[0] == "instantx/FLUX.1-dev-IP-Adapter/ip-adapter.bin"
+    assert "instantx/SD3.5-Large-IP-Adapter/ip-adapter.bin" in instantx.adapters
+    assert instantx.encoder == "sigclip_vision_patch14_384.safetensors"
+    assert find(SD35, "sd35-instantx", adapters, encoders).adapters[0] == "instantx/SD3.5-Large-IP-Adapter/ip-adapter.bin"
+    with pytest.raises(ValueError, match="preset 'plus' has no Flux.1 adapter; expected one of flux-xlabs, flux-instantx"):
+        find(FLUX, "plus", adapters, encoders)

@@ -205,3 +205,15 @@ def test_truncated_or_code_running_pickles_are_refused(tmp_path):
     torch.save({"image_proj": {"x": RunsCode()}, "ip_adapter": {}}, evil)
     one_line_error(lambda: adapter_file.load_adapter(evil, base_width=None), "'evil.bin' was refused")
     assert not sentinel.exists()
+
+
+def test_xlabs_file_is_written_back_in_its_own_layout(tmp_path):
+    from safetensors.torch import load_file
+
+    adapter_file = pack_module("ipadapter.adapter_file")
+    tensors = dit_adapters.xlabs_file_tensors(4, 32, 64, EMBED, seed=3)
+    save_file(tensors, str(tmp_path / "ip_adapter.safetensors"))
+    checkpoint = adapter_file.load_adapter(tmp_path / "ip_adapter.safetensors", base_width=None)
+    adapter_file.save_adapter(checkpoint, tmp_path / "copy.safetensors", dtype=None)
+    written = load_file(str(tmp_path / "copy.safetensors"))
+    assert set(written) == set(tensors) and all(torch.equal(written[key], tensors[key]) for key in tensors)

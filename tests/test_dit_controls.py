@@ -217,3 +217,18 @@ def test_xlabs_file_is_written_back_in_its_own_layout(tmp_path):
     adapter_file.save_adapter(checkpoint, tmp_path / "copy.safetensors", dtype=None)
     written = load_file(str(tmp_path / "copy.safetensors"))
     assert set(written) == set(tensors) and all(torch.equal(written[key], tensors[key]) for key in tensors)
+
+
+def test_attention_map_shows_where_a_masked_prompt_lands(flux, nodes_module, adapters):
+    """The Attention Map node samples one step of the patched Flux through ComfyUI's sampler."""
+    generator = torch.Generator().manual_seed(11)
+    positive = [[torch.randn(1, 7, 32, generator=generator), {"pooled_output": torch.randn(1, 24, generator=generator),
+                                                              "guidance": 3.5}]]
+    negative = [[torch.zeros(1, 7, 32), {"pooled_output": torch.zeros(1, 24), "guidance": 3.5}]]
+    left = torch.zeros(1, 64, 64)
+    left[:, :, :32] = 1
+    patched = nodes_module.patch_model(flux, adapters["instantx"], embeds_for("instantx"), attn_mask=left)
+    images, average = nodes_module.IPAdapterKitAttentionMap().map(
+        patched, positive, negative, {"samples": torch.zeros(1, 16, 8, 8)}, seed=0, steps=4, at_step=1, cfg=1.0)
+    assert images.shape[0] == 1 + 57  # the average, then every block
+    assert average[0, :, 48:].max() == 0 and average[0, :, :16].max() > 0.5  # the maps are bilinear: a soft edge

@@ -88,7 +88,7 @@ def parse_layer_weights(text: str, architecture: Family) -> dict[int, float]:
         return architecture.preset_weights("all")
     if text in architecture.preset_names:
         return architecture.preset_weights(text)
-    if not any(character.isdigit() for character in text):  # a name: another family's preset, or a typo
+    if not any(character.isdigit() or character in ",:" for character in text):  # a name: another family's preset
         raise ValueError(f"layer preset '{text[:40]}' is not defined for {architecture.name}; expected one of "
                          f"{', '.join(architecture.preset_names)}, or numbers per layer")
     parts = [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]

@@ -84,7 +84,7 @@ def detect_family(path: str | Path, option: str = "model.base") -> Family:
         found = ", ".join(sorted(p.name + "/" for p in path.iterdir() if p.is_dir())[:4]) or "no subfolders"
     if family is None:
         seen = f"it looks like {what}" if what else f"found {found}"
-        raise ModelFileError(f"'{path.name}' ({option}) is not a base model of {family_names()} ({seen}); "
+        raise ModelFileError(f"'{path.name}' ({option}) is not a base model of {family_names(trainable=True)} ({seen}); "
                              "expected a diffusers model folder or a single-file checkpoint of one of them")
     return family
 

@@ -262,7 +262,7 @@ def check_unet_layout(unet: UNet2DConditionModel, source: str, expected: Family)
     family = family_of_processor_names(processor_names)
     if family is not expected:
         crosses = sum(name.endswith("attn2.processor") for name in processor_names)
-        found = f"is laid out like {family.name}" if family else f"has {crosses} cross-attention layers, not those of {family_names()}"
+        found = f"is laid out like {family.name}" if family else f"has {crosses} cross-attention layers, not those of {family_names(trainable=True)}"
         raise ModelFileError(f"UNet of '{source}' {found}; expected {expected.name}'s {expected.describe_layers()}")
     if unet.config.cross_attention_dim != expected.context_dim:
         raise ModelFileError(

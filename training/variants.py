@@ -42,7 +42,7 @@ def adapter_spec(variant: str, num_tokens: int | None, embed_dim: int, hidden_wi
 def family_of_diffusers_unet(unet) -> Family:
     family = family_of_processor_names(unet.attn_processors)
     if family is None:
-        raise ValueError(f"the UNet's cross-attention layers are not those of {family_names()}")
+        raise ValueError(f"the UNet's cross-attention layers are not those of {family_names(trainable=True)}")
     return family
 
 

@@ -42,8 +42,9 @@ def unregister_family(family: Family) -> None:
     _FAMILIES.remove(family)
 
 
-def family_names() -> str:
-    return " or ".join(family.name for family in _FAMILIES)
+def family_names(trainable: bool = False) -> str:
+    """``"SD1.5 or SDXL or ..."``; ``trainable``: only the families the trainer makes adapters for."""
+    return " or ".join(family.name for family in (trainable_families() if trainable else _FAMILIES))
 
 
 def family_by_id(family_id: str) -> Family:

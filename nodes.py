@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .ipadapter.adapter_file import AdapterFormatError, IPAdapterCheckpoint, check_encoder, load_adapter
+from .ipadapter.adapter_file import IPAdapterCheckpoint, check_encoder, load_adapter
 from .ipadapter.encoder import ImageEncoder, load_image_encoder
 from .ipadapter.files import atomic_path
-from .ipadapter.registry import ENCODERS, PRESETS, VARIANTS, variant_by_name
+from .ipadapter.model_scan import format_table, model_table, pick_adapter, pick_encoder
+from .ipadapter.registry import ENCODERS, PRESETS, VARIANTS
 from .ipadapter.image_prompt import (
     EncodedImages,
     check_mask,
@@ -32,7 +33,6 @@ from .ipadapter.weighting import frame_schedule, parse_frame_weights, parse_weig
 from .ipadapter.weighting import layer_weights as per_layer_weights
 from .comfyui_glue.heatmap import as_images, block_maps
 from .comfyui_glue.interface import BATCH_MODES, ENCODER_FOLDER, FAMILIES, MODEL_FAMILIES, MODEL_FOLDER, NODES, SAVED_EMBEDS
-from .comfyui_glue.model_files import preset_files
 from .comfyui_glue.reference_prep import make_noise, prepare_reference
 from .comfyui_glue.tiles import blend_detail, center_square, detail_tiles, tile_reference
 from .comfyui_glue.dit_patch import TimedImagePromptTerm
@@ -218,46 +218,45 @@ class IPAdapterKitLoader(InterfaceNode):
 
 
 class IPAdapterKitUnifiedLoader(InterfaceNode):
-    DESCRIPTION = (f"Finds the released adapter of a preset for the MODEL's family ({MODEL_FAMILIES}) in models/ipadapter, "
-                   "and the image encoder it needs in models/clip_vision, by their usual file names; checks the pair "
-                   "from the tensors. Loaded files stay cached across queues.")
+    DESCRIPTION = (f"Finds the adapter of a preset for the MODEL's family ({MODEL_FAMILIES}) in models/ipadapter, and "
+                   "the image encoder it needs in models/clip_vision, by what the files hold (any name, any folder "
+                   "of extra_model_paths.yaml; released names win ties). Loaded files stay cached across queues.")
     CATEGORY = f"{CATEGORY}/loaders"
     FUNCTION = "load"
 
     def load(self, model, preset):
-        import folder_paths
-
         family = family_of_comfy_model(model.model.diffusion_model)
-        files = preset_files(
-            family, preset, folder_paths.get_filename_list(MODEL_FOLDER), folder_paths.get_filename_list(ENCODER_FOLDER),
-            folder_paths.get_folder_paths(MODEL_FOLDER), folder_paths.get_folder_paths(ENCODER_FOLDER),
-        )
-        adapter = first_fitting_adapter(model, family, preset, files.adapters)
-        encoder = load_encoder_file(files.encoder)
+        adapter_files, adapter_folders = listed(MODEL_FOLDER)
+        encoder_files, encoder_folders = listed(ENCODER_FOLDER)
+        found = pick_adapter(family, preset, adapter_files, adapter_folders)
+        encoder_file = pick_encoder(PRESETS[preset][1], found, encoder_files, encoder_folders)
+        adapter = load_adapter_file(found.name)
+        encoder = load_encoder_file(encoder_file.name)
+        check_model_fits(model.model.diffusion_model, adapter.checkpoint)
         check_encoder(adapter.checkpoint.spec, encoder.encoder.embed_dim, encoder.encoder.hidden_width,
-                      adapter.checkpoint.source, files.encoder)
+                      adapter.checkpoint.source, encoder_file.name)
         return (model, adapter, encoder)
 
 
-def first_fitting_adapter(model, family, preset: str, candidates) -> LoadedAdapter:
-    """The first candidate file that is the preset's adapter for this MODEL (released names are shared across
-    families and versions: the tensors decide); none fitting is a one-line error saying what each one is."""
-    wanted = variant_by_name(PRESETS[preset][0], family).projection
-    refused = []
-    for name in candidates:
-        try:
-            adapter = load_adapter_file(name)
-            spec = adapter.checkpoint.spec
-            if spec.projection != wanted:
-                raise AdapterFormatError(f"'{name}' is {spec.describe()}; expected a {wanted} projection for '{preset}'")
-            check_model_fits(model.model.diffusion_model, adapter.checkpoint)
-            return adapter
-        except ValueError as reason:  # AdapterFormatError and the model's own refusals
-            refused.append(reason)
-    if len(refused) == 1:
-        raise refused[0]
-    raise AdapterFormatError(f"no file fits preset '{preset}' for {family.name}: "
-                             + "; ".join(str(reason)[:160] for reason in refused))
+def listed(folder: str) -> tuple[dict[str, str], list[str]]:
+    """A model folder's files (name as ComfyUI lists it -> path), extra_model_paths.yaml included, and its folders."""
+    import folder_paths
+
+    names = folder_paths.get_filename_list(folder)
+    return {name: folder_paths.get_full_path(folder, name) for name in names}, folder_paths.get_folder_paths(folder)
+
+
+class IPAdapterKitModelCheck(InterfaceNode):
+    DESCRIPTION = ("Lists what every file in models/ipadapter and models/clip_vision is (read from its tensors, "
+                   "whatever its name): family, variant, the image encoder it needs, the unified-loader presets it "
+                   "serves, and whether that encoder is there.")
+    CATEGORY = f"{CATEGORY}/utils"
+    FUNCTION = "check"
+    OUTPUT_NODE = True
+
+    def check(self):
+        table = format_table(model_table(listed(MODEL_FOLDER)[0], listed(ENCODER_FOLDER)[0]))
+        return {"ui": {"text": [table]}, "result": (table,)}
 
 
 class IPAdapterKitEncoderLoader(InterfaceNode):
@@ -499,6 +498,7 @@ NODE_CLASS_MAPPINGS = {
     "IPAdapterKitSimple": IPAdapterKitSimple,
     "IPAdapterKitSaveEmbeds": IPAdapterKitSaveEmbeds,
     "IPAdapterKitLoadEmbeds": IPAdapterKitLoadEmbeds,
+    "IPAdapterKitModelCheck": IPAdapterKitModelCheck,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: NODES[node_id].title for node_id in NODE_CLASS_MAPPINGS}

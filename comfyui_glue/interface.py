@@ -249,4 +249,5 @@ NODES: dict[str, NodeSpec] = {
     "IPAdapterKitLoadEmbeds": spec(
         [files("embeds_file", SAVED_EMBEDS, tooltip="A .safetensors file written by Save Embeds.")],
         [("embeds", EMBEDS)], "Load IP-Adapter Embeds"),
+    "IPAdapterKitModelCheck": spec([], [("table", "STRING")], "IP-Adapter Model Check"),
 }

@@ -1,6 +1,7 @@
 """``python -m ipadapter COMMAND ...`` (run from the pack's folder): tools for weights files.
 
   convert IN OUT [--dtype fp16|bf16|fp32] [--check]   a .safetensors copy of a .bin/.pt/.pth
+  models [COMFYUI_DIR]                                 what each adapter / image encoder file is
 
 Exit status 0 on success, 2 with a one-line error on stderr for input it cannot use.
 A command is one entry in COMMANDS: its help, its arguments, and a function from the
@@ -56,6 +57,24 @@ def convert(options: argparse.Namespace) -> list[str]:
     return lines + ([f"IP-Adapter: {kind}"] if kind else [])
 
 
+def models_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("comfyui", metavar="COMFYUI_DIR", nargs="?", type=Path,
+                        help="ComfyUI's folder (default: $COMFYUI_PATH, else the current folder)")
+
+
+def models(options: argparse.Namespace) -> list[str]:
+    import os
+
+    from .model_scan import configured_folders, files_in, format_table, model_table
+
+    root = options.comfyui or Path(os.environ.get("COMFYUI_PATH", "."))
+    adapters, encoders = configured_folders(root, "ipadapter"), configured_folders(root, "clip_vision")
+    if not adapters and not encoders:
+        raise CommandFailed(f"'{root}' has no models/ipadapter nor models/clip_vision folder; expected ComfyUI's folder")
+    return [format_table(model_table(files_in(adapters), files_in(encoders))),
+            f"folders: {', '.join(adapters + encoders)}"]
+
+
 COMMANDS = {
     "convert": Command(
         help="write a .safetensors copy of a .bin/.pt/.pth weights file",
@@ -68,6 +87,16 @@ COMMANDS = {
             "OUT appears whole or not at all: an existing OUT is left as it was on any error."),
         add_arguments=convert_arguments,
         run=convert,
+    ),
+    "models": Command(
+        help="list what each file in models/ipadapter and models/clip_vision is",
+        description=(
+            "Read every weights file in ComfyUI's models/ipadapter and models/clip_vision folders (and the folders "
+            "extra_model_paths.yaml adds) by its tensor shapes, whatever its name, and print a table: what each file "
+            "is, the image encoder an adapter needs, the unified-loader presets it serves, and whether that encoder "
+            "is present."),
+        add_arguments=models_arguments,
+        run=models,
     ),
 }
 

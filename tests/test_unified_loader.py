@@ -1,4 +1,4 @@
-"""The unified loader inside a real ComfyUI: files found by name, pair checked, cached across queues."""
+"""The unified loader inside a real ComfyUI: files found by what they hold, pair checked, cached across queues."""
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -53,8 +53,10 @@ def test_unified_loader_finds_checks_and_caches(nodes, model, model_folders):
 
     with pytest.raises(FileNotFoundError) as error:
         loader.load(model, "plus-face")
-    assert "ip-adapter-plus-face_sd15.safetensors/.bin" in str(error.value) and str(model_folders) in str(error.value)
-    with pytest.raises(FileNotFoundError, match="no OpenCLIP ViT-bigG/14 image encoder"):
+    message = str(error.value)
+    assert "is an SD1.5 plus-face adapter" in message and "its name must say 'face'" in message
+    assert "ip-adapter-plus_sd15.safetensors is SD1.5 plus" in message and str(model_folders) in message
+    with pytest.raises(FileNotFoundError, match="needs OpenCLIP ViT-bigG/14; .* hold: .*model.safetensors is a scaled-"):
         write_adapter(model_folders / "ipadapter" / "ip-adapter_sd15_vit-G.safetensors", variant="base",
                       base_width=WIDTH, encoder_width=1280)
         loader.load(model, "vit-bigg")

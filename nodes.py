@@ -403,7 +403,8 @@ class IPAdapterKitApply(InterfaceNode):
               embeds_scaling="V only", composition_weight=1.0, batch_mode="all latents", frame_weights="", regions=None):
         layer_weights = custom_layer_weights if layers == "custom" else layers
         for region in regions.regions if regions else ():
-            model = patch_model(model, ipadapter, region.embeds, region.weight, region.start_at, region.end_at, combine,
+            # λ scales everything this node attaches: at 0 the regions are off too
+            model = patch_model(model, ipadapter, region.embeds, weight * region.weight, region.start_at, region.end_at, combine,
                                 layer_weights, region.mask, region.weight_type, embeds_scaling, composition_weight)
         if embeds is None and image is not None and image_encoder is not None:
             embeds = encode_images(image_encoder, image, "crop")

@@ -7,6 +7,8 @@ nodes by it. Plain data: importing it loads neither torch nor ComfyUI.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .node_spec import NodeSpec, combo, files, num, opt, sock, spec, text
 
 if __package__ == "comfyui_glue":  # imported from the repository root (the workflow migrator, tools)
@@ -64,6 +66,8 @@ DIT_PRESETS = per_family(lambda f: ", ".join(f"{name} = {f.describe_blocks(block
 
 WEIGHT = num("FLOAT", "weight", 1.0, -1.0, 3.0, step=0.05,
              tooltip="λ, the image prompt's weight: 0 gives the model without the adapter, 1 the paper's default.")
+APPLY_WEIGHT = replace(WEIGHT, tooltip=WEIGHT.tooltip + " It scales everything Apply attaches, the regions' own weights "
+                       "included: at 0 the regions are off too.")
 WEIGHT_TYPE_TOOLTIP = (
     "How λ is spread over the layers (blocks counted in the order the UNet runs them; the layer preset multiplies it). "
     "linear: λ everywhere. ease in / ease out: from full to 5% / from 5% to full over the blocks; ease in-out: strongest "
@@ -182,7 +186,7 @@ NODES: dict[str, NodeSpec] = {
     "IPAdapterKitApply": spec([
         sock("model", "MODEL", tooltip=f"An {MODEL_FAMILIES} model; it is cloned, never changed."),
         sock("ipadapter", ADAPTER, tooltip="From Load IP-Adapter."),
-        WEIGHT,
+        APPLY_WEIGHT,
         *window("the image prompt"),
         combo("combine", COMBINE_MODES, "average", tooltip=(
             "Several references: average their features, concatenate their tokens (each keeps its own), add them, "

@@ -142,6 +142,13 @@ def test_regions_chain_into_one_apply(nodes, encoder, adapter, model):
     assert [t.layer_weight(17) for t in terms] == pytest.approx([0.7, 0.4])  # output 5 is a style block in SD1.5
     assert torch.equal(terms[0].mask[0], left) and torch.equal(terms[1].mask[0], right)
     assert terms[0].layer_weight(9) == pytest.approx(0.7) and terms[1].layer_weight(9) == 0  # down_blocks.2: not style
+    # λ scales the regions too: 0.5 halves them, 0 turns them off
+    (half,) = nodes.IPAdapterKitApply().apply(model, adapter, 0.5, 0.0, 1.0, "average", "all", "", regions=chain)
+    terms = half.model_options["transformer_options"]["patches_replace"]["attn2"][("output", 5, 0)].terms
+    assert [t.layer_weight(17) for t in terms] == pytest.approx([0.35, 0.2])
+    (off,) = nodes.IPAdapterKitApply().apply(model, adapter, 0.0, 0.0, 1.0, "average", "all", "", regions=chain)
+    terms = off.model_options["transformer_options"]["patches_replace"]["attn2"][("output", 5, 0)].terms
+    assert all(t.layer_weight(key) == 0 for t in terms for key in t.layer_weights)
     with pytest.raises(ValueError, match="no embeds, no image \\+ image_encoder and no regions"):
         nodes.IPAdapterKitApply().apply(model, adapter, 1.0, 0.0, 1.0, "average", "all", "")
 

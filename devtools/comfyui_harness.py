@@ -670,6 +670,49 @@ def start_sdxl_server(base: Path, comfyui: Path | None = None) -> ComfyServer:
 
 
 # =============================================================================
+# A server for the tiny Flux / SD3.5 models of the DiT workflows
+# =============================================================================
+
+DIT_HARNESS_PACK_NAME = "harness-dit-loaders"
+# Installs devtools.dit_workflow_models' loader hooks (no nodes): ComfyUI's own UNETLoader, DualCLIPLoader and
+# TripleCLIPLoader then load the tiny models, whose files carry the widths ComfyUI's detection fixes.
+DIT_HARNESS_PACK_INIT = f"""import sys
+sys.path.insert(0, {str(REPO_ROOT)!r})
+try:
+    from devtools.dit_workflow_models import install_loader_hooks
+finally:
+    sys.path.remove({str(REPO_ROOT)!r})
+install_loader_hooks()
+NODE_CLASS_MAPPINGS = {{}}
+"""
+# the model folders of Flux / SD3.5 files that MODEL_FOLDERS lacks (made before the server lists them)
+DIT_MODEL_FOLDERS = ("diffusion_models", "text_encoders")
+
+
+def write_dit_harness_pack(folder: Path) -> Path:
+    """A custom-node pack that installs the DiT loader hooks when ComfyUI imports it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "__init__.py").write_text(DIT_HARNESS_PACK_INIT)
+    return folder
+
+
+def start_dit_server(base: Path, comfyui: Path | None = None) -> ComfyServer:
+    """A ComfyUI with this pack and the DiT loader hooks (``devtools.dit_workflow_models``); call :meth:`ComfyServer.stop`.
+
+    Link the models in with ``dit_workflow_models.link_model_files(server.base / "models")``."""
+    hooks = write_dit_harness_pack(Path(base) / "harness-dit-pack")
+    for folder in DIT_MODEL_FOLDERS:
+        (Path(base) / "comfyui" / "models" / folder).mkdir(parents=True, exist_ok=True)
+    server = start_comfyui_server(Path(base) / "comfyui", {PACK_FOLDER_NAME: REPO_ROOT, DIT_HARNESS_PACK_NAME: hooks},
+                                  comfyui)
+    for name in (PACK_FOLDER_NAME, DIT_HARNESS_PACK_NAME):
+        if server.custom_node_import_failed(name):
+            server.stop()
+            raise ComfyUIError(f"ComfyUI could not import {name}:\n{server.log_tail()}")
+    return server
+
+
+# =============================================================================
 # Command line
 # =============================================================================
 

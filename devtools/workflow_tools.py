@@ -5,7 +5,8 @@ widget values as a positional list, ``widgets_values``, in the order the editor
 creates the widgets from the node's definition in ``GET /object_info``:
 required then optional inputs, every input whose type is a list (a combo),
 ``INT``, ``FLOAT``, ``STRING`` or ``BOOLEAN`` (unless ``forceInput``) is a
-widget; an ``INT`` named ``seed`` / ``noise_seed`` (or with
+widget, and so is a ``COMBO`` input (the node schema of later ComfyUIs, whose
+choices are in its ``options``); an ``INT`` named ``seed`` / ``noise_seed`` (or with
 ``control_after_generate``) is followed by the "control after generate" value;
 a node whose required ``image`` input has ``image_upload`` gets an ``upload``
 button after its required widgets (its value is ``"image"``). Everything else
@@ -59,21 +60,48 @@ SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 SDXL_ADAPTER = "ip-adapter_sdxl_vit-h.safetensors"
 SDXL_PLUS_ADAPTER = "ip-adapter-plus_sdxl_vit-h.safetensors"
 ENCODER = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"  # SD1.5 and the SDXL _vit-h adapters
+# Flux.1 dev and SD3.5 Large as ComfyUI's own examples load them (ComfyUI_examples flux/flux_dev_example.png,
+# sd3/sd3.5_text_encoders_example.png): the transformer, the text encoders and the VAE in files of their own
+# (SD3.5 Large's checkpoint holds its VAE, not its text encoders); the text encoders are shared by both.
+FLUX_MODEL = "flux1-dev.safetensors"  # models/diffusion_models
+FLUX_VAE = "ae.safetensors"  # models/vae
+SD35_CHECKPOINT = "sd3.5_large.safetensors"  # models/checkpoints
+CLIP_L_TEXT, CLIP_G_TEXT, T5XXL_TEXT = "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"
+# The DiT adapters under the first of their released names in the registry (ipadapter/registry/families.py), and
+# the image encoders under the names of ComfyUI's own downloads (Comfy-Org's clip_vision files)
+XLABS_ADAPTER = "flux-ip-adapter-v2.safetensors"  # XLabs-AI/flux-ip-adapter-v2
+INSTANTX_FLUX_ADAPTER = "flux.1-dev-ip-adapter.bin"  # InstantX/FLUX.1-dev-IP-Adapter's ip-adapter.bin
+SD35_ADAPTER = "sd3.5-large-ip-adapter.bin"  # InstantX/SD3.5-Large-IP-Adapter's ip-adapter.bin
+CLIP_L_ENCODER = "clip_vision_l.safetensors"  # OpenAI CLIP ViT-L/14: XLabs
+SIGLIP_ENCODER = "sigclip_vision_patch14_384.safetensors"  # SigLIP so400m-patch14-384: InstantX
 REFERENCE_IMAGES = ("reference.png", "reference_b.png")
 SOURCE_IMAGES = ("source.png", "source_masked.png")
-# A workflow's family is that of its checkpoint; each family has its own adapters.
-FAMILY_OF_CHECKPOINT = {CHECKPOINT: "sd15", SDXL_CHECKPOINT: "sdxl"}
-ADAPTERS_OF_FAMILY = {"sd15": {ADAPTER, TRAINED_ADAPTER}, "sdxl": {SDXL_ADAPTER, SDXL_PLUS_ADAPTER}}
+# A workflow's family is that of its base model (a checkpoint, or Flux's diffusion model); each family has its
+# own adapters, each adapter the image encoder it was trained with.
+FAMILY_OF_CHECKPOINT = {CHECKPOINT: "sd15", SDXL_CHECKPOINT: "sdxl", SD35_CHECKPOINT: "sd35"}
+FAMILY_OF_DIFFUSION_MODEL = {FLUX_MODEL: "flux"}
+FAMILY_OF_BASE_MODEL = {**FAMILY_OF_CHECKPOINT, **FAMILY_OF_DIFFUSION_MODEL}
+ADAPTERS_OF_FAMILY = {"sd15": {ADAPTER, TRAINED_ADAPTER}, "sdxl": {SDXL_ADAPTER, SDXL_PLUS_ADAPTER},
+                      "flux": {XLABS_ADAPTER, INSTANTX_FLUX_ADAPTER}, "sd35": {SD35_ADAPTER}}
+ENCODER_OF_ADAPTER = {**{adapter: ENCODER for adapter in (ADAPTER, TRAINED_ADAPTER, SDXL_ADAPTER, SDXL_PLUS_ADAPTER)},
+                      XLABS_ADAPTER: CLIP_L_ENCODER, INSTANTX_FLUX_ADAPTER: SIGLIP_ENCODER, SD35_ADAPTER: SIGLIP_ENCODER}
 USER_FILES = {
     "checkpoints": set(FAMILY_OF_CHECKPOINT),
+    "diffusion_models": set(FAMILY_OF_DIFFUSION_MODEL),
+    "text_encoders": {CLIP_L_TEXT, CLIP_G_TEXT, T5XXL_TEXT},
+    "vae": {FLUX_VAE},
     "ipadapter": set().union(*ADAPTERS_OF_FAMILY.values()),
-    "clip_vision": {ENCODER},
+    "clip_vision": set(ENCODER_OF_ADAPTER.values()),
     "input": {*REFERENCE_IMAGES, *SOURCE_IMAGES},
 }
 # Combo inputs whose choices are the files of a folder: on a test server the
 # folder may lack the user's file, so the names above are accepted as well.
 FILE_INPUTS = {
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    **{("DualCLIPLoader", f"clip_name{i}"): "text_encoders" for i in (1, 2)},
+    **{("TripleCLIPLoader", f"clip_name{i}"): "text_encoders" for i in (1, 2, 3)},
+    ("VAELoader", "vae_name"): "vae",
     ("IPAdapterKitLoader", "ipadapter_file"): "ipadapter",
     ("IPAdapterKitSimple", "ipadapter_file"): "ipadapter",
     ("IPAdapterKitEncoderLoader", "clip_name"): "clip_vision",
@@ -81,6 +109,8 @@ FILE_INPUTS = {
     ("CLIPVisionLoader", "clip_name"): "clip_vision",
     ("LoadImage", "image"): "input",
 }
+# The empty latents the workflows start from: SD1.5/SDXL's 4 channels, Flux/SD3's 16.
+LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 OUR_PREFIX = "IPAdapterKit"
 # Our nodes that output a patched MODEL (their "model" input is the unpatched one).
 OUR_MODEL_NODES = {"IPAdapterKitApply", "IPAdapterKitSimple"}
@@ -107,6 +137,12 @@ class Widget:
     def options(self) -> dict:
         return self.spec[1] if len(self.spec) > 1 and isinstance(self.spec[1], dict) else {}
 
+    @property
+    def choices(self) -> list:
+        """A combo's choices: the list itself (``[[...], {...}]``), or the options of the later
+        ``["COMBO", {"options": [...]}]`` form."""
+        return list(self.spec[0]) if isinstance(self.spec[0], list) else list(self.options.get("options", []))
+
 
 def node_inputs(definition: dict) -> dict:
     return {**definition["input"].get("required", {}), **definition["input"].get("optional", {})}
@@ -114,7 +150,7 @@ def node_inputs(definition: dict) -> dict:
 
 def is_widget(spec) -> bool:
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES) and not options.get("forceInput")
+    return (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES or spec[0] == "COMBO") and not options.get("forceInput")
 
 
 def widget_layout(definition: dict) -> list[Widget]:
@@ -154,7 +190,7 @@ def check_value(widget: Widget, value, node_type: str) -> str | None:
         return None
     kind, options, name = widget.kind, widget.options, widget.name
     if kind == "COMBO":
-        choices = list(widget.spec[0])
+        choices = widget.choices
         folder = FILE_INPUTS.get((node_type, name))
         if value in choices or (folder and value in USER_FILES[folder]):
             return None
@@ -298,10 +334,18 @@ def workflow_order(path: Path) -> tuple[int, str]:
     return (int(digits) if digits.isdigit() else 10**6, Path(path).name)
 
 
+BASE_MODEL_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "UNETLoader": "unet_name"}
+
+
+def base_model_files(graph: dict) -> list[str]:
+    """The files an API-format workflow loads its base model (MODEL) from: checkpoints, diffusion models."""
+    return [node["inputs"][BASE_MODEL_INPUTS[node["class_type"]]] for node in graph.values()
+            if node["class_type"] in BASE_MODEL_INPUTS]
+
+
 def workflow_family(graph: dict) -> str:
-    """``"sd15"`` or ``"sdxl"``: the family of an API-format workflow's checkpoint."""
-    (family,) = {FAMILY_OF_CHECKPOINT[node["inputs"]["ckpt_name"]] for node in graph.values()
-                 if node["class_type"] == "CheckpointLoaderSimple"}
+    """``"sd15"``, ``"sdxl"``, ``"flux"`` or ``"sd35"``: the family of an API-format workflow's base model."""
+    (family,) = {FAMILY_OF_BASE_MODEL[name] for name in base_model_files(graph)}
     return family
 
 
@@ -326,7 +370,7 @@ def shrink(graph: dict, size: int = 64, steps: int = 2, prefix: str | None = Non
     graph = copy.deepcopy(graph)
     for node in graph.values():
         inputs = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
+        if node["class_type"] in LATENT_NODES:
             inputs.update(width=size, height=size)
         elif node["class_type"] in ("KSampler", "KSamplerAdvanced"):
             inputs["steps"] = steps

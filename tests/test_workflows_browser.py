@@ -5,7 +5,9 @@ test session's ComfyUI serves (with this pack loaded) and loads each file of
 ``workflows/`` with the editor's own ``app.loadGraphData``, as opening the file
 does. Checked: no "node types were not found" dialog; every node of the file is
 in the editor's graph with a registered type; our nodes show the widgets of
-their live definition with the file's values; saving the graph again
+their live definition with the file's values, and ComfyUI's own nodes (the
+Flux / SD3.5 loaders among them) the widgets, in the order, that the API
+conversion reads from ``widgets_values``; saving the graph again
 (``app.graph.serialize()``) gives the file's widget values and links back (so
 no value landed in the wrong widget). A screenshot of each workflow is kept in
 ``test-artifacts/workflows/browser-<name>.png`` (gitignored). A workflow with a
@@ -164,6 +166,10 @@ def test_the_editor_loads_the_workflow_without_missing_nodes(path, editor, info)
             assert all(same_value(w["value"], v) for w, v in zip(live["widgets"], values))
         elif node["type"] in FRONTEND_ONLY:
             assert live["widgets"][0]["value"] == node["widgets_values"][0]
+        else:  # ComfyUI's own nodes, the DiT loaders among them: the editor's widgets are the layout the API
+            # conversion reads (widgets_values by position), the later schema's COMBO inputs included
+            expected = [widget.extra or widget.name for widget in widget_layout(info[node["type"]])]
+            assert [widget["name"] for widget in live["widgets"]] == expected, (node["type"], live["widgets"])
     # a link's target slot counts the node's inputs, which later editors list with every widget: compare by name
     assert sorted(named_links(state["saved"])) == sorted(named_links(workflow))
 

@@ -1,8 +1,10 @@
 """Write the UI-format workflows of this folder (and their API twins) from the short descriptions below.
 
-One node set serves SD1.5 and SDXL; a workflow's family only sets the files it
-loads (checkpoint, adapter), the image size and the sampling (:data:`SD15`,
-:data:`SDXL`).
+One node set serves SD1.5, SDXL, Flux.1 and SD3.5 Large; a workflow's family only
+sets the files it loads (base model, adapter), the image size and the sampling
+(:data:`SD15`, :data:`SDXL`, :data:`FLUX`, :data:`SD35`). The DiT workflows load their
+base models with the nodes ComfyUI's own examples use for them (:func:`flux_base`,
+:func:`sd35_base`).
 
 The JSON files are what users load; this script is how they were made, so a
 change to a workflow is a change here, then::
@@ -28,8 +30,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # devtools
 
 from devtools.workflow_tools import (  # noqa: E402
-    ADAPTER, CHECKPOINT, ENCODER, REFERENCE_IMAGES, REPO_ROOT, SDXL_ADAPTER, SDXL_CHECKPOINT, SDXL_PLUS_ADAPTER,
-    SOURCE_IMAGES, TRAINED_ADAPTER, WORKFLOW_DIR, live_object_info, socket_inputs, widget_layout, write_api_twins,
+    ADAPTER, CHECKPOINT, CLIP_G_TEXT, CLIP_L_ENCODER, CLIP_L_TEXT, ENCODER, FLUX_MODEL, FLUX_VAE, INSTANTX_FLUX_ADAPTER,
+    REFERENCE_IMAGES, REPO_ROOT, SD35_ADAPTER, SD35_CHECKPOINT, SDXL_ADAPTER, SDXL_CHECKPOINT, SDXL_PLUS_ADAPTER,
+    SIGLIP_ENCODER, SOURCE_IMAGES, T5XXL_TEXT, TRAINED_ADAPTER, WORKFLOW_DIR, XLABS_ADAPTER, live_object_info,
+    socket_inputs, widget_layout, write_api_twins,
 )
 
 PROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
@@ -44,10 +48,11 @@ SEED = 42
 class Family:
     """What a family's workflows load, at which size they draw, and how they sample."""
 
-    checkpoint: str
+    checkpoint: str  # the base model's file: a checkpoint, or Flux's diffusion model
     adapter: str
     size: int  # width and height of the empty latent, in pixels
     sampling: dict  # the KSampler's widget values
+    latent: str = "EmptyLatentImage"  # the node that makes the empty latent (Flux and SD3: 16 channels)
 
 
 # The paper's sampling: DDIM, 50 steps, guidance 7.5.
@@ -56,6 +61,21 @@ SD15 = Family(CHECKPOINT, ADAPTER, 512,
 # The IP-Adapter repository's SDXL examples: 30 steps with diffusers' SDXL defaults (Euler, guidance 5.0), 1024 px.
 SDXL = Family(SDXL_CHECKPOINT, SDXL_ADAPTER, 1024,
               dict(seed=SEED, steps=30, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0))
+# Flux.1 dev as ComfyUI's own examples run it (comfyanonymous/ComfyUI_examples, flux/flux_dev_example.png: Load
+# Diffusion Model flux1-dev, DualCLIPLoader t5xxl_fp16 + clip_l type flux, Load VAE ae, FluxGuidance 3.5, Empty SD3
+# Latent 1024 x 1024, euler, simple, 20 steps; flux/flux_dev_checkpoint_example.png: the same on a KSampler at CFG
+# 1.0 with an empty negative prompt, which ComfyUI does not evaluate at CFG 1).
+FLUX_GUIDANCE = 3.5
+FLUX = Family(FLUX_MODEL, XLABS_ADAPTER, 1024,
+              dict(seed=SEED, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0),
+              "EmptySD3LatentImage")
+# SD3.5 Large as ComfyUI's own example loads it (ComfyUI_examples, sd3/sd3.5_text_encoders_example.png: Load
+# Checkpoint sd3.5_large, whose file holds the model and the VAE but no text encoders, TripleCLIPLoader clip_l +
+# clip_g + t5xxl_fp16, Empty SD3 Latent 1024 x 1024, euler, sgm_uniform; 20 steps at CFG 5.45 there). 28 steps as
+# Stability AI's model card for SD3.5 Large samples, CFG 4.5 between its 3.5 and ComfyUI's examples (4.0, 5.45).
+SD35 = Family(SD35_CHECKPOINT, SD35_ADAPTER, 1024,
+              dict(seed=SEED, steps=28, cfg=4.5, sampler_name="euler", scheduler="sgm_uniform", denoise=1.0),
+              "EmptySD3LatentImage")
 
 
 class Graph:
@@ -77,7 +97,8 @@ class Graph:
                 widgets.append(values.pop(widget.name))
             else:
                 default = widget.options.get("default")
-                widgets.append(default if default is not None else (widget.spec[0][0] if widget.kind == "COMBO" else None))
+                first = widget.choices[0] if widget.kind == "COMBO" and widget.choices else None
+                widgets.append(default if default is not None else first)
         if values:
             raise KeyError(f"{kind} has no widgets {sorted(values)}")
         inputs = [{"name": name, "type": kind_, "link": None} for name, kind_ in socket_inputs(definition).items()]
@@ -177,7 +198,8 @@ def apply(g: Graph, pos, model_source: tuple[dict, str], adapter: dict, embeds: 
 
 
 def sample_and_save(g: Graph, x: int, model: tuple[dict, str], pos: dict, neg: dict, latent: tuple[dict, str],
-                    ckpt: dict, prefix: str, **sampling):
+                    vae_source: dict, prefix: str, **sampling):
+    """KSampler, VAE Decode (with the VAE output of ``vae_source``: the checkpoint, or a VAE loader), Save Image."""
     sampler = g.node("KSampler", (x, 0), **{**g.family.sampling, **sampling})
     g.link(model[0], model[1], sampler, "model")
     g.link(pos, "CONDITIONING", sampler, "positive")
@@ -185,7 +207,7 @@ def sample_and_save(g: Graph, x: int, model: tuple[dict, str], pos: dict, neg: d
     g.link(latent[0], latent[1], sampler, "latent_image")
     decode = g.node("VAEDecode", (x, 330), box_width=220)
     g.link(sampler, "LATENT", decode, "samples")
-    g.link(ckpt, "VAE", decode, "vae")
+    g.link(vae_source, "VAE", decode, "vae")
     save = g.node("SaveImage", (x + 360, 0), filename_prefix=f"ipadapter_kit/{prefix}", box_width=420)
     save["size"] = [420, 460]
     g.link(decode, "IMAGE", save, "images")
@@ -205,7 +227,7 @@ def half_masks(g: Graph, canvas_pos, half_pos, left_pos, right_pos) -> tuple[dic
 
 
 def empty_latent(g: Graph, pos, batch_size: int = 1):
-    return g.node("EmptyLatentImage", pos, width=g.family.size, height=g.family.size, batch_size=batch_size)
+    return g.node(g.family.latent, pos, width=g.family.size, height=g.family.size, batch_size=batch_size)
 
 
 def one_reference(g: Graph, positive: str, negative: str, weight: float, prefix: str, adapter_file: str | None = None,
@@ -452,6 +474,93 @@ def sdxl_style_transfer_precise(g: Graph):
            f"more of the reference's layout. {SDXL_SETTINGS}\n\n" + SDXL_MODELS.format(adapter=SDXL_ADAPTER))
 
 
+# -- the DiT workflows: the same nodes of this pack, the base models loaded as ComfyUI's examples load them ---------
+
+def flux_base(g: Graph, positive: str, adapter_file: str, encoder_file: str):
+    """Flux.1 dev's three loaders, the text prompt with FluxGuidance, an empty negative prompt (unused at CFG 1),
+    the adapter and the encoder; returns (MODEL source, positive, negative, VAE source, adapter, encoder)."""
+    unet = g.node("UNETLoader", (0, 0), unet_name=FLUX_MODEL, weight_dtype="default")
+    clip = g.node("DualCLIPLoader", (0, 130), clip_name1=T5XXL_TEXT, clip_name2=CLIP_L_TEXT, type="flux")
+    vae = g.node("VAELoader", (0, 310), vae_name=FLUX_VAE)
+    pos = g.node("CLIPTextEncode", (360, 0), title="Text prompt", text=positive, box_width=380)
+    neg = g.node("CLIPTextEncode", (360, 220), title="Negative prompt (unused at CFG 1)", text="", box_width=380)
+    g.link(clip, "CLIP", pos, "clip")
+    g.link(clip, "CLIP", neg, "clip")
+    guided = g.node("FluxGuidance", (760, 0), guidance=FLUX_GUIDANCE)
+    g.link(pos, "CONDITIONING", guided, "conditioning")
+    adapter = g.node("IPAdapterKitLoader", (0, 450), ipadapter_file=adapter_file, box_width=340)
+    encoder = g.node("IPAdapterKitEncoderLoader", (0, 560), clip_name=encoder_file, box_width=340)
+    return (unet, "MODEL"), guided, neg, vae, adapter, encoder
+
+
+def sd35_base(g: Graph, positive: str, negative: str, adapter_file: str, encoder_file: str):
+    """SD3.5 Large's checkpoint (model and VAE) and TripleCLIPLoader, the two text prompts, the adapter and the
+    encoder; returns (MODEL source, positive, negative, VAE source, adapter, encoder)."""
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), ckpt_name=SD35_CHECKPOINT)
+    clip = g.node("TripleCLIPLoader", (0, 150), clip_name1=CLIP_L_TEXT, clip_name2=CLIP_G_TEXT, clip_name3=T5XXL_TEXT)
+    pos = g.node("CLIPTextEncode", (360, 0), title="Text prompt", text=positive, box_width=380)
+    neg = g.node("CLIPTextEncode", (360, 220), title="Negative prompt", text=negative, box_width=380)
+    g.link(clip, "CLIP", pos, "clip")
+    g.link(clip, "CLIP", neg, "clip")
+    adapter = g.node("IPAdapterKitLoader", (0, 450), ipadapter_file=adapter_file, box_width=340)
+    encoder = g.node("IPAdapterKitEncoderLoader", (0, 560), clip_name=encoder_file, box_width=340)
+    return (ckpt, "MODEL"), pos, neg, ckpt, adapter, encoder
+
+
+def dit_one_reference(g: Graph, bases, weight: float, prefix: str):
+    """Text to image with one reference image through Apply IP-Adapter (λ = ``weight``) on a DiT's loaders."""
+    model, pos, neg, vae, adapter, encoder = bases
+    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
+    patched = apply(g, (1100, 300), model, adapter, embeds, weight=weight)
+    latent = empty_latent(g, (1100, 0))
+    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), vae, prefix)
+
+
+FLUX_SETTINGS = ("Flux.1 dev as ComfyUI's own examples run it: Load Diffusion Model, DualCLIPLoader (type flux), "
+                 "Load VAE, FluxGuidance 3.5, euler / simple, 20 steps, CFG 1 (ComfyUI does not evaluate the "
+                 "negative prompt at CFG 1), 1024 x 1024.")
+FLUX_MODELS = ("Models: flux1-dev.safetensors in models/diffusion_models, t5xxl_fp16.safetensors and "
+               "clip_l.safetensors in models/text_encoders, ae.safetensors in models/vae, {adapter} ({released}, "
+               "renamed) in models/ipadapter, {encoder} in models/clip_vision. IP-Adapter Unified Loader's preset "
+               "{preset} finds these two by their names.")
+
+
+def flux_image_prompt(g: Graph):
+    dit_one_reference(g, flux_base(g, "", XLABS_ADAPTER, CLIP_L_ENCODER), 1.0, "flux_image_prompt")
+    g.note((0, 700), "Flux.1 dev, image prompt only, with XLabs' IP-Adapter v2.\n\nThe text prompt is empty: the "
+           "reference image is the whole prompt (λ, the weight on Apply IP-Adapter, = 1.0). XLabs' adapter turns the "
+           "CLIP ViT-L/14 image embedding into 16 image tokens and acts on Flux's 19 double blocks; lower λ if the "
+           f"image copies the reference too closely. {FLUX_SETTINGS}\n\n" + FLUX_MODELS.format(
+               adapter=XLABS_ADAPTER, released="XLabs-AI/flux-ip-adapter-v2's ip_adapter.safetensors",
+               encoder=CLIP_L_ENCODER, preset="flux-xlabs"))
+
+
+def flux_image_and_text(g: Graph):
+    dit_one_reference(g, flux_base(g, "wearing a hat on the beach", INSTANTX_FLUX_ADAPTER, SIGLIP_ENCODER), 0.7,
+                      "flux_image_and_text")
+    g.note((0, 700), "Flux.1 dev, image + text prompt, with InstantX's IP-Adapter.\n\nThe reference image gives "
+           "the subject, the text edits it ('wearing a hat on the beach'). λ = 0.7: below 1.0 the text gets more "
+           "say; raise it to follow the image more closely. InstantX's adapter turns SigLIP's pooled image embedding "
+           "into 128 image tokens and acts on all 57 blocks of Flux (19 double, 38 single). "
+           f"{FLUX_SETTINGS}\n\n" + FLUX_MODELS.format(
+               adapter=INSTANTX_FLUX_ADAPTER, released="InstantX/FLUX.1-dev-IP-Adapter's ip-adapter.bin",
+               encoder=SIGLIP_ENCODER, preset="flux-instantx"))
+
+
+def sd35_image_prompt(g: Graph):
+    dit_one_reference(g, sd35_base(g, "", "", SD35_ADAPTER, SIGLIP_ENCODER), 1.0, "sd35_image_prompt")
+    g.note((0, 700), "SD3.5 Large, image prompt only, with InstantX's IP-Adapter.\n\nThe text prompts are empty: "
+           "the reference image is the whole prompt (λ = 1.0). InstantX's adapter reads SigLIP's penultimate hidden "
+           "states through a Resampler that also takes the timestep, so its 64 image tokens change from step to "
+           "step, and acts on all 38 joint blocks. SD3.5 Large as ComfyUI's own example loads it: Load Checkpoint "
+           "(the model and its VAE; the file holds no text encoders) and TripleCLIPLoader; euler / sgm_uniform, 28 "
+           "steps, CFG 4.5, 1024 x 1024.\n\nModels: sd3.5_large.safetensors in models/checkpoints, "
+           "clip_l.safetensors, clip_g.safetensors and t5xxl_fp16.safetensors in models/text_encoders, "
+           f"{SD35_ADAPTER} (InstantX/SD3.5-Large-IP-Adapter's ip-adapter.bin, renamed) in models/ipadapter, "
+           f"{SIGLIP_ENCODER} in models/clip_vision. IP-Adapter Unified Loader's preset sd35-instantx finds these "
+           "two by their names.")
+
+
 WORKFLOWS = {
     "1-image-prompt.json": (SD15, image_prompt_only),
     "2-image-and-text.json": (SD15, image_and_text),
@@ -468,6 +577,9 @@ WORKFLOWS = {
     "12-batch-frame-weights.json": (SD15, batch_with_frame_weights),
     "13-tiled-reference.json": (SD15, tiled_reference),
     "14-regional-with-text.json": (SD15, regional_with_text),
+    "15-flux-image-prompt.json": (FLUX, flux_image_prompt),
+    "16-flux-image-and-text.json": (FLUX, flux_image_and_text),
+    "17-sd35-image-prompt.json": (SD35, sd35_image_prompt),
 }
 
 

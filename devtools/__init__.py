@@ -17,6 +17,10 @@ One copy of each helper, imported as ``devtools.<module>`` from the repository r
 * ``adapter_factory``: random tensors with the exact keys and shapes of the released
   SD1.5 and SDXL adapters;
 * ``clip_vision``: transformers CLIP vision towers with random weights;
+* ``dit_models``: tiny Flux / SD3 transformers with the same random weights in diffusers and ComfyUI, and
+  full-width reduced-depth ones by ComfyUI's stock detection;
+* ``dit_adapters``: random XLabs / InstantX adapters in their released layouts, at any width;
+* ``dit_workflow_models``: the tiny Flux / SD3.5 model files the DiT workflows run on in the tests;
 * ``heavy_fixtures``: fixtures that take minutes (the colour-shapes run, the GPU bench's dry
   run), built in a process of their own and cached by a digest of the code they depend on;
 * ``workflow_tools``: the UI workflows of ``workflows/`` against live node definitions

@@ -20,6 +20,7 @@ One copy of each helper, imported as ``devtools.<module>`` from the repository r
 * ``dit_models``: tiny Flux / SD3 transformers with the same random weights in diffusers and ComfyUI, and
   full-width reduced-depth ones by ComfyUI's stock detection;
 * ``dit_adapters``: random XLabs / InstantX adapters in their released layouts, at any width;
+* ``face_models``: ONNX face detector / recognition models with the real signatures, built at run time;
 * ``dit_workflow_models``: the tiny Flux / SD3.5 model files the DiT workflows run on in the tests;
 * ``heavy_fixtures``: fixtures that take minutes (the colour-shapes run, the GPU bench's dry
   run), built in a process of their own and cached by a digest of the code they depend on;

@@ -75,6 +75,22 @@ def models(options: argparse.Namespace) -> list[str]:
             f"folders: {', '.join(adapters + encoders)}"]
 
 
+def migrate_arguments(parser: argparse.ArgumentParser) -> None:
+    from migrate.__main__ import add_arguments
+
+    add_arguments(parser)
+
+
+def migrate_workflow(options: argparse.Namespace) -> list[str]:
+    from migrate.__main__ import run
+    from migrate.rules import MigrationError
+
+    try:
+        return run(options.input, options.output, options.ours, options.family)
+    except MigrationError as error:
+        raise CommandFailed(str(error)) from None
+
+
 COMMANDS = {
     "convert": Command(
         help="write a .safetensors copy of a .bin/.pt/.pth weights file",
@@ -97,6 +113,15 @@ COMMANDS = {
             "is present."),
         add_arguments=models_arguments,
         run=models,
+    ),
+    "migrate": Command(
+        help="rewrite a workflow made with cubiq's ComfyUI_IPAdapter_plus with this pack's nodes",
+        description=("The workflow migrator (python -m migrate): rewrites a workflow (editor or API format) made with "
+                     "cubiq's ComfyUI_IPAdapter_plus with this pack's nodes. By default the result reproduces cubiq's "
+                     "pictures where our nodes can express them; --ours keeps this pack's own behaviour. Prints, per "
+                     "cubiq node, the new node ids, what changed, the mode, and what to check."),
+        add_arguments=migrate_arguments,
+        run=migrate_workflow,
     ),
 }
 

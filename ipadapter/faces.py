@@ -37,7 +37,7 @@ INSTALL_HINT = 'pip install "insightface>=2.1" onnxruntime (or, in this pack\'s 
 DETECTOR_PATTERNS = ("det_*.onnx", "scrfd*.onnx")
 RECOGNITION_PATTERNS = ("w600k*.onnx", "glintr*.onnx")
 PACKS = ("buffalo_l", "antelopev2")  # the packs cubiq's loader offers; any folder name works
-CROP_SIZES = {"sd15": 224, "sdxl": 256, "kolors": 336}  # the CLIP crop cubiq takes for each
+DEFAULT_CROP_SIZE = 224  # the aligned face crop for CLIP; a family may want another (cubiq takes 256 for SDXL)
 DETECTOR_SIZE = 640
 SMALLEST_RETRY_SIZE = 320  # cubiq: range(640, 256, -64)
 RETRY_STEP = 64
@@ -217,7 +217,7 @@ class FaceAnalyzer:
     CUDA when onnxruntime-gpu offers it, else the CPU; "CUDA" means "CUDAExecutionProvider")."""
 
     def __init__(self, model_folder: str | Path, pack: str = "buffalo_l", detector_size: int = DETECTOR_SIZE,
-                 providers: list[str] | None = None, crop_size: int = CROP_SIZES["sd15"], threshold: float = 0.5,
+                 providers: list[str] | None = None, crop_size: int = DEFAULT_CROP_SIZE, threshold: float = 0.5,
                  cache_size: int = 32):
         self.folder = find_pack(Path(model_folder), pack)
         self.pack = pack

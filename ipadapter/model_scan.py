@@ -61,7 +61,7 @@ def classify(path: str | os.PathLike, name: str | None = None) -> FileKind:
     return _classify(str(path), name or path.name, stat.st_size, stat.st_mtime)
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=4096)
 def _classify(path: str, name: str, size: int, modified: float) -> FileKind:
     from .adapter_file import AdapterFormatError, IPAdapterCheckpoint, split_groups
     from .encoder import EncoderFormatError

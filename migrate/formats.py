@@ -1,16 +1,20 @@
 """The two formats of a ComfyUI workflow, read into one graph model and written back (for ``rules.py``).
 
 The editor's format keeps every node's place, size and widget values (by position) and a
-list of links; the API format keeps each node's inputs by name, links as ``[node, slot]``.
+list of links (``[id, from, slot, to, slot, type]``, or objects in the editor's newer
+schema); the API format keeps each node's inputs by name, links as ``[node, slot]``.
 Both are read into :class:`Node` records whose linked inputs are :class:`Out` values; the
 writers keep the nodes that stay as they were (only their links are rewired) and add the
-migration's nodes, each placed by the cubiq node it comes from.
+migration's nodes; in the editor's format ``layout.py`` places them by the cubiq node they
+come from and moves the others apart where they would overlap. Links are written in the
+form they were read in.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 
+from .layout import arrange, node_size
 from .tables import COMFY, CUBIQ, OURS
 
 
@@ -62,7 +66,7 @@ def read_ui(workflow: dict) -> dict:
     links = {}
     for link in workflow["links"]:
         if isinstance(link, dict):  # the editor's newer schema
-            link = [link.get(k) for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
+            link = [link.get(k) for k in LINK_FIELDS]
         if not isinstance(link, list) or len(link) < 6:
             raise MigrationError(f"not a ComfyUI workflow: link {link!r}; expected [id, from, slot, to, slot, type]")
         links[link[0]] = link
@@ -190,8 +194,10 @@ def write_ui(workflow: dict, stays: set, added: list[Node], source) -> dict:
                 wired.append((origin, raw, index, slot.get("type")))
         nodes.append(raw)
     anchors = {raw["id"]: raw for raw in workflow["nodes"]}
+    placement = {}  # added node id -> (the cubiq node it comes from, took its id and place, side)
     for node in added:
         raw = ui_node(node, anchors.get(node.offset[0], {}))
+        placement[node.id] = (node.offset[0], node.id == node.claim, "right" if node.offset[1] > 0 else "left")
         for index, slot in enumerate(raw.get("inputs", [])):
             value = node.values.get(slot["name"])
             if isinstance(value, Out):
@@ -201,16 +207,29 @@ def write_ui(workflow: dict, stays: set, added: list[Node], source) -> dict:
     for raw in nodes:
         for output in raw.get("outputs") or []:
             output["links"] = []
+    as_objects = any(isinstance(link, dict) for link in workflow["links"])
     for link_id, (source, target, index, kind) in enumerate(wired, start=1):
         source_id = node_id(source.node)
         target["inputs"][index]["link"] = link_id
         by_id[source_id]["outputs"][source.slot]["links"].append(link_id)
-        links.append([link_id, source_id, source.slot, target["id"], index, kind])
+        link = [link_id, source_id, source.slot, target["id"], index, kind]
+        links.append(dict(zip(LINK_FIELDS, link)) if as_objects else link)
     for order, raw in enumerate(nodes):
         raw["order"] = order
-    last = max([*by_id, workflow.get("last_node_id") or 0])
-    result.update(nodes=nodes, links=links, last_node_id=last, last_link_id=len(links))
+    groups = result.get("groups") if isinstance(result.get("groups"), list) else []
+    arrange(nodes, groups, anchors, placement,
+            [(node_id(source.node), target["id"]) for source, target, _, _ in wired])
+    last = max([*(k for k in by_id if isinstance(k, int)), workflow.get("last_node_id") or 0,
+                (workflow.get("state") or {}).get("lastNodeId") or 0])
+    result.update(nodes=nodes, links=links)
+    if isinstance(result.get("state"), dict):  # the newer schema keeps the counters here
+        result["state"].update(lastNodeId=last, lastLinkId=len(links))
+    if "last_node_id" in workflow or not isinstance(result.get("state"), dict):
+        result.update(last_node_id=last, last_link_id=len(links))
     return result
+
+
+LINK_FIELDS = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
 
 
 def position(raw: dict) -> list:
@@ -229,8 +248,8 @@ def ui_node(node: Node, anchor: dict) -> dict:
     widgets = [("fixed" if name == "control_after_generate" else
                 spec.input(name).initial if isinstance(node.values.get(name), Out) else node.values.get(name))
                for name in spec.widgets()]
-    raw = {"id": node.id, "type": node.kind, "pos": [x + dx, y + dy],
-           "size": [320, 46 + 24 * (max(len(inputs), len(spec.outputs)) + len(widgets))], "flags": {}, "order": 0,
+    size = node_size(spec, spec.title or node.kind, inputs, list(zip(spec.widgets(), widgets)), spec.outputs)
+    raw = {"id": node.id, "type": node.kind, "pos": [x + dx, y + dy], "size": size, "flags": {}, "order": 0,
            "mode": anchor.get("mode", 0)}
     if inputs:
         raw["inputs"] = inputs

@@ -4,11 +4,18 @@
 format (``{id: {class_type, inputs}}``) and returns the same format and a :class:`Report`.
 Each cubiq node is rewritten by the rule for its type (:data:`RULES`), widget by widget, by
 name and meaning (``tables.py`` holds both packs' node definitions, ``formats.py``
-reads and writes the two formats); where ours means something else, the report says so. A node that no rule can map (FaceID, Kolors,
-pickled embeds, an option ours lacks) stays as it is and the report gives the reason; a
-replaced node also stays where such a node still takes an output of it that only cubiq's pack
-gives. Positions are kept (the main replacement takes the old node's id and place) and every
-consumer of a replaced output is wired to ours. Plain Python: no torch, no ComfyUI.
+reads and writes the two formats, ``layout.py`` places the nodes of the editor's format).
+
+Two modes. *faithful* (the default) reproduces the pictures of cubiq's nodes where our nodes
+can express them (``faithful.py``): the middle block weighted 0 through Apply's custom layer
+weights, a black EmptyImage as the negative image of plus adapters, the precise nodes and the
+Mad Scientist's layer weights as one Apply. *ours* (``--ours``) keeps this pack's own meaning
+(the migration as it was before the faithful rules). Where ours still means something else,
+the report says so. A node that no rule can map (FaceID, Kolors, pickled embeds, an option
+ours lacks) stays as it is and the report gives the reason; a replaced node also stays where
+such a node still takes an output of it that only cubiq's pack gives. The main replacement
+takes the old node's id and place, every consumer of a replaced output is wired to ours.
+Plain Python: no torch, no ComfyUI.
 """
 from __future__ import annotations
 
@@ -16,23 +23,21 @@ from dataclasses import dataclass, field
 
 from comfyui_glue.interface import PRESETS
 from ipadapter.choices import COMBINE_MODES, EMBEDS_SCALING, WEIGHT_TYPES
-from ipadapter.registry import families as all_families
 
+from . import faithful as cubiqs
+from .faithful import families
 from .formats import MigrationError  # noqa: F401  (callers catch it from here)
 from .formats import Node, Out, assign_ids, is_cubiq, read, spec_of, write_api, write_ui
 from .tables import CUBIQ, CUBIQ_PRESETS, CUBIQ_TYPES
 
-
-def families():
-    """The families cubiq's graphs can be of: its pack patches UNets only."""
-    return tuple(family for family in all_families() if family.attach.is_unet)
-
+MODES = ("faithful", "ours")
 PRESET = dict(zip(CUBIQ_PRESETS, PRESETS))
 SIMPLE_WEIGHT_TYPES = {"standard": "linear", "prompt is more important": "ease out", "style transfer": "style transfer"}
 # cubiq's "ease_in" is the sine ramp (fast start), our "ease out"; its "ease_out" the cosine one, our "ease in"
 FRAME_TIMINGS = {"linear": "linear", "ease_in_out": "ease in-out", "ease_in": "ease out", "ease_out": "ease in"}
 BATCH = {"IPAdapterBatch", "IPAdapterTiledBatch", "IPAdapterEmbedsBatch", "IPAdapterStyleCompositionBatch",
          "IPAdapterClipVisionEnhancerBatch", "IPAdapterPreciseStyleTransferBatch", "IPAdapterPreciseCompositionBatch"}
+PRECISE = ("style transfer precise", "composition precise")
 FACEID = "FaceID adapters need InsightFace face embeddings; this pack has no FaceID"
 STRATEGY = "weight strategies and prompt schedules have no counterpart here (IP-Adapter Frame Weights makes ramps)"
 LEFT = {
@@ -45,7 +50,20 @@ LEFT = {
     "IPAdapterCombineWeights": "lists of frame weights are joined by hand here (Apply's frame_weights text)",
 }
 MIDDLE_BLOCK_NOTE = ("Apply IP-Adapter also patches the UNet's middle block, which cubiq's nodes leave unpatched "
-                     "(set layers = custom to leave it out)")
+                     "(set layers = custom to leave it out, or migrate without --ours)")
+MODE_LINES = {
+    "faithful": "mode: faithful (the default): the graph reproduces cubiq's pictures where our nodes can express them "
+                "(middle block off, black negative image for plus adapters, precise / layer weights as one Apply); "
+                "--ours keeps this pack's own behaviour",
+    "ours": "mode: ours (--ours): this pack's own behaviour (its middle block patched, its blank negative input, "
+            "precise boosts as a second Apply); the pictures differ from cubiq's",
+}
+UNKNOWN_FAMILY = ("the graph does not say the model's family (no {ids} in the adapter's or the checkpoint's file "
+                  "name, a preset both offer), so the middle block, which cubiq never patches, is patched here: "
+                  "migrate again with --family {choices}, or set layers = custom by hand")
+UNKNOWN_KIND = ("the adapter file's name does not say whether it is a plus / full-face adapter; if it is, connect "
+                "a black {size}×{size} EmptyImage to negative_image of its Encode node: cubiq's unconditional "
+                "input for those adapters")
 
 
 class Unmapped(Exception):
@@ -59,7 +77,8 @@ class Pipe:
 
     adapter: Out
     encoder: Out | None
-    family: str | None = None  # from the file name of IPAdapter Model Loader
+    family: object = None  # the registry's Family, where the graph says it (file names, a one-family preset)
+    plus: bool | None = None  # a plus / full-face adapter (cubiq's black negative image); None: unknown
 
 
 @dataclass(frozen=True)
@@ -82,34 +101,62 @@ class FrameList:
 
 
 @dataclass
+class Mapped:
+    """One cubiq node in the report: the nodes of ours that took its place, what the faithful rules changed."""
+
+    kind: str
+    new: list = field(default_factory=list)  # (id, type) of the nodes placed by it
+    changes: list = field(default_factory=list)
+
+
+@dataclass
 class Report:
     kind: str  # "ui" or "api"
-    left: dict = field(default_factory=dict)  # cubiq node id -> why it stays
-    notes: list = field(default_factory=list)  # (node id, its type, text); id None: a note on the whole graph
+    mode: str = "faithful"
+    mapped: dict = field(default_factory=dict)  # cubiq node id -> Mapped
+    order: list = field(default_factory=list)  # the cubiq nodes' ids in the graph's order
+    left: dict = field(default_factory=dict)  # cubiq node id -> (its type, why it stays)
+    notes: list = field(default_factory=list)  # (node id, its type, text): what to check; id None: the whole graph
     cubiq: int = 0
     replaced: int = 0
     added: int = 0
 
     def lines(self) -> list[str]:
-        lines = [f"left in place: node {key} ({kind}): {reason}" for key, (kind, reason) in self.left.items()]
-        lines += [f"note: node {key} ({kind}): {text}" if key is not None else f"note: {text}"
-                  for key, kind, text in self.notes]
+        """The mode; per cubiq node: old id → new ids [mode]: what changed, or why it stays, then what to check;
+        notes on the whole graph; a summary."""
+        lines = [MODE_LINES[self.mode]]
+        for key in dict.fromkeys([*self.order, *self.mapped, *self.left, *(k for k, _, _ in self.notes if k is not None)]):
+            if key in self.left:
+                lines.append(f"left in place: node {key} ({self.left[key][0]}): {self.left[key][1]}")
+            if key in self.mapped:
+                entry = self.mapped[key]
+                new = ", ".join(f"{i} ({kind})" for i, kind in entry.new) or "no node (what it gave is wired straight on)"
+                lines.append(f"node {key} ({entry.kind}) → {new} [{self.mode}]: "
+                             + ("; ".join(entry.changes) or "the same meaning"))
+            lines += [f"check: node {k} ({kind}): {text}" for k, kind, text in self.notes if k == key]
+        lines += [f"check: {text}" for k, _, text in self.notes if k is None]
         lines.append(f"summary: {self.cubiq} cubiq nodes, {self.replaced} replaced by {self.added} nodes of this pack, "
-                     f"{len(self.left)} left in place, {len(self.notes)} notes")
+                     f"{len(self.left)} left in place, {len(self.notes)} to check ({self.mode} mode)")
         return lines
 
 
 # -- the migration --------------------------------------------------------------------------------
 
 class Migration:
-    def __init__(self, nodes: dict):
+    def __init__(self, nodes: dict, mode: str = "faithful", family=None):
+        if mode not in MODES:
+            raise ValueError(f"mode '{mode}' is unknown; expected one of {', '.join(MODES)}")
         self.nodes = nodes
+        self.mode = mode
+        self.faithful = mode == "faithful"
+        self.family = cubiqs.family_by_id(family) if isinstance(family, str) else family  # --family
         self.added: list[Node] = []
         self.outputs: dict = {}  # replaced cubiq node id -> {slot: what ours gives there}
         self.left: dict = {}  # cubiq node id -> why no rule maps it
         self.kept: dict = {}  # replaced cubiq node id -> why it stays as well
         self.notes: list = []  # (node id, text)
-        self.cache: dict = {}  # shared added nodes (one image encoder per CLIP vision)
+        self.changes: dict = {}  # cubiq node id -> what the faithful rules changed
+        self.cache: dict = {}  # shared added nodes (one image encoder per CLIP vision, one black image)
         self.stack: list = []
 
     def run(self) -> None:
@@ -137,6 +184,7 @@ class Migration:
             self.added = [n for n in self.added if n.owner != key]
             self.cache = {k: n for k, n in self.cache.items() if n.owner != key}
             self.notes = [n for n in self.notes if n[0] != key]
+            self.changes.pop(key, None)
         finally:
             self.stack.pop()
         return key in self.outputs
@@ -151,7 +199,15 @@ class Migration:
         return node
 
     def note(self, node: Node, text: str) -> None:
-        self.notes.append((node.id, text))
+        """Something the user must check about ``node``'s migration."""
+        if (node.id, text) not in self.notes:
+            self.notes.append((node.id, text))
+
+    def change(self, text: str) -> None:
+        """What a faithful rule changed for the cubiq node being migrated (for the report)."""
+        changes = self.changes.setdefault(self.stack[-1], [])
+        if text not in changes:
+            changes.append(text)
 
     def get(self, node: Node, name: str):
         """What feeds input ``name`` of ``node`` once its sources are migrated: Out, a cubiq value, a widget value, None."""
@@ -218,15 +274,71 @@ class Migration:
                            "IPAdapter Model Loader (cubiq's node stops there too)")
         return pipe.encoder
 
+    # -- what the graph says of the model (faithful mode needs its family for the layer keys) --
+
+    def family_of(self, node: Node, pipe: Pipe | None = None, model=None):
+        """The family of the model an apply node patches: --family, else the adapter's (file name, preset), else
+        the one a loader upstream of its model names in its file name; None when the graph does not say."""
+        if self.family is not None:
+            return self.family
+        if pipe is not None and pipe.family is not None:
+            return pipe.family
+        return self.family_upstream(self.get(node, "model") if model is None else model)
+
+    def family_upstream(self, value, seen=None):
+        """The family named by a file name of a node upstream of ``value`` along MODEL links, or None."""
+        seen = set() if seen is None else seen
+        for _ in range(64):
+            if isinstance(value, Pipe):
+                return value.family
+            if not isinstance(value, Out):
+                return None
+            if isinstance(value.node, Node):  # ours: an added Apply or unified loader takes a model
+                value = value.node.values.get("model")
+                continue
+            if value.node in seen or value.node not in self.nodes:
+                return None
+            seen.add(value.node)
+            source = self.nodes[value.node]
+            if is_cubiq(source.kind):
+                if source.id in self.outputs and isinstance(self.outputs[source.id].get(1), Pipe):
+                    family = self.outputs[source.id][1].family
+                    if family is not None:
+                        return family
+                value = source.values.get("model")
+                continue
+            found = {f for text in texts_of(source) if (f := cubiqs.family_in_name(text)) is not None}
+            if len(found) == 1:
+                return found.pop()
+            value = source.values.get("model")
+        return None
+
     # -- what the apply nodes share --
+
+    def negative(self, node: Node, pipe: Pipe, given):
+        """The negative image for an Encode: the one connected, else (faithful) cubiq's black one for plus adapters."""
+        if given is not None or not self.faithful or pipe.plus is False:
+            return given
+        if pipe.plus is None:
+            self.note(node, UNKNOWN_KIND.format(size=cubiqs.BLACK_SIZE))
+            return None
+        if "black" not in self.cache:
+            size = cubiqs.BLACK_SIZE
+            self.cache["black"] = self.add("EmptyImage", node, {"width": size, "height": size, "batch_size": 1,
+                                                                "color": 0}, offset=(-700, 0))
+        self.change(f"negative image: a black {cubiqs.BLACK_SIZE}×{cubiqs.BLACK_SIZE} EmptyImage on Encode's "
+                    "negative_image (cubiq's unconditional input for plus adapters)")
+        return Out(self.cache["black"], 0)
 
     def encode(self, node: Node, pipe: Pipe, image: str = "image", claim: bool = False, offset=(-350, 0),
                image_encoder: Out | None = None, **more) -> Out:
         source = self.get(node, image)
         if not isinstance(source, Out):
             raise Unmapped(f"its {image} is not connected")
-        values = {"image_encoder": image_encoder or self.encoder(node, pipe), "image": source, "crop": "crop",
-                  "negative_image": self.get(node, "image_negative"), **more}
+        image_encoder = image_encoder or self.encoder(node, pipe)
+        negative = more.pop("negative_image") if "negative_image" in more else self.get(node, "image_negative")
+        values = {"image_encoder": image_encoder, "image": source, "crop": "crop",
+                  "negative_image": self.negative(node, pipe, negative), **more}
         return Out(self.add("IPAdapterKitEncode", node, values, claim=claim, offset=offset), 0)
 
     def weight_type(self, node: Node, name: str = "weight_type"):
@@ -252,7 +364,7 @@ class Migration:
         return method
 
     def apply(self, node: Node, pipe: Pipe, embeds, weight, weight_type, model=None, claim: bool = True,
-              combine: str | None = None, **more) -> Out:
+              combine: str | None = None, region_types=(), **more) -> Out:
         values = {
             "model": self.get(node, "model") if model is None else model, "ipadapter": pipe.adapter, "embeds": embeds,
             "weight": weight, "weight_type": weight_type, "start_at": self.get(node, "start_at"),
@@ -261,7 +373,24 @@ class Migration:
             "attn_mask": self.get(node, "attn_mask"),
             "batch_mode": "one per latent" if node.kind in BATCH else "all latents", **more,
         }
+        if self.faithful and values.get("layers", "all") == "all":
+            self.middle_off(node, pipe, values, [values["weight_type"], *region_types])
         return Out(self.add("IPAdapterKitApply", node, values, claim=claim), 0)
+
+    def middle_off(self, node: Node, pipe: Pipe, values: dict, weight_types) -> None:
+        """Faithful: custom layer weights that leave the middle block out, where the weight types weight it."""
+        family = self.family_of(node, pipe, values["model"])
+        if not any(cubiqs.weights_middle(t, family) for t in weight_types):
+            return
+        if family is None:
+            self.note(node, UNKNOWN_FAMILY.format(ids=" or ".join(f.id for f in families()),
+                                                  choices="|".join(f.id for f in families())))
+            return
+        values.update(layers="custom", custom_layer_weights=cubiqs.without_middle(family))
+        self.change(f"middle block off: layers = custom, {family.name} keys "
+                    f"{', '.join(map(str, cubiqs.middle_keys(family)))} at 0, the others at 1 under weight type "
+                    f"'{values['weight_type'] if isinstance(values['weight_type'], str) else 'from its link'}' "
+                    "(cubiq never patches the middle block)")
 
     # -- the result --
 
@@ -307,6 +436,14 @@ def output_of(kind: str, slot: int) -> tuple:
     return spec.outputs[slot] if spec and slot < len(spec.outputs) else (f"#{slot}", None)
 
 
+def texts_of(node: Node) -> list[str]:
+    """The text values a node that is not cubiq's was saved with (its file names, for the model's family)."""
+    raw = node.raw or {}
+    values = raw.get("widgets_values") if "widgets_values" in raw else (raw.get("inputs") or {})
+    values = values.values() if isinstance(values, dict) else values if isinstance(values, list) else ()
+    return [value for value in values if isinstance(value, str)]
+
+
 # -- rules: one per cubiq node type -----------------------------------------------------------------
 
 def model_loader(m: Migration, node: Node) -> dict:
@@ -317,8 +454,8 @@ def model_loader(m: Migration, node: Node) -> dict:
     if "kolors" in lower:
         raise Unmapped(f"'{name}' is a Kolors adapter, which this pack does not load")
     loader = m.add("IPAdapterKitLoader", node, {"ipadapter_file": name}, claim=True)
-    family = next((family.id for family in families() if family.id in lower), None)  # the released names say it
-    return {0: Pipe(Out(loader, 0), None, family)}
+    family = next((family for family in families() if family.id in lower), None)  # the released names say it
+    return {0: Pipe(Out(loader, 0), None, family, cubiqs.plus_of_file(name))}
 
 
 def unified_loader(m: Migration, node: Node) -> dict:
@@ -327,8 +464,10 @@ def unified_loader(m: Migration, node: Node) -> dict:
         raise Unmapped("its preset comes from a link; set it on the node to migrate it")
     if isinstance(node.values.get("ipadapter"), Out):
         m.note(node, "its ipadapter input (a pipe whose models it reuses) has no counterpart: ours keeps loaded files cached")
-    loader = m.add("IPAdapterKitUnifiedLoader", node, {"model": m.get(node, "model"), "preset": PRESET[preset]}, claim=True)
-    return {0: Out(loader, 0), 1: Pipe(Out(loader, 1), Out(loader, 2))}
+    model = m.get(node, "model")
+    loader = m.add("IPAdapterKitUnifiedLoader", node, {"model": model, "preset": PRESET[preset]}, claim=True)
+    family = cubiqs.family_of_preset(PRESET[preset]) or m.family_upstream(model)
+    return {0: Out(loader, 0), 1: Pipe(Out(loader, 1), Out(loader, 2), family, cubiqs.plus_of_preset(PRESET[preset]))}
 
 
 def simple(m: Migration, node: Node) -> dict:
@@ -363,7 +502,12 @@ def enhancer(m: Migration, node: Node) -> dict:
 
 
 def layer_weights(m: Migration, node: Node, pipe: Pipe) -> dict:
-    """IPAdapterMS's layer_weights ("index:weight" per block, in cubiq's block order) as our custom layer weights."""
+    """IPAdapterMS's layer_weights ("index:weight" per block, in cubiq's block order) as our custom layer weights.
+
+    cubiq weights block t with weight_t · λ under "linear" (or under a precise type, whose swapped blocks it
+    keeps); ours multiplies the weight type's own share of each block by the custom weight, so the custom weight
+    is cubiq's divided by that share. Faithful: the middle block, which cubiq never patches, at 0.
+    """
     text = m.literal(node, "layer_weights")
     if not str(text).strip():
         return {}
@@ -372,10 +516,10 @@ def layer_weights(m: Migration, node: Node, pipe: Pipe) -> dict:
     except ValueError:
         raise Unmapped(f"its layer_weights '{str(text)[:40]}' are not 'index:weight' pairs") from None
     weight_type = m.literal(node, "weight_type")
-    if weight_type in ("style transfer precise", "composition precise"):
+    if weight_type in PRECISE and not m.faithful:
         raise Unmapped(f"layer_weights with weight type '{weight_type}' cannot be expressed: ours multiplies the "
-                       "type's own weights by the layer weights")
-    family = next((family for family in families() if family.id == pipe.family), None)
+                       "type's own weights by the layer weights (the faithful mode divides them out)")
+    family = m.family_of(node, pipe)
     if family is None:  # the block numbers tell when only one family has that many
         fitting = [family for family in families() if max(pairs) < len(family.blocks)]
         family = fitting[0] if len(fitting) == 1 else None
@@ -383,14 +527,34 @@ def layer_weights(m: Migration, node: Node, pipe: Pipe) -> dict:
         counts = ", ".join(f"{len(f.blocks)} in {f.name}" for f in families())
         names = " or ".join(f"…{f.id}…" for f in families())
         raise Unmapped(f"its layer_weights are per block, {counts}, and the graph does not say which "
-                       f"family (name the adapter file {names}, or set Apply's custom layers by hand)")
-    if max(pairs) >= len(family.blocks):
+                       f"family (name the adapter file {names}, migrate with --family, or set Apply's custom "
+                       "layers by hand)")
+    if max(pairs) >= len(family.blocks) or min(pairs) < 0:
         raise Unmapped(f"its layer_weights name block {max(pairs)}; {family.name} has {len(family.blocks)}")
-    middle = family.blocks.index(("middle", 0))
-    if pairs.get(middle):
-        m.note(node, f"layer_weights give block {middle}, the middle block, {pairs[middle]:g}; cubiq never patches it, ours does")
-    keys = [f"{layer.key}:{pairs[t]:g}" for layer in family.layers if pairs.get(t := family.block_position(layer))]
-    return {"layers": "custom", "custom_layer_weights": ", ".join(keys) or f"{family.keys[0]}:0", "weight_type": "linear"}
+    middle = [family.blocks.index(block) for block in cubiqs.middle_blocks(family)]
+    if not m.faithful:
+        for t in middle:
+            if pairs.get(t):
+                m.note(node, f"layer_weights give block {t}, the middle block, {pairs[t]:g}; cubiq never patches it, "
+                             "ours does")
+        keys = [f"{layer.key}:{pairs[t]:g}" for layer in family.layers if pairs.get(t := family.block_position(layer))]
+        return {"layers": "custom", "custom_layer_weights": ", ".join(keys) or f"{family.keys[0]}:0",
+                "weight_type": "linear"}
+    ours = weight_type if weight_type in PRECISE else "linear"
+    shares = cubiqs.block_factors(ours, family)
+    multipliers = {}
+    for t, value in pairs.items():
+        block = family.blocks[t]
+        if t in middle or not value:
+            continue
+        if not shares.get(block):
+            raise Unmapped(f"its layer_weights give block {t} {value:g} under '{ours}', which leaves that block out "
+                           "here (ours can only scale the blocks a weight type weights)")
+        multipliers[block] = value / shares[block]
+    m.change(f"layer weights per block → layers = custom under weight type '{ours}' (cubiq's block weights divided by "
+             f"the type's own share of each block; {family.name} keys); the middle block at 0 (cubiq never patches it)")
+    return {"layers": "custom", "custom_layer_weights": cubiqs.custom_layers(family, lambda b: multipliers.get(b, 0.0)),
+            "weight_type": ours}
 
 
 def precise_inputs(m: Migration, node: Node, boost_name: str):
@@ -410,6 +574,12 @@ def precise_style(m: Migration, node: Node) -> dict:
     pipe, weight, boost, embeds = precise_inputs(m, node, "style_boost")
     if boost == weight:
         return {0: m.apply(node, pipe, embeds, weight, "style transfer precise")}
+    family = m.family_of(node, pipe) if m.faithful else None
+    if family is not None:  # one Apply: the composition blocks' custom weight is style_boost / λ
+        return {0: one_precise(m, node, pipe, embeds, family, "style transfer precise", weight, boost, weight)}
+    if m.faithful:
+        m.note(node, "two Applies (style blocks at λ, composition blocks at style_boost): one Apply needs custom layer "
+                     "weights, whose keys depend on the model's family, which the graph does not say (--family)")
     # the style blocks at λ, then the composition blocks alone at style_boost: two Applies, disjoint layers
     style = m.apply(node, pipe, embeds, weight, "style transfer", claim=False)
     return {0: m.apply(node, pipe, embeds, boost, "style transfer precise", model=style, layers="composition")}
@@ -420,14 +590,42 @@ def precise_composition(m: Migration, node: Node) -> dict:
     pipe, weight, boost, embeds = precise_inputs(m, node, "composition_boost")
     if boost == 0:
         return {0: m.apply(node, pipe, embeds, weight, "composition")}
+    family = m.family_of(node, pipe) if m.faithful else None
+    if family is not None:  # one Apply: every other block's custom weight is composition_boost / λ
+        return {0: one_precise(m, node, pipe, embeds, family, "composition precise", weight, weight, boost)}
     if boost == weight:
         return {0: m.apply(node, pipe, embeds, weight, "composition precise")}
+    if m.faithful:
+        m.note(node, "two Applies whose weights add up: one Apply needs custom layer weights, whose keys depend on "
+                     "the model's family, which the graph does not say (--family)")
     # "composition precise" at the boost plus "composition" at λ − boost: the sum is cubiq's weights
     m.number(node, "weight", -1.0, 3.0, weight - boost)
     if node.values.get("embeds_scaling", "V only") != "V only":
         m.note(node, "split into two Applies whose weights add up; exact with embeds scaling 'V only', close otherwise")
     first = m.apply(node, pipe, embeds, boost, "composition precise", claim=False)
     return {0: m.apply(node, pipe, embeds, weight - boost, "composition", model=first)}
+
+
+def one_precise(m: Migration, node: Node, pipe: Pipe, embeds, family, weight_type: str, weight: float,
+                composition: float, others: float) -> Out:
+    """One Apply of a precise type whose composition blocks get ``composition`` and every other block it weights
+    ``others`` (cubiq's weights before the type's own shares): λ stays the Apply's weight where it is not 0, the
+    rest goes into the custom layer weights; the middle block, which cubiq never patches, at 0."""
+    scale = weight or composition or others or 1.0
+    shares = cubiqs.block_factors(weight_type, family)
+    middle = set(cubiqs.middle_blocks(family))
+    composition_blocks = family.composition_blocks
+
+    def multiplier(block):
+        if block in middle or not shares.get(block):
+            return 0.0
+        return (composition if block in composition_blocks else others) / scale
+
+    text = cubiqs.custom_layers(family, multiplier)
+    m.change(f"one Apply instead of two: weight type '{weight_type}' at {scale:g} with layers = custom "
+             f"({family.name} keys: the composition blocks × {cubiqs.number(composition / scale)}, the others "
+             f"× {cubiqs.number(others / scale)}, the middle block 0)")
+    return m.apply(node, pipe, embeds, scale, weight_type, layers="custom", custom_layer_weights=text)
 
 
 def style_composition(m: Migration, node: Node) -> dict:
@@ -448,10 +646,14 @@ def tiled(m: Migration, node: Node) -> dict:
     image = m.get(node, "image")
     if not isinstance(image, Out):
         raise Unmapped("its image is not connected")
-    values = {"image_encoder": m.encoder(node, pipe), "image": image, "negative_image": m.get(node, "image_negative")}
+    values = {"image_encoder": m.encoder(node, pipe), "image": image,
+              "negative_image": m.negative(node, pipe, m.get(node, "image_negative"))}
     tiles = m.add("IPAdapterKitEncodeTiled", node, values, offset=(-350, 0))
-    m.note(node, "cubiq applies each tile only inside its own mask (a near-square image as 2×2 tiles); here every tile's "
-                 "tokens act on the whole picture (combine = concat), and its masks are Encode Tiled's tile_masks")
+    m.note(node, "cubiq applies each tile only inside its own mask (a near-square image as 2×2 tiles of 256 px, a "
+                 "long one as squares along its long side); here every tile's tokens act on the whole picture "
+                 "(combine = concat): our nodes cannot give each tile of Encode Tiled its own mask (its tiles are one "
+                 "embeds batch, their number depends on the image), so the picture differs from cubiq's even in the "
+                 "faithful mode; the masks are Encode Tiled's tile_masks")
     if m.get(node, "sharpening") not in (0, 0.0, None):
         m.note(node, "its sharpening is not applied: Encode Tiled has none")
     if node.values.get("combine_embeds", "concat") != "concat":
@@ -476,14 +678,15 @@ def from_params(m: Migration, node: Node) -> dict:
     params = m.get(node, "ipadapter_params")
     if not isinstance(params, Params):
         raise Unmapped("its ipadapter_params do not come from IPAdapter Regional Conditioning / Combine Params")
-    chain, image_encoder = None, m.encoder(node, pipe)
+    chain, image_encoder, types = None, m.encoder(node, pipe), []
     for region in params.regions:
         embeds = m.encode(region, pipe, image_encoder=image_encoder, negative_image=m.get(node, "image_negative"))
         values = {"embeds": embeds, "weight": m.number(region, "image_weight", -1.0, 3.0),
                   "weight_type": m.weight_type(region), "start_at": m.get(region, "start_at"),
                   "end_at": m.get(region, "end_at"), "mask": m.get(region, "mask"), "regions": chain}
+        types.append(values["weight_type"])
         chain = Out(m.add("IPAdapterKitRegion", region, values, claim=True), 0)
-    return {0: m.apply(node, pipe, None, 1.0, "linear", regions=chain)}
+    return {0: m.apply(node, pipe, None, 1.0, "linear", regions=chain, region_types=types)}
 
 
 def regional(m: Migration, node: Node) -> dict:
@@ -599,19 +802,31 @@ RULES = {
 
 # -- the whole migration --------------------------------------------------------------------------
 
-def migrate(workflow: dict) -> tuple[dict, Report]:
-    """The workflow with this pack's nodes in place of cubiq's (same format), and what was done."""
+def migrate(workflow: dict, mode: str = "faithful", family=None) -> tuple[dict, Report]:
+    """The workflow with this pack's nodes in place of cubiq's (same format), and what was done.
+
+    ``mode``: "faithful" (cubiq's pictures where our nodes can express them) or "ours" (this pack's own
+    behaviour); ``family``: the model family's id where the graph does not say it (the faithful custom layer
+    weights need its layer keys).
+    """
     kind, nodes = read(workflow)
-    m = Migration(nodes)
+    m = Migration(nodes, mode, family)
     m.run()
     stays, added = m.finish()
     assign_ids(workflow, kind, nodes, stays, added)
     out = (write_ui if kind == "ui" else write_api)(workflow, stays, added,
                                                      lambda key, name: final_source(m, stays, nodes[key].values.get(name)))
-    report = Report(kind, cubiq=sum(is_cubiq(n.kind) for n in nodes.values()), replaced=len(m.outputs), added=len(added))
+    report = Report(kind, mode, cubiq=sum(is_cubiq(n.kind) for n in nodes.values()), replaced=len(m.outputs),
+                    added=len(added))
+    report.order = [key for key, node in nodes.items() if is_cubiq(node.kind)]
+    for key in nodes:
+        if key in m.outputs:
+            new = [(n.id, n.kind) for n in added if n.offset[0] == key]
+            report.mapped[key] = Mapped(nodes[key].kind, sorted(new, key=lambda item: (item[0] != key, len(str(item[0])), str(item[0]))),
+                                        m.changes.get(key, []))
     report.left = {key: (nodes[key].kind, reason) for key, reason in {**m.left, **m.kept}.items()}
     report.notes = [(key, nodes[key].kind, text) for key, text in m.notes]
-    if any(n.kind == "IPAdapterKitApply" for n in added):
+    if not m.faithful and any(n.kind == "IPAdapterKitApply" for n in added):
         report.notes.append((None, None, MIDDLE_BLOCK_NOTE))
     return out, report
 

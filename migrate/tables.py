@@ -2,8 +2,8 @@
 
 Three tables of ``node id -> NodeSpec``: cubiq's ComfyUI_IPAdapter_plus (every node of
 its ``NODE_CLASS_MAPPINGS``, inputs as its ``INPUT_TYPES`` declares them), this pack's
-nodes (their one definition, ``comfyui_glue/interface.py``), and the one ComfyUI node the
-migrator adds (Conditioning (Set Mask)). The editor stores a node's widget values by
+nodes (their one definition, ``comfyui_glue/interface.py``), and the ComfyUI nodes the
+migrator adds (Conditioning (Set Mask), EmptyImage). The editor stores a node's widget values by
 position, so the order of the inputs here is the widget order. ``tests/test_migrate.py``
 holds the tables to the live definitions: ours and ComfyUI's to ``/object_info`` of a
 ComfyUI with this pack, cubiq's to its ``INPUT_TYPES`` where a copy of that pack is at hand
@@ -147,10 +147,15 @@ CUBIQ_TYPES = {"IPADAPTER", "EMBEDS", "IPADAPTER_PARAMS", "INSIGHTFACE", "WEIGHT
 
 OURS: dict[str, NodeSpec] = NODES
 
-# ComfyUI's own nodes that a migrated graph can gain (cubiq's regional texts are this node's job).
+# ComfyUI's own nodes that a migrated graph can gain: cubiq's regional texts are Conditioning (Set Mask)'s job;
+# EmptyImage makes the black negative image cubiq's nodes give plus adapters (the faithful mode).
+MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 COMFY: dict[str, NodeSpec] = {
     "ConditioningSetMask": spec([sock("conditioning", "CONDITIONING"), sock("mask", "MASK"),
                                  num("FLOAT", "strength", 1.0, 0.0, 10.0),
                                  combo("set_cond_area", ("default", "mask bounds"))],
                                 ["CONDITIONING"], "Conditioning (Set Mask)"),
+    "EmptyImage": spec([num("INT", "width", 512, 1, MAX_RESOLUTION), num("INT", "height", 512, 1, MAX_RESOLUTION),
+                        num("INT", "batch_size", 1, 1, 4096), num("INT", "color", 0, 0, 0xFFFFFF)],
+                       ["IMAGE"], "EmptyImage"),
 }

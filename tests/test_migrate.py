@@ -17,9 +17,12 @@ Checked:
   (exit 2); OUT is written atomically and IN is untouched;
 * migrated graphs run headless (random-weight models under the workflows' names) and the
   image prompt acts; with ``CUBIQ_PATH``, the original graph through cubiq's nodes and the
-  migrated one through ours give the same latents (the middle block, which that pack never
-  patches, off in ours); one migrated workflow loads in the graph editor without a
-  missing-node dialog.
+  migrated one through ours give the same latents (the faithful migration leaves the middle
+  block, which that pack never patches, off in ours); one migrated workflow loads in the
+  graph editor without a missing-node dialog.
+
+The faithful rules (the default mode) and ``--ours`` are checked in ``test_migrate_faithful.py``,
+the layout of migrated editor workflows in ``test_migrate_layout.py``.
 """
 from __future__ import annotations
 
@@ -70,8 +73,12 @@ class Graph:
     def api(self) -> dict:
         return copy.deepcopy(self.nodes)
 
-    def ui(self, info: dict) -> dict:
+    def ui(self, info: dict, packed: bool = False) -> dict:
+        """``packed``: laid out as tightly as cubiq's example files are (columns of nodes of cubiq's sizes, 20 px
+        apart), where a node of ours, larger than cubiq's, covers its neighbours unless the migration moves them;
+        else on a roomy grid."""
         nodes, links = [], []
+        column_bottoms = [0.0] * 4
         for index, (key, entry) in enumerate(self.nodes.items()):
             kind, values = entry["class_type"], entry["inputs"]
             if kind in CUBIQ:
@@ -98,7 +105,14 @@ class Graph:
                     slot["link"] = len(links)
             saved = [{"control_after_generate": "fixed", "upload": "image"}.get(name) or
                      (initial.get(name) if isinstance(values.get(name), list) else values.get(name)) for name in widgets]
-            nodes.append({"id": int(key), "type": kind, "pos": [400 * (index % 6), 350 * (index // 6)], "size": [320, 200],
+            if packed:  # cubiq's sizes: 315 wide, a row per socket, a widget row each (LoadImage shows its picture)
+                size = [315, 26 + 22 * max(len(sockets), len(outputs)) + 24 * len(widgets) + 240 * (kind == "LoadImage")]
+                column = index % 4
+                pos = [335 * column, column_bottoms[column] + 30]
+                column_bottoms[column] = pos[1] + size[1] + 20
+            else:
+                size, pos = [320, 200], [400 * (index % 6), 350 * (index // 6)]
+            nodes.append({"id": int(key), "type": kind, "pos": pos, "size": size,
                           "flags": {}, "order": index, "mode": 0, "inputs": slots,
                           "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
                           "properties": {"Node name for S&R": kind}, "widgets_values": saved})
@@ -385,20 +399,22 @@ def test_the_cubiq_table_is_its_declared_inputs(cubiq):
 
 # -- migrated graphs: valid, and wired as cubiq's nodes meant ------------------------------------
 
+@pytest.mark.parametrize("mode", ["faithful", "ours"])
 @pytest.mark.parametrize("name", FULLY_MAPPED)
-def test_a_fully_mapped_graph_becomes_a_valid_workflow_of_ours_in_both_formats(name, info):
+def test_a_fully_mapped_graph_becomes_a_valid_workflow_of_ours_in_both_formats(name, mode, info):
     graph = GRAPHS[name]()
-    ui, report = migrate(graph.ui(info))
-    assert check_workflow(ui, info) == []
-    assert not [node["type"] for node in ui["nodes"] if is_cubiq(node["type"])]
-    assert report.left == {}
-    api, api_report = migrate(graph.api())
-    assert without_meta(ui_to_api(ui, info)) == without_meta(api)  # both formats migrate alike
-    assert api_report.lines() == report.lines()
+    for family in (None, "sd15"):  # the faithful rules that need the family's layer keys, and without them
+        ui, report = migrate(graph.ui(info), mode, family)
+        assert check_workflow(ui, info) == []
+        assert not [node["type"] for node in ui["nodes"] if is_cubiq(node["type"])]
+        assert report.left == {}
+        api, api_report = migrate(graph.api(), mode, family)
+        assert without_meta(ui_to_api(ui, info)) == without_meta(api)  # both formats migrate alike
+        assert api_report.lines() == report.lines()
 
 
 def test_simple(info):
-    api, report = migrate(simple_graph().api())
+    api, report = migrate(simple_graph().api(), "ours")
     (loader,) = nodes_of(api, "IPAdapterKitUnifiedLoader")
     (apply,) = nodes_of(api, "IPAdapterKitApply")
     assert loader["preset"] == "standard"
@@ -408,8 +424,8 @@ def test_simple(info):
     encode = source(api, apply["embeds"])["inputs"]
     assert encode["image_encoder"] == ["5", 2] and source(api, encode["image"])["class_type"] == "LoadImage"
     assert nodes_of(api, "KSampler")[0]["model"] == ["7", 0]
-    assert report.lines()[-2:] == [f"note: {MIDDLE_BLOCK_NOTE}",
-                                   "summary: 2 cubiq nodes, 2 replaced by 3 nodes of this pack, 0 left in place, 1 notes"]
+    assert report.lines()[-2:] == [f"check: {MIDDLE_BLOCK_NOTE}", "summary: 2 cubiq nodes, 2 replaced by 3 nodes of "
+                                                                  "this pack, 0 left in place, 1 to check (ours mode)"]
 
 
 @pytest.mark.parametrize("preset, ours", [
@@ -517,7 +533,8 @@ def test_encoder_combine_save_and_embeds():
 
 
 def test_precise_boosts_are_kept_exactly():
-    api, report = migrate(precise_graph().api())
+    """--ours: a boost other than λ is a second Apply (tests/test_migrate_faithful.py: one Apply by default)."""
+    api, report = migrate(precise_graph().api(), "ours")
     applies = nodes_of(api, "IPAdapterKitApply")
     assert [(a["weight"], a["weight_type"], a["layers"]) for a in applies] == [
         (0.8, "style transfer", "all"), (1.0, "style transfer precise", "composition"),  # style_boost on the layout blocks
@@ -527,13 +544,17 @@ def test_precise_boosts_are_kept_exactly():
 
 
 def test_enhancer_and_layer_weights():
-    api, report = migrate(enhancer_graph().api())
+    api, report = migrate(enhancer_graph().api(), "ours")
     first, second = nodes_of(api, "IPAdapterKitApply")
     encode = source(api, first["embeds"])["inputs"]
     assert (encode["detail_tiles"], encode["detail_ratio"]) == (2, 0.5)
     # cubiq's blocks 3, 6 and 13 of SD1.5: input 5 (key 7), the middle block (key 31), output 9 (key 25)
     assert (second["layers"], second["custom_layer_weights"], second["weight_type"]) == ("custom", "7:0.8, 25:1, 31:0.35", "linear")
     assert any("middle block" in line and "IPAdapterMS" in line for line in report.lines())
+    # faithful (the default): the middle block at 0, as cubiq never patches it
+    api, report = migrate(enhancer_graph().api())
+    first, second = nodes_of(api, "IPAdapterKitApply")
+    assert (second["layers"], second["custom_layer_weights"], second["weight_type"]) == ("custom", "7:0.8, 25:1, 31:0", "linear")
 
 
 def test_a_workflow_without_cubiq_nodes_comes_back_as_it_was(info):
@@ -542,7 +563,9 @@ def test_a_workflow_without_cubiq_nodes_comes_back_as_it_was(info):
     migrated, report = migrate(copy.deepcopy(workflow))
     assert ui_to_api(migrated, info) == ui_to_api(workflow, info)
     assert [n["id"] for n in migrated["nodes"]] == [n["id"] for n in workflow["nodes"]]
-    assert report.lines() == ["summary: 0 cubiq nodes, 0 replaced by 0 nodes of this pack, 0 left in place, 0 notes"]
+    assert [n["pos"] for n in migrated["nodes"]] == [n["pos"] for n in workflow["nodes"]]
+    assert report.lines()[1:] == ["summary: 0 cubiq nodes, 0 replaced by 0 nodes of this pack, 0 left in place, "
+                                  "0 to check (faithful mode)"]
 
 
 def test_links_through_reroutes_from_cubiq_nodes_are_taken_straight(info):
@@ -787,8 +810,8 @@ def test_the_migrated_graph_gives_the_latents_of_cubiqs(cubiq, comfy, tmp_path):
     }
     ours, report = migrate(copy.deepcopy(graph))
     assert not report.left and ours["5"]["class_type"] == "IPAdapterKitApply"
-    # cubiq's pack never patches the middle block (SD1.5 key 31, the last): leave it out of ours too
-    ours["5"]["inputs"].update(layers="custom", custom_layer_weights=", ".join(["1"] * 15 + ["0"]))
+    # cubiq's pack never patches the middle block (SD1.5 key 31): the faithful migration leaves it out of ours too
+    assert ours["5"]["inputs"]["layers"] == "custom" and ours["5"]["inputs"]["custom_layer_weights"].endswith("31:0")
     theirs_latent = execute(graph, classes)["6"][0]
     ours_latent = execute(ours, classes)["6"][0]
     plain = execute({**graph, "6": {"class_type": "Sample", "inputs": {"model": ["1", 0]}}}, classes)["6"][0]
@@ -811,7 +834,11 @@ except pytest.skip.Exception as missing:
 
 
 def test_a_migrated_workflow_loads_in_the_graph_editor(editor, info):
-    workflow, _ = migrate(regional_graph().ui(info))
+    graph = regional_graph()  # with a plus adapter: the faithful rules add an EmptyImage and custom layer weights
+    graph.nodes[next(k for k, n in graph.nodes.items() if n["class_type"] == "IPAdapterUnifiedLoader")]["inputs"].update(
+        preset="PLUS (high strength)")
+    workflow, _ = migrate(graph.ui(info, packed=True), family="sd15")
+    assert {"EmptyImage", "IPAdapterKitRegion"} <= {node["type"] for node in workflow["nodes"]}
     editor.errors.clear()
     state = editor.evaluate(LOAD, workflow)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -96,3 +96,62 @@ def write_flat_adapter(path, seed: int, variant: str = "base", family: str = "sd
     for group, tensors in random_adapter(variant, seed=seed, family=family, encoder_width=encoder_width).items():
         flat.update({f"{group}.{k}": (v * 5 if group == "ip_adapter" else v).half() for k, v in tensors.items()})
     save_file(flat, str(path))
+
+
+# --- FaceID ------------------------------------------------------------------------
+
+FACE_WIDTH = 512  # InsightFace's ArcFace embedding
+FACEID_TOKENS = {"faceid": 4, "faceid-plus": 4, "faceid-portrait": 16, "faceid-portrait-unnorm": 16}
+FACEID_LORA = ("faceid", "faceid-plus")  # the variants that carry a LoRA (plusv2 has plus's tensors)
+
+
+def faceid_image_proj_shapes(variant: str, cross: int = 768, clip_width: int = 1280,
+                             resampler_width: int = 1280) -> dict[str, tuple]:
+    """The official ``image_proj`` shapes of a FaceID adapter: faceid / faceid-portrait an MLP of the face embedding
+    (512 -> 1024 -> tokens x cross) + LayerNorm; faceid-plus that MLP + ``perceiver_resampler`` (as wide as the
+    tokens, depth 4, heads of 64) over CLIP hidden states; faceid-portrait-unnorm the plus Resampler over the face
+    embedding (``resampler_width`` wide)."""
+    tokens = FACEID_TOKENS[variant]
+    if variant == "faceid-portrait-unnorm":
+        return image_proj_shapes("plus", cross, FACE_WIDTH, resampler_width)
+    shapes = {"proj.0.weight": (2 * FACE_WIDTH, FACE_WIDTH), "proj.0.bias": (2 * FACE_WIDTH,),
+              "proj.2.weight": (tokens * cross, 2 * FACE_WIDTH), "proj.2.bias": (tokens * cross,),
+              "norm.weight": (cross,), "norm.bias": (cross,)}
+    if variant == "faceid-plus":
+        perceiver = {f"perceiver_resampler.{key}": shape
+                     for key, shape in image_proj_shapes("plus", cross, clip_width, cross).items() if key != "latents"}
+        shapes.update(perceiver)
+    return shapes
+
+
+def faceid_lora_shapes(family: str, base_width: int, rank: int) -> dict[str, tuple]:
+    """``{key}.to_{q,k,v,out}_lora.{down,up}.weight`` on every attention processor: key 2i the self-attention of
+    layer i's transformer block, 2i + 1 its cross-attention (keys and values from the text context)."""
+    shapes = {}
+    for index, multiplier in enumerate(LAYER_MULTIPLIERS[family]):
+        width = multiplier * base_width
+        for key, kv_width in ((2 * index, width), (2 * index + 1, CONTEXT_WIDTH[family])):
+            for projection in ("q", "k", "v", "out"):
+                inputs = kv_width if projection in ("k", "v") else width
+                shapes[f"{key}.to_{projection}_lora.down.weight"] = (rank, inputs)
+                shapes[f"{key}.to_{projection}_lora.up.weight"] = (width, rank)
+    return shapes
+
+
+def random_faceid_adapter(variant: str = "faceid", base_width: int = 320, family: str = "sd15", seed: int = 0,
+                          rank: int = 4, clip_width: int = 1280, lora_scale: float = 0.02,
+                          dtype=torch.float32) -> dict[str, dict[str, torch.Tensor]]:
+    """A nested ``{"image_proj", "ip_adapter"}`` dict like the released FaceID ``.bin`` files (faceid,
+    faceid-plus — plusv2's tensors are the same —, faceid-portrait, faceid-portrait-unnorm), at full size or for a
+    scaled-down UNet (``base_width``); the LoRA (faceid, faceid-plus) of rank ``rank``, its up weights
+    ``lora_scale`` x N(0, 1) (larger: a LoRA whose effect shows)."""
+    generator = torch.Generator().manual_seed(seed)
+    cross = CONTEXT_WIDTH[family]
+    image_proj = random_tensors(faceid_image_proj_shapes(variant, cross, clip_width, RESAMPLER_WIDTH[family]),
+                                generator, dtype)
+    ip_adapter = random_adapter("base", base_width, seed=seed + 1, family=family, dtype=dtype)["ip_adapter"]
+    if variant in FACEID_LORA:
+        for key, shape in faceid_lora_shapes(family, base_width, rank).items():
+            scale = lora_scale if ".up." in key else 0.02
+            ip_adapter[key] = (scale * torch.randn(shape, generator=generator)).to(dtype)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}

@@ -36,6 +36,9 @@ def combine_features(features: torch.Tensor, mode: str) -> torch.Tensor:
     return (features / norms.clamp_min(1e-12)).mean(dim=0, keepdim=True) * norms.mean(dim=0, keepdim=True)
 
 
+FACE_TENSORS = ("face_embeds", "raw_face_embeds")
+
+
 @dataclass
 class EncodedImages:
     """Encoder features of reference images and of their unconditional counterpart.
@@ -44,6 +47,11 @@ class EncodedImages:
     ``penultimate`` [N, tokens, hidden] the second-to-last hidden states (plus,
     full-face). ``uncond_*`` hold one entry each: a negative image's features,
     or None for the reference's own unconditional input.
+
+    FaceID references (``ipadapter.faceid.faceid_embeds``) also hold each face's identity embedding:
+    ``face_embeds`` [N, 512] L2-normalised, ``raw_face_embeds`` [N, 512] unnormalised (portrait unnorm); their
+    CLIP features are those of the aligned face crops, or [N, 0] / [N, 0, 0] when no image encoder saw them
+    (faceid and faceid-portrait read the face embedding only). Their unconditional face input is zeros.
     """
 
     image_embeds: torch.Tensor
@@ -51,15 +59,27 @@ class EncodedImages:
     uncond_image_embeds: torch.Tensor | None = None
     uncond_penultimate: torch.Tensor | None = None
     encoder_name: str = "image encoder"
+    face_embeds: torch.Tensor | None = None
+    raw_face_embeds: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.image_embeds.shape[0]
+
+    @property
+    def has_faces(self) -> bool:
+        return self.face_embeds is not None
+
+    @property
+    def has_clip_features(self) -> bool:
+        return self.image_embeds.shape[-1] > 0 and self.penultimate.shape[-1] > 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {"image_embeds": self.image_embeds, "penultimate": self.penultimate}
         if self.uncond_image_embeds is not None:
             tensors["uncond_image_embeds"] = self.uncond_image_embeds
             tensors["uncond_penultimate"] = self.uncond_penultimate
+        if self.has_faces:
+            tensors.update({name: getattr(self, name) for name in FACE_TENSORS})
         return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
     @classmethod
@@ -67,12 +87,19 @@ class EncodedImages:
         if "image_embeds" not in tensors or "penultimate" not in tensors:
             found = ", ".join(sorted(tensors)[:4]) or "nothing"
             raise ValueError(f"'{source}' holds {found}; expected saved image embeddings (image_embeds, penultimate)")
+        faces = [name for name in FACE_TENSORS if name in tensors]
+        if faces and len(faces) < len(FACE_TENSORS):
+            missing = next(name for name in FACE_TENSORS if name not in tensors)
+            raise ValueError(f"'{source}' holds {faces[0]} but no {missing}; expected both face tensors of FaceID "
+                             "embeds, or neither")
         return cls(
             tensors["image_embeds"],
             tensors["penultimate"],
             tensors.get("uncond_image_embeds"),
             tensors.get("uncond_penultimate"),
             encoder_name,
+            tensors.get("face_embeds"),
+            tensors.get("raw_face_embeds"),
         )
 
     def weighted(self, weights: list[float]) -> "EncodedImages":
@@ -80,16 +107,24 @@ class EncodedImages:
         if len(weights) not in (1, len(self)):
             raise ValueError(f"{len(weights)} image weights for {len(self)} images; expected one or one per image")
         factor = torch.tensor(weights, dtype=self.image_embeds.dtype)
+        faces = [getattr(self, name) * factor[:, None].to(getattr(self, name)) if self.has_faces else None
+                 for name in FACE_TENSORS]
         return EncodedImages(self.image_embeds * factor[:, None], self.penultimate * factor[:, None, None],
-                             self.uncond_image_embeds, self.uncond_penultimate, self.encoder_name)
+                             self.uncond_image_embeds, self.uncond_penultimate, self.encoder_name, *faces)
 
     def concatenated(self, other: "EncodedImages") -> "EncodedImages":
+        if self.has_faces != other.has_faces:
+            raise ValueError("one of the embeds holds face embeddings (FaceID) and the other does not; expected "
+                             "embeds of one kind")
+        faces = [torch.cat([getattr(self, name), getattr(other, name).to(getattr(self, name))]) if self.has_faces
+                 else None for name in FACE_TENSORS]
         return EncodedImages(
             torch.cat([self.image_embeds, other.image_embeds.to(self.image_embeds)]),
             torch.cat([self.penultimate, other.penultimate.to(self.penultimate)]),
             self.uncond_image_embeds,
             self.uncond_penultimate,
             self.encoder_name,
+            *faces,
         )
 
 
@@ -107,8 +142,9 @@ def combine_embeds(parts: list[EncodedImages], mode: str) -> EncodedImages:
         combined = combined.concatenated(part)
     if mode == "concat":
         return combined
+    faces = [combine_features(getattr(combined, name), mode) if combined.has_faces else None for name in FACE_TENSORS]
     return EncodedImages(combine_features(combined.image_embeds, mode), combine_features(combined.penultimate, mode),
-                         combined.uncond_image_embeds, combined.uncond_penultimate, combined.encoder_name)
+                         combined.uncond_image_embeds, combined.uncond_penultimate, combined.encoder_name, *faces)
 
 
 def image_tokens(
@@ -117,15 +153,22 @@ def image_tokens(
     images: EncodedImages,
     default_uncond_penultimate: torch.Tensor | None,
     combine: str = "average",
+    shortcut_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Conditional and unconditional image tokens, each [1, tokens, context width].
 
     The unconditional input follows the reference implementation: a zero
     embedding for base adapters, the encoder's features of an all-zero
     (normalised) image for the others, unless a negative image was encoded.
+    A FaceID adapter reads the face embeddings (zeros for the unconditional half; ``ipadapter.faceid``);
+    ``shortcut_scale``: faceid-plusv2's s (None: 1).
     """
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine mode '{combine}' is unknown; expected one of {', '.join(COMBINE_MODES)}")
+    if checkpoint.spec.takes_faces:
+        from .faceid import face_tokens
+
+        return face_tokens(checkpoint, projection, images, default_uncond_penultimate, combine, shortcut_scale)
     cond, uncond = _features(checkpoint, projection, images, default_uncond_penultimate)
     with torch.no_grad():
         if combine == "concat":
@@ -143,8 +186,13 @@ def tokens_per_reference(
     projection: torch.nn.Module,
     images: EncodedImages,
     default_uncond_penultimate: torch.Tensor | None,
+    shortcut_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each reference's own tokens [N, tokens, width], and the unconditional ones [1, tokens, width]."""
+    if checkpoint.spec.takes_faces:
+        from .faceid import face_tokens
+
+        return face_tokens(checkpoint, projection, images, default_uncond_penultimate, None, shortcut_scale)
     cond, uncond = _features(checkpoint, projection, images, default_uncond_penultimate)
     with torch.no_grad():
         return projection(cond), projection(uncond.mean(dim=0, keepdim=True))
@@ -173,6 +221,13 @@ def _features(checkpoint, projection, images, default_uncond_penultimate):
     if len(images) == 0:
         raise ValueError("the image prompt holds no image; expected at least one reference image")
     spec = checkpoint.spec
+    if spec.takes_faces:
+        raise ValueError(f"'{checkpoint.source}' is a FaceID adapter ({spec.variant}), whose tokens do not depend on "
+                         "the step; expected image_tokens (ipadapter.faceid.face_tokens) for it")
+    if not images.has_clip_features:
+        raise ValueError(f"the embeds hold face embeddings only (no image encoder saw the faces); "
+                         f"'{checkpoint.source}' ({spec.variant}) takes {spec.encoder_name} {spec.encoder_input}: "
+                         "expected embeds of images encoded by the image encoder")
     uses_embeds = spec.encoder_input == "image_embeds"
     cond = images.image_embeds if uses_embeds else images.penultimate
     uncond = images.uncond_image_embeds if uses_embeds else images.uncond_penultimate

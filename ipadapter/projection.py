@@ -119,8 +119,56 @@ class Resampler(nn.Module):
         return self.norm_out(self.proj_out(latents))
 
 
+class FacePerceiver(nn.Module):
+    """faceid-plus's ``perceiver_resampler``: the face's id tokens, as the latents, read the CLIP hidden states of
+    the aligned face crop (a Resampler without learned queries)."""
+
+    def __init__(self, dim: int, depth: int, dim_head: int, heads: int, hidden_width: int, output_dim: int,
+                 ff_mult: int):
+        super().__init__()
+        self.proj_in = nn.Linear(hidden_width, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)]) for _ in range(depth)
+        )
+
+    def forward(self, latents: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        features = self.proj_in(hidden_states)
+        for attention, feed_forward in self.layers:
+            latents = attention(features, latents) + latents
+            latents = feed_forward(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
+class FaceIDPlusProjection(nn.Module):
+    """faceid-plus / plusv2: the face embedding -> MLP + LayerNorm -> id tokens, which a perceiver refines with the
+    CLIP penultimate hidden states of the aligned face crop. ``shortcut_scale`` s (plusv2): id tokens + s x the
+    perceiver's output; None: the perceiver's output alone (plus v1)."""
+
+    def __init__(self, face_width: int, hidden: int, num_tokens: int, dim: int, depth: int, dim_head: int, heads: int,
+                 hidden_width: int, output_dim: int, ff_mult: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.dim = dim
+        self.proj = nn.Sequential(nn.Linear(face_width, hidden), nn.GELU(), nn.Linear(hidden, num_tokens * dim))
+        self.norm = nn.LayerNorm(dim)
+        self.perceiver_resampler = FacePerceiver(dim, depth, dim_head, heads, hidden_width, output_dim, ff_mult)
+
+    def id_tokens(self, face_embeds: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(face_embeds).reshape(-1, self.num_tokens, self.dim))
+
+    def forward(self, face_embeds: torch.Tensor, hidden_states: torch.Tensor,
+                shortcut_scale: float | None = None) -> torch.Tensor:
+        """Face embeddings [N, face width] and crop hidden states [N, T, hidden] -> tokens [N, tokens, output]."""
+        tokens = self.id_tokens(face_embeds)
+        out = self.perceiver_resampler(tokens, hidden_states)
+        return out if shortcut_scale is None else tokens + shortcut_scale * out
+
+
 class MLPTokens(nn.Module):
-    """InstantX's Flux adapter: one pooled embedding -> MLP -> ``num_tokens`` tokens, each layer-normalised."""
+    """InstantX's Flux adapter: one pooled embedding -> MLP -> ``num_tokens`` tokens, each layer-normalised; the
+    FaceID and FaceID portrait adapters: the face embedding, the same way."""
 
     def __init__(self, embed_dim: int, hidden: int, cross_attention_dim: int, num_tokens: int):
         super().__init__()

@@ -50,6 +50,10 @@ SD15 = Family(
         "plus": ("ip-adapter-plus_sd15",),
         "plus-face": ("ip-adapter-plus-face_sd15",),
         "full-face": ("ip-adapter-full-face_sd15",),
+        "faceid": ("ip-adapter-faceid_sd15",),
+        "faceid-plus": ("ip-adapter-faceid-plus_sd15",),
+        "faceid-plusv2": ("ip-adapter-faceid-plusv2_sd15",),
+        "faceid-portrait": ("ip-adapter-faceid-portrait-v11_sd15", "ip-adapter-faceid-portrait_sd15"),
     },
     # as cubiq's ComfyUI_IPAdapter_plus defines them for SD1.5 (by transformer_index 0-3, 9-15 and 4, 5): the
     # first two down levels and the last up levels carry style, down_blocks.2 the layout
@@ -92,6 +96,10 @@ SDXL = Family(
         "vit-bigg": ("ip-adapter_sdxl",),
         "plus": ("ip-adapter-plus_sdxl_vit-h",),
         "plus-face": ("ip-adapter-plus-face_sdxl_vit-h",),
+        "faceid": ("ip-adapter-faceid_sdxl",),
+        "faceid-plusv2": ("ip-adapter-faceid-plusv2_sdxl",),
+        "faceid-portrait": ("ip-adapter-faceid-portrait_sdxl",),
+        "faceid-portrait-unnorm": ("ip-adapter-faceid-portrait_sdxl_unnorm",),
     },
     # InstantStyle: up_blocks.0.attentions.1 (keys 69-87) carries style, down_blocks.2.attentions.1 (keys 29-47) layout
     style_blocks=(("output", 1),),

@@ -268,6 +268,20 @@ class Variant:
     families: tuple[str, ...] = ()  # the families it is made for; (): every UNet family
     layers: str = "all"  # the layer preset of its family whose layers it carries (XLabs: the double blocks)
     layer_tensors: tuple[str, ...] = ("to_k_ip.weight", "to_v_ip.weight")  # each layer's tensors in the file
+    # FaceID: the adapter takes an identity embedding of a face (InsightFace's ArcFace), beside the CLIP features of
+    # the aligned face crop where ``encoder_input`` is "penultimate" (faceid-plus), else instead of CLIP features
+    face_input: str = ""  # "": no face input; "normed": the L2-normalised embedding; "raw": the unnormalised one
+    face_width: int = 0  # the face embedding's width
+    lora: bool = False  # it carries a LoRA on every attention processor (to_q/k/v/out, self-attention too)
+    shortcut: bool = False  # faceid-plusv2: tokens = id tokens + s x the perceiver's output, s set when applied
+    name_word: str = ""  # told from a variant with the same tensors only by this word in the file name
+    # FaceID: the size of the aligned face crop shown to the image encoder, by family id (cubiq: 224 for SD1.5,
+    # 256 for SDXL); a family not listed takes the face analysis' default
+    face_crop_sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def takes_faces(self) -> bool:
+        return bool(self.face_input)
 
     def layer_shapes(self, width: int, token_width: int) -> dict[str, tuple[int, ...] | None]:
         """The shape of each layer tensor for a layer this wide (None: not fixed by the two widths)."""

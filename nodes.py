@@ -394,7 +394,8 @@ class IPAdapterKitRegion(InterfaceNode):
 
 class IPAdapterKitApply(InterfaceNode):
     DESCRIPTION = ("Gives a MODEL an image prompt: adds λ·Attention(Q, K', V') to every cross-attention layer "
-                   f"({', '.join(f'{len(f.layers)} in {f.name}' for f in FAMILIES)}). The adapter must be of the MODEL's family.")
+                   f"({', '.join(f'{len(f.layers)} in {f.name}' for f in FAMILIES)}). The adapter must be of the MODEL's family. "
+                   "Apply IP-Adapter is this node with the everyday controls only.")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
 
@@ -414,6 +415,23 @@ class IPAdapterKitApply(InterfaceNode):
             raise ValueError("Apply IP-Adapter got no embeds, no image + image_encoder and no regions; expected one of them")
         return (patch_model(model, ipadapter, embeds, weight, start_at, end_at, combine, layer_weights, attn_mask,
                             weight_type, embeds_scaling, composition_weight, batch_mode, frame_weights),)
+
+
+class IPAdapterKitApplySimple(InterfaceNode):
+    DESCRIPTION = ("Gives a MODEL an image prompt with the everyday controls: λ, where in the schedule it acts, how "
+                   "it is spread over the layers (weight type), an optional attention mask. Apply IP-Adapter "
+                   "(Advanced) has the rest (combine, layers, embeds scaling, batch mode, frame weights, regions) and "
+                   "gives the same MODEL at its defaults.")
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+
+    def apply(self, model, ipadapter, weight, start_at, end_at, weight_type, embeds=None, image=None,
+              image_encoder=None, attn_mask=None):
+        if embeds is None and (image is None or image_encoder is None):
+            raise ValueError("Apply IP-Adapter got neither embeds nor image + image_encoder; expected one of them")
+        return IPAdapterKitApply().apply(model, ipadapter, weight, start_at, end_at, "average", "all", "",
+                                         embeds=embeds, image=image, image_encoder=image_encoder, attn_mask=attn_mask,
+                                         weight_type=weight_type)
 
 
 class IPAdapterKitAttentionMap(InterfaceNode):
@@ -494,6 +512,7 @@ NODE_CLASS_MAPPINGS = {
     "IPAdapterKitNoise": IPAdapterKitNoise,
     "IPAdapterKitEncodeTiled": IPAdapterKitEncodeTiled,
     "IPAdapterKitRegion": IPAdapterKitRegion,
+    "IPAdapterKitApplySimple": IPAdapterKitApplySimple,
     "IPAdapterKitApply": IPAdapterKitApply,
     "IPAdapterKitAttentionMap": IPAdapterKitAttentionMap,
     "IPAdapterKitSimple": IPAdapterKitSimple,

@@ -85,6 +85,15 @@ EMBEDS_SCALING_TOOLTIP = (
     "only the mean of the values."
 )
 ENCODER_INPUT = sock("image_encoder", ENCODER, tooltip="From Load IP-Adapter Image Encoder.")
+# Apply's sockets, shared by its everyday and its advanced form
+APPLY_MODEL = sock("model", "MODEL", tooltip=f"An {MODEL_FAMILIES} model; it is cloned, never changed.")
+APPLY_ADAPTER = sock("ipadapter", ADAPTER, tooltip="From Load IP-Adapter.")
+APPLY_REFERENCE = opt(
+    sock("embeds", EMBEDS, tooltip="From IP-Adapter Encode Image or Load Embeds."),
+    sock("image", "IMAGE", tooltip="Instead of embeds: a reference image, encoded with image_encoder."),
+    sock("image_encoder", ENCODER, tooltip="Needed with image."),
+)
+APPLY_MASK = opt(sock("attn_mask", "MASK", tooltip="Where the image prompt applies (1) and where not (0): regional prompting."))
 
 
 def window(what: str) -> list:
@@ -183,9 +192,18 @@ NODES: dict[str, NodeSpec] = {
             sock("regions", REGIONS, tooltip="The regions before this one in the chain."),
         ),
     ], [("regions", REGIONS), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")], "IP-Adapter Region"),
+    "IPAdapterKitApplySimple": spec([
+        APPLY_MODEL,
+        APPLY_ADAPTER,
+        WEIGHT,
+        *window("the image prompt"),
+        WEIGHT_TYPE,
+        *APPLY_REFERENCE,
+        *APPLY_MASK,
+    ], ["MODEL"], "Apply IP-Adapter"),
     "IPAdapterKitApply": spec([
-        sock("model", "MODEL", tooltip=f"An {MODEL_FAMILIES} model; it is cloned, never changed."),
-        sock("ipadapter", ADAPTER, tooltip="From Load IP-Adapter."),
+        APPLY_MODEL,
+        APPLY_ADAPTER,
         APPLY_WEIGHT,
         *window("the image prompt"),
         combo("combine", COMBINE_MODES, "average", tooltip=(
@@ -200,12 +218,9 @@ NODES: dict[str, NodeSpec] = {
             "With layers = custom: one number per layer in key order ("
             + per_family(lambda f: f.describe_layers()) + "), or key:value pairs like '15:1, 11:0.5', where every "
             "layer not listed gets 0.")),
+        *APPLY_REFERENCE,
+        *APPLY_MASK,
         *opt(
-            sock("embeds", EMBEDS, tooltip="From IP-Adapter Encode Image or Load Embeds."),
-            sock("image", "IMAGE", tooltip="Instead of embeds: a reference image, encoded with image_encoder."),
-            sock("image_encoder", ENCODER, tooltip="Needed with image."),
-            sock("attn_mask", "MASK",
-                 tooltip="Where the image prompt applies (1) and where not (0): regional prompting."),
             WEIGHT_TYPE,
             combo("embeds_scaling", EMBEDS_SCALING, "V only", tooltip=EMBEDS_SCALING_TOOLTIP),
             num("FLOAT", "composition_weight", 1.0, -1.0, 5.0, step=0.05, tooltip=(
@@ -224,7 +239,7 @@ NODES: dict[str, NodeSpec] = {
                 "get its last value; empty: 1. IP-Adapter Frame Weights makes such lists. Follows context windows "
                 "(the frame numbers ComfyUI or AnimateDiff hand over).")),
         ),
-    ], ["MODEL"], "Apply IP-Adapter"),
+    ], ["MODEL"], "Apply IP-Adapter (Advanced)"),
     "IPAdapterKitAttentionMap": spec([
         sock("model", "MODEL", tooltip="A MODEL patched by Apply IP-Adapter."),
         sock("positive", "CONDITIONING", tooltip="The prompt you sample with."),

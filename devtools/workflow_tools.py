@@ -19,8 +19,10 @@ is a socket. This module reads that layout from the live definitions
   unconnected), each message naming the node by id, title and type;
 * :func:`ui_to_api` converts a UI workflow to the API format that
   ``POST /prompt`` takes (the twins in ``workflows/api/``);
+* :func:`overlapping_nodes` lists the nodes of a UI workflow that lie over
+  one another (title bars included);
 * :func:`shrink`, :func:`with_weight`, :func:`with_references`,
-  :func:`without_adapter` derive the graphs the tests run.
+  :func:`bypassed` derive the graphs the tests run.
 
 Command line, from the repository root (starts a ComfyUI with this pack, like the tests)::
 
@@ -112,11 +114,13 @@ FILE_INPUTS = {
 # The empty latents the workflows start from: SD1.5/SDXL's 4 channels, Flux/SD3's 16.
 LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 OUR_PREFIX = "IPAdapterKit"
+# Apply IP-Adapter, the everyday node and the advanced one
+APPLY_NODES = {"IPAdapterKitApplySimple", "IPAdapterKitApply"}
 # Our nodes that output a patched MODEL (their "model" input is the unpatched one).
-OUR_MODEL_NODES = {"IPAdapterKitApply", "IPAdapterKitSimple"}
+OUR_MODEL_NODES = APPLY_NODES | {"IPAdapterKitSimple"}
 # Our nodes with a λ of their own (a Region's weight acts through the Apply its chain feeds).
 OUR_WEIGHTED_NODES = OUR_MODEL_NODES | {"IPAdapterKitRegion"}
-REGION_TEXT_SLOTS = {1: "positive", 2: "negative"}  # IP-Adapter Region's CONDITIONING outputs
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar lies above its pos
 
 
 class WorkflowError(ValueError):
@@ -399,52 +403,50 @@ def with_references(graph: dict, mapping: dict[str, str]) -> dict:
     return graph
 
 
-def without_adapter(graph: dict) -> dict:
-    """The same graph with this pack's nodes taken out: consumers of a patched MODEL get the unpatched one, and
-    consumers of an IP-Adapter Region chain's texts get the same texts from ComfyUI's own Conditioning (Set Mask)
-    and Conditioning (Combine) nodes."""
+def with_weight_of(graph: dict, key: str, weight: float) -> dict:
+    """A copy in which node ``key`` (an Apply) has λ = ``weight``."""
     graph = copy.deepcopy(graph)
-
-    def unpatched(source):
-        while graph[source[0]]["class_type"] in OUR_MODEL_NODES:
-            source = graph[source[0]]["inputs"]["model"]
-        return source
-
-    def region_text(key: str, name: str):
-        """The plain-ComfyUI source of region ``key``'s ``name`` output (its chain's texts so far), or None."""
-        inputs = graph[key]["inputs"]
-        own = inputs.get(name)
-        if own is not None and "mask" in inputs:
-            masked = f"{key}:{name}:mask"
-            graph[masked] = {"class_type": "ConditioningSetMask", "inputs": {
-                "conditioning": own, "mask": inputs["mask"], "strength": inputs["prompt_strength"],
-                "set_cond_area": "default"}}
-            own = [masked, 0]
-        previous = region_text(inputs["regions"][0], name) if "regions" in inputs else None
-        if previous is None or own is None:
-            return previous or own
-        combined = f"{key}:{name}:combine"
-        graph[combined] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": previous, "conditioning_2": own}}
-        return [combined, 0]
-
-    ours = {key for key, node in graph.items() if node["class_type"].startswith(OUR_PREFIX)}
-    for key in [key for key in graph if key not in ours]:
-        node = graph[key]
-        for name, value in node["inputs"].items():
-            if not (isinstance(value, list) and len(value) == 2 and value[0] in ours):
-                continue
-            kind = graph[value[0]]["class_type"]
-            if kind in OUR_MODEL_NODES:
-                node["inputs"][name] = unpatched(value)
-            elif kind == "IPAdapterKitRegion" and value[1] in REGION_TEXT_SLOTS:
-                if (source := region_text(value[0], REGION_TEXT_SLOTS[value[1]])) is None:
-                    raise WorkflowError(f"node {key} takes {name} from a region chain without text")
-                node["inputs"][name] = source
-            else:
-                raise WorkflowError(f"node {key} takes {name} from this pack's {kind}")
-    for key in ours:
-        del graph[key]
+    graph[key]["inputs"]["weight"] = weight
     return graph
+
+
+def bypassed(graph: dict, key: str) -> dict:
+    """A copy without node ``key``, a node that patches a MODEL: what took its MODEL takes its model input
+    (ComfyUI's bypass). Nodes that fed only it are left in place; ComfyUI does not run them."""
+    graph = copy.deepcopy(graph)
+    if graph[key]["class_type"] not in OUR_MODEL_NODES:
+        raise WorkflowError(f"node {key} ({graph[key]['class_type']}) does not patch a MODEL")
+    source = graph.pop(key)["inputs"]["model"]
+    for other, node in graph.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] == key:
+                if value[1] != 0:
+                    raise WorkflowError(f"node {other} takes output {value[1]} of node {key}, which has only a MODEL")
+                node["inputs"][name] = list(source)
+    return graph
+
+
+def apply_nodes(graph: dict) -> list[str]:
+    """The keys of an API-format graph's Apply IP-Adapter nodes (either kind), in the graph's order."""
+    return [key for key, node in graph.items() if node["class_type"] in APPLY_NODES]
+
+
+def overlapping_nodes(workflow: dict) -> list[str]:
+    """Each pair of nodes of a UI-format workflow that lie over one another, title bars included (a node's box
+    runs from ``pos`` less the title bar's height to ``pos + size``)."""
+    def box(node):
+        (x, y), (width, height) = node["pos"], node["size"]
+        return x, y - TITLE_HEIGHT, x + width, y + height
+
+    found = []
+    nodes = workflow["nodes"]
+    for i, first in enumerate(nodes):
+        a = box(first)
+        for second in nodes[i + 1:]:
+            b = box(second)
+            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                found.append(f"{node_label(first)} and {node_label(second)} overlap")
+    return found
 
 
 def our_node_types(workflow: dict) -> set[str]:

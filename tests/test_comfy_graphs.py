@@ -51,6 +51,35 @@ def test_simple_node_in_a_real_graph(server, sd15_checkpoint_name):
     assert np.abs(red - half).mean() > 1e-3  # and so does λ
 
 
+def test_the_everyday_apply_is_the_advanced_one_at_its_defaults(comfy):
+    """Apply IP-Adapter (image + encoder, a weight type, a window, a mask) patches a MODEL as Apply IP-Adapter
+    (Advanced) does with the same settings and the rest at its defaults: the same noise prediction, bit for bit
+    (in-process, on a small SD1.5 UNet)."""
+    from devtools.adapter_factory import random_adapter
+    from devtools.comfy_inprocess import build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at
+    from ipadapter.encoder import build_vision_tower
+
+    nodes = pack_module("nodes")
+    model = build_sd15_model_patcher(64)
+    checkpoint = pack_module("ipadapter.adapter_file").IPAdapterCheckpoint.from_state_dicts(
+        **random_adapter("base", base_width=64), source=ADAPTER, base_width=None)
+    adapter = nodes.LoadedAdapter(checkpoint, checkpoint.build_projection())
+    encoder = nodes.ManagedEncoder(build_vision_tower("ViT-H-14", width=128, layers=2, head_width=64, image_size=56,
+                                                      embed_dim=1024))
+    image = torch.rand(1, 56, 56, 3, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(8, 8)
+    mask[:, :5] = 1.0
+    settings = dict(image=image, image_encoder=encoder, attn_mask=mask, weight_type="ease in")
+    (everyday,) = nodes.IPAdapterKitApplySimple().apply(model, adapter, 0.7, 0.0, 0.6, **settings)
+    (advanced,) = nodes.IPAdapterKitApply().apply(model, adapter, 0.7, 0.0, 0.6, "average", "all", "", **settings)
+    inputs, sigma = random_unet_inputs(model, 768), sigma_at(model, 800)  # in the window (up to 60 %)
+    expected = inputs.predict(advanced, sigma)
+    assert torch.equal(inputs.predict(everyday, sigma), expected)
+    assert (expected - inputs.predict(model, sigma)).abs().mean() > 1e-4
+    with pytest.raises(ValueError, match="neither embeds nor image"):
+        nodes.IPAdapterKitApplySimple().apply(model, adapter, 1.0, 0.0, 1.0, "linear", image=image)
+
+
 @pytest.mark.comfyui_2024
 def test_nodes_are_registered_with_tooltips(server):
     info = server.object_info()
@@ -59,12 +88,21 @@ def test_nodes_are_registered_with_tooltips(server):
         "IPAdapterKitLoader", "IPAdapterKitUnifiedLoader", "IPAdapterKitEncoderLoader",
         "IPAdapterKitEncoderFromCLIPVision", "IPAdapterKitEncode", "IPAdapterKitCombineEmbeds",
         "IPAdapterKitFrameWeights", "IPAdapterKitPrepImage", "IPAdapterKitNoise", "IPAdapterKitEncodeTiled",
-        "IPAdapterKitRegion", "IPAdapterKitApply", "IPAdapterKitAttentionMap", "IPAdapterKitSimple",
-        "IPAdapterKitSaveEmbeds", "IPAdapterKitLoadEmbeds",
+        "IPAdapterKitRegion", "IPAdapterKitApplySimple", "IPAdapterKitApply", "IPAdapterKitAttentionMap",
+        "IPAdapterKitSimple", "IPAdapterKitSaveEmbeds", "IPAdapterKitLoadEmbeds", "IPAdapterKitModelCheck",
     }
     assert ADAPTER in ours["IPAdapterKitLoader"]["input"]["required"]["ipadapter_file"][0]
-    weight = ours["IPAdapterKitApply"]["input"]["required"]["weight"][1]
-    assert weight["min"] <= -1 and weight["max"] >= 3 and weight["default"] == 1.0
+    for apply in ("IPAdapterKitApplySimple", "IPAdapterKitApply"):
+        weight = ours[apply]["input"]["required"]["weight"][1]
+        assert weight["min"] <= -1 and weight["max"] >= 3 and weight["default"] == 1.0
+    # the everyday Apply: the advanced one's inputs, the everyday ones only
+    everyday, advanced = (ours[kind]["input"] for kind in ("IPAdapterKitApplySimple", "IPAdapterKitApply"))
+    assert list(everyday["required"]) == ["model", "ipadapter", "weight", "start_at", "end_at", "weight_type"]
+    assert list(everyday["optional"]) == ["embeds", "image", "image_encoder", "attn_mask"]
+    for section, inputs in everyday.items():
+        for name, spec in inputs.items():
+            if name != "weight":  # the advanced one's tooltip adds what λ does to regions
+                assert spec == {**advanced["required"], **advanced["optional"]}[name], name
     for node in ours.values():
         assert node["category"].startswith("ipadapter_kit")
         for section in ("required", "optional"):

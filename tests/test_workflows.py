@@ -8,9 +8,11 @@
   model or SD3.5 Large's checkpoint, adapters of that family with the image
   encoder each was trained with), image size and sampling;
 * every workflow runs headless (random-weight models under the names the
-  workflows use, 64x64, 1 step): it saves its image, the image changes with λ
-  and with the reference image, and λ = 0 gives exactly the image of the same
-  graph without this pack's nodes. SD1.5 and SDXL: models of the real
+  workflows use, 64x64, 1 step): it saves its image, the image changes with the
+  reference image, and for each Apply IP-Adapter of it (either kind, one at a
+  time, the others as they are) λ = 0 gives exactly the image of the same graph
+  with that Apply bypassed (its MODEL input wired straight through), and λ = 1
+  another one. SD1.5 and SDXL: models of the real
   architectures. The SDXL workflows run in a server of their own
   (:func:`devtools.comfyui_harness.start_sdxl_server`: UNet weights fp16, ~10 GiB
   while it loads the full-size random SDXL checkpoint), started for them and
@@ -21,6 +23,9 @@
   own (:func:`devtools.comfyui_harness.start_dit_server`) where ComfyUI's own
   loader nodes load them (their files carry the widths its detection fixes);
   the graphs run as they are in the files.
+
+The layout is checked here too: no two nodes of a workflow overlap (title bars
+included); the browser test checks the sizes against the editor's.
 """
 from __future__ import annotations
 
@@ -39,12 +44,12 @@ from devtools.adapter_factory import random_adapter, write_flat_adapter
 from devtools.comfy_import import REPO_ROOT
 from devtools.comfyui_harness import sdxl_checkpoint_path, start_dit_server, start_sdxl_server, with_checkpoint_check
 from devtools.workflow_tools import (
-    ADAPTER, ADAPTERS_OF_FAMILY, CHECKPOINT, CLIP_G_TEXT, CLIP_L_ENCODER, CLIP_L_TEXT, ENCODER, ENCODER_OF_ADAPTER,
+    ADAPTER, ADAPTERS_OF_FAMILY, APPLY_NODES, CHECKPOINT, CLIP_G_TEXT, CLIP_L_ENCODER, CLIP_L_TEXT, ENCODER, ENCODER_OF_ADAPTER,
     FAMILY_OF_BASE_MODEL, FLUX_MODEL, FLUX_VAE, FRONTEND_ONLY, INSTANTX_FLUX_ADAPTER, LATENT_NODES, REFERENCE_IMAGES,
     SD35_ADAPTER, SD35_CHECKPOINT, SDXL_ADAPTER, SDXL_CHECKPOINT, SDXL_PLUS_ADAPTER, SIGLIP_ENCODER, SOURCE_IMAGES,
-    T5XXL_TEXT, TRAINED_ADAPTER, USER_FILES, XLABS_ADAPTER, WorkflowError, api_twin_path, base_model_files,
-    check_workflow, load_workflow, our_node_types, shrink, ui_to_api, ui_workflow_files, with_references,
-    with_weight, without_adapter, workflow_family,
+    T5XXL_TEXT, TRAINED_ADAPTER, USER_FILES, XLABS_ADAPTER, WorkflowError, api_twin_path, apply_nodes,
+    base_model_files, bypassed, check_workflow, load_workflow, our_node_types, overlapping_nodes, shrink, ui_to_api,
+    ui_workflow_files, with_references, with_weight_of, workflow_family,
 )
 
 WORKFLOWS = ui_workflow_files()
@@ -74,6 +79,10 @@ SIZE, STEPS = 64, 1
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "workflows"
 COMPAT_WORKFLOW = "1-image-prompt.json"  # the one headless run of the March 2024 compatibility subset
 ENCODER_WIDTH = 128  # the test encoder's tower (ViT-H/14's 1024-d output): the plus adapter's input width
+# The headline workflows (one reference, no advanced control) use the everyday Apply; the others show the advanced one.
+EVERYDAY_APPLY = {"1-image-prompt.json", "2-image-and-text.json", "7-sdxl-image-prompt.json",
+                  "8-sdxl-image-and-text.json", "15-flux-image-prompt.json", "16-flux-image-and-text.json",
+                  "17-sd35-image-prompt.json"}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +111,8 @@ def test_workflow_matches_the_live_node_definitions(name, info):
     notes = [node for node in workflow["nodes"] if node["type"] in FRONTEND_ONLY]
     assert len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 100, "each workflow explains itself in one note"
     ours = our_node_types(workflow)
-    assert {"IPAdapterKitLoader", "IPAdapterKitEncoderLoader", "IPAdapterKitApply"} <= ours, ours
+    assert {"IPAdapterKitLoader", "IPAdapterKitEncoderLoader"} <= ours and ours & APPLY_NODES, ours
+    assert ours & APPLY_NODES == {"IPAdapterKitApplySimple" if name in EVERYDAY_APPLY else "IPAdapterKitApply"}, ours
     assert ours & {"IPAdapterKitEncode", "IPAdapterKitEncodeTiled"}, ours
     # the file names are the ones users have (README: where each goes), all of the workflow's family: its base
     # model loaded as that family's workflows load it, its adapters, each with the encoder it was trained with
@@ -130,8 +140,28 @@ def test_workflow_matches_the_live_node_definitions(name, info):
 def test_workflow_1_is_the_papers_image_prompt_only_setting(info):
     api = ui_to_api(load_workflow(WORKFLOWS[0]), info)
     texts = [node["inputs"]["text"] for node in api.values() if node["class_type"] == "CLIPTextEncode"]
-    (apply,) = [node["inputs"] for node in api.values() if node["class_type"] == "IPAdapterKitApply"]
-    assert texts == ["", ""] and apply["weight"] == 1.0 and apply["layers"] == "all"
+    (apply,) = [api[key]["inputs"] for key in apply_nodes(api)]
+    assert texts == ["", ""] and apply["weight"] == 1.0 and apply["weight_type"] == "linear"
+    assert (apply["start_at"], apply["end_at"]) == (0.0, 1.0)
+
+
+def test_no_two_nodes_overlap():
+    """Each node's box, its title bar included, apart from every other's (the editor's sizes: the browser test)."""
+    overlaps = {path.name: overlapping_nodes(load_workflow(path)) for path in WORKFLOWS}
+    assert not any(overlaps.values()), {name: found for name, found in overlaps.items() if found}
+
+
+def test_overlapping_nodes_are_named():
+    first, second = load_workflow(WORKFLOWS[1])["nodes"][:2]
+    workflow = {"nodes": [first, second]}
+    # one pixel left of the first one's right edge, its title bar one pixel over the first one's body
+    second["pos"] = [first["pos"][0] + first["size"][0] - 1, first["pos"][1] + first["size"][1] + 29]
+    (found,) = overlapping_nodes(workflow)
+    assert f"node {first['id']}" in found and f"node {second['id']}" in found
+    second["pos"][0] += 1
+    assert overlapping_nodes(workflow) == []
+    second["pos"] = [first["pos"][0], first["pos"][1] + first["size"][1] + 30]  # right below, title bar included
+    assert overlapping_nodes(workflow) == []
 
 
 def test_our_nodes_carry_the_pack_and_its_version(info):
@@ -147,16 +177,17 @@ def test_our_nodes_carry_the_pack_and_its_version(info):
 
 
 def applies(api: dict) -> list[tuple[str, float, str, str]]:
-    """(adapter file, λ, layers, reference image) of each Apply IP-Adapter, in the order they patch the model."""
+    """(adapter file, λ, layers, reference image) of each Apply IP-Adapter (either kind: the everyday one patches
+    all layers), in the order they patch the model."""
     def source(key, name):
         return api[api[key]["inputs"][name][0]]
 
     found = []
-    for key, node in api.items():
-        if node["class_type"] == "IPAdapterKitApply":
-            image = source(node["inputs"]["embeds"][0], "image")["inputs"]["image"]
-            adapter = source(key, "ipadapter")["inputs"]["ipadapter_file"]
-            found.append((adapter, node["inputs"]["weight"], node["inputs"]["layers"], image))
+    for key in apply_nodes(api):
+        node = api[key]
+        image = source(node["inputs"]["embeds"][0], "image")["inputs"]["image"]
+        adapter = source(key, "ipadapter")["inputs"]["ipadapter_file"]
+        found.append((adapter, node["inputs"]["weight"], node["inputs"].get("layers", "all"), image))
     return found
 
 
@@ -199,7 +230,7 @@ def test_the_dit_workflows_show_what_their_names_say(name, text, encoder, expect
     assert positive["class_type"] == negative["class_type"] == "CLIPTextEncode"
     assert (positive["inputs"]["text"], negative["inputs"]["text"]) == (text, "")
     apply = api[sampler["model"][0]]
-    assert apply["class_type"] == "IPAdapterKitApply"
+    assert apply["class_type"] == "IPAdapterKitApplySimple"
     assert api[apply["inputs"]["model"][0]]["class_type"] == ("UNETLoader" if flux else "CheckpointLoaderSimple")
     (decode,) = [node["inputs"] for node in api.values() if node["class_type"] == "VAEDecode"]
     vae = api[decode["vae"][0]]
@@ -258,8 +289,12 @@ def find(workflow, kind):
     return next(node for node in workflow["nodes"] if node["type"] == kind)
 
 
+def find_apply(workflow):
+    return next(node for node in workflow["nodes"] if node["type"] in APPLY_NODES)
+
+
 def test_broken_workflows_fail_with_the_node_named(info):
-    original = load_workflow(WORKFLOWS[1])
+    original = load_workflow(WORKFLOWS[1])  # its Apply is the everyday one
 
     unknown = copy.deepcopy(original)
     node = find(unknown, "IPAdapterKitEncode")
@@ -270,16 +305,22 @@ def test_broken_workflows_fail_with_the_node_named(info):
         ui_to_api(unknown, info)
 
     too_strong = copy.deepcopy(original)
-    node = find(too_strong, "IPAdapterKitApply")
+    node = find(too_strong, "IPAdapterKitApplySimple")
     node["widgets_values"][0] = 7.5  # λ; the node allows -1..3
     (problem,) = check_workflow(too_strong, info)
-    assert f"node {node['id']}" in problem and "IPAdapterKitApply" in problem and "weight = 7.5 is above the maximum 3.0" in problem
+    assert f"node {node['id']}" in problem and "IPAdapterKitApplySimple" in problem and "weight = 7.5 is above the maximum 3.0" in problem
 
     bad_choice = copy.deepcopy(original)
-    node = find(bad_choice, "IPAdapterKitApply")
-    node["widgets_values"][4] = "everything"  # layers
+    node = find(bad_choice, "IPAdapterKitApplySimple")
+    node["widgets_values"][3] = "everything"  # weight type
     (problem,) = check_workflow(bad_choice, info)
-    assert "IPAdapterKitApply" in problem and "layers = 'everything'" in problem
+    assert "IPAdapterKitApplySimple" in problem and "weight_type = 'everything'" in problem
+
+    advanced = load_workflow(REPO_ROOT / "workflows" / "5-style-and-composition.json")
+    node = find(advanced, "IPAdapterKitApply")
+    node["widgets_values"][4] = "everything"  # layers
+    (problem,) = check_workflow(advanced, info)
+    assert f"node {node['id']}" in problem and "IPAdapterKitApply" in problem and "layers = 'everything'" in problem
 
     missing_file = copy.deepcopy(original)
     node = find(missing_file, "IPAdapterKitLoader")
@@ -294,7 +335,7 @@ def test_broken_workflows_fail_with_the_node_named(info):
     assert "KSampler" in problem and "6 widget values, expected 7" in problem
 
     crossed = copy.deepcopy(original)  # the embeds socket fed from the adapter loader
-    apply, loader = find(crossed, "IPAdapterKitApply"), find(crossed, "IPAdapterKitLoader")
+    apply, loader = find_apply(crossed), find(crossed, "IPAdapterKitLoader")
     embeds_link = next(slot["link"] for slot in apply["inputs"] if slot["name"] == "embeds")
     link = next(link for link in crossed["links"] if link[0] == embeds_link)
     link[1], link[2], link[5] = loader["id"], 0, "IPADAPTER_KIT"
@@ -303,7 +344,7 @@ def test_broken_workflows_fail_with_the_node_named(info):
     assert any("IPAdapterKitApply" in p and "'embeds'" in p and "IPADAPTER_KIT_EMBEDS" in p for p in problems), problems
 
     unconnected = copy.deepcopy(original)
-    apply = find(unconnected, "IPAdapterKitApply")
+    apply = find_apply(unconnected)
     next(slot for slot in apply["inputs"] if slot["name"] == "ipadapter")["link"] = None
     assert any("IPAdapterKitApply" in p and "required input 'ipadapter'" in p for p in check_workflow(unconnected, info))
 
@@ -328,7 +369,7 @@ def test_the_command_line_check_fails_on_a_broken_file(tmp_path, comfyui_server)
     import sys
 
     broken = load_workflow(WORKFLOWS[0])
-    find(broken, "IPAdapterKitApply")["widgets_values"][0] = -4.0
+    find_apply(broken)["widgets_values"][0] = -4.0
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(broken))
     result = subprocess.run([sys.executable, "-m", "devtools.workflow_tools", "check", "--url", comfyui_server.url,
@@ -498,6 +539,8 @@ def test_sdxl_workflow_runs_headless_and_responds_to_lambda_and_reference(name, 
 
 
 def assert_runs_and_responds_to_lambda_and_reference(server, name):
+    """The workflow saves an image that changes with the reference image; for each Apply (the others as they are),
+    λ = 0 gives exactly the image with that Apply bypassed, and λ = 1 another one (so λ acts)."""
     stem = name.removesuffix(".json")
     graph = load_workflow(api_twin_path(REPO_ROOT / "workflows" / name))
 
@@ -505,16 +548,17 @@ def assert_runs_and_responds_to_lambda_and_reference(server, name):
     assert image.shape == (SIZE, SIZE, 3) and np.isfinite(image).all() and image.std() > 0.01
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(result.images[0], ARTIFACTS / f"{stem}-{SIZE}px-{STEPS}step.png")
-
-    weaker, _ = render(server, with_weight(graph, 0.5), f"{stem}-half")
     swapped, _ = render(server, with_references(graph, {REFERENCE_IMAGES[0]: REFERENCE_IMAGES[1],
                                                         REFERENCE_IMAGES[1]: REFERENCE_IMAGES[0]}), f"{stem}-swapped")
-    zero, _ = render(server, with_weight(graph, 0.0), f"{stem}-zero")
-    plain_graph = without_adapter(graph)
-    assert not any(node["class_type"].startswith("IPAdapterKit") for node in plain_graph.values())
-    plain, _ = render(server, plain_graph, f"{stem}-plain")
-
-    assert np.array_equal(zero, plain), "λ = 0 must give exactly the image without the adapter"
-    assert np.abs(image - plain).mean() > 1e-3, "the image prompt has no effect"
-    assert np.abs(weaker - image).mean() > 1e-3, "λ has no effect"
     assert np.abs(swapped - image).mean() > 1e-3, "the reference image has no effect"
+
+    applies = apply_nodes(graph)
+    assert applies, "the workflow has no Apply IP-Adapter"
+    for key in applies:
+        label = f"Apply {key} ({graph[key]['class_type']})"
+        zero, _ = render(server, with_weight_of(graph, key, 0.0), f"{stem}-{key}-zero")
+        plain, _ = render(server, bypassed(graph, key), f"{stem}-{key}-bypassed")
+        one = image if graph[key]["inputs"]["weight"] == 1.0 else \
+            render(server, with_weight_of(graph, key, 1.0), f"{stem}-{key}-one")[0]
+        assert np.array_equal(zero, plain), f"λ = 0 on {label} must give exactly the image with it bypassed"
+        assert np.abs(one - plain).mean() > 1e-3, f"{label} at λ = 1 has no effect"

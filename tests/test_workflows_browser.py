@@ -9,9 +9,14 @@ their live definition with the file's values, and ComfyUI's own nodes (the
 Flux / SD3.5 loaders among them) the widgets, in the order, that the API
 conversion reads from ``widgets_values``; saving the graph again
 (``app.graph.serialize()``) gives the file's widget values and links back (so
-no value landed in the wrong widget). A screenshot of each workflow is kept in
-``test-artifacts/workflows/browser-<name>.png`` (gitignored). A workflow with a
-node type the pack does not have must raise the dialog, naming the type.
+no value landed in the wrong widget). The layout as the editor draws it: each
+node keeps the file's size, which is no smaller than the size the editor
+computes for it (title, slots, widgets), no two nodes overlap (title bars
+included), and no widget's label runs into its value (measured with the
+editor's font). A screenshot of each workflow, the graph alone fitted into the
+window, is kept in ``test-artifacts/workflows/browser-<name>.png`` (gitignored;
+README.md's picture is the one of workflow 2). A workflow with a node type the
+pack does not have must raise the dialog, naming the type.
 
 Skipped, with the reason, when Playwright or Chromium is not installed
 (``scripts/setup.sh`` installs both; CI runs it).
@@ -28,7 +33,9 @@ import pytest
 
 from devtools.comfy_import import REPO_ROOT
 from devtools.comfyui_harness import ComfyUIError
-from devtools.workflow_tools import FRONTEND_ONLY, load_workflow, ui_workflow_files, widget_layout
+from devtools.workflow_tools import (
+    APPLY_NODES, FRONTEND_ONLY, load_workflow, overlapping_nodes, ui_workflow_files, widget_layout,
+)
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -71,21 +78,42 @@ LOAD = """async (workflow) => {
         x1 = Math.max(x1, node.pos[0] + node.size[0]); y1 = Math.max(y1, node.pos[1] + node.size[1]);
     }
     const canvas = app.canvas.canvas;
-    const scale = Math.min(canvas.width / (x1 - x0 + 40), canvas.height / (y1 - y0 + 40), 1);
+    const margin = 30;  // room for the links that curl out of the outermost nodes
+    const scale = Math.min(canvas.width / (x1 - x0 + 2 * margin), canvas.height / (y1 - y0 + 2 * margin), 1);
     app.canvas.ds.scale = scale;
-    app.canvas.ds.offset = [-x0 + 20, -y0 + 20];
+    app.canvas.ds.offset = [-x0 + margin, -y0 + margin];
     app.graph.setDirtyCanvas(true, true);
     app.canvas.draw(true, true);
+    // text widths in the font the editor draws slots and widgets with
+    const measure = document.createElement('canvas').getContext('2d');
+    measure.font = app.canvas.inner_text_font || '12px Arial';
+    const width = (text) => (text === undefined || text === null ? 0 : measure.measureText(String(text)).width);
     return {
         dialogs,
         registered: Object.keys(LiteGraph.registered_node_types),
         nodes: nodes.map((node) => ({
             id: node.id, type: node.type, title: node.title, comfyClass: node.comfyClass || null,
-            widgets: (node.widgets || []).map((widget) => ({name: widget.name, value: widget.value})),
+            pos: [...node.pos], size: [...node.size], computed_size: [...node.computeSize()],
+            widgets: (node.widgets || []).map((widget) => ({
+                name: widget.name, value: widget.value, kind: widget.type,
+                label_width: width(widget.displayName ?? widget.label ?? widget.name),
+                value_width: width(widget._displayValue),
+            })),
         })),
         saved: app.graph.serialize(),
+        box: {x: 0, y: 0, width: Math.min(canvas.width, (x1 - x0 + 2 * margin) * scale),
+              height: Math.min(canvas.height, (y1 - y0 + 2 * margin) * scale)},
     };
 }"""
+# Only the graph in the screenshots: the editor's menus, side bars, banners and minimap hidden; the canvas and
+# the text boxes on it (frontend 1.32's .dom-widget, the March-2024 editor's .comfy-multiline-input) shown.
+GRAPH_ONLY = """body * { visibility: hidden !important; }
+#graph-canvas, .dom-widget, .dom-widget *, .comfy-multiline-input { visibility: visible !important; }"""
+# How frontend 1.32 draws a number or combo widget (BaseWidget.drawTruncatingText): its label from the left and its
+# value from the right within the widget's width less 85 px (margins and arrows), 5 px apart; a one-line text
+# widget the same within its width less 60 px. Where they do not fit, the editor cuts the label short.
+WIDGET_TEXT_MARGINS = {"number": 85, "combo": 85, "text": 60}
+LABEL_VALUE_GAP = 5
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +121,10 @@ def editor(comfyui_server):
     """A Chromium page with the graph editor of the session's ComfyUI, ready (our nodes registered)."""
     try:  # later editors open a template gallery on a first visit, over the graph, unless the tutorial is done
         comfyui_server.request("POST", "/settings/Comfy.TutorialCompleted", True)
+        # the screenshots: no pack name (here the test's folder name) above each node, and their text drawn at
+        # any zoom (a tall graph fitted into the window is drawn without it otherwise)
+        comfyui_server.request("POST", "/settings/Comfy.NodeBadge.NodeSourceBadgeMode", "None")
+        comfyui_server.request("POST", "/settings/LiteGraph.Canvas.MinFontSizeForLOD", 0)
     except ComfyUIError:  # an editor without user settings (March 2024) has no gallery either
         pass
     with sync_api.sync_playwright() as playwright:
@@ -142,15 +174,13 @@ def test_the_editor_loads_the_workflow_without_missing_nodes(path, editor, info)
     workflow = load_workflow(path)
     editor.errors.clear()
     state = editor.evaluate(LOAD, workflow)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    # the March-2024 editor's floating queue panel would cover part of the graph in the picture
-    editor.evaluate("() => { const menu = document.querySelector('.comfy-menu'); if (menu) menu.style.display = 'none'; }")
-    editor.screenshot(path=str(ARTIFACTS / f"browser-{path.stem}.png"))
-    editor.evaluate("() => { const menu = document.querySelector('.comfy-menu'); if (menu) menu.style.display = ''; }")
+    graph_screenshot(editor, ARTIFACTS / f"browser-{path.stem}.png", state["box"])
 
     assert not [text for text in state["dialogs"] if missing_nodes_dialog(text)], state["dialogs"]
     assert not editor.errors, editor.errors
     shown = {node["id"]: node for node in state["nodes"]}
+    for live in shown.values():  # the editor's own widgets ($$canvas-image-preview, once an image is loaded) hold no value
+        live["widgets"] = [widget for widget in live["widgets"] if not widget["name"].startswith("$$")]
     saved = {node["id"]: node for node in state["saved"]["nodes"]}
     for node in workflow["nodes"]:
         assert node["id"] in shown, f"node {node['id']} ({node['type']}) is not in the editor's graph"
@@ -173,12 +203,42 @@ def test_the_editor_loads_the_workflow_without_missing_nodes(path, editor, info)
     # a link's target slot counts the node's inputs, which later editors list with every widget: compare by name
     assert sorted(named_links(state["saved"])) == sorted(named_links(workflow))
 
+    # the layout as drawn: the file's sizes, large enough for what each node holds, side by side, labels readable
+    for node in workflow["nodes"]:
+        live = shown[node["id"]]
+        assert live["pos"] == node["pos"] and live["size"] == node["size"], (node["id"], node["type"], live["size"])
+        assert all(have >= need - 0.5 for have, need in zip(node["size"], live["computed_size"])), \
+            (node["id"], node["type"], node["size"], live["computed_size"])
+        for widget in live["widgets"]:
+            if widget["kind"] in WIDGET_TEXT_MARGINS:
+                room = node["size"][0] - WIDGET_TEXT_MARGINS[widget["kind"]]
+                needed = widget["label_width"] + LABEL_VALUE_GAP + widget["value_width"]
+                assert needed <= room, f"node {node['id']} ({node['type']}): {widget['name']}'s label runs into its " \
+                                       f"value ({needed:.0f} px of text in {room} px)"
+    assert overlapping_nodes({"nodes": list(shown.values())}) == []
+
+
+def graph_screenshot(editor, path: Path, box: dict) -> None:
+    """The graph as LOAD fitted it into the window, without the editor's menus and panels around it."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    style = editor.add_style_tag(content=GRAPH_ONLY)
+    # the March-2024 editor's floating queue panel would cover part of the graph in the picture
+    editor.evaluate("() => { const menu = document.querySelector('.comfy-menu'); if (menu) menu.style.display = 'none'; }")
+    # and the canvas' own frame counter in its corner
+    info = editor.evaluate("() => { const shown = app.canvas.show_info; app.canvas.show_info = false; "
+                           "app.canvas.draw(true, true); return shown; }")
+    editor.screenshot(path=str(path), clip=box)
+    editor.evaluate("(shown) => { app.canvas.show_info = shown; }", info)
+    editor.evaluate("(style) => style.remove()", style)
+    editor.evaluate("() => { const menu = document.querySelector('.comfy-menu'); if (menu) menu.style.display = ''; }")
+
 
 def test_the_editor_names_a_node_type_the_pack_does_not_have(editor):
     broken = copy.deepcopy(load_workflow(WORKFLOWS[0]))
-    node = next(node for node in broken["nodes"] if node["type"] == "IPAdapterKitApply")
+    node = next(node for node in broken["nodes"] if node["type"] in APPLY_NODES)
     node["type"] = "IPAdapterKitApplyTypo"
     state = editor.evaluate(LOAD, broken)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     editor.screenshot(path=str(ARTIFACTS / "browser-missing-node.png"))
     (dialog,) = [text for text in state["dialogs"] if missing_nodes_dialog(text)]
     assert "IPAdapterKitApplyTypo" in dialog

@@ -78,17 +78,63 @@ SD35 = Family(SD35_CHECKPOINT, SD35_ADAPTER, 1024,
               "EmptySD3LatentImage")
 
 
+# The layout: each node goes into a column and stacks below the nodes put there before it (or lower, level with
+# another node); a column is as wide as its widest node, and every node of it gets that width. Sizes as the
+# editor (frontend 1.32) needs them: no smaller than what it computes for the node, and wide enough that no widget's
+# label runs into its value (tests/test_workflows_browser.py measures both in the editor; tests/test_workflows.py
+# checks that no two nodes overlap).
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar sits above a node's pos
+GAP = 40  # between a node and the title bar of the one below it, and between columns
+NODE_WIDTH = 320  # the narrowest column
+CHAR_WIDTH = 6.5  # a character of the widgets' and slots' 12 px Arial, rounded up (measured: 5.1 to 6.1 px)
+TITLE_CHAR_WIDTH = 8.0  # a character of the title's 14 px Arial, rounded up
+# The editor's widget drawing (frontend 1.32, BaseWidget.drawTruncatingText): a number or combo keeps 85 px of its
+# width for its margins and arrows, a one-line text 60 px; label and value are 5 px apart.
+STEPPED_MARGINS, TEXT_MARGINS, LABEL_GAP = 85, 60, 5
+
+
+def shown_value(widget, value) -> str:
+    """About the text the editor shows for a widget value (floats with two decimals: the longest it shows here)."""
+    if widget.kind == "FLOAT":
+        return f"{value:.2f}"
+    return str(value)
+
+
+def needed_width(title: str, layout, values: list, inputs: list, outputs: list) -> int:
+    """How wide a node must be for its title, its slot names, and each widget's label beside its value."""
+    needs = [NODE_WIDTH, 40 + TITLE_CHAR_WIDTH * len(title)]
+    for widget, value in zip(layout, values):
+        if widget.extra == "upload":
+            continue
+        name = widget.name
+        if widget.extra is None and widget.kind == "STRING":
+            if widget.options.get("multiline"):
+                continue
+            margins = TEXT_MARGINS
+        else:
+            margins = STEPPED_MARGINS
+        text = shown_value(widget, value) if widget.extra is None else str(value)
+        needs.append(margins + CHAR_WIDTH * (len(name) + len(text)) + LABEL_GAP)
+    longest = max((len(slot["name"]) for slot in inputs), default=0) + max((len(slot["name"]) for slot in outputs), default=0)
+    needs.append(60 + CHAR_WIDTH * longest)
+    return int(-(-max(needs) // 10) * 10)  # rounded up to 10 px
+
+
 class Graph:
     def __init__(self, info: dict, family: Family):
         self.info = info
         self.family = family
         self.nodes: list[dict] = []
         self.links: list[list] = []
+        self.places: dict[int, tuple[int, dict | None, int]] = {}  # node id -> (column, level with, width it needs)
 
-    def node(self, kind: str, pos, title: str | None = None, box_width: int = 320, **values) -> dict:
+    def node(self, kind: str, column: int, title: str | None = None, level: dict | None = None, box_width: int = 0,
+             **values) -> dict:
+        """A node of type ``kind`` in ``column``, below the nodes put there before it (and not above ``level``)."""
         definition = self.info[kind]
+        layout = widget_layout(definition)
         widgets = []
-        for widget in widget_layout(definition):
+        for widget in layout:
             if widget.extra == "control_after_generate":
                 widgets.append("fixed")
             elif widget.extra == "upload":
@@ -105,8 +151,11 @@ class Graph:
         outputs = [{"name": definition["output_name"][i] or output, "type": output, "links": [], "slot_index": i}
                    for i, output in enumerate(definition["output"])]
         rows = max(len(inputs), len(outputs))
-        height = 30 + 22 * rows + 26 * len(widgets) + (260 if kind == "LoadImage" else 0) + (60 if kind == "CLIPTextEncode" else 0)
-        node = {"id": len(self.nodes) + 1, "type": kind, "pos": list(pos), "size": [box_width, height], "flags": {},
+        multiline = sum(1 for w in layout if w.extra is None and w.kind == "STRING" and w.options.get("multiline"))
+        height = 30 + 22 * rows + 26 * len(widgets) + 60 * multiline + (260 if kind == "LoadImage" else 0)
+        shown_title = title or definition.get("display_name") or kind
+        need = max(box_width, needed_width(shown_title, layout, widgets, inputs, outputs))
+        node = {"id": len(self.nodes) + 1, "type": kind, "pos": [0, 0], "size": [need, height], "flags": {},
                 "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": kind, **(PACK_PROPERTIES if kind.startswith("IPAdapterKit") else {})},
                 "widgets_values": widgets}
@@ -119,19 +168,22 @@ class Graph:
         if not outputs:
             del node["outputs"]
         self.nodes.append(node)
+        self.places[node["id"]] = (column, level, need)
         return node
 
-    def note(self, pos, text: str, width: int = 340, height: int = 300) -> dict:
-        node = {"id": len(self.nodes) + 1, "type": "Note", "pos": list(pos), "size": [width, height], "flags": {},
+    def note(self, column: int, text: str, height: int = 300) -> dict:
+        node = {"id": len(self.nodes) + 1, "type": "Note", "pos": [0, 0], "size": [NODE_WIDTH, height], "flags": {},
                 "order": 0, "mode": 0, "title": "About this workflow", "properties": {"text": ""},
                 "widgets_values": [text], "color": "#432", "bgcolor": "#653"}
         self.nodes.append(node)
+        self.places[node["id"]] = (column, None, NODE_WIDTH)
         return node
 
     def widget_socket(self, node: dict, name: str) -> None:
         """The editor's "convert widget to input": a socket for widget ``name``, whose value stays in widgets_values."""
         kind = next(w.spec[0] for w in widget_layout(self.info[node["type"]]) if w.name == name)
         node.setdefault("inputs", []).append({"name": name, "type": kind, "link": None, "widget": {"name": name}})
+        node["size"][1] += 22
 
     def link(self, source: dict, output: str, target: dict, input_name: str) -> None:
         slot = next(i for i, o in enumerate(source["outputs"]) if o["name"] == output)
@@ -144,7 +196,29 @@ class Graph:
         source["outputs"][slot]["links"].append(link_id)
         target["inputs"][target_slot]["link"] = link_id
 
+    def lay_out(self) -> None:
+        """Positions and widths from the columns: left to right, each node below the previous one of its column."""
+        columns = sorted({column for column, _, _ in self.places.values()})
+        widths = {c: max(need for column, _, need in self.places.values() if column == c) for c in columns}
+        x, left = 0, {}
+        for c in columns:
+            left[c] = x
+            x += widths[c] + GAP
+        bottoms = {c: 0 for c in columns}  # where the next node's body may start
+        for c in columns:
+            for node in self.nodes:
+                column, level, _ = self.places[node["id"]]
+                if column != c:
+                    continue
+                if level is not None and self.places[level["id"]][0] > c:
+                    raise ValueError(f"node {node['id']} is levelled with a node of a later column")
+                y = max(bottoms[c], level["pos"][1] if level is not None else 0)
+                node["pos"] = [left[c], y]
+                node["size"][0] = widths[c]
+                bottoms[c] = y + node["size"][1] + GAP + TITLE_HEIGHT
+
     def workflow(self) -> dict:
+        self.lay_out()
         # execution order as the editor stores it: sources first
         order, placed = {}, set()
         while len(placed) < len(self.nodes):
@@ -167,141 +241,162 @@ class Graph:
 
 # -- pieces shared by the workflows -------------------------------------------------
 
+# The columns, left to right: loaders (and the note); the prompts and the images; the encoders; the latent and the
+# Apply nodes; the sampler, the decoder and the saved image. A workflow with more steps uses more columns.
+LOADERS, INPUTS, ENCODERS, APPLY, SAMPLER = range(5)
+
+
 def base(g: Graph, positive: str, negative: str = "", adapter_file: str | None = None):
     """Checkpoint, the two text prompts, the adapter, the encoder; returns them."""
-    ckpt = g.node("CheckpointLoaderSimple", (0, 0), ckpt_name=g.family.checkpoint)
-    pos = g.node("CLIPTextEncode", (360, 0), title="Text prompt", text=positive, box_width=380)
-    neg = g.node("CLIPTextEncode", (360, 220), title="Negative prompt", text=negative, box_width=380)
+    ckpt = g.node("CheckpointLoaderSimple", LOADERS, ckpt_name=g.family.checkpoint)
+    pos, neg = prompts(g, positive, negative)
     g.link(ckpt, "CLIP", pos, "clip")
     g.link(ckpt, "CLIP", neg, "clip")
-    adapter = g.node("IPAdapterKitLoader", (0, 450), ipadapter_file=adapter_file or g.family.adapter, box_width=340)
-    encoder = g.node("IPAdapterKitEncoderLoader", (0, 560), clip_name=ENCODER, box_width=340)
+    adapter, encoder = adapter_loaders(g, adapter_file or g.family.adapter, ENCODER)
     return ckpt, pos, neg, adapter, encoder
 
 
-def reference(g: Graph, pos, name: str, encoder: dict, title: str = "Reference image", tiled: bool = False):
-    """Load Image and its encoder node: Encode Image (center crop), or Encode Tiled with ``tiled``."""
-    image = g.node("LoadImage", pos, title=title, image=name)
-    position = (pos[0] + 340, pos[1])
-    encode = g.node("IPAdapterKitEncodeTiled", position) if tiled else g.node("IPAdapterKitEncode", position, crop="crop")
+def prompts(g: Graph, positive: str, negative: str, negative_title: str = "Negative prompt"):
+    pos = g.node("CLIPTextEncode", INPUTS, title="Text prompt", text=positive, box_width=380)
+    neg = g.node("CLIPTextEncode", INPUTS, title=negative_title, text=negative, box_width=380)
+    return pos, neg
+
+
+def adapter_loaders(g: Graph, adapter_file: str, encoder_file: str):
+    adapter = g.node("IPAdapterKitLoader", LOADERS, ipadapter_file=adapter_file)
+    encoder = g.node("IPAdapterKitEncoderLoader", LOADERS, clip_name=encoder_file)
+    return adapter, encoder
+
+
+def reference(g: Graph, name: str, encoder: dict, title: str = "Reference image", tiled: bool = False):
+    """Load Image and its encoder node beside it: Encode Image (center crop), or Encode Tiled with ``tiled``."""
+    image = g.node("LoadImage", INPUTS, title=title, image=name)
+    encode = (g.node("IPAdapterKitEncodeTiled", ENCODERS, level=image) if tiled
+              else g.node("IPAdapterKitEncode", ENCODERS, level=image, crop="crop"))
     g.link(encoder, "image_encoder", encode, "image_encoder")
     g.link(image, "IMAGE", encode, "image")
     return image, encode
 
 
-def apply(g: Graph, pos, model_source: tuple[dict, str], adapter: dict, embeds: dict, **values):
-    node = g.node("IPAdapterKitApply", pos, **values)
+def apply(g: Graph, model_source: tuple[dict, str], adapter: dict, embeds: dict | None, advanced: bool = False,
+          column: int = APPLY, title: str | None = None, **values):
+    """Apply IP-Adapter (the everyday node), or with ``advanced`` Apply IP-Adapter (Advanced)."""
+    node = g.node("IPAdapterKitApply" if advanced else "IPAdapterKitApplySimple", column, title=title, **values)
     g.link(model_source[0], model_source[1], node, "model")
     g.link(adapter, "ipadapter", node, "ipadapter")
-    g.link(embeds, "embeds", node, "embeds")
+    if embeds is not None:
+        g.link(embeds, "embeds", node, "embeds")
     return node
 
 
-def sample_and_save(g: Graph, x: int, model: tuple[dict, str], pos: dict, neg: dict, latent: tuple[dict, str],
-                    vae_source: dict, prefix: str, **sampling):
-    """KSampler, VAE Decode (with the VAE output of ``vae_source``: the checkpoint, or a VAE loader), Save Image."""
-    sampler = g.node("KSampler", (x, 0), **{**g.family.sampling, **sampling})
+def sample_and_save(g: Graph, model: tuple[dict, str], pos: dict, neg: dict, latent: tuple[dict, str],
+                    vae_source: dict, prefix: str, column: int = SAMPLER, **sampling):
+    """KSampler, VAE Decode (with the VAE output of ``vae_source``: the checkpoint, or a VAE loader) and Save Image,
+    one below the other in ``column``."""
+    sampler = g.node("KSampler", column, **{**g.family.sampling, **sampling})
     g.link(model[0], model[1], sampler, "model")
     g.link(pos, "CONDITIONING", sampler, "positive")
     g.link(neg, "CONDITIONING", sampler, "negative")
     g.link(latent[0], latent[1], sampler, "latent_image")
-    decode = g.node("VAEDecode", (x, 330), box_width=220)
+    decode = g.node("VAEDecode", column)
     g.link(sampler, "LATENT", decode, "samples")
     g.link(vae_source, "VAE", decode, "vae")
-    save = g.node("SaveImage", (x + 360, 0), filename_prefix=f"ipadapter_kit/{prefix}", box_width=420)
-    save["size"] = [420, 460]
+    save = g.node("SaveImage", column, filename_prefix=f"ipadapter_kit/{prefix}", box_width=420)
+    save["size"][1] = 460
     g.link(decode, "IMAGE", save, "images")
     return sampler
 
 
-def half_masks(g: Graph, canvas_pos, half_pos, left_pos, right_pos) -> tuple[dict, dict]:
+def half_masks(g: Graph, solid_column: int, mask_column: int) -> tuple[dict, dict]:
     """Masks of the left and the right half of a 512 x 512 picture, from solid masks (the MASK outputs)."""
-    empty = g.node("SolidMask", canvas_pos, title="Canvas (0)", value=0.0, width=512, height=512)
-    half = g.node("SolidMask", half_pos, title="Left half (1)", value=1.0, width=256, height=512)
-    left = g.node("MaskComposite", left_pos, title="Left mask", x=0, y=0, operation="add")
+    empty = g.node("SolidMask", solid_column, title="Canvas (0)", value=0.0, width=512, height=512)
+    half = g.node("SolidMask", solid_column, title="Left half (1)", value=1.0, width=256, height=512)
+    left = g.node("MaskComposite", mask_column, title="Left mask", level=empty, x=0, y=0, operation="add")
     g.link(empty, "MASK", left, "destination")
     g.link(half, "MASK", left, "source")
-    right = g.node("InvertMask", right_pos, title="Right mask", box_width=220)
+    right = g.node("InvertMask", mask_column, title="Right mask")
     g.link(left, "MASK", right, "mask")
     return left, right
 
 
-def empty_latent(g: Graph, pos, batch_size: int = 1):
-    return g.node(g.family.latent, pos, width=g.family.size, height=g.family.size, batch_size=batch_size)
+def empty_latent(g: Graph, column: int = APPLY, batch_size: int = 1):
+    return g.node(g.family.latent, column, width=g.family.size, height=g.family.size, batch_size=batch_size)
 
 
 def one_reference(g: Graph, positive: str, negative: str, weight: float, prefix: str, adapter_file: str | None = None,
-                  title: str = "Reference image", tiled: bool = False, **apply_values):
-    """Text to image with one reference image through Apply IP-Adapter (λ = ``weight``, other Apply widgets in
-    ``apply_values``); returns the adapter loader."""
+                  title: str = "Reference image", tiled: bool = False, advanced: bool = False, **apply_values):
+    """Text to image with one reference image through Apply IP-Adapter (λ = ``weight``; with ``advanced`` Apply
+    IP-Adapter (Advanced), other widgets in ``apply_values``); returns the adapter loader."""
     ckpt, pos, neg, adapter, encoder = base(g, positive, negative, adapter_file)
-    _, embeds = reference(g, (360, 450), REFERENCE, encoder, title, tiled)
-    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=weight, **apply_values)
-    latent = empty_latent(g, (1100, 0))
-    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, prefix)
+    _, embeds = reference(g, REFERENCE, encoder, title, tiled)
+    latent = empty_latent(g)
+    patched = apply(g, (ckpt, "MODEL"), adapter, embeds, advanced, weight=weight, **apply_values)
+    sample_and_save(g, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, prefix)
     return adapter
 
 
 def style_and_composition(g: Graph, style_blocks: str, composition_blocks: str, prefix: str):
     """One reference's style (layers = style), another's layout (layers = composition), a text prompt."""
     ckpt, pos, neg, adapter, encoder = base(g, "best quality, a house in the mountains", "lowres, worst quality")
-    _, style_embeds = reference(g, (360, 450), REFERENCE, encoder, "Style reference")
-    _, layout_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Composition reference")
-    style = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, style_embeds, weight=1.0, layers="style")
-    style["title"] = f"Style: {style_blocks} only"
-    layout = apply(g, (1480, 650), (style, "MODEL"), adapter, layout_embeds, weight=1.0, layers="composition")
-    layout["title"] = f"Composition: {composition_blocks} only"
-    latent = empty_latent(g, (1100, 0))
-    sample_and_save(g, 1480, (layout, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, prefix)
+    _, style_embeds = reference(g, REFERENCE, encoder, "Style reference")
+    _, layout_embeds = reference(g, REFERENCE_B, encoder, "Composition reference")
+    latent = empty_latent(g)
+    style = apply(g, (ckpt, "MODEL"), adapter, style_embeds, advanced=True, title=f"Style: {style_blocks} only",
+                  weight=1.0, layers="style")
+    layout = apply(g, (style, "MODEL"), adapter, layout_embeds, advanced=True,
+                   title=f"Composition: {composition_blocks} only", weight=1.0, layers="composition")
+    sample_and_save(g, (layout, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, prefix)
 
 
 # -- the SD1.5 workflows -----------------------------------------------------------------
 
 def image_prompt_only(g: Graph):
     one_reference(g, "", "", 1.0, "image_prompt")
-    g.note((0, 700), "Image prompt only (the paper's setting).\n\nThe text prompts are empty: the reference image is "
+    g.note(LOADERS, "Image prompt only (the paper's setting).\n\nThe text prompts are empty: the reference image is "
            "the whole prompt. λ (weight on Apply IP-Adapter) = 1.0, the paper's default; DDIM, 50 steps, CFG 7.5 as in "
            "the paper.\n\nModels: v1-5-pruned-emaonly.safetensors in models/checkpoints, ip-adapter_sd15.safetensors in "
            "models/ipadapter, CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors in models/clip_vision. Pick your reference "
-           "in Load Image.")
+           "in Load Image.\n\nApply IP-Adapter has the everyday controls (λ, start / end, weight type, an optional "
+           "attention mask); Apply IP-Adapter (Advanced) adds the rest (combine, layers, embeds scaling, batch mode, "
+           "frame weights, regions).")
 
 
 def image_and_text(g: Graph):
     one_reference(g, "best quality, wearing a hat on the beach", "monochrome, lowres, bad anatomy, worst quality, low quality",
                   0.6, "image_and_text")
-    g.note((0, 700), "Image + text prompt (the paper's headline use).\n\nThe reference image gives the subject, the text "
+    g.note(LOADERS, "Image + text prompt (the paper's headline use).\n\nThe reference image gives the subject, the text "
            "edits it ('wearing a hat on the beach'). λ = 0.6: below 1.0 the text gets more say, as in the paper's "
            "multimodal examples; raise it to follow the image more closely. DDIM, 50 steps, CFG 7.5.")
 
 
 def img2img(g: Graph):
     ckpt, pos, neg, adapter, encoder = base(g, "best quality, high quality", "lowres, worst quality")
-    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
-    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=0.8)
-    source = g.node("LoadImage", (1100, 650), title="Image to change", image=SOURCE)
-    encode = g.node("VAEEncode", (1100, 0), box_width=220)
+    source = g.node("LoadImage", ENCODERS, title="Image to change", image=SOURCE)
+    _, embeds = reference(g, REFERENCE, encoder)
+    encode = g.node("VAEEncode", APPLY)
+    patched = apply(g, (ckpt, "MODEL"), adapter, embeds, advanced=True, weight=0.8)
     g.link(source, "IMAGE", encode, "pixels")
     g.link(ckpt, "VAE", encode, "vae")
-    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (encode, "LATENT"), ckpt, "img2img", denoise=0.6)
-    g.note((0, 700), "Image-to-image with an image prompt.\n\n'Image to change' is encoded by the VAE and re-noised "
+    sample_and_save(g, (patched, "MODEL"), pos, neg, (encode, "LATENT"), ckpt, "img2img", denoise=0.6)
+    g.note(LOADERS, "Image-to-image with an image prompt.\n\n'Image to change' is encoded by the VAE and re-noised "
            "(denoise 0.6 on the KSampler: lower keeps more of it); the reference image steers what it becomes through "
            "the IP-Adapter (λ = 0.8). The output has the size of the image to change (SD1.5 works best near 512 px).")
 
 
 def inpainting(g: Graph):
     ckpt, pos, neg, adapter, encoder = base(g, "best quality, high quality", "lowres, worst quality")
-    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
-    source = g.node("LoadImage", (1100, 650), title="Image to inpaint (paint the mask)", image=SOURCE_MASKED)
-    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=1.0)
-    g.link(source, "MASK", patched, "attn_mask")
-    encode = g.node("VAEEncode", (1100, 0), box_width=220)
+    source = g.node("LoadImage", ENCODERS, title="Image to inpaint (paint the mask)", image=SOURCE_MASKED)
+    _, embeds = reference(g, REFERENCE, encoder)
+    encode = g.node("VAEEncode", APPLY)
     g.link(source, "IMAGE", encode, "pixels")
     g.link(ckpt, "VAE", encode, "vae")
-    masked = g.node("SetLatentNoiseMask", (1100, 120), box_width=240)
+    masked = g.node("SetLatentNoiseMask", APPLY)
+    patched = apply(g, (ckpt, "MODEL"), adapter, embeds, advanced=True, weight=1.0)
+    g.link(source, "MASK", patched, "attn_mask")
     g.link(encode, "LATENT", masked, "samples")
     g.link(source, "MASK", masked, "mask")
-    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (masked, "LATENT"), ckpt, "inpaint")
-    g.note((0, 700), "Inpainting with an image prompt.\n\nOpen 'Image to inpaint' in the mask editor (right click > Open "
+    sample_and_save(g, (patched, "MODEL"), pos, neg, (masked, "LATENT"), ckpt, "inpaint")
+    g.note(LOADERS, "Inpainting with an image prompt.\n\nOpen 'Image to inpaint' in the mask editor (right click > Open "
            "in MaskEditor) and paint the region to replace; the mask comes from the image's alpha channel. Only the "
            "masked region is re-generated (Set Latent Noise Mask), and the same mask is the IP-Adapter's attn_mask, so "
            "the reference image acts only there. Works with the plain SD1.5 checkpoint.")
@@ -309,24 +404,24 @@ def inpainting(g: Graph):
 
 def regional(g: Graph):
     ckpt, pos, neg, adapter, encoder = base(g, "best quality, two animals side by side", "lowres, worst quality")
-    _, left_embeds = reference(g, (360, 450), REFERENCE, encoder, "Reference for the left half")
-    _, right_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Reference for the right half")
-    left, right = half_masks(g, (1100, 680), (1100, 870), (1100, 1060), (1100, 1290))
-    first = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, left_embeds, weight=0.8)
+    _, left_embeds = reference(g, REFERENCE, encoder, "Reference for the left half")
+    _, right_embeds = reference(g, REFERENCE_B, encoder, "Reference for the right half")
+    left, right = half_masks(g, ENCODERS, ENCODERS)
+    latent = empty_latent(g)
+    first = apply(g, (ckpt, "MODEL"), adapter, left_embeds, advanced=True, weight=0.8)
     g.link(left, "MASK", first, "attn_mask")
-    second = apply(g, (1480, 650), (first, "MODEL"), adapter, right_embeds, weight=0.8)
+    second = apply(g, (first, "MODEL"), adapter, right_embeds, advanced=True, weight=0.8)
     g.link(right, "MASK", second, "attn_mask")
-    latent = empty_latent(g, (1100, 0))
-    sample_and_save(g, 1480, (second, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "regional")
-    g.note((0, 1150), "Two reference images, each with its own weight and attention mask (regional prompting).\n\n"
-           "The first Apply IP-Adapter puts the left reference in the left half, the second (chained on the first's "
+    sample_and_save(g, (second, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "regional")
+    g.note(LOADERS, "Two reference images, each with its own weight and attention mask (regional prompting).\n\n"
+           "The first Apply IP-Adapter (Advanced) puts the left reference in the left half, the second (chained on the first's "
            "MODEL) the right reference in the right half; each has its own λ. The masks are made here from solid "
            "masks (512 x 512, the image size; any size with the same aspect works); a painted MASK works as well.")
 
 
 def style_composition(g: Graph):
     style_and_composition(g, "up_blocks.1", "down_blocks.2", "style_composition")
-    g.note((0, 1150), "Style and composition through per-layer weights.\n\nThe first Apply takes only the style of "
+    g.note(LOADERS, "Style and composition through per-layer weights.\n\nThe first Apply takes only the style of "
            "its reference (layers = style: the three layers of up_blocks.1, keys 13, 15, 17), the second only the "
            "layout of another (layers = composition: down_blocks.2, keys 9, 11); the text says what to draw. "
            "layers = custom takes 16 numbers (keys 1, 3, ..., 31) or pairs like '15:1, 11:0.5' in "
@@ -334,9 +429,10 @@ def style_composition(g: Graph):
 
 
 def trained_checkpoint(g: Graph):
-    adapter = one_reference(g, "best quality, high quality", "lowres, worst quality", 1.0, "trained", TRAINED_ADAPTER)
+    adapter = one_reference(g, "best quality, high quality", "lowres, worst quality", 1.0, "trained", TRAINED_ADAPTER,
+                            advanced=True)
     adapter["title"] = "Your trained adapter"
-    g.note((0, 700), "A checkpoint trained with `python -m training.run`.\n\nThe trainer exports "
+    g.note(LOADERS, "A checkpoint trained with `python -m training.run`.\n\nThe trainer exports "
            "<output_dir>/ip-adapter_sd15_stepNNNNNNNN.safetensors in the official layout (a plus run, "
            "--model.variant plus: ip-adapter-plus_sd15_stepNNNNNNNN.safetensors; the loader reads the variant from "
            "the tensors). Copy it to "
@@ -347,25 +443,26 @@ def trained_checkpoint(g: Graph):
 
 def batch_with_frame_weights(g: Graph):
     ckpt, pos, neg, adapter, encoder = base(g, "best quality, high quality", "lowres, worst quality")
-    first = g.node("LoadImage", (360, 450), title="Reference for latent 1", image=REFERENCE)
-    second = g.node("LoadImage", (360, 870), title="Reference for latents 2-4", image=REFERENCE_B)
-    batch = g.node("ImageBatch", (700, 870), box_width=220)
+    first = g.node("LoadImage", INPUTS, title="Reference for latent 1", image=REFERENCE)
+    second = g.node("LoadImage", INPUTS, title="Reference for latents 2-4", image=REFERENCE_B)
+    batch = g.node("ImageBatch", ENCODERS, level=first)
     g.link(first, "IMAGE", batch, "image1")
     g.link(second, "IMAGE", batch, "image2")
-    embeds = g.node("IPAdapterKitEncode", (700, 450), crop="crop")
+    embeds = g.node("IPAdapterKitEncode", ENCODERS, crop="crop")
     g.link(encoder, "image_encoder", embeds, "image_encoder")
     g.link(batch, "IMAGE", embeds, "image")
-    ramp = g.node("IPAdapterKitFrameWeights", (700, 1100), timing="ease in-out", frames=4, start=1.0, end=0.4)
-    patched = apply(g, (1100, 300), (ckpt, "MODEL"), adapter, embeds, weight=0.8, batch_mode="one per latent",
+    ramp = g.node("IPAdapterKitFrameWeights", ENCODERS, level=second, timing="ease in-out", frames=4, start=1.0,
+                  end=0.4)
+    latent = empty_latent(g, batch_size=4)
+    patched = apply(g, (ckpt, "MODEL"), adapter, embeds, advanced=True, weight=0.8, batch_mode="one per latent",
                     frame_weights="1, 0.85, 0.55, 0.4")
     g.widget_socket(patched, "frame_weights")
     g.link(ramp, "frame_weights", patched, "frame_weights")
-    latent = empty_latent(g, (1100, 0), batch_size=4)
-    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "batch_frame_weights")
-    g.note((0, 700), "A batch where each latent has its own reference and its own weight (batches of variations, "
-           "animation).\n\nImage Batch joins the two references; batch mode 'one per latent' on Apply IP-Adapter gives "
-           "reference i to latent i, and the latents after the last reference keep the last one (here latents 2-4 "
-           "get the second). IP-Adapter Frame Weights makes one weight per latent (an ease in-out ramp from 1.0 to "
+    sample_and_save(g, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "batch_frame_weights")
+    g.note(LOADERS, "A batch where each latent has its own reference and its own weight (batches of variations, "
+           "animation).\n\nImage Batch joins the two references; batch mode 'one per latent' on Apply IP-Adapter "
+           "(Advanced) gives reference i to latent i, and the latents after the last reference keep the last one "
+           "(here latents 2-4 get the second). IP-Adapter Frame Weights makes one weight per latent (an ease in-out ramp from 1.0 to "
            "0.4 over 4 frames: 1, 0.85, 0.55, 0.4), multiplying λ = 0.8; it feeds Apply's frame_weights, turned into "
            "an input. Typing such a list there instead does the same. With AnimateDiff's context windows each window gets "
            "the weights and references of its own frames.")
@@ -373,8 +470,8 @@ def batch_with_frame_weights(g: Graph):
 
 def tiled_reference(g: Graph):
     one_reference(g, "best quality, high quality", "lowres, worst quality", 0.8, "tiled_reference",
-                  title="Wide or tall reference", tiled=True, combine="concat")
-    g.note((0, 700), "A reference that is not square, seen whole.\n\nEncode Image crops a wide or tall reference to "
+                  title="Wide or tall reference", tiled=True, advanced=True, combine="concat")
+    g.note(LOADERS, "A reference that is not square, seen whole.\n\nEncode Image crops a wide or tall reference to "
            "its center square; Encode Tiled instead cuts it into squares along its long side (2 for a 2:1 image, "
            "overlapping when the ratio is not a whole number) and encodes each as a reference of its own. Apply's "
            "combine = concat keeps every tile's tokens (λ = 0.8); average merges them into one. tile_masks gives "
@@ -384,35 +481,33 @@ def tiled_reference(g: Graph):
 
 def regional_with_text(g: Graph):
     ckpt, pos, neg, adapter, encoder = base(g, "best quality, two animals in a meadow", "lowres, worst quality")
-    _, left_embeds = reference(g, (360, 450), REFERENCE, encoder, "Reference for the left half")
-    _, right_embeds = reference(g, (360, 870), REFERENCE_B, encoder, "Reference for the right half")
-    left, right = half_masks(g, (0, 1300), (0, 1490), (360, 1300), (360, 1530))
-    left_text = g.node("CLIPTextEncode", (700, 1300), title="Left half's text", text="a fox, red fur", box_width=380)
-    right_text = g.node("CLIPTextEncode", (700, 1520), title="Right half's text", text="a bird, blue feathers",
-                        box_width=380)
+    _, left_embeds = reference(g, REFERENCE, encoder, "Reference for the left half")
+    _, right_embeds = reference(g, REFERENCE_B, encoder, "Reference for the right half")
+    left, right = half_masks(g, LOADERS, INPUTS)
+    left_text = g.node("CLIPTextEncode", ENCODERS, title="Left half's text", text="a fox, red fur", box_width=380)
+    right_text = g.node("CLIPTextEncode", ENCODERS, title="Right half's text", text="a bird, blue feathers", box_width=380)
     for text in (left_text, right_text):
         g.link(ckpt, "CLIP", text, "clip")
-    first = g.node("IPAdapterKitRegion", (1100, 900), title="Left region", weight=0.8)
+    first = g.node("IPAdapterKitRegion", APPLY, title="Left region", level=left_embeds, weight=0.8)
     g.link(left_embeds, "embeds", first, "embeds")
     g.link(left, "MASK", first, "mask")
     g.link(left_text, "CONDITIONING", first, "positive")
-    second = g.node("IPAdapterKitRegion", (1100, 1250), title="Right region", weight=0.8)
+    second = g.node("IPAdapterKitRegion", APPLY, title="Right region", weight=0.8)
     g.link(right_embeds, "embeds", second, "embeds")
     g.link(right, "MASK", second, "mask")
     g.link(right_text, "CONDITIONING", second, "positive")
     g.link(first, "regions", second, "regions")
-    patched = g.node("IPAdapterKitApply", (1100, 300))
-    g.link(ckpt, "MODEL", patched, "model")
-    g.link(adapter, "ipadapter", patched, "ipadapter")
+    latent = empty_latent(g, APPLY + 1)
+    patched = apply(g, (ckpt, "MODEL"), adapter, None, advanced=True, column=APPLY + 1)
     g.link(second, "regions", patched, "regions")
-    prompt = g.node("ConditioningCombine", (1480, 900), title="Global text + the regions' texts", box_width=300)
+    prompt = g.node("ConditioningCombine", APPLY + 1, title="Global text + the regions' texts")
     g.link(pos, "CONDITIONING", prompt, "conditioning_1")
     g.link(second, "positive", prompt, "conditioning_2")
-    latent = empty_latent(g, (1100, 0))
-    sample_and_save(g, 1480, (patched, "MODEL"), prompt, neg, (latent, "LATENT"), ckpt, "regional_with_text")
-    g.note((0, 700), "Regions, each with its own reference, weight, mask and text, in one chain.\n\nEach IP-Adapter "
+    sample_and_save(g, (patched, "MODEL"), prompt, neg, (latent, "LATENT"), ckpt, "regional_with_text",
+                    column=SAMPLER + 1)
+    g.note(LOADERS, "Regions, each with its own reference, weight, mask and text, in one chain.\n\nEach IP-Adapter "
            "Region takes a reference, a mask and (optionally) its own text; the second takes the first's regions, "
-           "and Apply IP-Adapter applies them all at once (each with its own λ = 0.8 and mask). The last region's "
+           "and Apply IP-Adapter (Advanced) applies them all at once (each with its own λ = 0.8 and mask). The last region's "
            "positive output holds every region's text limited to its mask; Conditioning Combine adds the global "
            "prompt. The masks are made from solid masks here (512 x 512, the image size); a painted MASK works as "
            "well.")
@@ -430,7 +525,7 @@ SDXL_MODELS = ("Models: sd_xl_base_1.0.safetensors in models/checkpoints, {adapt
 
 def sdxl_image_prompt(g: Graph):
     one_reference(g, "", "", 1.0, "sdxl_image_prompt")
-    g.note((0, 700), "SDXL, image prompt only.\n\nThe same nodes as the SD1.5 workflows: the family comes from the "
+    g.note(LOADERS, "SDXL, image prompt only.\n\nThe same nodes as the SD1.5 workflows: the family comes from the "
            "MODEL and the adapter file. The text prompts are empty: the reference image is the whole prompt. λ (weight "
            f"on Apply IP-Adapter) = 1.0. {SDXL_SETTINGS}\n\n" + SDXL_MODELS.format(adapter=SDXL_ADAPTER))
 
@@ -438,14 +533,14 @@ def sdxl_image_prompt(g: Graph):
 def sdxl_image_and_text(g: Graph):
     one_reference(g, "best quality, wearing a hat on the beach", "monochrome, lowres, bad anatomy, worst quality, low quality",
                   0.6, "sdxl_image_and_text")
-    g.note((0, 700), "SDXL, image + text prompt.\n\nThe reference image gives the subject, the text edits it "
+    g.note(LOADERS, "SDXL, image + text prompt.\n\nThe reference image gives the subject, the text edits it "
            "('wearing a hat on the beach'). λ = 0.6: below 1.0 the text gets more say; raise it to follow the image "
            f"more closely. {SDXL_SETTINGS}\n\n" + SDXL_MODELS.format(adapter=SDXL_ADAPTER))
 
 
 def sdxl_style_composition(g: Graph):
     style_and_composition(g, "up_blocks.0.attentions.1", "down_blocks.2.attentions.1", "sdxl_style_composition")
-    g.note((0, 1150), "SDXL style and composition through per-layer weights (the blocks InstantStyle found).\n\n"
+    g.note(LOADERS, "SDXL style and composition through per-layer weights (the blocks InstantStyle found).\n\n"
            "The first Apply takes only the style of its reference (layers = style: the ten layers of "
            "up_blocks.0.attentions.1, keys 69, 71, ..., 87), the second only the layout of another (layers = "
            "composition: down_blocks.2.attentions.1, keys 29, 31, ..., 47); the text says what to draw. layers = "
@@ -455,8 +550,8 @@ def sdxl_style_composition(g: Graph):
 
 def sdxl_plus(g: Graph):
     one_reference(g, "best quality, high quality", "monochrome, lowres, bad anatomy, worst quality, low quality",
-                  0.7, "sdxl_plus", SDXL_PLUS_ADAPTER)
-    g.note((0, 700), "SDXL with the plus adapter.\n\nip-adapter-plus_sdxl_vit-h makes 16 image tokens from the "
+                  0.7, "sdxl_plus", SDXL_PLUS_ADAPTER, advanced=True)
+    g.note(LOADERS, "SDXL with the plus adapter.\n\nip-adapter-plus_sdxl_vit-h makes 16 image tokens from the "
            "encoder's patch features (a Resampler over its penultimate layer) where the base adapter makes 4 from the "
            "pooled image embedding, so the result follows the reference more closely. λ = 0.7 with a plain quality "
            f"prompt; lower it if the image copies the reference too much. {SDXL_SETTINGS}\n\n"
@@ -465,8 +560,9 @@ def sdxl_plus(g: Graph):
 
 def sdxl_style_transfer_precise(g: Graph):
     one_reference(g, "best quality, a cat sitting on a windowsill", "lowres, worst quality", 1.0,
-                  "sdxl_style_transfer_precise", title="Style reference", weight_type="style transfer precise")
-    g.note((0, 700), "SDXL style transfer, precise: the reference's style without its layout.\n\nweight type = "
+                  "sdxl_style_transfer_precise", title="Style reference", advanced=True,
+                  weight_type="style transfer precise")
+    g.note(LOADERS, "SDXL style transfer, precise: the reference's style without its layout.\n\nweight type = "
            "'style transfer precise' gives the reference to the style layers (up_blocks.0.attentions.1, keys 69-87) "
            "and, on the composition layers (down_blocks.2.attentions.1, keys 29-47), to the unconditional half of "
            "classifier-free guidance only, so the sample is pushed away from the reference's composition while it "
@@ -479,41 +575,37 @@ def sdxl_style_transfer_precise(g: Graph):
 def flux_base(g: Graph, positive: str, adapter_file: str, encoder_file: str):
     """Flux.1 dev's three loaders, the text prompt with FluxGuidance, an empty negative prompt (unused at CFG 1),
     the adapter and the encoder; returns (MODEL source, positive, negative, VAE source, adapter, encoder)."""
-    unet = g.node("UNETLoader", (0, 0), unet_name=FLUX_MODEL, weight_dtype="default")
-    clip = g.node("DualCLIPLoader", (0, 130), clip_name1=T5XXL_TEXT, clip_name2=CLIP_L_TEXT, type="flux")
-    vae = g.node("VAELoader", (0, 310), vae_name=FLUX_VAE)
-    pos = g.node("CLIPTextEncode", (360, 0), title="Text prompt", text=positive, box_width=380)
-    neg = g.node("CLIPTextEncode", (360, 220), title="Negative prompt (unused at CFG 1)", text="", box_width=380)
+    unet = g.node("UNETLoader", LOADERS, unet_name=FLUX_MODEL, weight_dtype="default")
+    clip = g.node("DualCLIPLoader", LOADERS, clip_name1=T5XXL_TEXT, clip_name2=CLIP_L_TEXT, type="flux")
+    vae = g.node("VAELoader", LOADERS, vae_name=FLUX_VAE)
+    pos, neg = prompts(g, positive, "", "Negative prompt (unused at CFG 1)")
     g.link(clip, "CLIP", pos, "clip")
     g.link(clip, "CLIP", neg, "clip")
-    guided = g.node("FluxGuidance", (760, 0), guidance=FLUX_GUIDANCE)
+    guided = g.node("FluxGuidance", ENCODERS, guidance=FLUX_GUIDANCE)
     g.link(pos, "CONDITIONING", guided, "conditioning")
-    adapter = g.node("IPAdapterKitLoader", (0, 450), ipadapter_file=adapter_file, box_width=340)
-    encoder = g.node("IPAdapterKitEncoderLoader", (0, 560), clip_name=encoder_file, box_width=340)
+    adapter, encoder = adapter_loaders(g, adapter_file, encoder_file)
     return (unet, "MODEL"), guided, neg, vae, adapter, encoder
 
 
 def sd35_base(g: Graph, positive: str, negative: str, adapter_file: str, encoder_file: str):
     """SD3.5 Large's checkpoint (model and VAE) and TripleCLIPLoader, the two text prompts, the adapter and the
     encoder; returns (MODEL source, positive, negative, VAE source, adapter, encoder)."""
-    ckpt = g.node("CheckpointLoaderSimple", (0, 0), ckpt_name=SD35_CHECKPOINT)
-    clip = g.node("TripleCLIPLoader", (0, 150), clip_name1=CLIP_L_TEXT, clip_name2=CLIP_G_TEXT, clip_name3=T5XXL_TEXT)
-    pos = g.node("CLIPTextEncode", (360, 0), title="Text prompt", text=positive, box_width=380)
-    neg = g.node("CLIPTextEncode", (360, 220), title="Negative prompt", text=negative, box_width=380)
+    ckpt = g.node("CheckpointLoaderSimple", LOADERS, ckpt_name=SD35_CHECKPOINT)
+    clip = g.node("TripleCLIPLoader", LOADERS, clip_name1=CLIP_L_TEXT, clip_name2=CLIP_G_TEXT, clip_name3=T5XXL_TEXT)
+    pos, neg = prompts(g, positive, negative)
     g.link(clip, "CLIP", pos, "clip")
     g.link(clip, "CLIP", neg, "clip")
-    adapter = g.node("IPAdapterKitLoader", (0, 450), ipadapter_file=adapter_file, box_width=340)
-    encoder = g.node("IPAdapterKitEncoderLoader", (0, 560), clip_name=encoder_file, box_width=340)
+    adapter, encoder = adapter_loaders(g, adapter_file, encoder_file)
     return (ckpt, "MODEL"), pos, neg, ckpt, adapter, encoder
 
 
 def dit_one_reference(g: Graph, bases, weight: float, prefix: str):
     """Text to image with one reference image through Apply IP-Adapter (λ = ``weight``) on a DiT's loaders."""
     model, pos, neg, vae, adapter, encoder = bases
-    _, embeds = reference(g, (360, 450), REFERENCE, encoder)
-    patched = apply(g, (1100, 300), model, adapter, embeds, weight=weight)
-    latent = empty_latent(g, (1100, 0))
-    sample_and_save(g, 1480, (patched, "MODEL"), pos, neg, (latent, "LATENT"), vae, prefix)
+    _, embeds = reference(g, REFERENCE, encoder)
+    latent = empty_latent(g)
+    patched = apply(g, model, adapter, embeds, weight=weight)
+    sample_and_save(g, (patched, "MODEL"), pos, neg, (latent, "LATENT"), vae, prefix)
 
 
 FLUX_SETTINGS = ("Flux.1 dev as ComfyUI's own examples run it: Load Diffusion Model, DualCLIPLoader (type flux), "
@@ -527,7 +619,7 @@ FLUX_MODELS = ("Models: flux1-dev.safetensors in models/diffusion_models, t5xxl_
 
 def flux_image_prompt(g: Graph):
     dit_one_reference(g, flux_base(g, "", XLABS_ADAPTER, CLIP_L_ENCODER), 1.0, "flux_image_prompt")
-    g.note((0, 700), "Flux.1 dev, image prompt only, with XLabs' IP-Adapter v2.\n\nThe text prompt is empty: the "
+    g.note(LOADERS, "Flux.1 dev, image prompt only, with XLabs' IP-Adapter v2.\n\nThe text prompt is empty: the "
            "reference image is the whole prompt (λ, the weight on Apply IP-Adapter, = 1.0). XLabs' adapter turns the "
            "CLIP ViT-L/14 image embedding into 16 image tokens and acts on Flux's 19 double blocks; lower λ if the "
            f"image copies the reference too closely. {FLUX_SETTINGS}\n\n" + FLUX_MODELS.format(
@@ -538,7 +630,7 @@ def flux_image_prompt(g: Graph):
 def flux_image_and_text(g: Graph):
     dit_one_reference(g, flux_base(g, "wearing a hat on the beach", INSTANTX_FLUX_ADAPTER, SIGLIP_ENCODER), 0.7,
                       "flux_image_and_text")
-    g.note((0, 700), "Flux.1 dev, image + text prompt, with InstantX's IP-Adapter.\n\nThe reference image gives "
+    g.note(LOADERS, "Flux.1 dev, image + text prompt, with InstantX's IP-Adapter.\n\nThe reference image gives "
            "the subject, the text edits it ('wearing a hat on the beach'). λ = 0.7: below 1.0 the text gets more "
            "say; raise it to follow the image more closely. InstantX's adapter turns SigLIP's pooled image embedding "
            "into 128 image tokens and acts on all 57 blocks of Flux (19 double, 38 single). "
@@ -549,7 +641,7 @@ def flux_image_and_text(g: Graph):
 
 def sd35_image_prompt(g: Graph):
     dit_one_reference(g, sd35_base(g, "", "", SD35_ADAPTER, SIGLIP_ENCODER), 1.0, "sd35_image_prompt")
-    g.note((0, 700), "SD3.5 Large, image prompt only, with InstantX's IP-Adapter.\n\nThe text prompts are empty: "
+    g.note(LOADERS, "SD3.5 Large, image prompt only, with InstantX's IP-Adapter.\n\nThe text prompts are empty: "
            "the reference image is the whole prompt (λ = 1.0). InstantX's adapter reads SigLIP's penultimate hidden "
            "states through a Resampler that also takes the timestep, so its 64 image tokens change from step to "
            "step, and acts on all 38 joint blocks. SD3.5 Large as ComfyUI's own example loads it: Load Checkpoint "

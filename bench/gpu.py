@@ -7,14 +7,17 @@ Sections, in this order (each reuses its own benchmark module):
 - ``inference``: a sampling step with the adapter vs without, SD1.5 at 512² and SDXL at
   1024², CFG batch 2: base, plus, two stacked base adapters, and with ``--cubiq DIR``
   the same through cubiq's IPAdapterAdvanced (bench/inference_step.py, bench/cubiq_pack.py);
+  then Flux.1 (19 double + 38 single blocks, batch 1 at cfg 1) with XLabs v2 and InstantX, and
+  SD3.5 Large (38 joint blocks, CFG batch 2) with InstantX, both at 1024² in bf16 (bench/dit_step.py);
 - ``encoding``: image encoding time per reference, ViT-H/14 and ViT-bigG/14, batch 1 and 8
   (bench/image_encoding.py);
 - ``training``: a training step, the reference's style vs ours from the cache, base and plus,
   SD1.5 at 512 and SDXL at 1024 (full-size UNets; bench/training_step.py), one part per case.
 
-On a GPU: full-size architectures with random weights in fp16 (training: the reference
+On a GPU: full-size architectures with random weights in fp16, the DiTs in bf16 (training: the reference
 under fp16 autocast over an fp32 UNet, ours with a bf16 frozen UNet). ``--cpu --small``:
-the same sections on the CPU with scaled-down models and sizes, writing the same JSON keys
+the same sections on the CPU with scaled-down models and sizes (the DiTs at toy widths with every
+block), writing the same JSON keys
 (:func:`expected_keys`). Writes ``gpu_bench.json`` and ``gpu_bench.md`` (a Markdown
 section for BENCHMARKS.md) to ``--out``, else ``$OUT``, else ``bench-out/``, rewritten
 after every part (a section, or one family or encoder of it) so that a run cut short or a
@@ -39,12 +42,14 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import dit_step  # noqa: E402
 import inference_step  # noqa: E402
 from timing import device_name, free_memory, pick_device  # noqa: E402
 from cubiq_pack import CUBIQ_LABELS, CUBIQ_VARIANTS  # noqa: E402
 
 SECTIONS = ("memory", "inference", "encoding", "training")
-FAMILIES = tuple(inference_step.FAMILIES)
+FAMILIES = tuple(inference_step.FAMILIES)  # the UNets
+DIT_FAMILIES = (dit_step.FLUX, dit_step.SD35)
 INFERENCE_VARIANTS = inference_step.VARIANTS + CUBIQ_VARIANTS
 ENCODERS = ("ViT-H-14", "ViT-bigG-14")
 ENCODING_BATCHES = (1, 8)
@@ -52,7 +57,7 @@ TRAINING_VARIANTS = ("reference", "ours")
 TRAINING_NOT_YET: dict = {}  # case -> why it has no figures yet (none now: the trainer runs every case)
 TRAINING_CASES = ("sd15_base", "sdxl_base", "sd15_plus", "sdxl_plus")  # {family}_{adapter}, in the order they run
 CLONE_COUNTS = (1, 10, 100)
-GOALS = {"inference_ratio": 1.01, "training_speedup": 3.0, "training_peak_ratio": 0.6}
+GOALS = {"inference_ratio": 1.01, "dit_inference_ratio": 1.02, "training_speedup": 3.0, "training_peak_ratio": 0.6}
 NO_CUBIQ = "not run: pass --cubiq DIR (a local copy of cubiq's ComfyUI_IPAdapter_plus)"
 
 
@@ -68,16 +73,32 @@ class Sizes:
     training_reps: int
     training_steps: int
     training_warmup: int
+    dit_shapes: dict  # family -> dit_step.Shape
+    dit_latent: int
+    dit_reps: int
+    dit_warmup: int
 
 
-FULL = Sizes(320, {"sd15": 64, "sdxl": 128}, 40, 3, False, 10, {"sd15": 512, "sdxl": 1024}, 2, 5, 2)
-SMALL = Sizes(32, {"sd15": 16, "sdxl": 16}, 3, 1, True, 2, {"sd15": 64, "sdxl": 64}, 1, 1, 1)
+FULL = Sizes(320, {"sd15": 64, "sdxl": 128}, 40, 3, False, 10, {"sd15": 512, "sdxl": 1024}, 2, 5, 2,
+             dit_step.RELEASED, 128, 20, 2)
+SMALL = Sizes(32, {"sd15": 16, "sdxl": 16}, 3, 1, True, 2, {"sd15": 64, "sdxl": 64}, 1, 1, 1,
+              dit_step.TINY, 8, 2, 1)
 
 
 # --- the JSON's key set ---------------------------------------------------------------
 
 def nulls(*names: str) -> dict:
     return dict.fromkeys(names)
+
+
+def dit_skeleton(family: str) -> dict:
+    """One DiT's inference figures (``dit_step.measure``'s keys)."""
+    return {
+        **nulls("width", "heads", "double_blocks", "single_blocks", "full_depth", "resolution", "latent", "image_tokens",
+                "text_tokens", "batch", "reps", "dtype", "parameters"),
+        **(nulls("kv_per_step_s") if family == dit_step.SD35 else {}),
+        "variants": {variant: nulls("median_s", "ratio", "output_change", "reason") for variant in dit_step.DIT_VARIANTS[family]},
+    }
 
 
 def skeleton() -> dict:
@@ -94,7 +115,7 @@ def skeleton() -> dict:
         "inference": {family: {
             **nulls("model_channels", "resolution", "latent", "batch", "reps", "dtype", "unet_parameters"),
             "variants": {variant: nulls("median_s", "ratio", "reason") for variant in INFERENCE_VARIANTS},
-        } for family in FAMILIES},
+        } for family in FAMILIES} | {family: dit_skeleton(family) for family in DIT_FAMILIES},
         "image_encoding": {name: {
             **nulls("parameters", "image_size", "dtype", "reps"),
             **{f"batch_{batch}": nulls("median_s_per_image", "ratio_to_batch_1") for batch in ENCODING_BATCHES},
@@ -138,7 +159,19 @@ def memory_part(part, sizes: Sizes, device, dtype, options) -> dict:
     return measure_clones(CLONE_COUNTS, sizes.unet_width, device, dtype)
 
 
+def dit_dtype(device, dtype):
+    """The DiTs' own bf16 on a GPU; the CPU's fp32 in the dry run."""
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else dtype
+
+
 def inference_part(family: str, sizes: Sizes, device, dtype, options) -> dict:
+    if family in DIT_FAMILIES:
+        result = dit_step.measure(sizes.dit_shapes[family], sizes.dit_latent, sizes.dit_reps, device, dit_dtype(device, dtype),
+                                  sizes.dit_warmup)
+        progress(f"inference {family}: " + ", ".join(f"{name} {figures['ratio']:.3f}x" for name, figures in result["variants"].items()))
+        return result
     extra = options.cubiq.variants if options.cubiq else None
     result = inference_step.measure_family(family, sizes.unet_width, sizes.latents[family], sizes.inference_reps, device, dtype,
                                            sizes.inference_warmup, extra)
@@ -174,7 +207,7 @@ def training_part(case: str, sizes: Sizes, device, dtype, options) -> dict:
 # section -> (its function, the parts it runs one at a time: one part's failure keeps the others' figures)
 SECTION_PARTS = {
     "memory": (memory_part, (None,)),
-    "inference": (inference_part, FAMILIES),
+    "inference": (inference_part, FAMILIES + DIT_FAMILIES),
     "encoding": (encoding_part, ENCODERS),
     "training": (training_part, TRAINING_CASES),
 }
@@ -198,6 +231,10 @@ def goals_table(report: dict) -> list[str]:
             value = report["inference"][family]["variants"][variant]["ratio"]
             if variant != "no_adapter" and (value is not None or variant not in CUBIQ_VARIANTS):
                 row(f"step ratio, {inference_step.FAMILIES[family].label} {variant}", value, GOALS["inference_ratio"], True)
+    for family in DIT_FAMILIES:
+        for variant, figures in report["inference"][family]["variants"].items():
+            if variant != "no_adapter":
+                row(f"step ratio, {dit_step.FAMILY_LABELS[family]} {variant}", figures["ratio"], GOALS["dit_inference_ratio"], True)
     for case in TRAINING_CASES:
         figures = report["training"][case]
         if figures["reason"] is None:
@@ -229,6 +266,7 @@ def markdown(report: dict) -> str:
 
     meta = report["meta"]
     families = [family for family in FAMILIES if done(meta, "inference", family)]
+    dit_families = [family for family in DIT_FAMILIES if done(meta, "inference", family)]
     encoders = [name for name in ENCODERS if done(meta, "encoding", name)]
     training_cases = [case for case in TRAINING_CASES if done(meta, "training", case)]
     lines = [f"## GPU run: {meta['device_name']} ({meta['device']}), {meta['started_utc'][:10]}", "",
@@ -240,10 +278,12 @@ def markdown(report: dict) -> str:
                      f"{', '.join(meta['cubiq_gaps_filled']) or 'none'}")
     lines += [f"- Error: {error}" for error in meta["errors"]]
     lines += ["", "### Goals", ""] + goals_table(report)
-    if families:
-        lines += ["", "### Inference: sampling step with the adapter vs without (goal ≤ 1.01×)"]
+    if families or dit_families:
+        lines += ["", "### Inference: sampling step with the adapter vs without (goals ≤ 1.01× SD1.5/SDXL, ≤ 1.02× Flux/SD3.5)"]
         for family in families:
             lines += [""] + inference_step.markdown_table(family, report["inference"][family], CUBIQ_LABELS)
+        for family in dit_families:
+            lines += [""] + dit_step.markdown_table(family, report["inference"][family])
     if encoders:
         lines += ["", "### Image encoding per reference image"]
         for name in encoders:

@@ -1,12 +1,20 @@
-"""Cost of a sampling step with the adapter vs without, in a real ComfyUI, for SD1.5 and SDXL.
+"""Cost of a sampling step with the adapter vs without, in a real ComfyUI, for SD1.5, SDXL, Flux.1 and SD3.5 Large.
 
 Full UNet architectures (random weights): SD1.5 at 512x512 (64x64 latent), SDXL at
 1024x1024 (128x128 latent, with its added conditioning ``y``); CFG batch of 2. Variants:
 no adapter, base (4 tokens), plus (16 tokens), two stacked base adapters; they run
 interleaved, one UNet call each per repetition; the figure is the ratio of medians.
-CUDA in fp16 when there is a GPU, else the CPU in fp32. Usage:
+CUDA in fp16 when there is a GPU, else the CPU in fp32.
 
-    python bench/inference_step.py [--family sd15|sdxl|both] [--reps 7] [--latent N] [--width 320] [--threads N]
+``--family flux`` / ``sd35`` (or ``dit``, both): the DiTs at 1024x1024 (bench/dit_step.py): no adapter,
+XLabs v2 and InstantX on Flux.1 (batch 1, cfg 1), InstantX on SD3.5 Large (CFG batch 2), the same
+interleaved medians, one ``apply_model`` call per variant per repetition, a new σ per call. The released
+widths; on a GPU the released depth (19 double + 38 single, 38 joint blocks) in bf16, on the CPU
+``CPU_DIT_DEPTH`` blocks in fp32 (this CPU has no bf16 instructions); ``--double/--single/--blocks``
+and ``--dtype`` change them. Usage:
+
+    python bench/inference_step.py [--family sd15|sdxl|both|flux|sd35|dit] [--reps 7] [--warmup 1] [--latent N]
+        [--width 320] [--double N --single N] [--blocks N] [--dtype auto|fp32|bf16|fp16] [--threads N] [--cpu]
 
 The ComfyUI is $COMFYUI_PATH or the pinned copy the tests use (devtools/comfyui_setup.py).
 """
@@ -157,12 +165,47 @@ def markdown_table(family: str, result: dict, labels: dict | None = None) -> lis
     return lines
 
 
+DIT_LATENT = 128  # 1024x1024, both DiTs' native size
+CPU_DIT_DEPTH = {"flux": (1, 2), "sd35": (2, 0)}  # blocks on the CPU (Flux keeps its 1:2 double:single proportion)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dit_shape(family: str, device, double: int = 0, single: int = 0, blocks: int = 0):
+    """The released widths at the released depth on a GPU, ``CPU_DIT_DEPTH`` on the CPU, unless the arguments say."""
+    import dataclasses
+
+    import dit_step
+
+    shape = dit_step.RELEASED[family]
+    if device.type == "cpu":
+        shape = dataclasses.replace(shape, double=CPU_DIT_DEPTH[family][0], single=CPU_DIT_DEPTH[family][1])
+    if family == "flux":
+        return dataclasses.replace(shape, double=double or shape.double, single=single or shape.single)
+    return dataclasses.replace(shape, double=blocks or shape.double)
+
+
+def dit_dtype(device, choice: str = "auto"):
+    """bf16 on a GPU (the DiTs' own dtype), fp32 on the CPU, unless ``choice`` names one."""
+    import torch
+
+    if choice != "auto":
+        return getattr(torch, DTYPES[choice])
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=("sd15", "sdxl", "both"), default="both")
+    parser.add_argument("--family", choices=("sd15", "sdxl", "both", "flux", "sd35", "dit"), default="both")
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--latent", type=int, default=0, help="latent side (0: the family's own, 64 for SD1.5, 128 for SDXL)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first")
+    parser.add_argument("--latent", type=int, default=0,
+                        help="latent side (0: the family's own, 64 for SD1.5, 128 for SDXL, Flux and SD3.5)")
     parser.add_argument("--width", type=int, default=FULL_WIDTH, help="UNet model_channels (320: full size)")
+    parser.add_argument("--double", type=int, default=0, help="Flux double blocks (0: 19 on a GPU, %d on the CPU)" % CPU_DIT_DEPTH["flux"][0])
+    parser.add_argument("--single", type=int, default=0, help="Flux single blocks (0: 38 on a GPU, %d on the CPU)" % CPU_DIT_DEPTH["flux"][1])
+    parser.add_argument("--blocks", type=int, default=0, help="SD3.5 joint blocks (0: 38 on a GPU, %d on the CPU)" % CPU_DIT_DEPTH["sd35"][0])
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="auto: UNets fp16 on a GPU, DiTs bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cpu", action="store_true", help="the CPU even when there is a GPU")
     args = parser.parse_args()
@@ -173,9 +216,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device, dtype = pick_device(args.cpu)
     print(f"machine: {device_name(device)}, {torch.get_num_threads()} torch threads, device {device}; torch {torch.__version__}")
-    for family in ("sd15", "sdxl") if args.family == "both" else (args.family,):
-        result = measure_family(family, args.width, args.latent or FAMILIES[family].latent, args.reps, device, dtype)
-        print("\n".join(markdown_table(family, result)) + "\n", flush=True)
+    families = {"both": ("sd15", "sdxl"), "dit": ("flux", "sd35")}.get(args.family, (args.family,))
+    for family in families:
+        if family in FAMILIES:
+            unet_dtype = dtype if args.dtype == "auto" else dit_dtype(device, args.dtype)
+            result = measure_family(family, args.width, args.latent or FAMILIES[family].latent, args.reps, device, unet_dtype,
+                                    args.warmup)
+            lines = markdown_table(family, result)
+        else:
+            import dit_step
+
+            shape = dit_shape(family, device, args.double, args.single, args.blocks)
+            result = dit_step.measure(shape, args.latent or DIT_LATENT, args.reps, device, dit_dtype(device, args.dtype), args.warmup)
+            lines = dit_step.markdown_table(family, result)
+        print("\n".join(lines) + "\n", flush=True)
 
 
 if __name__ == "__main__":

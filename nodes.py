@@ -19,7 +19,8 @@ import torch
 from .ipadapter.adapter_file import IPAdapterCheckpoint, check_encoder, load_adapter
 from .ipadapter.encoder import ImageEncoder, load_image_encoder
 from .ipadapter.files import atomic_path
-from .ipadapter.model_scan import format_table, model_table, pick_adapter, pick_encoder
+from .ipadapter.faces import DETECTOR_SIZE
+from .ipadapter.model_scan import NotFound, format_table, model_table, pick_adapter, pick_encoder
 from .ipadapter.registry import ENCODERS, PRESETS, VARIANTS
 from .ipadapter.image_prompt import (
     EncodedImages,
@@ -32,7 +33,9 @@ from .ipadapter.image_prompt import (
 from .ipadapter.weighting import frame_schedule, parse_frame_weights, parse_weights
 from .ipadapter.weighting import layer_weights as per_layer_weights
 from .comfyui_glue.heatmap import as_images, block_maps
-from .comfyui_glue.interface import BATCH_MODES, ENCODER_FOLDER, FAMILIES, MODEL_FAMILIES, MODEL_FOLDER, NODES, SAVED_EMBEDS
+from .comfyui_glue.interface import (BATCH_MODES, ENCODER_FOLDER, FACE_FOLDER, FACE_PACKS, FACE_PRESETS, FAMILIES,
+                                     MODEL_FAMILIES, MODEL_FOLDER, NODES, SAVED_EMBEDS)
+from .comfyui_glue.face_nodes import encode_faces, list_packs, load_face_analysis, with_faceid_lora
 from .comfyui_glue.reference_prep import make_noise, prepare_reference
 from .comfyui_glue.tiles import blend_detail, center_square, detail_tiles, tile_reference
 from .comfyui_glue.dit_patch import TimedImagePromptTerm
@@ -44,17 +47,18 @@ EMBEDS_SUBFOLDER = "ipadapter_embeds"
 
 
 def register_model_folder() -> None:
-    """Add ``models/ipadapter`` to ComfyUI's folders, keeping paths from extra_model_paths.yaml."""
+    """Add ``models/ipadapter`` and ``models/insightface`` to ComfyUI's folders, keeping paths from
+    extra_model_paths.yaml."""
     try:
         import folder_paths
     except ModuleNotFoundError:  # imported outside ComfyUI (tools, tests of the core)
         return
 
-    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
-    paths, extensions = folder_paths.folder_names_and_paths.get(MODEL_FOLDER, ([], set()))
-    paths = list(paths) + ([default] if default not in paths else [])
-    extensions = set(extensions) | set(folder_paths.supported_pt_extensions)
-    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, extensions)
+    for folder, kinds in ((MODEL_FOLDER, folder_paths.supported_pt_extensions), (FACE_FOLDER, {".onnx"})):
+        default = os.path.join(folder_paths.models_dir, folder)
+        paths, extensions = folder_paths.folder_names_and_paths.get(folder, ([], set()))
+        paths = list(paths) + ([default] if default not in paths else [])
+        folder_paths.folder_names_and_paths[folder] = (paths, set(extensions) | set(kinds))
 
 
 def model_file(folder: str, name: str) -> str:
@@ -164,9 +168,11 @@ def patch_model(model, adapter: LoadedAdapter, embeds: EncodedImages, weight=1.0
                                     and not per_reference, weights, embeds_scaling, sampling.timestep, **window)
         return apply_image_prompt(model, term)
     if batch_mode == "one per latent":
-        cond, uncond = tokens_per_reference(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate)
+        cond, uncond = tokens_per_reference(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate,
+                                            embeds.shortcut_scale)
     else:
-        cond, uncond = image_tokens(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate, combine)
+        cond, uncond = image_tokens(adapter.checkpoint, adapter.projection, embeds, embeds.uncond_penultimate, combine,
+                                    embeds.shortcut_scale)
     heads = None if architecture.attach.is_unet else dit_width_and_heads(model.model.diffusion_model)[1]
     term = ImagePromptTerm.build(adapter.checkpoint, cond, uncond, weights, window["sigma_start"], window["sigma_end"],
                                  window["mask"], embeds_scaling, window["frame_weights"], heads)
@@ -180,6 +186,8 @@ def list_files(listing: str) -> list[str]:
     """The choices of a file input: a model folder's files, or the embeddings Save Embeds wrote."""
     import folder_paths
 
+    if listing == FACE_PACKS:
+        return list_packs()
     if listing != SAVED_EMBEDS:
         return folder_paths.get_filename_list(listing)
 
@@ -225,17 +233,49 @@ class IPAdapterKitUnifiedLoader(InterfaceNode):
     FUNCTION = "load"
 
     def load(self, model, preset):
-        family = family_of_comfy_model(model.model.diffusion_model)
-        adapter_files, adapter_folders = listed(MODEL_FOLDER)
-        encoder_files, encoder_folders = listed(ENCODER_FOLDER)
-        found = pick_adapter(family, preset, adapter_files, adapter_folders)
+        if preset in FACE_PRESETS:
+            raise ValueError(f"preset '{preset}' is a FaceID preset; expected IP-Adapter Unified Loader FaceID for it "
+                             "(it also applies the LoRA and loads the face analysis)")
+        return (model, *find_preset_files(model, preset)[:2])
+
+
+def find_preset_files(model, preset: str, faceid: bool = False):
+    """The preset's adapter and image encoder for the MODEL's family, found by content, and the adapter's path. With
+    ``faceid``, a missing encoder is None for the adapters that read no CLIP features (faceid, the portraits)."""
+    family = family_of_comfy_model(model.model.diffusion_model)
+    adapter_files, adapter_folders = listed(MODEL_FOLDER)
+    encoder_files, encoder_folders = listed(ENCODER_FOLDER)
+    found = pick_adapter(family, preset, adapter_files, adapter_folders)
+    adapter = load_adapter_file(found.name)
+    check_model_fits(model.model.diffusion_model, adapter.checkpoint)
+    try:
         encoder_file = pick_encoder(PRESETS[preset][1], found, encoder_files, encoder_folders)
-        adapter = load_adapter_file(found.name)
-        encoder = load_encoder_file(encoder_file.name)
-        check_model_fits(model.model.diffusion_model, adapter.checkpoint)
-        check_encoder(adapter.checkpoint.spec, encoder.encoder.embed_dim, encoder.encoder.hidden_width,
-                      adapter.checkpoint.source, encoder_file.name)
-        return (model, adapter, encoder)
+    except NotFound:
+        if faceid and adapter.checkpoint.spec.encoder_input != "penultimate":
+            return adapter, None, adapter_files[found.name]
+        raise
+    encoder = load_encoder_file(encoder_file.name)
+    check_encoder(adapter.checkpoint.spec, encoder.encoder.embed_dim, encoder.encoder.hidden_width,
+                  adapter.checkpoint.source, encoder_file.name)
+    return adapter, encoder, adapter_files[found.name]
+
+
+class IPAdapterKitUnifiedLoaderFaceID(InterfaceNode):
+    DESCRIPTION = ("Finds a FaceID preset's adapter for the MODEL's family in models/ipadapter by what the files hold, "
+                   "the image encoder the plus adapters show the face crop to, applies the adapter's LoRA (or leaves "
+                   "that to ComfyUI's LoRA loader) and loads the face analysis (insightface).")
+    CATEGORY = f"{CATEGORY}/loaders"
+    FUNCTION = "load"
+
+    def load(self, model, preset, lora, lora_strength, pack, provider):
+        import folder_paths
+
+        if preset not in FACE_PRESETS:
+            raise ValueError(f"preset '{preset}' is not a FaceID preset; expected one of {', '.join(FACE_PRESETS)}")
+        adapter, encoder, path = find_preset_files(model, preset, faceid=True)
+        patched = with_faceid_lora(model, adapter.checkpoint, path, lora, lora_strength,
+                                   folder_paths.get_folder_paths("loras"))
+        return (patched, adapter, encoder, load_face_analysis(pack, provider, DETECTOR_SIZE))
 
 
 def listed(folder: str) -> tuple[dict[str, str], list[str]]:
@@ -257,6 +297,29 @@ class IPAdapterKitModelCheck(InterfaceNode):
     def check(self):
         table = format_table(model_table(listed(MODEL_FOLDER)[0], listed(ENCODER_FOLDER)[0]))
         return {"ui": {"text": [table]}, "result": (table,)}
+
+
+class IPAdapterKitFaceAnalysisLoader(InterfaceNode):
+    DESCRIPTION = ("Loads the face detector and recognition model of an InsightFace pack (models/insightface/models/"
+                   "<pack>, nothing downloaded) for IP-Adapter Encode Face. Needs insightface >= 2.1 and onnxruntime.")
+    CATEGORY = f"{CATEGORY}/loaders"
+    FUNCTION = "load"
+
+    def load(self, pack, provider, detector_size):
+        return (load_face_analysis(pack, provider, detector_size),)
+
+
+class IPAdapterKitEncodeFace(InterfaceNode):
+    DESCRIPTION = ("Turns the largest face of each image into embeds for a FaceID adapter (Apply takes them like any "
+                   "embeds); the plus adapters also show the aligned face crop to the image encoder.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+
+    def encode(self, face_analysis, image, ipadapter, weight_faceidv2, image_encoder=None, negative_image=None):
+        clip = None
+        if image_encoder is not None:
+            clip = functools.partial(encode_images, image_encoder, crop="crop", negative_image=negative_image)
+        return encode_faces(face_analysis, image, ipadapter.checkpoint, weight_faceidv2, clip)
 
 
 class IPAdapterKitEncoderLoader(InterfaceNode):
@@ -503,6 +566,9 @@ class IPAdapterKitLoadEmbeds(InterfaceNode):
 NODE_CLASS_MAPPINGS = {
     "IPAdapterKitLoader": IPAdapterKitLoader,
     "IPAdapterKitUnifiedLoader": IPAdapterKitUnifiedLoader,
+    "IPAdapterKitUnifiedLoaderFaceID": IPAdapterKitUnifiedLoaderFaceID,
+    "IPAdapterKitFaceAnalysisLoader": IPAdapterKitFaceAnalysisLoader,
+    "IPAdapterKitEncodeFace": IPAdapterKitEncodeFace,
     "IPAdapterKitEncoderLoader": IPAdapterKitEncoderLoader,
     "IPAdapterKitEncoderFromCLIPVision": IPAdapterKitEncoderFromCLIPVision,
     "IPAdapterKitEncode": IPAdapterKitEncode,

@@ -26,14 +26,21 @@ ADAPTER = "IPADAPTER_KIT"
 ENCODER = "IPADAPTER_KIT_ENCODER"
 EMBEDS = "IPADAPTER_KIT_EMBEDS"
 REGIONS = "IPADAPTER_KIT_REGIONS"
+FACES = "IPADAPTER_KIT_FACES"  # a face analysis: detector + recognition model of an InsightFace pack
 
 # file lists: ComfyUI's model folders, and the embeddings Save Embeds wrote
 MODEL_FOLDER = "ipadapter"  # models/ipadapter, which the pack adds to ComfyUI's folders
 ENCODER_FOLDER = "clip_vision"
 SAVED_EMBEDS = "saved embeds"
+FACE_FOLDER = "insightface"  # models/insightface, cubiq's folder, which the pack adds to ComfyUI's folders
+FACE_PACKS = "face model packs"  # the pack folders (buffalo_l, antelopev2) under models/insightface/models
 
 # the glue's own options (the core's are in ipadapter/choices.py)
-PRESETS = tuple(registry.PRESETS)
+FACE_PRESETS = tuple(name for name, (variant, _) in registry.PRESETS.items()
+                     if any(v.name == variant and v.takes_faces for v in registry.VARIANTS))
+PRESETS = tuple(name for name in registry.PRESETS if name not in FACE_PRESETS)
+FACE_PROVIDERS = ("auto", "CPU", "CUDA")
+FACE_LORA = ("apply (sidecar or in the file)", "none (I use ComfyUI's LoRA loader)")
 CROP_POSITIONS = ("center", "top", "bottom", "left", "right", "pad")
 INTERPOLATIONS = ("LANCZOS", "BICUBIC", "HAMMING", "BILINEAR", "BOX", "NEAREST")
 NOISE_TYPES = ("fade", "dissolve", "gaussian", "shuffle")
@@ -89,11 +96,19 @@ ENCODER_INPUT = sock("image_encoder", ENCODER, tooltip="From Load IP-Adapter Ima
 APPLY_MODEL = sock("model", "MODEL", tooltip=f"An {MODEL_FAMILIES} model; it is cloned, never changed.")
 APPLY_ADAPTER = sock("ipadapter", ADAPTER, tooltip="From Load IP-Adapter.")
 APPLY_REFERENCE = opt(
-    sock("embeds", EMBEDS, tooltip="From IP-Adapter Encode Image or Load Embeds."),
+    sock("embeds", EMBEDS, tooltip="From IP-Adapter Encode Image, Encode Face (FaceID adapters) or Load Embeds."),
     sock("image", "IMAGE", tooltip="Instead of embeds: a reference image, encoded with image_encoder."),
     sock("image_encoder", ENCODER, tooltip="Needed with image."),
 )
 APPLY_MASK = opt(sock("attn_mask", "MASK", tooltip="Where the image prompt applies (1) and where not (0): regional prompting."))
+
+
+FACE_PACK_INPUT = files("pack", FACE_PACKS, tooltip=(
+    "A folder of models/insightface/models/ (or of an insightface: entry in extra_model_paths.yaml) with a face "
+    "detector (det_*.onnx / scrfd*.onnx) and a recognition model (w600k*.onnx / glintr*.onnx): buffalo_l or "
+    "antelopev2. Nothing is downloaded."))
+FACE_PROVIDER_INPUT = combo("provider", FACE_PROVIDERS, "auto", tooltip=(
+    "Where onnxruntime runs the face models. auto: CUDA when onnxruntime-gpu offers it, else the CPU."))
 
 
 def window(what: str) -> list:
@@ -111,6 +126,44 @@ NODES: dict[str, NodeSpec] = {
         sock("model", "MODEL", tooltip="Passed through unchanged; its family picks the files."),
         combo("preset", PRESETS, "standard", tooltip=", ".join(describe_preset(name) for name in PRESETS) + "."),
     ], [("model", "MODEL"), ("ipadapter", ADAPTER), ("image_encoder", ENCODER)], "IP-Adapter Unified Loader"),
+    "IPAdapterKitUnifiedLoaderFaceID": spec([
+        sock("model", "MODEL", tooltip="Its family picks the files; with lora = apply it comes out with the FaceID LoRA."),
+        combo("preset", FACE_PRESETS, "faceid-plusv2",
+              tooltip=", ".join(describe_preset(name) for name in FACE_PRESETS) + "."),
+        combo("lora", FACE_LORA, FACE_LORA[0], tooltip=(
+            "faceid, faceid-plus and plusv2 need their LoRA. apply: <adapter name>_lora.safetensors beside the "
+            "adapter (or in models/loras), else the LoRA inside the adapter file. none: the MODEL passes unchanged, "
+            "for ComfyUI's LoraLoaderModelOnly on that sidecar, which gives the same model. The portrait adapters "
+            "have no LoRA.")),
+        num("FLOAT", "lora_strength", 1.0, -2.0, 2.0, step=0.05,
+            tooltip="The LoRA's strength: 1 as the adapter was trained (cubiq's loader defaults to 0.6)."),
+        FACE_PACK_INPUT,
+        FACE_PROVIDER_INPUT,
+    ], [("model", "MODEL"), ("ipadapter", ADAPTER), ("image_encoder", ENCODER), ("face_analysis", FACES)],
+        "IP-Adapter Unified Loader FaceID"),
+    "IPAdapterKitFaceAnalysisLoader": spec([
+        FACE_PACK_INPUT,
+        FACE_PROVIDER_INPUT,
+        num("INT", "detector_size", 640, 64, 1920, step=32, tooltip=(
+            "The face detector's input size (pixels, square). An image with no face found is tried again at "
+            "smaller sizes, 64 less each time down to 320.")),
+    ], [("face_analysis", FACES)], "IP-Adapter Face Analysis Loader"),
+    "IPAdapterKitEncodeFace": spec([
+        sock("face_analysis", FACES, tooltip="From IP-Adapter Face Analysis Loader or Unified Loader FaceID."),
+        sock("image", "IMAGE", tooltip="One or more images, each with a face: the largest face of each is used."),
+        sock("ipadapter", ADAPTER, tooltip=(
+            "The FaceID adapter these embeds are for: it sets the face crop's size and whether the crop goes "
+            "through the image encoder (faceid-plus, plusv2).")),
+        num("FLOAT", "weight_faceidv2", 1.0, -1.0, 5.0, step=0.05, tooltip=(
+            "faceid-plusv2 only: s in id tokens + s × the perceiver's output (cubiq's weight_faceidv2); kept in the "
+            "embeds, so Apply uses it. Other adapters ignore it.")),
+        *opt(
+            sock("image_encoder", ENCODER, tooltip=(
+                "Needed by faceid-plus / plusv2, which show the aligned face crop to it (OpenCLIP ViT-H/14).")),
+            sock("negative_image", "IMAGE", tooltip=(
+                "faceid-plus / plusv2: the image encoder's unconditional input instead of a blank image.")),
+        ),
+    ], [("embeds", EMBEDS), ("face_crops", "IMAGE")], "IP-Adapter Encode Face"),
     "IPAdapterKitEncoderLoader": spec(
         [files("clip_name", ENCODER_FOLDER, tooltip="e.g. " + " or ".join(
             f"{encoder.file_stems[0]}.safetensors (any case)" for encoder in registry.ENCODERS))],

@@ -52,6 +52,7 @@ class EncodedImages:
     ``face_embeds`` [N, 512] L2-normalised, ``raw_face_embeds`` [N, 512] unnormalised (portrait unnorm); their
     CLIP features are those of the aligned face crops, or [N, 0] / [N, 0, 0] when no image encoder saw them
     (faceid and faceid-portrait read the face embedding only). Their unconditional face input is zeros.
+    ``shortcut_scale``: faceid-plusv2's s, chosen where the faces are encoded (None: 1; other adapters ignore it).
     """
 
     image_embeds: torch.Tensor
@@ -61,6 +62,7 @@ class EncodedImages:
     encoder_name: str = "image encoder"
     face_embeds: torch.Tensor | None = None
     raw_face_embeds: torch.Tensor | None = None
+    shortcut_scale: float | None = None
 
     def __len__(self) -> int:
         return self.image_embeds.shape[0]
@@ -80,6 +82,8 @@ class EncodedImages:
             tensors["uncond_penultimate"] = self.uncond_penultimate
         if self.has_faces:
             tensors.update({name: getattr(self, name) for name in FACE_TENSORS})
+        if self.shortcut_scale is not None:
+            tensors["shortcut_scale"] = torch.tensor(float(self.shortcut_scale))
         return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
     @classmethod
@@ -100,6 +104,7 @@ class EncodedImages:
             encoder_name,
             tensors.get("face_embeds"),
             tensors.get("raw_face_embeds"),
+            float(tensors["shortcut_scale"]) if "shortcut_scale" in tensors else None,
         )
 
     def weighted(self, weights: list[float]) -> "EncodedImages":
@@ -110,7 +115,8 @@ class EncodedImages:
         faces = [getattr(self, name) * factor[:, None].to(getattr(self, name)) if self.has_faces else None
                  for name in FACE_TENSORS]
         return EncodedImages(self.image_embeds * factor[:, None], self.penultimate * factor[:, None, None],
-                             self.uncond_image_embeds, self.uncond_penultimate, self.encoder_name, *faces)
+                             self.uncond_image_embeds, self.uncond_penultimate, self.encoder_name, *faces,
+                             self.shortcut_scale)
 
     def concatenated(self, other: "EncodedImages") -> "EncodedImages":
         if self.has_faces != other.has_faces:
@@ -125,6 +131,7 @@ class EncodedImages:
             self.uncond_penultimate,
             self.encoder_name,
             *faces,
+            self.shortcut_scale,
         )
 
 
@@ -144,7 +151,8 @@ def combine_embeds(parts: list[EncodedImages], mode: str) -> EncodedImages:
         return combined
     faces = [combine_features(getattr(combined, name), mode) if combined.has_faces else None for name in FACE_TENSORS]
     return EncodedImages(combine_features(combined.image_embeds, mode), combine_features(combined.penultimate, mode),
-                         combined.uncond_image_embeds, combined.uncond_penultimate, combined.encoder_name, *faces)
+                         combined.uncond_image_embeds, combined.uncond_penultimate, combined.encoder_name, *faces,
+                         combined.shortcut_scale)
 
 
 def image_tokens(

@@ -10,14 +10,17 @@ are cached by path, size and modification time.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .registry import PRESETS, Family, encoder_by_id, encoder_of_widths, families, variant_by_name
+from .registry import PRESETS, VARIANTS, Family, encoder_by_id, encoder_of_widths, families, variant_by_name
 
-# presets told from their neighbours by the file name only (the tensors are those of standard / plus)
-NAME_ONLY_WORDS = {"light": "light", "plus-face": "face"}
+# presets told from their neighbours by the file name only (the tensors are those of standard / plus / faceid-plus)
+NAME_ONLY_WORDS = {"light": "light", "plus-face": "face",
+                   **{preset: variant.name_word for preset, (name, _) in PRESETS.items() for variant in VARIANTS
+                      if variant.name == name and variant.name_word}}
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,11 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
 
 
+def says(stem: str, word: str) -> bool:
+    """Whether a name says a word: not as the start of a longer one ("face" is not said by "faceid")."""
+    return re.search(re.escape(word) + r"(?![a-z])", stem) is not None
+
+
 def name_rank(name: str, wanted_stems: tuple[str, ...], preset: str | None = None) -> int:
     """0: a released name (a folder prefix allowed); 1: a name that says the preset or nothing against it;
     2: a name-only preset whose word the name lacks; 3: a name that says another name-only preset."""
@@ -149,8 +157,14 @@ def name_rank(name: str, wanted_stems: tuple[str, ...], preset: str | None = Non
         return 0
     word = NAME_ONLY_WORDS.get(preset or "")
     if word is not None:
-        return 1 if word in stem else 2
-    return 3 if any(other in stem for other in NAME_ONLY_WORDS.values()) else 1
+        return 1 if says(stem, word) else 2
+    # only the words of presets with the same tensors count ("face" says plus-face, not faceid-plus)
+    rivals = [w for other, w in NAME_ONLY_WORDS.items() if preset is None or _projections(other) & _projections(preset)]
+    return 3 if any(says(stem, other) for other in rivals) else 1
+
+
+def _projections(preset: str) -> set[str]:
+    return {variant.projection for variant in VARIANTS if variant.name == PRESETS[preset][0]}
 
 
 class NotFound(FileNotFoundError):

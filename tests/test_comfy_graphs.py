@@ -90,6 +90,7 @@ def test_nodes_are_registered_with_tooltips(server):
         "IPAdapterKitFrameWeights", "IPAdapterKitPrepImage", "IPAdapterKitNoise", "IPAdapterKitEncodeTiled",
         "IPAdapterKitRegion", "IPAdapterKitApplySimple", "IPAdapterKitApply", "IPAdapterKitAttentionMap",
         "IPAdapterKitSimple", "IPAdapterKitSaveEmbeds", "IPAdapterKitLoadEmbeds", "IPAdapterKitModelCheck",
+        "IPAdapterKitUnifiedLoaderFaceID", "IPAdapterKitFaceAnalysisLoader", "IPAdapterKitEncodeFace",
     }
     assert ADAPTER in ours["IPAdapterKitLoader"]["input"]["required"]["ipadapter_file"][0]
     for apply in ("IPAdapterKitApplySimple", "IPAdapterKitApply"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from devtools.adapter_factory import random_adapter
+from devtools.adapter_factory import random_adapter, random_faceid_adapter
 from devtools.comfy_import import REPO_ROOT
 from ipadapter import model_scan
 from ipadapter.encoder import build_vision_tower
@@ -128,3 +128,33 @@ def test_models_command_prints_the_table(folders):
     row = next(line for line in lines if "my light one.safetensors" in line)  # from the extra path
     assert "SD1.5 base" in row and "light" in row and "standard" in row and row.rstrip().endswith("yes")
     assert any("clip_vision/model.safetensors" in line and "ViT-bigG/14" in line for line in lines)
+
+
+def write_faceid(path, variant, seed=0, family="sd15"):
+    nested = random_faceid_adapter(variant, base_width=8, seed=seed, family=family, clip_width=1280)
+    save_file({f"{group}.{key}": value for group, part in nested.items() for key, value in part.items()}, str(path))
+
+
+def test_faceid_adapters_are_picked_by_content(tmp_path):
+    """"face" in faceid is not plus-face's word; plusv2 (faceid-plus's tensors) needs its word, plus v1 a name
+    without it; the other FaceID presets go by their tensors."""
+    write_faceid(tmp_path / "my faceid.safetensors", "faceid")
+    write_faceid(tmp_path / "portrait.safetensors", "faceid-portrait", seed=1)
+    write_faceid(tmp_path / "face-plus-v1.safetensors", "faceid-plus", seed=2)
+    write_faceid(tmp_path / "renamed plusv2.safetensors", "faceid-plus", seed=3)
+    write_faceid(tmp_path / "xl-unnorm.safetensors", "faceid-portrait-unnorm", seed=4, family="sdxl")
+    write_flat_adapter(tmp_path / "plus FACE.safetensors", seed=5, variant="plus", family="sd15", encoder_width=1280)
+    files = model_scan.files_in([str(tmp_path)])
+    picked = {preset: model_scan.pick_adapter(SD15, preset, files, []).name
+              for preset in ("faceid", "faceid-plus", "faceid-plusv2", "faceid-portrait", "plus-face")}
+    assert picked == {"faceid": "my faceid.safetensors", "faceid-plus": "face-plus-v1.safetensors",
+                      "faceid-plusv2": "renamed plusv2.safetensors", "faceid-portrait": "portrait.safetensors",
+                      "plus-face": "plus FACE.safetensors"}
+    assert model_scan.pick_adapter(SDXL, "faceid-portrait-unnorm", files, []).name == "xl-unnorm.safetensors"
+    assert "LoRA rank 4" in model_scan.classify(tmp_path / "my faceid.safetensors").description
+    (tmp_path / "renamed plusv2.safetensors").unlink()
+    with pytest.raises(model_scan.NotFound) as error:
+        model_scan.pick_adapter(SD15, "faceid-plusv2", model_scan.files_in([str(tmp_path)]), [])
+    message = str(error.value)
+    assert "\n" not in message and "its name must say 'plusv2'" in message
+    assert "face-plus-v1.safetensors is SD1.5 faceid-plus" in message

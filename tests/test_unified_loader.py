@@ -68,3 +68,65 @@ def test_a_mismatched_pair_is_refused(nodes, model, model_folders):
     write_encoder(model_folders / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", 512)
     with pytest.raises(ValueError, match="expects OpenCLIP ViT-H/14 image embeddings of width 1024, but the image encoder"):
         nodes.IPAdapterKitUnifiedLoader().load(model, "standard")
+
+
+@pytest.fixture
+def face_folder(tmp_path, nodes):
+    """models/insightface pointed at a fresh folder with a pack (its models never run here)."""
+    import folder_paths
+
+    from devtools.face_models import face_from_template, write_face_pack
+
+    write_face_pack(tmp_path / "insightface" / "models", [face_from_template((320.0, 320.0), 120.0)])
+    saved = folder_paths.folder_names_and_paths.get("insightface")
+    folder_paths.folder_names_and_paths["insightface"] = ([str(tmp_path / "insightface")], {".onnx"})
+    yield
+    if saved is not None:
+        folder_paths.folder_names_and_paths["insightface"] = saved
+
+
+def prediction(patcher, seed=1):
+    from devtools.comfy_inprocess import random_unet_inputs, sigma_at
+
+    inputs = random_unet_inputs(patcher, 768, seed=seed)
+    patcher.patch_model()  # the LoRA's weight patches, as ComfyUI applies them to sample
+    try:
+        return inputs.predict(patcher, sigma_at(patcher, 500))
+    finally:
+        patcher.unpatch_model()
+
+
+def test_faceid_loader_finds_by_content_and_applies_the_lora(nodes, model, model_folders, face_folder):
+    from devtools.adapter_factory import random_faceid_adapter
+    from devtools.comfy_inprocess import pack_module
+
+    faceid = pack_module("ipadapter.faceid")
+    glue = pack_module("comfyui_glue.faceid_lora")
+    nested = random_faceid_adapter("faceid", base_width=WIDTH, seed=2, lora_scale=0.5)
+    adapter_path = model_folders / "ipadapter" / "my face model.safetensors"  # any name: found by its tensors
+    save_file({f"{group}.{key}": value for group, part in nested.items() for key, value in part.items()}, str(adapter_path))
+    write_adapter(model_folders / "ipadapter" / "ip-adapter-plus-face_sd15.safetensors", variant="plus",
+                  base_width=WIDTH, encoder_width=128)
+    loader = nodes.IPAdapterKitUnifiedLoaderFaceID()
+    apply, none = "apply (sidecar or in the file)", "none (I use ComfyUI's LoRA loader)"
+
+    unchanged, adapter, encoder, analysis = loader.load(model, "faceid", none, 1.0, "buffalo_l", "CPU")
+    assert unchanged is model and adapter.checkpoint.source == "my face model.safetensors"
+    assert encoder is None and analysis.pack == "buffalo_l"  # faceid reads no CLIP features; no encoder here
+    in_file = loader.load(model, "faceid", apply, 0.7, "buffalo_l", "CPU")[0]
+    expected = glue.apply_adapter_lora(model, adapter.checkpoint, 0.7)
+    assert torch.equal(prediction(in_file), prediction(expected)) and not torch.equal(prediction(in_file), prediction(model))
+
+    # a sidecar beside the adapter wins: it is what ComfyUI's LoRA loader would apply
+    other = faceid.FaceIDLoRA.from_checkpoint(pack_module("ipadapter.adapter_file").IPAdapterCheckpoint.from_state_dicts(
+        **random_faceid_adapter("faceid", base_width=WIDTH, seed=9, lora_scale=0.5), source="other", base_width=None))
+    sidecar = faceid.save_lora_sidecar(other, model_folders / "ipadapter" / "my face model_lora.safetensors")
+    beside = loader.load(model, "faceid", apply, 0.7, "buffalo_l", "CPU")[0]
+    assert torch.equal(prediction(beside), prediction(glue.apply_lora_sidecar(model, sidecar, 0.7)))
+
+    with pytest.raises(ValueError) as error:
+        nodes.IPAdapterKitUnifiedLoader().load(model, "faceid")
+    assert "\n" not in str(error.value) and "IP-Adapter Unified Loader FaceID" in str(error.value)
+    with pytest.raises(FileNotFoundError) as error:  # faceid-plus reads the face crop's CLIP features
+        loader.load(model, "faceid-plus", apply, 1.0, "buffalo_l", "CPU")
+    assert "\n" not in str(error.value) and "is an SD1.5 faceid-plus adapter" in str(error.value)

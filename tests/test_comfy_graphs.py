@@ -26,7 +26,7 @@ def server(comfyui_server, sd15_checkpoint_name):
 
 
 def render(server, checkpoint, weight=None, reference="red.png", prefix="plain"):
-    graph = txt2img_graph(checkpoint, positive="a photo", negative="", steps=2, filename_prefix=prefix)
+    graph = txt2img_graph(checkpoint, positive="a photo", negative="", steps=1, filename_prefix=prefix)
     if weight is not None:
         graph["reference"] = {"class_type": "LoadImage", "inputs": {"image": reference}}
         graph["ipadapter"] = {"class_type": "IPAdapterKitSimple", "inputs": {

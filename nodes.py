@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,10 +34,10 @@ from .ipadapter.weighting import frame_schedule, parse_frame_weights, parse_weig
 from .ipadapter.weighting import layer_weights as per_layer_weights
 from .comfyui_glue.heatmap import as_images, block_maps
 from .comfyui_glue.interface import (BATCH_MODES, ENCODER_FOLDER, FACE_FOLDER, FACE_PACKS, FACE_PRESETS, FAMILIES,
-                                     MODEL_FAMILIES, MODEL_FOLDER, NODES, SAVED_EMBEDS)
+                                     MODEL_FAMILIES, MODEL_FOLDER, NODES, SAVED_EMBEDS, TILINGS)
 from .comfyui_glue.face_nodes import encode_faces, list_packs, load_face_analysis, with_faceid_lora
 from .comfyui_glue.reference_prep import make_noise, prepare_reference
-from .comfyui_glue.tiles import blend_detail, center_square, detail_tiles, tile_reference
+from .comfyui_glue.tiles import blend_detail, center_square, cubiq_tiles, detail_tiles, tile_reference
 from .comfyui_glue.dit_patch import TimedImagePromptTerm
 from .patcher import (ImagePromptTerm, apply_image_prompt, check_model_fits, dit_width_and_heads, family_of_comfy_model,
                       record_attention)
@@ -402,9 +402,27 @@ class IPAdapterKitEncodeTiled(InterfaceNode):
     CATEGORY = CATEGORY
     FUNCTION = "encode"
 
-    def encode(self, image_encoder, image, negative_image=None):
-        tiles, masks = tile_reference(image)
-        return (encode_images(image_encoder, tiles, "crop", negative_image), masks)
+    def encode(self, image_encoder, image, tiling=TILINGS[0], negative_image=None, mask=None):
+        if tiling not in TILINGS:
+            raise ValueError(f"tiling '{tiling}' is unknown; expected one of {', '.join(TILINGS)}")
+        if image is None or image.shape[0] == 0:
+            raise ValueError("the image batch is empty; expected at least one reference image")
+        references = image.shape[0]
+        if tiling == TILINGS[0]:  # image 0's tiles, then image 1's, ...
+            tiles, masks = tile_reference(image)
+            positions = len(masks)
+            of_position = [list(range(position, len(tiles), positions)) for position in range(positions)]
+        else:  # tile 0 of every image, then tile 1, ... as cubiq concatenates them
+            per_position, masks = cubiq_tiles(image, check_mask(mask) if mask is not None else None)
+            tiles = torch.cat(per_position)
+            of_position = [list(range(p * references, (p + 1) * references)) for p in range(len(per_position))]
+            masks = masks.flatten(0, 1) if masks.shape[1] == 1 else masks
+        embeds = encode_images(image_encoder, tiles, "crop", negative_image)
+        regions = RegionChain(tuple(
+            Region(replace(embeds, image_embeds=embeds.image_embeds[rows], penultimate=embeds.penultimate[rows]),
+                   tile_mask, 1.0, None, None, None)
+            for rows, tile_mask in zip(of_position, masks)))
+        return (embeds, masks if masks.dim() == 3 else masks.flatten(0, 1), regions)
 
 
 @dataclass(frozen=True)
@@ -468,8 +486,11 @@ class IPAdapterKitApply(InterfaceNode):
         layer_weights = custom_layer_weights if layers == "custom" else layers
         for region in regions.regions if regions else ():
             # λ scales everything this node attaches: at 0 the regions are off too
-            model = patch_model(model, ipadapter, region.embeds, weight * region.weight, region.start_at, region.end_at, combine,
-                                layer_weights, region.mask, region.weight_type, embeds_scaling, composition_weight)
+            # Encode Tiled's regions leave weight type and window to this node (None)
+            model = patch_model(model, ipadapter, region.embeds, weight * region.weight,
+                                start_at if region.start_at is None else region.start_at,
+                                end_at if region.end_at is None else region.end_at, combine, layer_weights, region.mask,
+                                region.weight_type or weight_type, embeds_scaling, composition_weight)
         if embeds is None and image is not None and image_encoder is not None:
             embeds = encode_images(image_encoder, image, "crop")
         if embeds is None:

@@ -44,6 +44,7 @@ FACE_LORA = ("apply (sidecar or in the file)", "none (I use ComfyUI's LoRA loade
 CROP_POSITIONS = ("center", "top", "bottom", "left", "right", "pad")
 INTERPOLATIONS = ("LANCZOS", "BICUBIC", "HAMMING", "BILINEAR", "BOX", "NEAREST")
 NOISE_TYPES = ("fade", "dissolve", "gaussian", "shuffle")
+TILINGS = ("along the long side", "cubiq (256 px tiles)")
 BATCH_MODES = ("all latents", "one per latent")
 
 # What the tooltips say of the families and encoders, from the registry (the families built in when the pack loads).
@@ -229,8 +230,15 @@ NODES: dict[str, NodeSpec] = {
     "IPAdapterKitEncodeTiled": spec([
         ENCODER_INPUT,
         sock("image", "IMAGE", tooltip="The reference; a square one gives a single tile (the whole image)."),
-        *opt(sock("negative_image", "IMAGE", tooltip="Replaces the unconditional image input.")),
-    ], [("embeds", EMBEDS), ("tile_masks", "MASK")], "IP-Adapter Encode Tiled"),
+        combo("tiling", TILINGS, tooltip=(
+            "along the long side: as few squares as cover a tall or wide reference, masks that split the picture "
+            "between them; a square reference is one tile. cubiq (256 px tiles): the tiles and masks of cubiq's "
+            "IPAdapter Tiled: a near-square reference becomes 2×2 tiles, others up to 4 along the long side, "
+            "masks that overlap where the tiles do.")),
+        *opt(sock("negative_image", "IMAGE", tooltip="Replaces the unconditional image input."),
+             sock("mask", "MASK", tooltip="cubiq tiling: where the image prompt acts; each tile's mask is this mask "
+                  "inside the tile (the other tiling ignores it).")),
+    ], [("embeds", EMBEDS), ("tile_masks", "MASK"), ("regions", REGIONS)], "IP-Adapter Encode Tiled"),
     "IPAdapterKitRegion": spec([
         sock("embeds", EMBEDS, tooltip="This region's reference, from Encode Image."),
         WEIGHT,
@@ -286,7 +294,8 @@ NODES: dict[str, NodeSpec] = {
             sock("regions", REGIONS, tooltip=(
                 "From IP-Adapter Region nodes: each region's reference is applied with its own mask, weight, "
                 "weight type and window (combine, layers, scaling from this node), together with embeds if those "
-                "are connected too.")),
+                "are connected too. From Encode Tiled: each tile under its own mask, with this node's weight type "
+                "and window.")),
             text("frame_weights", "", multiline=True, tooltip=(
                 "A weight per latent of the batch (frame), comma-separated, multiplying λ; latents beyond the list "
                 "get its last value; empty: 1. IP-Adapter Frame Weights makes such lists. Follows context windows "

@@ -75,3 +75,70 @@ def center_square(images: torch.Tensor) -> torch.Tensor:
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     return images[:, top : top + side, left : left + side]
+
+
+CUBIQ_TILE = 256  # cubiq's tile side: the encoder then sees each tile at 224
+
+
+def _resize_lanczos(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[B, H, W, 3] in 0..1 through PIL's Lanczos filter, 8 bits per channel as PIL holds them."""
+    from PIL import Image
+
+    out = []
+    for image in images:
+        pixels = (image.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()  # truncated, as torchvision's ToPILImage does
+        resized = Image.fromarray(pixels).resize((width, height), resample=Image.Resampling.LANCZOS)
+        out.append(torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(height, width, 3))
+    return torch.stack(out).float() / 255
+
+
+def _center_crop(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """torchvision's CenterCrop on the last two axes (its rounding: the extra pixel goes to the far side)."""
+    top, left = int(round((tensor.shape[-2] - height) / 2.0)), int(round((tensor.shape[-1] - width) / 2.0))
+    return tensor[..., top : top + height, left : left + width]
+
+
+def _resize_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return torch.nn.functional.interpolate(mask[:, None], size=(height, width), mode="bicubic", antialias=True,
+                                           align_corners=False)[:, 0]
+
+
+def cubiq_tiles(images: torch.Tensor, mask: torch.Tensor | None = None,
+                tile: int = CUBIQ_TILE) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The tiles cubiq's IPAdapter Tiled cuts, and each tile's mask, so a migrated graph applies the same.
+
+    A near-square reference (aspect between 0.75 and 1.33) is center-cropped to a square and resized to 2×2 tiles;
+    any other is resized to ``tile`` on its short side (Lanczos) and cut to at most 4 tiles along its long side.
+    Tiles overlap evenly where the side is not a multiple of ``tile``, and each tile's mask is the (optional) attention
+    mask inside the tile's square and 0 elsewhere, so the masks overlap too. Returns one [B, tile, tile, 3] batch per
+    tile position, row by row, and the masks [T, M, H', W'] (M: the mask's batch, 1 without a mask).
+    """
+    _, height, width, _ = images.shape
+    mask = torch.ones(1, height, width) if mask is None else mask.reshape(-1, *mask.shape[-2:]).float()
+    mask = _resize_mask(mask, height, width)
+    pixels = images.permute(0, 3, 1, 2)
+    if 0.75 < height / width < 1.33:
+        side = min(height, width)
+        pixels, mask = _center_crop(pixels, side, side), _center_crop(mask, side, side)
+        size = (tile * 2, tile * 2)  # (width, height)
+    else:
+        size = (int(tile * width / height), tile) if height < width else (tile, int(tile * height / width))
+    resized = _resize_lanczos(pixels.permute(0, 2, 3, 1), *size)
+    mask = _resize_mask(mask, size[1], size[0])
+    if height / width > 4 or height / width < 0.25:
+        crop = (tile, tile * 4) if height < width else (tile * 4, tile)  # (height, width)
+        resized = _center_crop(resized.permute(0, 3, 1, 2), *crop).permute(0, 2, 3, 1)
+        mask = _center_crop(mask, *crop)
+    _, height, width, _ = resized.shape
+    across, down = math.ceil(width / tile), math.ceil(height / tile)
+    step_x = tile - max(0, (across * tile - width) / max(across - 1, 1))
+    step_y = tile - max(0, (down * tile - height) / max(down - 1, 1))
+    tiles, masks = [], []
+    for row in range(down):
+        for column in range(across):
+            x, y = int(column * step_x), int(row * step_y)
+            tiles.append(resized[:, y : y + tile, x : x + tile])
+            own = torch.zeros_like(mask)
+            own[:, y : y + tile, x : x + tile] = mask[:, y : y + tile, x : x + tile]
+            masks.append(own)
+    return tiles, torch.stack(masks)

@@ -19,9 +19,8 @@ import torch
 
 from .choices import C_PENALTY_WIDTH, EMBEDS_SCALING, FRAME_TIMINGS, WEIGHT_TYPES
 from .registry import Family
+from .weight_types import block_weights
 
-WEAK = 0.2  # the "weak" / "strong" types' factor
-FAINT = 0.1  # "composition precise" on the blocks that are neither style nor composition
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ def weight_schedule(weight_type: str, architecture: Family, weight: float,
                   else "needs the family's style and layout blocks, which are known for UNets only")
         raise ValueError(f"weight type '{weight_type}' {reason}; {architecture.name} is a DiT: expected one of "
                          f"{', '.join(weight_types_of(architecture))}")
-    by_block = _block_weights(weight_type, architecture, weight, composition_weight)
+    by_block = block_weights(weight_type, architecture, weight, composition_weight)
     swapped = _swapped_blocks(weight_type, architecture)
     return {
         layer.key: LayerWeight(by_block.get(layer.comfy_block, 0.0), layer.comfy_block in swapped)
@@ -108,41 +107,6 @@ def parse_layer_weights(text: str, architecture: Family) -> dict[int, float]:
         raise ValueError(f"layer weights give {len(values)} numbers; expected {len(keys)}, one per layer of the "
                          f"{architecture.name} model's {architecture.describe_layers()}")
     return dict(zip(keys, values))
-
-
-def _block_weights(weight_type, architecture, weight, composition_weight) -> dict[tuple[str, int], float]:
-    blocks = architecture.blocks
-    count = len(blocks)
-    half = count / 2
-    ramps = {
-        "linear": lambda t: 1.0,
-        "ease in": lambda t: 0.05 + 0.95 * (1 - t / count),
-        "ease out": lambda t: 0.05 + 0.95 * (t / count),
-        "ease in-out": lambda t: 0.05 + 0.95 * (1 - abs(t - half) / half),
-        "reverse in-out": lambda t: 0.05 + 0.95 * (abs(t - half) / half),
-    }
-    if weight_type in ramps:
-        return {block: weight * ramps[weight_type](t) for t, block in enumerate(blocks)}
-    weak = {"weak input": {"input"}, "weak output": {"output"}, "weak middle": {"middle"},
-            "strong middle": {"input", "output"}}
-    if weight_type in weak:
-        return {block: weight * (WEAK if block[0] in weak[weight_type] else 1.0) for block in blocks}
-
-    style = {block: weight for block in architecture.style_blocks}
-    composition = architecture.composition_blocks
-    if weight_type == "style transfer":
-        return style
-    if weight_type == "composition":
-        return {block: weight * share for block, share in composition.items()}
-    if weight_type == "strong style transfer":
-        return {block: weight for block in blocks if block not in composition}
-    if weight_type == "style and composition":
-        return {**style, **{block: composition_weight * share for block, share in composition.items()}}
-    with_composition = {**style, **{block: weight * share for block, share in composition.items()}}
-    if weight_type == "style transfer precise":
-        return with_composition
-    # composition precise: the other blocks keep a tenth
-    return {**{block: weight * FAINT for block in blocks}, **with_composition}
 
 
 def _swapped_blocks(weight_type, architecture) -> set[tuple[str, int]]:

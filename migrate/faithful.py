@@ -22,10 +22,10 @@ from __future__ import annotations
 import re
 
 from ipadapter import registry
+from ipadapter.choices import WEIGHT_TYPES
+from ipadapter.weight_types import block_weights
 from ipadapter.registry import families as all_families
 
-WEAK = 0.2  # ipadapter.weighting.WEAK: the "weak" / "strong" types' factor
-FAINT = 0.1  # ipadapter.weighting.FAINT: "composition precise" on the blocks that are neither style nor composition
 MIDDLE = "middle"  # the UNet block group cubiq's pack never patches
 BLACK_SIZE = 224  # cubiq's clipvision_size for the encoders our families use: its black negative image's side
 
@@ -44,42 +44,10 @@ def family_by_id(family_id: str):
 
 
 def block_factors(weight_type: str, family, composition_weight: float = 1.0) -> dict:
-    """Each block's share of λ under a weight type of ours (block -> factor; absent: 0).
-
-    The same shapes as ``ipadapter.weighting._block_weights`` at λ = 1.
-    """
-    blocks = family.blocks
-    count = len(blocks)
-    half = count / 2
-    ramps = {
-        "linear": lambda t: 1.0,
-        "ease in": lambda t: 0.05 + 0.95 * (1 - t / count),
-        "ease out": lambda t: 0.05 + 0.95 * (t / count),
-        "ease in-out": lambda t: 0.05 + 0.95 * (1 - abs(t - half) / half),
-        "reverse in-out": lambda t: 0.05 + 0.95 * (abs(t - half) / half),
-    }
-    if weight_type in ramps:
-        return {block: ramps[weight_type](t) for t, block in enumerate(blocks)}
-    weak = {"weak input": {"input"}, "weak output": {"output"}, "weak middle": {MIDDLE},
-            "strong middle": {"input", "output"}}
-    if weight_type in weak:
-        return {block: WEAK if block[0] in weak[weight_type] else 1.0 for block in blocks}
-    style = {block: 1.0 for block in family.style_blocks}
-    composition = family.composition_blocks
-    if weight_type == "style transfer":
-        return style
-    if weight_type == "composition":
-        return dict(composition)
-    if weight_type == "strong style transfer":
-        return {block: 1.0 for block in blocks if block not in composition}
-    if weight_type == "style and composition":
-        return {**style, **{block: composition_weight * share for block, share in composition.items()}}
-    with_composition = {**style, **composition}
-    if weight_type == "style transfer precise":
-        return with_composition
-    if weight_type == "composition precise":
-        return {**{block: FAINT for block in blocks}, **with_composition}
-    raise ValueError(f"weight type '{weight_type}' is unknown")
+    """Each block's share of λ under a weight type of ours (block -> factor; absent: 0): the core's at λ = 1."""
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight type '{weight_type}' is unknown")
+    return block_weights(weight_type, family, 1.0, composition_weight)
 
 
 def middle_blocks(family) -> list:

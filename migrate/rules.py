@@ -11,7 +11,7 @@ can express them (``faithful.py``): the middle block weighted 0 through Apply's 
 weights, a black EmptyImage as the negative image of plus adapters, the precise nodes and the
 Mad Scientist's layer weights as one Apply. *ours* (``--ours``) keeps this pack's own meaning
 (the migration as it was before the faithful rules). Where ours still means something else,
-the report says so. A node that no rule can map (FaceID, Kolors, pickled embeds, an option
+the report says so. A node that no rule can map (Kolors, pickled embeds, an option
 ours lacks) stays as it is and the report gives the reason; a replaced node also stays where
 such a node still takes an output of it that only cubiq's pack gives. The main replacement
 takes the old node's id and place, every consumer of a replaced output is wired to ours.
@@ -21,28 +21,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from comfyui_glue.interface import PRESETS
+from comfyui_glue.interface import FACE_PRESETS, FACE_PROVIDERS, PRESETS, TILINGS
 from ipadapter.choices import COMBINE_MODES, EMBEDS_SCALING, WEIGHT_TYPES
 
 from . import faithful as cubiqs
 from .faithful import families
 from .formats import MigrationError  # noqa: F401  (callers catch it from here)
 from .formats import Node, Out, assign_ids, is_cubiq, read, spec_of, write_api, write_ui
-from .tables import CUBIQ, CUBIQ_PRESETS, CUBIQ_TYPES
+from .tables import CUBIQ, CUBIQ_PRESETS, CUBIQ_TYPES, FACEID_PRESETS
 
 MODES = ("faithful", "ours")
 PRESET = dict(zip(CUBIQ_PRESETS, PRESETS))
+FACE_PRESET = dict(zip(FACEID_PRESETS, FACE_PRESETS))
+FACE_PACK = "buffalo_l"  # the pack cubiq's unified FaceID loader loads (its insightface_loader's default)
 SIMPLE_WEIGHT_TYPES = {"standard": "linear", "prompt is more important": "ease out", "style transfer": "style transfer"}
 # cubiq's "ease_in" is the sine ramp (fast start), our "ease out"; its "ease_out" the cosine one, our "ease in"
 FRAME_TIMINGS = {"linear": "linear", "ease_in_out": "ease in-out", "ease_in": "ease out", "ease_out": "ease in"}
 BATCH = {"IPAdapterBatch", "IPAdapterTiledBatch", "IPAdapterEmbedsBatch", "IPAdapterStyleCompositionBatch",
-         "IPAdapterClipVisionEnhancerBatch", "IPAdapterPreciseStyleTransferBatch", "IPAdapterPreciseCompositionBatch"}
+         "IPAdapterClipVisionEnhancerBatch", "IPAdapterPreciseStyleTransferBatch", "IPAdapterPreciseCompositionBatch",
+         "IPAAdapterFaceIDBatch"}
+FACEID_NODES = ("IPAdapterFaceID", "IPAAdapterFaceIDBatch")
 PRECISE = ("style transfer precise", "composition precise")
-FACEID = "FaceID adapters need InsightFace face embeddings; this pack has no FaceID"
+KOLORS = "Kolors is not a model family this pack patches (its ChatGLM text encoder, its own FaceID adapter)"
 STRATEGY = "weight strategies and prompt schedules have no counterpart here (IP-Adapter Frame Weights makes ramps)"
 LEFT = {
-    "IPAdapterFaceID": FACEID, "IPAAdapterFaceIDBatch": FACEID, "IPAdapterUnifiedLoaderFaceID": FACEID,
-    "IPAdapterInsightFaceLoader": FACEID, "IPAdapterFaceIDKolors": "Kolors and FaceID are not supported here",
+    "IPAdapterFaceIDKolors": KOLORS,
     "IPAdapterUnifiedLoaderCommunity": "its presets (Composition, Kolors) load adapters this pack has no preset for",
     "IPAdapterLoadEmbeds": "cubiq's .ipadpt files are torch pickles; this pack loads .safetensors written by "
                            "Save IP-Adapter Embeds (encode the image again and save it with ours)",
@@ -79,6 +82,8 @@ class Pipe:
     encoder: Out | None
     family: object = None  # the registry's Family, where the graph says it (file names, a one-family preset)
     plus: bool | None = None  # a plus / full-face adapter (cubiq's black negative image); None: unknown
+    faceid: bool | None = False  # a FaceID adapter (its images go through Encode Face); None: the name does not say
+    faces: Out | None = None  # the face analysis of a unified FaceID loader (cubiq's pipe carries its InsightFace)
 
 
 @dataclass(frozen=True)
@@ -335,11 +340,38 @@ class Migration:
         source = self.get(node, image)
         if not isinstance(source, Out):
             raise Unmapped(f"its {image} is not connected")
+        if pipe.faceid or (pipe.faceid is None and node.kind in FACEID_NODES):
+            if more:
+                raise Unmapped(f"its adapter is a FaceID one, and Encode Face has no counterpart of its "
+                               f"{', '.join(sorted(more))}")
+            return self.encode_face(node, pipe, source, claim, offset)
         image_encoder = image_encoder or self.encoder(node, pipe)
         negative = more.pop("negative_image") if "negative_image" in more else self.get(node, "image_negative")
         values = {"image_encoder": image_encoder, "image": source, "crop": "crop",
                   "negative_image": self.negative(node, pipe, negative), **more}
         return Out(self.add("IPAdapterKitEncode", node, values, claim=claim, offset=offset), 0)
+
+    def encode_face(self, node: Node, pipe: Pipe, image: Out, claim: bool, offset) -> Out:
+        """Encode Face for a cubiq node whose adapter is a FaceID one: its insightface input, else the pipe's."""
+        faces = self.get(node, "insightface") or pipe.faces
+        if not isinstance(faces, Out):
+            raise Unmapped("its adapter is a FaceID one, and it has no InsightFace: insightface is not connected and "
+                           "its ipadapter does not come from IPAdapter Unified Loader FaceID (cubiq's node stops there too)")
+        if "weight_faceidv2" in node.values:
+            shortcut = self.number(node, "weight_faceidv2", -1.0, 5.0)
+        else:  # cubiq's nodes without the widget give plusv2 twice their weight
+            weight = self.get(node, "weight")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+                raise Unmapped("its weight, of which cubiq gives plusv2's shortcut twice, is not a number on the node")
+            shortcut = self.number(node, "weight", -1.0, 5.0, weight * 2)
+        given = self.get(node, "image_negative")
+        values = {"face_analysis": faces, "image": image, "ipadapter": pipe.adapter, "weight_faceidv2": shortcut}
+        if pipe.plus is not False:  # faceid-plus / plusv2 show the face crop to the image encoder
+            values.update(image_encoder=self.encoder(node, pipe), negative_image=self.negative(node, pipe, given))
+        elif given is not None:
+            self.note(node, "its image_negative is not used: cubiq's FaceID adapters without CLIP features (faceid, "
+                            "portrait) ignore it, and so does Encode Face")
+        return Out(self.add("IPAdapterKitEncodeFace", node, values, claim=claim, offset=offset), 0)
 
     def weight_type(self, node: Node, name: str = "weight_type"):
         return self.choice(node, name, WEIGHT_TYPES)
@@ -449,13 +481,12 @@ def texts_of(node: Node) -> list[str]:
 def model_loader(m: Migration, node: Node) -> dict:
     name = m.get(node, "ipadapter_file")
     lower = name.lower() if isinstance(name, str) else ""
-    if "faceid" in lower:
-        raise Unmapped(f"'{name}' is a FaceID adapter: {FACEID}")
     if "kolors" in lower:
-        raise Unmapped(f"'{name}' is a Kolors adapter, which this pack does not load")
+        raise Unmapped(f"'{name}' is a Kolors adapter, which this pack does not load: {KOLORS}")
     loader = m.add("IPAdapterKitLoader", node, {"ipadapter_file": name}, claim=True)
     family = next((family for family in families() if family.id in lower), None)  # the released names say it
-    return {0: Pipe(Out(loader, 0), None, family, cubiqs.plus_of_file(name))}
+    faceid = True if "faceid" in lower or "portrait" in lower else None if cubiqs.plus_of_file(name) is None else False
+    return {0: Pipe(Out(loader, 0), None, family, cubiqs.plus_of_file(name), faceid)}
 
 
 def unified_loader(m: Migration, node: Node) -> dict:
@@ -470,6 +501,48 @@ def unified_loader(m: Migration, node: Node) -> dict:
     return {0: Out(loader, 0), 1: Pipe(Out(loader, 1), Out(loader, 2), family, cubiqs.plus_of_preset(PRESET[preset]))}
 
 
+def provider(m: Migration, node: Node) -> str:
+    """cubiq's onnxruntime provider as ours: CPU and CUDA by name, the others (ROCM, DirectML, ...) auto."""
+    value = m.literal(node, "provider")
+    if value in FACE_PROVIDERS:
+        return value
+    m.note(node, f"its provider '{value}' became auto (CUDA when onnxruntime-gpu offers it, else the CPU): this pack "
+                 f"runs the face models on {' or '.join(p for p in FACE_PROVIDERS if p != 'auto')}")
+    return "auto"
+
+
+def unified_loader_faceid(m: Migration, node: Node) -> dict:
+    """The FaceID preset, its LoRA at cubiq's lora_strength (0: none, as cubiq), buffalo_l's face analysis."""
+    preset = m.choice(node, "preset", FACE_PRESET)
+    if isinstance(preset, Out):
+        raise Unmapped("its preset comes from a link; set it on the node to migrate it")
+    if isinstance(node.values.get("ipadapter"), Out):
+        m.note(node, "its ipadapter input (a pipe whose models it reuses) has no counterpart: ours keeps loaded files cached")
+    ours = FACE_PRESET[preset]
+    model = m.get(node, "model")
+    values = {"model": model, "preset": ours, "lora": "apply (sidecar or in the file)",
+              "lora_strength": m.number(node, "lora_strength", -2.0, 2.0), "pack": FACE_PACK,
+              "provider": provider(m, node)}
+    loader = m.add("IPAdapterKitUnifiedLoaderFaceID", node, values, claim=True)
+    family = cubiqs.family_of_preset(ours) or m.family_upstream(model)
+    return {0: Out(loader, 0), 1: Pipe(Out(loader, 1), Out(loader, 2), family, cubiqs.plus_of_preset(ours), True,
+                                       Out(loader, 3))}
+
+
+def insightface_loader(m: Migration, node: Node) -> dict:
+    values = {"pack": m.literal(node, "model_name"), "provider": provider(m, node)}
+    return {0: Out(m.add("IPAdapterKitFaceAnalysisLoader", node, values, claim=True), 0)}
+
+
+def faceid(m: Migration, node: Node) -> dict:
+    """IPAdapterFaceID (+Batch): Encode Face (weight_faceidv2, the face crops) and Apply (Advanced)."""
+    pipe = m.pipe(node)
+    weight, frames = m.weight(node)
+    embeds = m.encode(node, pipe)
+    model = m.apply(node, pipe, embeds, weight, m.weight_type(node), frame_weights=frames)
+    return {0: model, 1: Out(embeds.node, 1) if embeds.node.kind == "IPAdapterKitEncodeFace" else None}
+
+
 def simple(m: Migration, node: Node) -> dict:
     pipe = m.pipe(node)
     weight_type = m.literal(node, "weight_type")
@@ -480,7 +553,8 @@ def simple(m: Migration, node: Node) -> dict:
 
 
 def advanced(m: Migration, node: Node) -> dict:
-    """IPAdapterAdvanced, IPAdapterBatch, IPAdapterMS, IPAdapterClipVisionEnhancer (+Batch)."""
+    """IPAdapterAdvanced, IPAdapterBatch, IPAdapterMS, IPAdapterClipVisionEnhancer (+Batch); on a FaceID pipe
+    through Encode Face, as cubiq's nodes take the pipe's InsightFace."""
     pipe = m.pipe(node)
     weight, frames = m.weight(node)
     more = layer_weights(m, node, pipe) if node.kind == "IPAdapterMS" else {}
@@ -642,20 +716,29 @@ def style_composition(m: Migration, node: Node) -> dict:
 
 def tiled(m: Migration, node: Node) -> dict:
     pipe = m.pipe(node)
+    if pipe.faceid:
+        raise Unmapped("its adapter is a FaceID one: Encode Face takes whole faces, not tiles")
     weight, frames = m.weight(node)
     image = m.get(node, "image")
     if not isinstance(image, Out):
         raise Unmapped("its image is not connected")
     values = {"image_encoder": m.encoder(node, pipe), "image": image,
               "negative_image": m.negative(node, pipe, m.get(node, "image_negative"))}
-    tiles = m.add("IPAdapterKitEncodeTiled", node, values, offset=(-350, 0))
-    m.note(node, "cubiq applies each tile only inside its own mask (a near-square image as 2×2 tiles of 256 px, a "
-                 "long one as squares along its long side); here every tile's tokens act on the whole picture "
-                 "(combine = concat): our nodes cannot give each tile of Encode Tiled its own mask (its tiles are one "
-                 "embeds batch, their number depends on the image), so the picture differs from cubiq's even in the "
-                 "faithful mode; the masks are Encode Tiled's tile_masks")
     if m.get(node, "sharpening") not in (0, 0.0, None):
         m.note(node, "its sharpening is not applied: Encode Tiled has none")
+    if m.faithful and node.kind not in BATCH and not frames:
+        # each tile under its own mask, as cubiq applies them: Encode Tiled's regions into Apply (Advanced)
+        values.update(tiling=TILINGS[1], mask=m.get(node, "attn_mask"))
+        tiles = m.add("IPAdapterKitEncodeTiled", node, values, offset=(-350, 0))
+        m.change("tiles as cubiq cuts them (tiling = cubiq), each under its own mask through Encode Tiled's regions "
+                 "(the attention mask is cut along with the tiles)")
+        model = m.apply(node, pipe, None, weight, m.weight_type(node), regions=Out(tiles, 2), attn_mask=None)
+        return {0: model, 2: Out(tiles, 1)}
+    tiles = m.add("IPAdapterKitEncodeTiled", node, values, offset=(-350, 0))
+    m.note(node, "cubiq applies each tile only inside its own mask; here every tile's tokens act on the whole picture "
+                 "(combine = concat)" + (" (one per latent and frame weights do not reach regions, so the faithful "
+                 "per-tile masks are not used)" if m.faithful else "; without --ours, Encode Tiled's regions (tiling "
+                 "= cubiq) put each tile under its own mask") + "; the masks are Encode Tiled's tile_masks")
     if node.values.get("combine_embeds", "concat") != "concat":
         m.note(node, f"its combine_embeds '{node.values['combine_embeds']}' (per tile, over a batch of images) is not used")
     model = m.apply(node, pipe, Out(tiles, 0), weight, m.weight_type(node), combine="concat", frame_weights=frames)
@@ -786,6 +869,8 @@ def weights(m: Migration, node: Node) -> dict:
 
 RULES = {
     "IPAdapterModelLoader": model_loader, "IPAdapterUnifiedLoader": unified_loader, "IPAdapter": simple,
+    "IPAdapterUnifiedLoaderFaceID": unified_loader_faceid, "IPAdapterInsightFaceLoader": insightface_loader,
+    **dict.fromkeys(FACEID_NODES, faceid),
     **dict.fromkeys(("IPAdapterAdvanced", "IPAdapterBatch", "IPAdapterMS", "IPAdapterClipVisionEnhancer",
                      "IPAdapterClipVisionEnhancerBatch"), advanced),
     **dict.fromkeys(("IPAdapterPreciseStyleTransfer", "IPAdapterPreciseStyleTransferBatch"), precise_style),

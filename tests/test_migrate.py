@@ -13,6 +13,9 @@ Checked:
 * each migrated editor workflow passes ``check_workflow`` (no cubiq node left for mapped
   ones, every link type-correct, widget values in range), its API conversion equals the
   migrated API graph, and each rule wires what its cubiq node meant;
+* cubiq's FaceID examples (built here node by node, and the files themselves with ``CUBIQ_PATH``) leave no
+  FaceID node in place but Kolors' own (with what it takes from cubiq's pack); FaceID nodes become Encode Face +
+  Apply, the unified FaceID loader ours at cubiq's lora_strength, the InsightFace loader the Face Analysis Loader;
 * nodes no rule maps stay, reported by id with the reason; bad input is a one-line error
   (exit 2); OUT is written atomically and IN is untouched;
 * migrated graphs run headless (random-weight models under the workflows' names) and the
@@ -41,7 +44,7 @@ from migrate.rules import MIDDLE_BLOCK_NOTE, is_cubiq, migrate
 from migrate.tables import COMFY, CUBIQ, FILES, OURS
 from test_workflows import models_server  # noqa: F401  (fixture: random models under the workflows' names)
 from devtools.workflow_tools import (
-    ADAPTER, CHECKPOINT, ENCODER, REFERENCE_IMAGES, check_workflow, node_inputs, shrink, socket_inputs, ui_to_api,
+    ADAPTER, CHECKPOINT, ENCODER, FACEID_PLUSV2_ADAPTER, REFERENCE_IMAGES, SDXL_CHECKPOINT, check_workflow, node_inputs, shrink, socket_inputs, ui_to_api,
     widget_layout, with_weight,
 )
 
@@ -273,8 +276,8 @@ def enhancer_graph():
     return g
 
 
-def faceid_graph():
-    """cubiq's FaceID batch example: a plain IPAdapter, then FaceID on its pipe."""
+def faceid_chain_graph():
+    """A plain IPAdapter, then FaceID on its pipe with an InsightFace loader of its own."""
     g = Graph()
     checkpoint, positive, negative, latent = scene(g)
     loader = unified(g, checkpoint)
@@ -287,14 +290,76 @@ def faceid_graph():
     return g
 
 
+# cubiq's FaceID examples (examples/ipadapter_faceid.json, ipadapter_ideal_faceid_config.json,
+# ipadapter_faceid_batch.json, ipadapter_portrait.json, IPAdapter_FaceIDv2_Kolors.json): their nodes, links and widget
+# values; the checkpoints under the names the test server knows, Kolors' own loaders (MZ_*) as ComfyUI's.
+
+def faceid_graph(weight: float = 1.0, v2: float = 2.0, images: int = 1, then_full_face: bool = False,
+                 preset: str = "FACEID PLUS V2", checkpoint_name: str = CHECKPOINT):
+    g = Graph()
+    checkpoint = g.add("CheckpointLoaderSimple", ckpt_name=checkpoint_name)
+    positive = g.add("CLIPTextEncode", text="closeup of a beautiful woman wearing a black dress on the seaside",
+                     clip=(checkpoint, 1))
+    negative = g.add("CLIPTextEncode", text="blurry, noisy, messy, lowres", clip=(checkpoint, 1))
+    size = 1024 if checkpoint_name == SDXL_CHECKPOINT else 512
+    latent = g.add("EmptyLatentImage", width=size, height=size, batch_size=1)
+    faces = g.add("IPAdapterUnifiedLoaderFaceID", model=(checkpoint, 0), preset=preset, lora_strength=0.6, provider="CPU")
+    image = reference(g, REF_A)
+    if images == 4:  # three ImageBatch nodes: four pictures of one face
+        pairs = [(g.add("ImageBatch", image1=image, image2=reference(g, REF_B)), 0),
+                 (g.add("ImageBatch", image1=reference(g, REF_B), image2=reference(g, REF_A)), 0)]
+        image = (g.add("ImageBatch", image1=pairs[0], image2=pairs[1]), 0)
+    face = g.add("IPAdapterFaceID", model=(faces, 0), ipadapter=(faces, 1), image=image, weight=weight,
+                 weight_faceidv2=v2)
+    model = (face, 0)
+    if then_full_face:  # the aligned faces through the full-face adapter, on FaceID's model
+        full = g.add("IPAdapterUnifiedLoader", model=(face, 0), preset="FULL FACE - SD1.5 only (portraits stronger)",
+                     ipadapter=(faces, 1))
+        model = (g.add("IPAdapter", model=(full, 0), ipadapter=(full, 1), image=(face, 1), weight=0.4), 0)
+    sample(g, checkpoint, model, (positive, 0), (negative, 0), latent)
+    return g
+
+
+def kolors_graph():
+    g = Graph()
+    checkpoint, positive, negative, latent = scene(g)
+    adapter = g.add("IPAdapterModelLoader", ipadapter_file="Kolors-IP-Adapter-FaceID-Plus.bin")
+    vision = g.add("CLIPVisionLoader", clip_name=ENCODER)
+    insightface = g.add("IPAdapterInsightFaceLoader", provider="CPU", model_name="antelopev2")
+    noise = g.add("IPAdapterNoise", type="gaussian", strength=0.6, blur=0)
+    images = g.add("ImageBatch", image1=reference(g, REF_A), image2=reference(g, REF_B))
+    face = g.add("IPAdapterFaceIDKolors", model=(checkpoint, 0), ipadapter=(adapter, 0), image=(images, 0),
+                 image_negative=(noise, 0), clip_vision=(vision, 0), insightface=(insightface, 0), weight=1.0,
+                 weight_faceidv2=0.95, weight_kolors=0.85, combine_embeds="average")
+    sample(g, checkpoint, (face, 0), (positive, 0), (negative, 0), latent)
+    return g
+
+
+FACEID_EXAMPLES = {
+    "ipadapter_faceid": lambda: faceid_graph(1.0, 2.0),
+    "ipadapter_ideal_faceid_config": lambda: faceid_graph(0.8, 2.0, then_full_face=True),
+    "ipadapter_faceid_batch": lambda: faceid_graph(0.8, 2.0, images=4, then_full_face=True),
+    "ipadapter_portrait": lambda: faceid_graph(0.65, 1.0, preset="FACEID PORTRAIT (style transfer)",
+                                               checkpoint_name=SDXL_CHECKPOINT),
+    "IPAdapter_FaceIDv2_Kolors": kolors_graph,
+}
+# cubiq's FaceID nodes; of them only Kolors' own stays, with what it takes that only cubiq's pack gives (its
+# InsightFace, its adapter file)
+FACEID_KINDS = {"IPAdapterFaceID", "IPAAdapterFaceIDBatch", "IPAdapterUnifiedLoaderFaceID", "IPAdapterInsightFaceLoader",
+                "IPAdapterFaceIDKolors"}
+KOLORS_STAYS = {"IPAdapterFaceIDKolors", "IPAdapterInsightFaceLoader", "IPAdapterModelLoader"}
+
+
 GRAPHS = {
     "simple": simple_graph, "advanced_negative_image": negative_image_graph,
     "unified_negative_image": lambda: negative_image_graph("unified"), "style_composition": style_composition_graph,
     "regional": regional_graph, "batch": batch_graph, "tiled": tiled_graph, "embeds": embeds_graph,
     "embeds_save_load": lambda: embeds_graph(load=True), "precise": precise_graph, "enhancer": enhancer_graph,
-    "faceid": faceid_graph,
+    "faceid_chain": faceid_chain_graph,
+    **{name: builder for name, builder in FACEID_EXAMPLES.items() if builder is not kolors_graph},
+    "kolors": kolors_graph,
 }
-PARTLY_MAPPED = {"embeds_save_load", "faceid"}
+PARTLY_MAPPED = {"embeds_save_load", "kolors"}
 FULLY_MAPPED = [name for name in GRAPHS if name not in PARTLY_MAPPED]
 
 
@@ -368,6 +433,12 @@ SAVED_WIDGETS = {
                          "add_ending_frames", "method"],
     "IPAdapterEncoder": ["weight"], "IPAdapterCombineEmbeds": ["method"], "IPAdapterUnifiedLoader": ["preset"],
     "PrepImageForClipVision": ["interpolation", "crop_position", "sharpening"], "IPAdapterModelLoader": ["ipadapter_file"],
+    "IPAdapterFaceID": ["weight", "weight_faceidv2", "weight_type", "combine_embeds", "start_at", "end_at",
+                        "embeds_scaling"],
+    "IPAdapterFaceIDKolors": ["weight", "weight_faceidv2", "weight_kolors", "weight_type", "combine_embeds", "start_at",
+                              "end_at", "embeds_scaling"],
+    "IPAdapterUnifiedLoaderFaceID": ["preset", "lora_strength", "provider"],
+    "IPAdapterInsightFaceLoader": ["provider", "model_name"],
 }
 
 
@@ -509,15 +580,20 @@ def test_batch_with_ipadapter_weights_becomes_one_per_latent_with_frame_weights(
 
 
 def test_tiled_becomes_encode_tiled_and_apply():
-    api, report = migrate(tiled_graph().api())
-    (apply,) = nodes_of(api, "IPAdapterKitApply")
-    tiles = source(api, apply["embeds"])
-    assert tiles["class_type"] == "IPAdapterKitEncodeTiled" and apply["combine"] == "concat"
-    assert (apply["weight"], apply["weight_type"]) == (0.7, "ease in")
-    key = next(k for k, n in api.items() if n is tiles)
-    assert nodes_of(api, "MaskToImage")[0]["mask"] == [key, 1]  # cubiq's masks output: our tile_masks
-    notes = "\n".join(report.lines())
-    assert "its own mask" in notes and "sharpening" in notes
+    """Faithful: cubiq's tiles, each under its own mask (Encode Tiled's regions); --ours: every tile's tokens on the
+    whole picture (embeds, concat)."""
+    for mode, tiling, wired in (("faithful", "cubiq (256 px tiles)", "regions"), ("ours", "along the long side", "embeds")):
+        api, report = migrate(tiled_graph().api(), mode=mode)
+        (apply,) = nodes_of(api, "IPAdapterKitApply")
+        tiles = source(api, apply[wired])
+        assert tiles["class_type"] == "IPAdapterKitEncodeTiled" and tiles["inputs"]["tiling"] == tiling
+        if wired == "regions":
+            assert apply["regions"][1] == 2 and "embeds" not in apply
+        assert (apply["weight"], apply["weight_type"], apply["combine"]) == (0.7, "ease in", "concat")
+        key = next(k for k, n in api.items() if n is tiles)
+        assert nodes_of(api, "MaskToImage")[0]["mask"] == [key, 1]  # cubiq's masks output: our tile_masks
+        notes = "\n".join(report.lines())
+        assert "its own mask" in notes and "sharpening" in notes
 
 
 def test_encoder_combine_save_and_embeds():
@@ -557,6 +633,122 @@ def test_enhancer_and_layer_weights():
     assert (second["layers"], second["custom_layer_weights"], second["weight_type"]) == ("custom", "7:0.8, 25:1, 31:0", "linear")
 
 
+# -- FaceID ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", FACEID_EXAMPLES)
+def test_cubiqs_faceid_examples_leave_no_faceid_node_in_place_but_kolors_own(name, info):
+    graph = FACEID_EXAMPLES[name]()
+    for mode in ("faithful", "ours"):
+        ui, report = migrate(graph.ui(info), mode)
+        left = {report.left[key][0] for key in report.left}
+        stays = {node["type"] for node in ui["nodes"] if is_cubiq(node["type"])}
+        assert left == stays == (KOLORS_STAYS if name == "IPAdapter_FaceIDv2_Kolors" else set()), report.lines()
+        problems = check_workflow(ui, info)  # valid but for the nodes left in place
+        assert all("unknown node type" in p for p in problems), problems
+        if not stays:  # both formats migrate alike (the editor's converts to the API's only without unknown nodes)
+            assert without_meta(ui_to_api(ui, info)) == without_meta(migrate(graph.api(), mode)[0])
+
+
+@pytest.mark.parametrize("name", FACEID_EXAMPLES)
+def test_cubiqs_faceid_example_files_leave_no_faceid_node_in_place_but_kolors_own(name):
+    """The files themselves, from a copy of cubiq's pack (``CUBIQ_PATH``; CI has none)."""
+    if not CUBIQ_PATH:
+        pytest.skip("CUBIQ_PATH is not set: no copy of cubiq's example workflows")
+    workflow = json.loads((Path(CUBIQ_PATH).expanduser() / "examples" / f"{name}.json").read_text())
+    migrated, report = migrate(workflow)
+    stays = {node["type"] for node in migrated["nodes"] if node["type"] in FACEID_KINDS}
+    assert stays == ({"IPAdapterFaceIDKolors", "IPAdapterInsightFaceLoader"} if "Kolors" in name else set())
+    assert {kind for kind, _ in report.left.values()} == (KOLORS_STAYS if "Kolors" in name else set())
+    assert "IPAdapterKitApply" in {node["type"] for node in migrated["nodes"]} or "Kolors" in name
+
+
+def test_faceid_becomes_encode_face_and_apply():
+    api, report = migrate(faceid_graph(0.8, 2.0).api(), family="sd15")
+    (loader,) = nodes_of(api, "IPAdapterKitUnifiedLoaderFaceID")
+    # cubiq's loader applies the LoRA at its lora_strength and loads buffalo_l
+    assert loader == {"model": ["1", 0], "preset": "faceid-plusv2", "lora": "apply (sidecar or in the file)",
+                      "lora_strength": 0.6, "pack": "buffalo_l", "provider": "CPU"}
+    key = "5"  # the FaceID loader's id, which ours keeps
+    (apply,) = nodes_of(api, "IPAdapterKitApply")
+    assert (apply["model"], apply["ipadapter"], apply["weight"], apply["weight_type"]) == ([key, 0], [key, 1], 0.8, "linear")
+    assert apply["layers"] == "custom" and apply["custom_layer_weights"].endswith("31:0")  # cubiq's middle block off
+    (face,) = nodes_of(api, "IPAdapterKitEncodeFace")
+    assert source(api, apply["embeds"])["inputs"] is face
+    assert (face["face_analysis"], face["ipadapter"], face["image_encoder"], face["weight_faceidv2"]) == \
+        ([key, 3], [key, 1], [key, 2], 2.0)
+    assert source(api, face["negative_image"])["inputs"] == {"width": 224, "height": 224, "batch_size": 1, "color": 0}
+    assert source(api, face["image"])["inputs"]["image"] == REF_A
+    ours, _ = migrate(faceid_graph(0.8, 2.0).api(), "ours")
+    (face,) = nodes_of(ours, "IPAdapterKitEncodeFace")
+    assert "negative_image" not in face and nodes_of(ours, "IPAdapterKitApply")[0]["layers"] == "all"
+
+
+def test_faceid_face_image_is_encode_faces_crops_and_portrait_needs_no_encoder():
+    api, _ = migrate(FACEID_EXAMPLES["ipadapter_faceid_batch"]().api())
+    face_key = next(k for k, n in api.items() if n["class_type"] == "IPAdapterKitEncodeFace")
+    encodes = nodes_of(api, "IPAdapterKitEncode")  # the full-face adapter sees FaceID's aligned faces
+    assert [e["image"] for e in encodes] == [[face_key, 1]]
+    assert source(api, api[face_key]["inputs"]["image"])["class_type"] == "ImageBatch"
+    api, _ = migrate(FACEID_EXAMPLES["ipadapter_portrait"]().api())
+    (face,) = nodes_of(api, "IPAdapterKitEncodeFace")
+    assert "image_encoder" not in face and "negative_image" not in face  # portrait: the face embedding only
+    (loader,) = nodes_of(api, "IPAdapterKitUnifiedLoaderFaceID")
+    (apply,) = nodes_of(api, "IPAdapterKitApply")
+    assert loader["preset"] == "faceid-portrait" and apply["weight"] == 0.65
+    assert apply["custom_layer_weights"].endswith("139:0")  # SDXL, from the checkpoint's name
+
+
+def test_insightface_loader_model_loader_and_faceid_batch(info):
+    g = Graph()
+    checkpoint, positive, negative, latent = scene(g, batch=2)
+    adapter = g.add("IPAdapterModelLoader", ipadapter_file=FACEID_PLUSV2_ADAPTER)
+    vision = g.add("CLIPVisionLoader", clip_name=ENCODER)
+    insightface = g.add("IPAdapterInsightFaceLoader", provider="ROCM", model_name="antelopev2")
+    images = g.add("ImageBatch", image1=reference(g, REF_A), image2=reference(g, REF_B))
+    negative_image = reference(g, REF_B)
+    face = g.add("IPAAdapterFaceIDBatch", model=(checkpoint, 0), ipadapter=(adapter, 0), image=(images, 0),
+                 insightface=(insightface, 0), clip_vision=(vision, 0), image_negative=negative_image, weight=0.7,
+                 weight_type="ease in")
+    sample(g, checkpoint, (face, 0), (positive, 0), (negative, 0), latent)
+    ui, report = migrate(g.ui(info))
+    assert check_workflow(ui, info) == [] and not report.left
+    api, report = migrate(g.api())
+    (analysis,) = nodes_of(api, "IPAdapterKitFaceAnalysisLoader")
+    assert analysis == {"pack": "antelopev2", "provider": "auto", "detector_size": 640}
+    (face,) = nodes_of(api, "IPAdapterKitEncodeFace")
+    assert source(api, face["face_analysis"])["inputs"] is analysis
+    assert source(api, face["ipadapter"])["inputs"] == {"ipadapter_file": FACEID_PLUSV2_ADAPTER}
+    assert source(api, face["image_encoder"])["class_type"] == "IPAdapterKitEncoderFromCLIPVision"
+    assert face["negative_image"] == list(negative_image)  # plusv2: the connected negative image, as cubiq's
+    (apply,) = nodes_of(api, "IPAdapterKitApply")
+    assert (apply["batch_mode"], apply["weight"], apply["weight_type"]) == ("one per latent", 0.7, "ease in")
+    assert "provider 'ROCM' became auto" in "\n".join(report.lines())
+    # faceid reads no CLIP features: no encoder, and cubiq's image_negative is not used
+    g.nodes[adapter]["inputs"]["ipadapter_file"] = "ip-adapter-faceid_sd15.bin"
+    api, report = migrate(g.api())
+    (face,) = nodes_of(api, "IPAdapterKitEncodeFace")
+    assert "image_encoder" not in face and "negative_image" not in face
+    assert "image_negative is not used" in "\n".join(report.lines())
+
+
+def test_faceid_without_insightface_stays_with_the_reason():
+    g = Graph()
+    checkpoint, positive, negative, latent = scene(g)
+    adapter = g.add("IPAdapterModelLoader", ipadapter_file="ip-adapter-faceid-plusv2_sd15.bin")
+    vision = g.add("CLIPVisionLoader", clip_name=ENCODER)
+    face = g.add("IPAdapterFaceID", model=(checkpoint, 0), ipadapter=(adapter, 0), image=reference(g),
+                 clip_vision=(vision, 0))
+    sample(g, checkpoint, (face, 0), (positive, 0), (negative, 0), latent)
+    api, report = migrate(g.api())
+    assert api[face]["class_type"] == "IPAdapterFaceID" and "insightface is not connected" in report.left[face][1]
+    g.nodes[face]["inputs"]["insightface"] = [g.add("IPAdapterInsightFaceLoader", provider="CUDA"), 0]
+    api, report = migrate(g.api())
+    assert not report.left
+    (face,) = nodes_of(api, "IPAdapterKitEncodeFace")
+    assert source(api, face["image_encoder"])["class_type"] == "IPAdapterKitEncoderFromCLIPVision"
+    assert nodes_of(api, "IPAdapterKitFaceAnalysisLoader")[0]["provider"] == "CUDA"
+
+
 def test_a_workflow_without_cubiq_nodes_comes_back_as_it_was(info):
     path = REPO_ROOT / "workflows" / "12-batch-frame-weights.json"
     workflow = json.loads(path.read_text())
@@ -589,26 +781,25 @@ def test_links_through_reroutes_from_cubiq_nodes_are_taken_straight(info):
 # -- nodes left in place ----------------------------------------------------------------------
 
 def test_nodes_no_rule_maps_stay_and_are_reported_by_id(info):
-    graph = faceid_graph()
+    graph = kolors_graph()
     ui, report = migrate(graph.ui(info))
     kinds = {key: node["class_type"] for key, node in graph.nodes.items()}
-    left = {int(key) for key, kind in kinds.items() if kind in ("IPAdapterUnifiedLoaderFaceID", "IPAdapterFaceID",
-                                                                 "IPAdapterInsightFaceLoader", "IPAdapterUnifiedLoader")}
+    left = {int(key) for key, kind in kinds.items() if kind in KOLORS_STAYS}
     assert set(report.left) == left
     lines = report.lines()
     for key in left:
         (line,) = [line for line in lines if line.startswith(f"left in place: node {key} ")]
         assert kinds[str(key)] in line
-    assert "InsightFace" in next(line for line in lines if "(IPAdapterFaceID)" in line)
-    assert "kept as well" in next(line for line in lines if "(IPAdapterUnifiedLoader)" in line)
-    assert lines[-1].startswith("summary: 5 cubiq nodes, 2 replaced by 3 nodes of this pack, 4 left in place")
+    assert "Kolors is not a model family" in next(line for line in lines if "(IPAdapterFaceIDKolors):" in line)
+    assert "kept as well" in next(line for line in lines if "(IPAdapterInsightFaceLoader):" in line)
+    assert lines[-1].startswith("summary: 4 cubiq nodes, 2 replaced by 1 nodes of this pack, 3 left in place")
     # what stays takes what it took; what ours replaced is valid; only the nodes left in place are unknown here
     problems = check_workflow(ui, info)
     assert problems and all("unknown node type" in p and any(f"node {key} " in p for key in left) for p in problems)
-    face_loader = next(n for n in ui["nodes"] if n["type"] == "IPAdapterUnifiedLoaderFaceID")
-    link = next(link for link in ui["links"] if link[0] == face_loader["inputs"][0]["link"])
-    model_source = next(n for n in ui["nodes"] if n["id"] == link[1])
-    assert model_source["type"] == "IPAdapterKitApply"  # a MODEL: rewired to ours
+    kolors = next(n for n in ui["nodes"] if n["type"] == "IPAdapterFaceIDKolors")
+    slot = next(s for s in kolors["inputs"] if s["name"] == "image_negative")
+    link = next(link for link in ui["links"] if link[0] == slot["link"])
+    assert next(n for n in ui["nodes"] if n["id"] == link[1])["type"] == "IPAdapterKitNoise"  # an IMAGE: rewired to ours
 
 
 def test_pickled_embeds_stay_with_what_needs_them(info):
@@ -653,16 +844,16 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 
 def test_command_line_writes_the_migrated_workflow_and_reports(tmp_path, info):
     source_path, target = tmp_path / "cubiq.json", tmp_path / "ours.json"
-    source_path.write_text(json.dumps(faceid_graph().ui(info)))
+    source_path.write_text(json.dumps(kolors_graph().ui(info)))
     before = source_path.read_bytes()
     result = run_cli(source_path, target)
     assert result.returncode == 0, result.stderr
     assert source_path.read_bytes() == before
     written = json.loads(target.read_text())
-    assert any(node["type"] == "IPAdapterKitApply" for node in written["nodes"])
+    assert any(node["type"] == "IPAdapterKitNoise" for node in written["nodes"])
     lines = result.stdout.splitlines()
-    assert lines[0] == f"wrote {target} (ui format)" and lines[-1].startswith("summary: 5 cubiq nodes")
-    assert len([line for line in lines if line.startswith("left in place: node ")]) == 4
+    assert lines[0] == f"wrote {target} (ui format)" and lines[-1].startswith("summary: 4 cubiq nodes")
+    assert len([line for line in lines if line.startswith("left in place: node ")]) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cubiq.json", "ours.json"]
 
 
@@ -722,7 +913,7 @@ def test_out_appears_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
 
 # -- running migrated graphs ------------------------------------------------------------------
 
-HEADLESS = ["unified_negative_image", "regional", "embeds"]
+HEADLESS = ["unified_negative_image", "regional", "embeds", "ipadapter_faceid"]  # FaceID: the face pack of models_server
 
 
 @pytest.mark.slow

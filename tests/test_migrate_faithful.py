@@ -321,13 +321,20 @@ def test_layer_weights_on_a_block_the_precise_type_leaves_out_stay_in_place():
 
 # -- Tiled ---------------------------------------------------------------------------------------------------------
 
-def test_tiled_says_its_tiles_act_on_the_whole_picture():
-    """Our nodes cannot give each tile of Encode Tiled its own mask: the report says the picture differs."""
+def test_tiled_puts_each_tile_under_its_own_mask():
+    """Faithful: Encode Tiled cuts cubiq's tiles and its regions put each under its own mask (tests/test_tiles.py:
+    the same as one Apply per tile); --ours: every tile's tokens on the whole picture, and the report says so."""
     api, report = migrate(tiled_graph().api(), family="sd15")
     (apply,) = applies(api)
-    assert apply["layers"] == "custom" and apply["combine"] == "concat"
-    (line,) = [line for line in report.lines() if "its own mask" in line]
-    assert line.startswith("check: node") and "differs from cubiq's" in line
+    assert apply["layers"] == "custom" and "embeds" not in apply and apply["regions"][1] == 2
+    assert api[apply["regions"][0]]["inputs"]["tiling"] == "cubiq (256 px tiles)"
+    assert any("each under its own mask" in line and "[faithful]" in line for line in report.lines())
+    assert not [line for line in report.lines() if "whole picture" in line]
+    api, report = migrate(tiled_graph().api(), mode="ours")
+    (apply,) = applies(api)
+    assert apply["combine"] == "concat" and "regions" not in apply
+    (line,) = [line for line in report.lines() if "whole picture" in line]
+    assert line.startswith("check: node") and "its own mask" in line
 
 
 # -- the report and the command lines ---------------------------------------------------------------------------------

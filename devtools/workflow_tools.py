@@ -76,6 +76,12 @@ INSTANTX_FLUX_ADAPTER = "flux.1-dev-ip-adapter.bin"  # InstantX/FLUX.1-dev-IP-Ad
 SD35_ADAPTER = "sd3.5-large-ip-adapter.bin"  # InstantX/SD3.5-Large-IP-Adapter's ip-adapter.bin
 CLIP_L_ENCODER = "clip_vision_l.safetensors"  # OpenAI CLIP ViT-L/14: XLabs
 SIGLIP_ENCODER = "sigclip_vision_patch14_384.safetensors"  # SigLIP so400m-patch14-384: InstantX
+# FaceID (h94/IP-Adapter-FaceID's names): plus v2 for SD1.5 with its LoRA, portrait for SDXL (no LoRA, no encoder);
+# the face models: the InsightFace pack cubiq's users have in models/insightface/models/
+FACEID_PLUSV2_ADAPTER = "ip-adapter-faceid-plusv2_sd15.bin"
+FACEID_PLUSV2_LORA = "ip-adapter-faceid-plusv2_sd15_lora.safetensors"  # models/loras
+SDXL_PORTRAIT_ADAPTER = "ip-adapter-faceid-portrait_sdxl.bin"
+FACE_PACK = "buffalo_l"
 REFERENCE_IMAGES = ("reference.png", "reference_b.png")
 SOURCE_IMAGES = ("source.png", "source_masked.png")
 # A workflow's family is that of its base model (a checkpoint, or Flux's diffusion model); each family has its
@@ -83,9 +89,11 @@ SOURCE_IMAGES = ("source.png", "source_masked.png")
 FAMILY_OF_CHECKPOINT = {CHECKPOINT: "sd15", SDXL_CHECKPOINT: "sdxl", SD35_CHECKPOINT: "sd35"}
 FAMILY_OF_DIFFUSION_MODEL = {FLUX_MODEL: "flux"}
 FAMILY_OF_BASE_MODEL = {**FAMILY_OF_CHECKPOINT, **FAMILY_OF_DIFFUSION_MODEL}
-ADAPTERS_OF_FAMILY = {"sd15": {ADAPTER, TRAINED_ADAPTER}, "sdxl": {SDXL_ADAPTER, SDXL_PLUS_ADAPTER},
+ADAPTERS_OF_FAMILY = {"sd15": {ADAPTER, TRAINED_ADAPTER, FACEID_PLUSV2_ADAPTER},
+                      "sdxl": {SDXL_ADAPTER, SDXL_PLUS_ADAPTER, SDXL_PORTRAIT_ADAPTER},
                       "flux": {XLABS_ADAPTER, INSTANTX_FLUX_ADAPTER}, "sd35": {SD35_ADAPTER}}
-ENCODER_OF_ADAPTER = {**{adapter: ENCODER for adapter in (ADAPTER, TRAINED_ADAPTER, SDXL_ADAPTER, SDXL_PLUS_ADAPTER)},
+ENCODER_OF_ADAPTER = {**{adapter: ENCODER for adapter in (ADAPTER, TRAINED_ADAPTER, SDXL_ADAPTER, SDXL_PLUS_ADAPTER,
+                                                            FACEID_PLUSV2_ADAPTER)},
                       XLABS_ADAPTER: CLIP_L_ENCODER, INSTANTX_FLUX_ADAPTER: SIGLIP_ENCODER, SD35_ADAPTER: SIGLIP_ENCODER}
 USER_FILES = {
     "checkpoints": set(FAMILY_OF_CHECKPOINT),
@@ -94,6 +102,8 @@ USER_FILES = {
     "vae": {FLUX_VAE},
     "ipadapter": set().union(*ADAPTERS_OF_FAMILY.values()),
     "clip_vision": set(ENCODER_OF_ADAPTER.values()),
+    "loras": {FACEID_PLUSV2_LORA},
+    "insightface": {FACE_PACK},
     "input": {*REFERENCE_IMAGES, *SOURCE_IMAGES},
 }
 # Combo inputs whose choices are the files of a folder: on a test server the
@@ -109,6 +119,8 @@ FILE_INPUTS = {
     ("IPAdapterKitEncoderLoader", "clip_name"): "clip_vision",
     ("IPAdapterKitSimple", "clip_name"): "clip_vision",
     ("CLIPVisionLoader", "clip_name"): "clip_vision",
+    ("LoraLoaderModelOnly", "lora_name"): "loras",
+    **{(kind, "pack"): "insightface" for kind in ("IPAdapterKitFaceAnalysisLoader", "IPAdapterKitUnifiedLoaderFaceID")},
     ("LoadImage", "image"): "input",
 }
 # The empty latents the workflows start from: SD1.5/SDXL's 4 channels, Flux/SD3's 16.

@@ -45,7 +45,7 @@ from devtools.comfy_import import REPO_ROOT
 from devtools.comfyui_harness import sdxl_checkpoint_path, start_dit_server, start_sdxl_server, with_checkpoint_check
 from devtools.workflow_tools import (
     ADAPTER, ADAPTERS_OF_FAMILY, APPLY_NODES, CHECKPOINT, CLIP_G_TEXT, CLIP_L_ENCODER, CLIP_L_TEXT, ENCODER, ENCODER_OF_ADAPTER,
-    FAMILY_OF_BASE_MODEL, FLUX_MODEL, FLUX_VAE, FRONTEND_ONLY, INSTANTX_FLUX_ADAPTER, LATENT_NODES, REFERENCE_IMAGES,
+    FACE_PACK, FACEID_PLUSV2_ADAPTER, FACEID_PLUSV2_LORA, FAMILY_OF_BASE_MODEL, SDXL_PORTRAIT_ADAPTER, FLUX_MODEL, FLUX_VAE, FRONTEND_ONLY, INSTANTX_FLUX_ADAPTER, LATENT_NODES, REFERENCE_IMAGES,
     SD35_ADAPTER, SD35_CHECKPOINT, SDXL_ADAPTER, SDXL_CHECKPOINT, SDXL_PLUS_ADAPTER, SIGLIP_ENCODER, SOURCE_IMAGES,
     T5XXL_TEXT, TRAINED_ADAPTER, USER_FILES, XLABS_ADAPTER, WorkflowError, api_twin_path, apply_nodes,
     base_model_files, bypassed, check_workflow, load_workflow, our_node_types, overlapping_nodes, shrink, ui_to_api,
@@ -78,11 +78,16 @@ LOADER_TYPES = {"CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "DualCLIPL
 SIZE, STEPS = 64, 1
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "workflows"
 COMPAT_WORKFLOW = "1-image-prompt.json"  # the one headless run of the March 2024 compatibility subset
+REFERENCE_SIZE = (96, 128)  # height, width of the test's reference images (wide, for the tiled workflow)
+FACE_DETECTOR_SIZE = 640  # the Face Analysis Loader's detector_size in the FaceID workflows (its default)
 ENCODER_WIDTH = 128  # the test encoder's tower (ViT-H/14's 1024-d output): the plus adapter's input width
 # The headline workflows (one reference, no advanced control) use the everyday Apply; the others show the advanced one.
 EVERYDAY_APPLY = {"1-image-prompt.json", "2-image-and-text.json", "7-sdxl-image-prompt.json",
                   "8-sdxl-image-and-text.json", "15-flux-image-prompt.json", "16-flux-image-and-text.json",
-                  "17-sd35-image-prompt.json"}
+                  "17-sd35-image-prompt.json", "18-faceid-plusv2.json"}
+# Workflows whose two references are one batch of faces side by side (combine = concat): swapping them changes
+# nothing (attention does not see the tokens' order), so their headless run puts reference_b in both places.
+ONE_BATCH_OF_REFERENCES = {"19-sdxl-faceid-portrait.json"}
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +100,8 @@ def info(comfyui_server):
 def test_the_issue_workflows_are_all_there():
     stems = [name.split("-", 1)[0] for name in NAMES]
     assert stems == ["1", "2", "3a", "3b", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
-                     "17"], NAMES
-    assert [name.split("-", 1)[0] for name in SDXL_NAMES] == ["7", "8", "9", "10", "11"]
+                     "17", "18", "19"], NAMES
+    assert [name.split("-", 1)[0] for name in SDXL_NAMES] == ["7", "8", "9", "10", "11", "19"]
     assert all("-sdxl-" in name for name in SDXL_NAMES) and not any("sdxl" in name for name in SD15_NAMES)
     assert {name: FAMILY[name] for name in DIT_NAMES} == {
         "15-flux-image-prompt.json": "flux", "16-flux-image-and-text.json": "flux", "17-sd35-image-prompt.json": "sd35"}
@@ -111,9 +116,9 @@ def test_workflow_matches_the_live_node_definitions(name, info):
     notes = [node for node in workflow["nodes"] if node["type"] in FRONTEND_ONLY]
     assert len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 100, "each workflow explains itself in one note"
     ours = our_node_types(workflow)
-    assert {"IPAdapterKitLoader", "IPAdapterKitEncoderLoader"} <= ours and ours & APPLY_NODES, ours
+    assert "IPAdapterKitLoader" in ours and ours & APPLY_NODES, ours
     assert ours & APPLY_NODES == {"IPAdapterKitApplySimple" if name in EVERYDAY_APPLY else "IPAdapterKitApply"}, ours
-    assert ours & {"IPAdapterKitEncode", "IPAdapterKitEncodeTiled"}, ours
+    assert ours & {"IPAdapterKitEncode", "IPAdapterKitEncodeTiled", "IPAdapterKitEncodeFace"}, ours
     # the file names are the ones users have (README: where each goes), all of the workflow's family: its base
     # model loaded as that family's workflows load it, its adapters, each with the encoder it was trained with
     api = ui_to_api(workflow, info)
@@ -125,7 +130,8 @@ def test_workflow_matches_the_live_node_definitions(name, info):
     adapters = {node["inputs"]["ipadapter_file"] for node in api.values() if node["class_type"] == "IPAdapterKitLoader"}
     encoders = {node["inputs"]["clip_name"] for node in api.values() if node["class_type"] == "IPAdapterKitEncoderLoader"}
     assert adapters and adapters <= ADAPTERS_OF_FAMILY[family], (family, adapters)
-    assert encoders == {ENCODER_OF_ADAPTER[adapter] for adapter in adapters}, (adapters, encoders)
+    # the FaceID portrait adapter reads the face embedding only: no image encoder
+    assert encoders == {ENCODER_OF_ADAPTER[a] for a in adapters if a in ENCODER_OF_ADAPTER}, (adapters, encoders)
     sampler = next(node["inputs"] for node in api.values() if node["class_type"] == "KSampler")
     assert (sampler["sampler_name"], sampler["scheduler"], sampler["steps"], sampler["cfg"]) == SAMPLING[family]
     latents = [node for node in api.values() if node["class_type"] in LATENT_NODES]  # none in img2img, inpainting
@@ -185,7 +191,7 @@ def applies(api: dict) -> list[tuple[str, float, str, str]]:
     found = []
     for key in apply_nodes(api):
         node = api[key]
-        image = source(node["inputs"]["embeds"][0], "image")["inputs"]["image"]
+        image = source(node["inputs"]["embeds"][0], "image")["inputs"].get("image")  # None: a batch of images
         adapter = source(key, "ipadapter")["inputs"]["ipadapter_file"]
         found.append((adapter, node["inputs"]["weight"], node["inputs"].get("layers", "all"), image))
     return found
@@ -198,6 +204,7 @@ def applies(api: dict) -> list[tuple[str, float, str, str]]:
                                                  (SDXL_ADAPTER, 1.0, "composition", REFERENCE_IMAGES[1])]),
     ("10-sdxl-plus.json", True, [(SDXL_PLUS_ADAPTER, 0.7, "all", REFERENCE_IMAGES[0])]),
     ("11-sdxl-style-transfer-precise.json", True, [(SDXL_ADAPTER, 1.0, "all", REFERENCE_IMAGES[0])]),
+    ("19-sdxl-faceid-portrait.json", True, [(SDXL_PORTRAIT_ADAPTER, 1.0, "all", None)]),
 ])
 def test_the_sdxl_workflows_show_what_their_names_say(name, texts, expected, info):
     api = ui_to_api(load_workflow(REPO_ROOT / "workflows" / name), info)
@@ -235,6 +242,42 @@ def test_the_dit_workflows_show_what_their_names_say(name, text, encoder, expect
     (decode,) = [node["inputs"] for node in api.values() if node["class_type"] == "VAEDecode"]
     vae = api[decode["vae"][0]]
     assert (vae["class_type"], decode["vae"][1]) == (("VAELoader", 0) if flux else ("CheckpointLoaderSimple", 2))
+
+
+def test_the_faceid_workflows_show_what_their_names_say(info):
+    """18: Face Analysis Loader -> Encode Face (with the image encoder, plus v2's weight) -> the everyday Apply, on the
+    checkpoint with the FaceID LoRA from ComfyUI's LoraLoaderModelOnly; 19: two face photos as one batch -> Encode Face
+    (no encoder: portrait) -> Apply (Advanced) with combine = concat, no LoRA."""
+    def graph(name):
+        return ui_to_api(load_workflow(REPO_ROOT / "workflows" / name), info)
+
+    def source(api, link):
+        return api[link[0]]
+
+    api = graph("18-faceid-plusv2.json")
+    (apply,) = [api[key]["inputs"] for key in apply_nodes(api)]
+    lora = source(api, apply["model"])
+    assert lora["class_type"] == "LoraLoaderModelOnly" and lora["inputs"]["lora_name"] == FACEID_PLUSV2_LORA
+    assert source(api, lora["inputs"]["model"])["class_type"] == "CheckpointLoaderSimple"
+    face = source(api, apply["embeds"])
+    assert face["class_type"] == "IPAdapterKitEncodeFace" and face["inputs"]["weight_faceidv2"] == 1.0
+    assert source(api, face["inputs"]["ipadapter"])["inputs"] == {"ipadapter_file": FACEID_PLUSV2_ADAPTER}
+    assert face["inputs"]["ipadapter"] == apply["ipadapter"]
+    assert source(api, face["inputs"]["image_encoder"])["inputs"] == {"clip_name": ENCODER}
+    assert source(api, face["inputs"]["face_analysis"])["inputs"]["pack"] == FACE_PACK
+    assert source(api, face["inputs"]["image"])["inputs"]["image"] == REFERENCE_IMAGES[0]
+    assert (apply["weight"], apply["weight_type"]) == (1.0, "linear")
+
+    api = graph("19-sdxl-faceid-portrait.json")
+    (apply,) = [api[key]["inputs"] for key in apply_nodes(api)]
+    assert source(api, apply["model"])["class_type"] == "CheckpointLoaderSimple"  # the portrait adapter has no LoRA
+    assert (apply["combine"], apply["weight"]) == ("concat", 1.0)
+    face = source(api, apply["embeds"])
+    assert face["class_type"] == "IPAdapterKitEncodeFace" and "image_encoder" not in face["inputs"]
+    batch = source(api, face["inputs"]["image"])
+    assert batch["class_type"] == "ImageBatch"
+    assert [source(api, batch["inputs"][k])["inputs"]["image"] for k in ("image1", "image2")] == list(REFERENCE_IMAGES)
+    assert not [node for node in api.values() if node["class_type"].startswith("Lora")]
 
 
 def test_the_control_workflows_use_the_controls_their_names_say(info):
@@ -409,8 +452,9 @@ def write_input_images(server):
     """The images the workflows' Load Image nodes name: two references, a source and a masked source."""
     rng = np.random.default_rng(0)
     red, blue = REFERENCE_IMAGES
-    server.write_input_image(red, np.tile([0.9, 0.1, 0.1], (96, 128, 1)) + rng.normal(0, 0.05, (96, 128, 3)))
-    server.write_input_image(blue, np.tile([0.1, 0.2, 0.9], (96, 128, 1)) + rng.normal(0, 0.05, (96, 128, 3)))
+    shape = (*REFERENCE_SIZE, 3)
+    server.write_input_image(red, np.tile([0.9, 0.1, 0.1], shape[:2] + (1,)) + rng.normal(0, 0.05, shape))
+    server.write_input_image(blue, np.tile([0.1, 0.2, 0.9], shape[:2] + (1,)) + rng.normal(0, 0.05, shape))
     source, masked = SOURCE_IMAGES
     ramp = np.linspace(0.2, 0.8, SIZE)
     pixels = np.stack([ramp[None, :].repeat(SIZE, 0), ramp[:, None].repeat(SIZE, 1), np.full((SIZE, SIZE), 0.5)], -1)
@@ -423,6 +467,32 @@ def write_input_images(server):
     assert set(USER_FILES["input"]) == {red, blue, source, masked}
 
 
+def write_faceid_models(server, family: str):
+    """The face pack (its detector finds a face in the middle of each reference image) and the family's FaceID
+    adapter under the workflows' names: SD1.5 plus v2 (and its LoRA sidecar in models/loras), SDXL portrait; random
+    weights, K'/V' scaled up as :func:`write_flat_adapter`'s, fp16, nested as the released .bin files."""
+    import torch
+
+    from devtools.adapter_factory import random_faceid_adapter
+    from devtools.face_models import face_from_template, letterbox_scale, write_face_pack
+    from ipadapter.adapter_file import IPAdapterCheckpoint
+    from ipadapter.faceid import FaceIDLoRA, save_lora_sidecar
+
+    height, width = REFERENCE_SIZE
+    scale = letterbox_scale(height, width, FACE_DETECTOR_SIZE)
+    face = face_from_template((width / 2 * scale, height / 2 * scale), 0.3 * height * scale, 5.0, score=0.9, stride=32)
+    write_face_pack(server.models_dir("insightface") / "models", [face], pack=FACE_PACK)
+    variant, name, widths = (("faceid-plus", FACEID_PLUSV2_ADAPTER, dict(clip_width=ENCODER_WIDTH)) if family == "sd15"
+                             else ("faceid-portrait", SDXL_PORTRAIT_ADAPTER, {}))
+    nested = random_faceid_adapter(variant, family=family, seed=13, **widths)
+    nested["ip_adapter"] = {k: v * 5 if "_ip." in k else v for k, v in nested["ip_adapter"].items()}
+    torch.save({group: {k: v.half() for k, v in part.items()} for group, part in nested.items()},
+               server.models_dir("ipadapter") / name)
+    if family == "sd15":
+        checkpoint = IPAdapterCheckpoint.from_state_dicts(**nested, source=name, base_width=None)
+        save_lora_sidecar(FaceIDLoRA.from_checkpoint(checkpoint), server.models_dir("loras") / FACEID_PLUSV2_LORA)
+
+
 @pytest.fixture(scope="module")
 def models_server(comfyui_server, sd15_checkpoint):
     """The session's ComfyUI with random-weight SD1.5 models under the names the workflows use, and their input images."""
@@ -433,6 +503,7 @@ def models_server(comfyui_server, sd15_checkpoint):
     write_flat_adapter(server.models_dir("ipadapter") / ADAPTER, seed=7)
     write_trained_adapter(server.models_dir("ipadapter") / TRAINED_ADAPTER, seed=11)
     write_encoder_and_input_images(server)
+    write_faceid_models(server, "sd15")
     return server
 
 
@@ -455,6 +526,7 @@ def sdxl_models_server(comfyui_path, comfyui_server, tmp_path_factory):
         write_flat_adapter(server.models_dir("ipadapter") / SDXL_PLUS_ADAPTER, seed=8, variant="plus", family="sdxl",
                            encoder_width=ENCODER_WIDTH)
         write_encoder_and_input_images(server)
+        write_faceid_models(server, "sdxl")
         yield server
     finally:
         report = {"seconds": round(time.monotonic() - started, 1),
@@ -548,8 +620,9 @@ def assert_runs_and_responds_to_lambda_and_reference(server, name):
     assert image.shape == (SIZE, SIZE, 3) and np.isfinite(image).all() and image.std() > 0.01
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(result.images[0], ARTIFACTS / f"{stem}-{SIZE}px-{STEPS}step.png")
-    swapped, _ = render(server, with_references(graph, {REFERENCE_IMAGES[0]: REFERENCE_IMAGES[1],
-                                                        REFERENCE_IMAGES[1]: REFERENCE_IMAGES[0]}), f"{stem}-swapped")
+    first, second = REFERENCE_IMAGES
+    swap = {first: second} if name in ONE_BATCH_OF_REFERENCES else {first: second, second: first}
+    swapped, _ = render(server, with_references(graph, swap), f"{stem}-swapped")
     assert np.abs(swapped - image).mean() > 1e-3, "the reference image has no effect"
 
     applies = apply_nodes(graph)

@@ -30,8 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # devtools
 
 from devtools.workflow_tools import (  # noqa: E402
-    ADAPTER, CHECKPOINT, CLIP_G_TEXT, CLIP_L_ENCODER, CLIP_L_TEXT, ENCODER, FLUX_MODEL, FLUX_VAE, INSTANTX_FLUX_ADAPTER,
-    REFERENCE_IMAGES, REPO_ROOT, SD35_ADAPTER, SD35_CHECKPOINT, SDXL_ADAPTER, SDXL_CHECKPOINT, SDXL_PLUS_ADAPTER,
+    ADAPTER, CHECKPOINT, CLIP_G_TEXT, CLIP_L_ENCODER, CLIP_L_TEXT, ENCODER, FACE_PACK, FACEID_PLUSV2_ADAPTER,
+    FACEID_PLUSV2_LORA, FLUX_MODEL, FLUX_VAE, INSTANTX_FLUX_ADAPTER, REFERENCE_IMAGES, SDXL_PORTRAIT_ADAPTER, REPO_ROOT, SD35_ADAPTER, SD35_CHECKPOINT, SDXL_ADAPTER, SDXL_CHECKPOINT, SDXL_PLUS_ADAPTER,
     SIGLIP_ENCODER, SOURCE_IMAGES, T5XXL_TEXT, TRAINED_ADAPTER, WORKFLOW_DIR, XLABS_ADAPTER, live_object_info,
     socket_inputs, widget_layout, write_api_twins,
 )
@@ -570,6 +570,81 @@ def sdxl_style_transfer_precise(g: Graph):
            f"more of the reference's layout. {SDXL_SETTINGS}\n\n" + SDXL_MODELS.format(adapter=SDXL_ADAPTER))
 
 
+# -- the FaceID workflows: a face's identity embedding (InsightFace) instead of CLIP image features ---------------
+
+FACE_MODELS = ("The face models: an InsightFace pack in models/insightface/models/{pack}/ (det_10g.onnx, "
+               "w600k_r50.onnx; antelopev2 works too), as cubiq's users have it; nothing is downloaded. Face analysis "
+               "needs insightface 2.1 or later: pip install \".[faceid]\" in this pack's folder.")
+
+
+def face_loaders(g: Graph, adapter_file: str):
+    """The FaceID adapter and the face analysis (an InsightFace pack, CPU or CUDA by onnxruntime)."""
+    adapter = g.node("IPAdapterKitLoader", LOADERS, ipadapter_file=adapter_file)
+    faces = g.node("IPAdapterKitFaceAnalysisLoader", LOADERS, pack=FACE_PACK)
+    return adapter, faces
+
+
+def encode_faces(g: Graph, faces: dict, adapter: dict, images: tuple[dict, str], level: dict, **values):
+    encode = g.node("IPAdapterKitEncodeFace", ENCODERS, level=level, **values)
+    g.link(faces, "face_analysis", encode, "face_analysis")
+    g.link(images[0], images[1], encode, "image")
+    g.link(adapter, "ipadapter", encode, "ipadapter")
+    return encode
+
+
+def faceid_plusv2(g: Graph):
+    ckpt = g.node("CheckpointLoaderSimple", LOADERS, ckpt_name=g.family.checkpoint)
+    lora = g.node("LoraLoaderModelOnly", LOADERS, title="FaceID LoRA", lora_name=FACEID_PLUSV2_LORA,
+                  strength_model=1.0)
+    g.link(ckpt, "MODEL", lora, "model")
+    adapter, faces = face_loaders(g, FACEID_PLUSV2_ADAPTER)
+    encoder = g.node("IPAdapterKitEncoderLoader", LOADERS, clip_name=ENCODER)
+    pos, neg = prompts(g, "best quality, a portrait photo of a person wearing a hat on the beach",
+                       "monochrome, lowres, bad anatomy, worst quality, low quality, blurry")
+    g.link(ckpt, "CLIP", pos, "clip")
+    g.link(ckpt, "CLIP", neg, "clip")
+    face = g.node("LoadImage", INPUTS, title="Face", image=REFERENCE)
+    embeds = encode_faces(g, faces, adapter, (face, "IMAGE"), face, weight_faceidv2=1.0)
+    g.link(encoder, "image_encoder", embeds, "image_encoder")
+    latent = empty_latent(g)
+    patched = apply(g, (lora, "MODEL"), adapter, embeds, weight=1.0)
+    sample_and_save(g, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "faceid_plusv2")
+    g.note(LOADERS, "FaceID plus v2: a person's face from one photo, the text says the rest.\n\nIP-Adapter Face "
+           "Analysis Loader finds the face (the largest in the picture); Encode Face turns its identity embedding "
+           "(InsightFace) and the face aligned and cropped, seen by the image encoder, into the adapter's tokens; "
+           "weight_faceidv2 (1.0) weighs the crop's part. Apply IP-Adapter takes them like any image prompt (λ = "
+           "1.0). FaceID plus v2 was trained with a LoRA on the UNet: ComfyUI's LoraLoaderModelOnly applies it "
+           "(strength 1.0); IP-Adapter Unified Loader FaceID (preset faceid-plusv2) does the loading and the LoRA in "
+           "one node instead. DDIM, 50 steps, CFG 7.5.\n\nModels: v1-5-pruned-emaonly.safetensors in "
+           f"models/checkpoints, {FACEID_PLUSV2_ADAPTER} in models/ipadapter, {FACEID_PLUSV2_LORA} in models/loras, "
+           f"{ENCODER} in models/clip_vision. " + FACE_MODELS.format(pack=FACE_PACK), height=420)
+
+
+def sdxl_faceid_portrait(g: Graph):
+    ckpt = g.node("CheckpointLoaderSimple", LOADERS, ckpt_name=g.family.checkpoint)
+    adapter, faces = face_loaders(g, SDXL_PORTRAIT_ADAPTER)
+    pos, neg = prompts(g, "best quality, a watercolor painting of a person on the beach",
+                       "photo, monochrome, lowres, bad anatomy, worst quality, low quality, blurry")
+    g.link(ckpt, "CLIP", pos, "clip")
+    g.link(ckpt, "CLIP", neg, "clip")
+    first = g.node("LoadImage", INPUTS, title="Face, first photo", image=REFERENCE)
+    second = g.node("LoadImage", INPUTS, title="Face, second photo", image=REFERENCE_B)
+    batch = g.node("ImageBatch", ENCODERS, title="The photos as one batch", level=first)
+    g.link(first, "IMAGE", batch, "image1")
+    g.link(second, "IMAGE", batch, "image2")
+    embeds = encode_faces(g, faces, adapter, (batch, "IMAGE"), batch)
+    latent = empty_latent(g)
+    patched = apply(g, (ckpt, "MODEL"), adapter, embeds, advanced=True, weight=1.0, combine="concat")
+    sample_and_save(g, (patched, "MODEL"), pos, neg, (latent, "LATENT"), ckpt, "sdxl_faceid_portrait")
+    g.note(LOADERS, "SDXL FaceID portrait: one person from several photos of their face, in the style the text "
+           "asks for.\n\nImage Batch joins the photos (add more with further Image Batch nodes); Encode Face "
+           "embeds the largest face of each, and Apply IP-Adapter (Advanced) with combine = concat keeps each "
+           "face's 16 tokens side by side (average would merge them into one face's). The portrait adapter reads "
+           "the identity embedding only: no image encoder, no LoRA. λ = 1.0. " + SDXL_SETTINGS + "\n\nModels: "
+           f"sd_xl_base_1.0.safetensors in models/checkpoints, {SDXL_PORTRAIT_ADAPTER} in models/ipadapter. "
+           + FACE_MODELS.format(pack=FACE_PACK), height=420)
+
+
 # -- the DiT workflows: the same nodes of this pack, the base models loaded as ComfyUI's examples load them ---------
 
 def flux_base(g: Graph, positive: str, adapter_file: str, encoder_file: str):
@@ -672,6 +747,8 @@ WORKFLOWS = {
     "15-flux-image-prompt.json": (FLUX, flux_image_prompt),
     "16-flux-image-and-text.json": (FLUX, flux_image_and_text),
     "17-sd35-image-prompt.json": (SD35, sd35_image_prompt),
+    "18-faceid-plusv2.json": (SD15, faceid_plusv2),
+    "19-sdxl-faceid-portrait.json": (SDXL, sdxl_faceid_portrait),
 }
 
 

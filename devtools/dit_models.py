@@ -346,3 +346,104 @@ def full_width_sd35_comfy(blocks: int = 2, dtype=torch.bfloat16, seed: int = 0):
     model = model_config.get_model(state, "")
     _load_strict(model.diffusion_model, state)
     return _model_patcher(comfy, model)
+
+
+# ---------------------------------------------------------------- tiny model folders for the trainer
+
+TRAINER_FLUX = {"num_layers": 19, "num_single_layers": 1}  # every double block XLabs' adapter patches
+TRAINER_SD3 = {"num_layers": 38}  # every joint block InstantX's adapter patches
+TINY_T5 = dict(d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8)
+TINY_VOCAB = ["<pad>", "<unk>", "</s>", *"a an the of red green blue square circle triangle on in photo".split()]
+
+
+def _tiny_tokenizer(folder, max_length: int):
+    """A word-level fast tokenizer (what AutoTokenizer reads back from a model folder); no vocabulary download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(TINY_VOCAB)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                   model_max_length=max_length)
+    fast.save_pretrained(str(folder))
+
+
+def _tiny_clip_text(hidden: int, projection: int | None, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(TINY_VOCAB), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                            projection_dim=projection or hidden, eos_token_id=2)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+    randomise(model, seed, 0.2)
+    return model
+
+
+def _tiny_t5(width: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    model = T5EncoderModel(T5Config(vocab_size=len(TINY_VOCAB), d_model=width, **TINY_T5)).eval()
+    randomise(model, seed, 0.2)
+    return model
+
+
+def _tiny_vae(seed: int, scaling_factor: float, shift_factor: float):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=LATENT_CHANNELS,
+                        norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor, shift_factor=shift_factor)
+    randomise(vae.eval(), seed, 0.05)
+    return vae
+
+
+def write_trainer_folder(root, family, seed: int = 0):
+    """A diffusers model folder of ``family`` (a registry entry with DiT training facts) with tiny random parts:
+    ``transformer/`` at full depth, ``vae/``, the family's text encoders and word-level tokenizers."""
+    from pathlib import Path
+
+    root = Path(root)
+    facts = family.training
+    if facts.denoiser_class.startswith("Flux"):
+        transformer = build_diffusers_flux(seed, **TRAINER_FLUX)
+    else:
+        transformer = build_diffusers_sd3(seed, **TRAINER_SD3)
+    config = transformer.config
+    transformer.save_pretrained(str(root / facts.denoiser_folder))
+    _tiny_vae(seed + 1, facts.vae_scaling_factor, 0.1).save_pretrained(str(root / "vae"))
+    pooled = [encoder for encoder in facts.text_encoders if encoder.pooled]
+    clip_widths = iter([16, 16] if len(pooled) > 1 else [config.pooled_projection_dim])
+    for index, encoder in enumerate(facts.text_encoders):
+        if encoder.layout == "t5":
+            model = _tiny_t5(config.joint_attention_dim, seed + 10 + index)
+        else:
+            width = next(clip_widths)
+            model = _tiny_clip_text(width, width if len(pooled) > 1 else None, seed + 10 + index)
+        model.save_pretrained(str(root / encoder.folder))
+        _tiny_tokenizer(root / encoder.folder.replace("text_encoder", "tokenizer"), encoder.max_length)
+    return root
+
+
+def write_tiny_clip_encoder(path, seed: int = 0):
+    """An OpenCLIP-layout ViT (64 wide, 32-d embeddings) as a ``visual.*`` safetensors file."""
+    from safetensors.torch import save_file
+
+    from ipadapter.encoder import build_vision_tower
+
+    torch.manual_seed(seed)
+    encoder = build_vision_tower("ViT-H-14", width=64, layers=2, head_width=16, patch_size=14, embed_dim=32)
+    save_file({f"visual.{k}": v.contiguous() for k, v in encoder.visual.state_dict().items()}, str(path))
+    return path
+
+
+def write_tiny_siglip_encoder(path, seed: int = 0):
+    """A SigLIP vision tower (144 wide, heads of 72 as so400m's, 42 px) as a ``vision_model.*`` safetensors file."""
+    from safetensors.torch import save_file
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    model = SiglipVisionModel(SiglipVisionConfig(hidden_size=144, intermediate_size=200, num_hidden_layers=3,
+                                                 num_attention_heads=2, patch_size=14, image_size=42)).eval()
+    randomise(model, seed)
+    prefix = "vision_model."
+    save_file({prefix + k.removeprefix(prefix): v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

@@ -338,7 +338,7 @@ def test_missing_model_files_are_clear_errors_before_training(tmp_path, toy_data
     with pytest.raises(ModelFileError, match="does not exist; expected a diffusers model folder"):
         main(args + ["--model.base", str(tmp_path / "nope"), "--model.image_encoder", str(tmp_path / "enc.safetensors")])
     (tmp_path / "sd15").mkdir()
-    with pytest.raises(ModelFileError, match=r"'sd15' \(model.base\) is not a base model of SD1.5 or SDXL \(found no subfolders\)"):
+    with pytest.raises(ModelFileError, match=r"'sd15' \(model.base\) is not a base model of SD1.5 or SDXL or Flux.1 or SD3.5 Large \(found no subfolders\)"):
         main(args + ["--model.base", str(tmp_path / "sd15"), "--model.image_encoder", str(tmp_path / "enc.safetensors")])
     (tmp_path / "sd15" / "unet").mkdir()
     (tmp_path / "sd15" / "text_encoder").mkdir()
@@ -348,7 +348,7 @@ def test_missing_model_files_are_clear_errors_before_training(tmp_path, toy_data
     from safetensors.torch import save_file
 
     save_file({"some.weight": torch.zeros(2)}, str(not_sd))
-    with pytest.raises(ModelFileError, match=r"is not a base model of SD1.5 or SDXL \(found some.weight\)"):
+    with pytest.raises(ModelFileError, match=r"is not a base model of SD1.5 or SDXL or Flux.1 or SD3.5 Large \(found some.weight\)"):
         main(args + ["--model.base", str(not_sd), "--model.image_encoder", str(tmp_path / "enc.safetensors")])
     assert not (tmp_path / "out" / "state").exists()
 

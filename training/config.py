@@ -306,9 +306,42 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, dict[str, str]]:
     if config.data.resolution is None:
         config.data.resolution = config.family.training.resolution
     validate_resolution(config)
-    if config.model.num_tokens is None:
-        config.model.num_tokens = variant_by_name(config.model.variant).tokens
+    check_variant(config)
     return config, flags
+
+
+def dit_variant_names() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name for family in trainable_families() for name in family.training.variants))
+
+
+def offered_variants(family) -> tuple[str, ...]:
+    """The variants the trainer makes for ``family``: a DiT family's entry names them; UNet families take every
+    trainable variant made for them."""
+    from ipadapter.registry import VARIANTS
+
+    return tuple(family.training.variants) or tuple(dict.fromkeys(v.name for v in VARIANTS if v.trainable and v.serves(family)))
+
+
+def check_variant(config: Config) -> None:
+    """The variant must be one made for the base model's family; sets model.num_tokens to its default."""
+    family, variant = config.family, config.model.variant
+    where = f"model.base '{Path(config.base_model).name}'" if config.base_model else f"model.family {family.id}"
+    if variant not in offered_variants(family):
+        others = [f.name for f in trainable_families() if variant in offered_variants(f)]
+        raise ConfigError(f"model.variant {variant} trains {' and '.join(others)} adapters, but {where} is an "
+                          f"{family.name} model; expected one of {', '.join(offered_variants(family))}")
+    if config.embedded and family.training.variants:
+        raise ConfigError(f"the embedded toy run builds UNet families only; expected model.base and model.image_encoder "
+                          f"for {family.name}")
+    dit = family.training.variants.get(variant)
+    if dit is not None and dit.tokens:
+        if config.model.num_tokens is None:
+            config.model.num_tokens = dit.tokens[0]
+        elif config.model.num_tokens not in dit.tokens:
+            raise ConfigError(f"model.num_tokens = {config.model.num_tokens} for {variant}; expected "
+                              f"{' or '.join(map(str, dit.tokens))}")
+    if config.model.num_tokens is None:
+        config.model.num_tokens = variant_by_name(variant, family).tokens
 
 
 def resolve_family(config: Config):
@@ -331,7 +364,7 @@ def resolve_family(config: Config):
 
 def validate(config: Config) -> None:
     choices = {
-        "model.variant": (config.model.variant, trainable_variants()),
+        "model.variant": (config.model.variant, (*trainable_variants(), *dit_variant_names())),
         "model.frozen_dtype": (config.model.frozen_dtype, ("auto", "bf16", "fp16", "fp32")),
         "model.family": (config.model.family, (None, *(family.id for family in trainable_families()))),
         "data.crop": (config.data.crop, ("center", "random")),

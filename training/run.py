@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None, extra_hooks: list[StepHook] | None = Non
 
 
 def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHook]) -> dict:
+    if config.family.training.prediction == "flow":  # the DiT families: training.dit
+        from .dit import run_dit
+
+        return run_dit(config, process)
     output_dir = Path(config.train.output_dir)
     if config.embedded:
         log.info("No model files given: running the embedded default (scaled-down random-weight models, toy data).")

@@ -12,11 +12,12 @@ from typing import Iterable
 
 from .encoders import ENCODERS
 from .families import FAMILIES as _BUILT_IN, UNSUPPORTED_CONTEXT_WIDTHS, UNSUPPORTED_SINGLE_FILES
-from .schema import AttachKind, Family, ImageEncoderKind, Layer, TextEncoder, Training, Variant, dit_layers, unet_layers
+from .schema import (AttachKind, DiTVariant, Family, ImageEncoderKind, Layer, TextEncoder, Training, Variant, dit_layers,
+                     unet_layers)
 from .variants import PRESETS, VARIANTS
 
 __all__ = [
-    "AttachKind", "Family", "ImageEncoderKind", "Layer", "TextEncoder", "Training", "Variant", "dit_layers",
+    "AttachKind", "DiTVariant", "Family", "ImageEncoderKind", "Layer", "TextEncoder", "Training", "Variant", "dit_layers",
     "unet_layers", "ENCODERS", "PRESETS", "VARIANTS", "families", "register_family", "family_by_id", "family_names",
     "family_of_adapter_keys", "family_of_adapter_layers", "variants_of", "trainable_families", "family_of_comfy_layout", "family_of_processor_names", "family_of_single_file",
     "family_of_model_folder", "official_keys_from_processor_names", "encoder_by_id", "encoder_of_widths",
@@ -121,6 +122,10 @@ def family_of_model_folder(folder: Path) -> tuple[Family | None, str | None]:
     """(family, what it looks like) of a diffusers model folder: its UNet's text-token width when its
     ``unet/config.json`` is readable, else which text-encoder folders it has."""
     folder = Path(folder)
+    for family in trainable_families():  # a DiT's folder names its transformer's class
+        facts = family.training
+        if facts.denoiser_folder != "unet" and _config_class(folder / facts.denoiser_folder) == facts.denoiser_class:
+            return family, f"an {family.name} model folder"
     try:
         width = json.loads((folder / "unet" / "config.json").read_text()).get("cross_attention_dim")
     except (OSError, ValueError, AttributeError):
@@ -134,6 +139,13 @@ def family_of_model_folder(folder: Path) -> tuple[Family | None, str | None]:
         if (folder / "unet").is_dir() and all((folder / e.folder).is_dir() for e in family.training.text_encoders):
             return family, f"an {family.name} model folder"
     return None, None
+
+
+def _config_class(part: Path) -> str | None:
+    try:
+        return json.loads((part / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # --- encoders and variants -------------------------------------------------------------

@@ -5,7 +5,7 @@ A new family is one more entry here (and ``FAMILIES``); a new kind of model also
 """
 from __future__ import annotations
 
-from .schema import AttachKind, Family, TextEncoder, Training, dit_layers, unet_layers
+from .schema import AttachKind, DiTVariant, Family, TextEncoder, Training, dit_layers, unet_layers
 
 UNET_CROSS_ATTENTION = AttachKind("UNet cross-attention", "attn2", ("input", "middle", "output"),
                                   "cross-attention layers")
@@ -16,6 +16,10 @@ DIT_BLOCKS = AttachKind("DiT blocks", "dit", ("double_block", "single_block"), "
 LDM_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           prediction_type="epsilon", clip_sample=False, steps_offset=1)
 CLIP_L = dict(name="CLIP ViT-L/14 text encoder", folder="text_encoder", layout="clip", width=768)
+# The DiTs' encoders as their single files bundle them (ComfyUI's names); T5-XXL v1.1's encoder gives the text tokens
+DIT_CLIP_L = dict(CLIP_L, single_file_prefix="text_encoders.clip_l.transformer.")
+T5_XXL = dict(name="T5-XXL text encoder", layout="t5", width=4096, hidden_layer=-1,
+              single_file_prefix="text_encoders.t5xxl.transformer.")
 
 SD15 = Family(
     id="sd15",
@@ -147,7 +151,26 @@ FLUX = Family(
     },
     style_blocks=(),
     composition_blocks={},
-    training=None,
+    # as diffusers' Flux examples train: T5's 512 tokens as the text, CLIP's pooled output as the vector input, the
+    # dev model's distilled guidance at 3.5, noise levels shifted by the image's token count (FLUX.1-dev's
+    # scheduler config)
+    training=Training(
+        text_encoders=(TextEncoder(**DIT_CLIP_L, hidden_layer=-1, pooled=True, in_context=False),
+                       TextEncoder(**T5_XXL, folder="text_encoder_2", max_length=512)),
+        vae_scaling_factor=0.3611,
+        time_ids=False,
+        resolution=1024,
+        noise_schedule=dict(sampling="shifted", base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                            max_image_seq_len=4096),
+        prediction="flow",
+        embedded_unet={},
+        denoiser_folder="transformer",
+        denoiser_class="FluxTransformer2DModel",
+        guidance=3.5,
+        # XLabs v2 (16 tokens) by default, v1 with model.num_tokens 4; inference's unconditional image is a black one
+        variants={"xlabs": DiTVariant(encoder="clip-l", dropped_image="black", tokens=(16, 4),
+                                             file_layout="xlabs")},
+    ),
     # structural ranges, no claim about what each carries: the double blocks see image and text apart (the only
     # ones XLabs' adapter patches), the single blocks the joint sequence
     block_presets={"double blocks": tuple(("double_block", i) for i in range(FLUX_DOUBLE_BLOCKS)),
@@ -171,7 +194,25 @@ SD35 = Family(
                                          "ip-adapter_sd35", "ip-adapter")},
     style_blocks=(),
     composition_blocks={},
-    training=None,
+    # as diffusers' SD3 examples train: both CLIPs' penultimate states side by side, padded to T5's width, then T5's
+    # tokens; their pooled outputs joined; logit-normal noise levels through the schedule's shift of 3
+    training=Training(
+        text_encoders=(TextEncoder(**DIT_CLIP_L, hidden_layer=-2, pooled=True),
+                       TextEncoder(name="OpenCLIP ViT-bigG/14 text encoder", folder="text_encoder_2", layout="clip",
+                                   width=1280, hidden_layer=-2, pooled=True,
+                                   single_file_prefix="text_encoders.clip_g.transformer."),
+                       TextEncoder(**T5_XXL, folder="text_encoder_3", max_length=256)),
+        vae_scaling_factor=1.5305,
+        time_ids=False,
+        resolution=1024,
+        noise_schedule=dict(sampling="logit_normal", logit_mean=0.0, logit_std=1.0, shift=3.0),
+        prediction="flow",
+        embedded_unet={},
+        denoiser_folder="transformer",
+        denoiser_class="SD3Transformer2DModel",
+        # InstantX's and diffusers' SD3 pipelines use all-zero SigLIP states as the unconditional image
+        variants={"instantx": DiTVariant(encoder="siglip", dropped_image="zeros", timestep_width=320)},
+    ),
     image_token_width=2432,
     block_presets={"first half": tuple(("double_block", i) for i in range(SD35_BLOCKS // 2)),
                    "second half": tuple(("double_block", i) for i in range(SD35_BLOCKS // 2, SD35_BLOCKS))},

@@ -87,6 +87,20 @@ class TextEncoder:
     hidden_layer: int  # the context is this layer's output: -1 the last, -2 the penultimate
     pooled: bool = False  # its projected pooled output goes to the UNet's added conditioning
     pad_id: int | None = None  # what pads a caption: None the end token, else this id
+    max_length: int = 77  # tokens per caption
+    in_context: bool = True  # its hidden states are part of the text tokens (Flux's CLIP gives the pooled vector only)
+
+
+@dataclass(frozen=True)
+class DiTVariant:
+    """A DiT adapter variant as the trainer makes it for one family."""
+
+    encoder: str  # id of the image encoder it is trained on
+    dropped_image: str  # the unconditional image its inference uses: "black" (the encoder's output for a black
+    # image) or "zeros" (all-zero encoder features)
+    tokens: tuple[int, ...] = ()  # the token counts offered, the default first; (): the variant's own
+    timestep_width: int = 0  # a timestep-conditioned projection: the width of its sinusoidal timestep input
+    file_layout: str = "ip-adapter"  # the exported keys: "ip-adapter" (image_proj / ip_adapter groups) or "xlabs"
 
 
 @dataclass(frozen=True)
@@ -97,14 +111,21 @@ class Training:
     vae_scaling_factor: float
     time_ids: bool  # added conditioning: pooled text + (original size, crop top-left, target size)
     resolution: int  # default training resolution
-    noise_schedule: dict  # diffusers DDPMScheduler arguments (the training schedule)
-    prediction: str  # what the UNet predicts: "epsilon"; the loss is the MSE to it
+    noise_schedule: dict  # diffusers DDPMScheduler arguments (the training schedule); flow matching: how the
+    # noise level is drawn ("sampling": "shifted" by the image's token count, or "logit_normal") and its numbers
+    prediction: str  # what the model predicts: "epsilon", or "flow" (the velocity noise - latent); the loss is the MSE to it
     embedded_unet: dict  # the scaled-down UNet of the embedded run: diffusers UNet2DConditionModel arguments,
     # with ``width_multipliers`` (x the base width) for block_out_channels and ``head_width`` (channels per head)
     # or ``heads`` for attention_head_dim
     unet_prefix: str = "model.diffusion_model."  # the UNet's and VAE's tensors in the original single-file layout
     vae_prefix: str = "first_stage_model."
     shipped_configs: str = ""  # the trainer's config folder for the parts (training/configs/<this>); "": the family id
+    # DiTs (flow matching): the denoiser's folder and diffusers class in a model folder, the distilled guidance a
+    # guidance-embedding model is trained at, and per trainable variant what the trainer needs (``DiTVariant``)
+    denoiser_folder: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
+    guidance: float | None = None
+    variants: dict[str, "DiTVariant"] = field(default_factory=dict)
 
     @property
     def context_width(self) -> int:

@@ -1,0 +1,273 @@
+"""Training the DiT adapters (Flux.1 XLabs, SD3.5 InstantX) with flow matching.
+
+The adapter's attention layers are diffusers' own IP-Adapter processors (the ones ``load_ip_adapter`` installs),
+so what is trained is what diffusers runs; the projection is ours, with the released files' tensor names. One
+step: the latent x and noise n give x_σ = (1 - σ)·x + σ·n at a noise level σ drawn as the family's diffusers
+examples draw it, and the loss is the MSE between the transformer's prediction and the velocity n - x. Only the
+adapter trains; the frozen transformer runs in the frozen dtype (under autocast on GPUs).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ipadapter.adapter_file import OFFICIAL, IPAdapterCheckpoint, save_adapter
+from ipadapter.encoder import EncoderFormatError, load_image_encoder
+from ipadapter.files import first_line
+from ipadapter.projection import LinearProjection, TimeResampler
+from ipadapter.registry import encoder_by_id, export_stem, variant_by_name
+
+from .cli import open_data
+from .data import DataPosition, make_loader
+from .distributed import Engine
+from .dit_models import DiTParts, load_dit_parts
+from .errors import ModelFileError
+from .loop import Progress, batch_positions
+from .models import resolve_dtype, seeded
+from .run_files import EXPORT_DTYPES
+
+log = logging.getLogger("training")
+HEAD_WIDTH = 64  # the Resampler's heads, as diffusers' IPAdapterTimeImageProjection builds them
+
+
+class DiTAdapterModel(nn.Module):
+    """The projection and one diffusers IP processor per layer of the variant, in a frozen transformer."""
+
+    def __init__(self, transformer: nn.Module, family, variant: str, tokens: int, encoder_width: int):
+        super().__init__()
+        from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+        from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+        self.transformer, self.family, self.tokens, self.encoder_width = transformer, family, tokens, encoder_width
+        self.row, self.facts = variant_by_name(variant, family), family.training.variants[variant]
+        config = transformer.config
+        width = config.num_attention_heads * config.attention_head_dim
+        if self.row.projection == "time-resampler":  # InstantX SD3.5: tokens as wide as the model
+            dim = max(HEAD_WIDTH, round(family.resampler_width * width / family.base_width / HEAD_WIDTH) * HEAD_WIDTH)
+            r = self.row.resampler
+            self.image_proj = TimeResampler(dim, r["depth"], r["dim_head"], dim // r["dim_head"], tokens, encoder_width,
+                                            width, r["ff_mult"], self.facts.timestep_width)
+
+            def processor():
+                return SD3IPAdapterJointAttnProcessor2_0(width, width, config.attention_head_dim, dim, scale=1.0)
+        else:  # XLabs: Linear + LayerNorm to tokens as wide as the text tokens
+            self.image_proj = LinearProjection(encoder_width, config.joint_attention_dim, tokens)
+
+            def processor():
+                return FluxIPAdapterAttnProcessor(width, config.joint_attention_dim, num_tokens=(tokens,), scale=1.0)
+        current = transformer.attn_processors
+        wanted = {family.layer_by_key[key].diffusers_processor: key for key in family.preset_keys(self.row.layers)}
+        if set(wanted) - set(current):
+            missing = sorted(set(wanted) - set(current))
+            raise ModelFileError(f"the transformer has no {missing[0]} ({len(current)} attention layers); expected "
+                                 f"{family.name}'s {family.describe_layers()}")
+        layers = {str(key): processor() for _, key in sorted(wanted.items(), key=lambda item: item[1])}
+        transformer.requires_grad_(False)
+        self.layers = nn.ModuleDict(layers)  # keyed as the released files number the layers
+        transformer.set_attn_processor({name: layers[str(wanted[name])] if name in wanted else current[name]
+                                        for name in current})
+        self.image_proj.float().requires_grad_(True)
+        self.layers.to(next(transformer.parameters()).device).float().requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.image_proj.parameters(), *self.layers.parameters()]
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def attention_kwargs(self, features: torch.Tensor, sigma: torch.Tensor) -> dict:
+        """What the transformer's IP processors read: the image tokens (and SD3's timestep embedding)."""
+        if self.row.projection == "time-resampler":
+            tokens, time = self.image_proj(features.float(), 1000 * sigma.float())
+            return {"ip_hidden_states": tokens, "temb": time}
+        return {"ip_hidden_states": [self.image_proj(features.float())]}
+
+    def forward(self, parts: DiTParts, latents, sigma, context, pooled, features):
+        kwargs = self.attention_kwargs(features, sigma)
+        autocast = (torch.autocast(latents.device.type, parts.dtype) if parts.dtype != torch.float32
+                    else contextlib.nullcontext())
+        with autocast:
+            return parts.denoise(latents, sigma, context, pooled, kwargs)
+
+    def adapter_state_dicts(self) -> tuple[dict, dict]:
+        """``image_proj`` and ``ip_adapter`` in the released files' names (``0.to_k_ip.weight``...)."""
+        image_proj = {k: v.detach().clone() for k, v in self.image_proj.state_dict().items()}
+        ip_adapter = {f"{key}.{name.replace('_ip.0.', '_ip.')}": tensor.detach().clone()
+                      for key, layer in self.layers.items() for name, tensor in layer.state_dict().items()}
+        return image_proj, ip_adapter
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        image_proj, ip_adapter = self.adapter_state_dicts()
+        return {**{f"image_proj.{k}": v for k, v in image_proj.items()}, **{f"ip_adapter.{k}": v for k, v in ip_adapter.items()}}
+
+
+# --- the objective ------------------------------------------------------------------
+
+
+def sigma_of(u: torch.Tensor, normal: torch.Tensor, schedule: dict, image_tokens: int) -> torch.Tensor:
+    """Noise levels from a uniform draw ``u`` and a normal draw ``normal`` per sample, as the family's schedule says:
+
+    - ``logit_normal`` (diffusers' SD3 examples, ``compute_density_for_timestep_sampling``): σ₀ = sigmoid(m + s·z),
+      then the schedule's fixed shift σ = k·σ₀ / (1 + (k - 1)·σ₀);
+    - ``shifted`` (Flux's schedule): σ = e^μ / (e^μ + 1/u - 1), μ linear in the image's token count between
+      (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift).
+    """
+    if schedule["sampling"] == "logit_normal":
+        base = torch.sigmoid(schedule["logit_mean"] + schedule["logit_std"] * normal)
+        shift = schedule["shift"]
+        return shift * base / (1 + (shift - 1) * base)
+    if schedule["sampling"] == "shifted":
+        slope = (schedule["max_shift"] - schedule["base_shift"]) / (schedule["max_image_seq_len"] - schedule["base_image_seq_len"])
+        mu = schedule["base_shift"] + slope * (image_tokens - schedule["base_image_seq_len"])
+        u = u.clamp(1e-5, 1 - 1e-5)
+        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    raise ValueError(f"noise-level sampling '{schedule['sampling']}' is unknown; expected logit_normal or shifted")
+
+
+def draws(seed: int, positions: list[int], latent_shape: tuple, config) -> dict:
+    """Per-sample draws from (seed, position), as the UNet trainer makes them: the drop band, u, z, noise."""
+    image_below = config.data.drop_image
+    text_below = image_below + config.data.drop_text
+    both_below = text_below + config.data.drop_both
+    keep, drop_text, u, normal, noise, posterior = [], [], [], [], [], []
+    for position in positions:
+        state = np.random.SeedSequence([seed, position]).generate_state(2, dtype=np.uint32)
+        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        draw = torch.rand((), generator=generator).item()  # one draw in exclusive bands: image, text, both
+        keep.append(not (draw < image_below or text_below <= draw < both_below))
+        drop_text.append(image_below <= draw < both_below)
+        u.append(torch.rand((), generator=generator))
+        normal.append(torch.randn((), generator=generator))
+        noise.append(torch.randn(latent_shape, generator=generator))
+        posterior.append(torch.randn(latent_shape, generator=generator))
+    return {"keep_image": torch.tensor(keep), "drop_text": drop_text, "u": torch.stack(u), "normal": torch.stack(normal),
+            "noise": torch.stack(noise), "posterior": torch.stack(posterior)}
+
+
+class Conditions:
+    """The frozen encoders' outputs for a batch, with the dropped text and image as the family's inference makes them."""
+
+    def __init__(self, parts: DiTParts, encoder, model: DiTAdapterModel):
+        self.parts, self.encoder, self.model = parts, encoder, model
+        self.kind = model.row.encoder_input
+        self.empty = parts.encode_text([""])
+        self.dropped = self.image_features(torch.zeros(1, 3, encoder.image_size, encoder.image_size) - 1)
+        if model.facts.dropped_image == "zeros":
+            self.dropped = torch.zeros_like(self.dropped)
+
+    @torch.no_grad()
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Encoder features of images in -1..1 [B, 3, H, W] (the encoder resizes and normalises them itself)."""
+        images = ((pixels.float() + 1) / 2).permute(0, 2, 3, 1)
+        return getattr(self.encoder.encode_images(images.to(self.parts.device)), self.kind).float()
+
+    def __call__(self, batch: dict, drawn: dict):
+        device = self.parts.device
+        context, pooled = self.parts.encode_text(batch["captions"])
+        drop = torch.tensor(drawn["drop_text"], device=device)
+        context = torch.where(drop[:, None, None], self.empty[0].to(context), context)
+        pooled = torch.where(drop[:, None], self.empty[1].to(pooled), pooled)
+        features = self.image_features(batch["pixels"])
+        keep = drawn["keep_image"].to(device).view(-1, *[1] * (features.dim() - 1))
+        return context, pooled, torch.where(keep, features, self.dropped.to(features))
+
+
+def flow_loss(engine, parts: DiTParts, conditions: Conditions, batch: dict, drawn: dict) -> torch.Tensor:
+    """MSE between the prediction at x_σ = (1 - σ)·x + σ·n and the velocity n - x."""
+    device = parts.device
+    context, pooled, features = conditions(batch, drawn)
+    latents = parts.encode_latents(batch["pixels"], drawn["posterior"]).float()
+    noise = drawn["noise"].to(device)
+    sigma = sigma_of(drawn["u"], drawn["normal"], parts.schedule, parts.image_tokens(latents.shape[-1])).to(device)
+    noisy = (1 - sigma[:, None, None, None]) * latents + sigma[:, None, None, None] * noise
+    prediction = engine(parts, noisy.to(parts.dtype), sigma, context, pooled, features)
+    return F.mse_loss(prediction.float(), noise - latents)
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+def run_dit(config, process) -> dict:
+    """``training.run`` for a family trained with flow matching: train, then export in the released layout."""
+    family, variant = config.family, config.model.variant
+    facts = family.training.variants[variant]
+    dtype = resolve_dtype(config.model.frozen_dtype, process.device)
+    parts = load_dit_parts(config.base_model, family, dtype)
+    encoder = open_encoder(config, facts.encoder)
+    row = variant_by_name(variant, family)
+    width = encoder.embed_dim if row.encoder_input == "image_embeds" else encoder.hidden_width
+    step_pixels = parts.vae_scale_factor * parts.patch
+    if config.data.resolution % step_pixels:
+        raise ModelFileError(f"data.resolution = {config.data.resolution}; expected a multiple of {step_pixels} "
+                             f"({family.name}: the VAE's {parts.vae_scale_factor}x and the transformer's patches)")
+    with seeded(config.train.seed):
+        model = DiTAdapterModel(parts.transformer, family, variant, config.model.num_tokens, width)
+    parts.to(process.device)
+    encoder.to(process.device, dtype)
+    model.to(process.device)
+    log.info("trainable parameters: %s (%s %s adapter, %d tokens, %d layers); frozen models in %s",
+             f"{model.num_trainable():,}", family.name, variant, config.model.num_tokens, len(model.layers),
+             str(dtype).replace("torch.", ""))
+    conditions = Conditions(parts, encoder, model)
+    engine = Engine(model, config, process)
+    source = open_data(config, process.is_main, process.barrier)
+    data_position = DataPosition(config.data.num_workers, {})
+    loader = make_loader(source, config.data.resolution, config.train.batch_size, config.train.seed, process.rank,
+                         process.world_size, config.data.num_workers, {}, random_crop=config.data.crop == "random")
+    latent = config.data.resolution // parts.vae_scale_factor
+    latent_shape = (parts.vae.config.latent_channels, latent, latent)
+    progress, step, batches = Progress(config, process, 0), 0, iter(loader)
+    model.train()
+    try:
+        while step < config.train.max_steps:
+            batch = next(batches)
+            drawn = draws(config.train.seed, batch_positions(step, process, config.train.batch_size), latent_shape, config)
+            loss = flow_loss(engine, parts, conditions, batch, drawn)
+            engine.step(loss)
+            step += 1
+            data_position.consumed(batch)
+            progress.update(step, loss, data_position)
+    finally:
+        progress.close()
+    exports = export_dit(config, model, step) if process.is_main else []
+    for path in exports:
+        print(f"exported adapter: {path.resolve()}", flush=True)
+    return {"export": exports, "history": progress.history, "step": step, "model": model}
+
+
+def open_encoder(config, encoder_id: str):
+    """The image encoder the variant is trained on (or, for scaled-down tests, one of ``model.encoder_embed_dim``)."""
+    kind = encoder_by_id(encoder_id)
+    path = Path(config.model.image_encoder).expanduser()
+    if not path.is_file():
+        raise ModelFileError(f"image encoder '{path}' does not exist; expected {kind.name} weights (.safetensors)")
+    try:
+        encoder = load_image_encoder(str(path), device="cpu", dtype=torch.float32)
+    except (EncoderFormatError, ValueError, OSError) as error:
+        raise ModelFileError(f"image encoder '{path.name}': {first_line(error)}") from None
+    expected = config.model.encoder_embed_dim or kind.embed_dim
+    if encoder.embed_dim != expected:
+        raise ModelFileError(f"image encoder '{path.name}' gives {encoder.embed_dim}-d image embeddings; expected "
+                             f"{expected} ({kind.name}, the encoder of {config.family.name} {config.model.variant})")
+    return encoder.eval().requires_grad_(False)
+
+
+def export_dit(config, model: DiTAdapterModel, step: int) -> list[Path]:
+    """The adapter in its released layout (XLabs' keys in a .safetensors; InstantX's groups), named by the registry."""
+    family, facts = model.family, model.facts
+    layout = facts.file_layout
+    image_proj, ip_adapter = model.adapter_state_dicts()
+    metadata = {"step": str(step), "config": config.to_yaml(), "variant": model.row.name}
+    checkpoint = IPAdapterCheckpoint.from_state_dicts(image_proj, ip_adapter, "export", None, metadata, family, layout)
+    stem = f"{export_stem(model.row, family, encoder_by_id(facts.encoder))}_step{step:08d}"
+    formats = [f for f in config.train.export_formats if layout == OFFICIAL or f == "safetensors"] or ["safetensors"]
+    output = Path(config.train.output_dir)
+    return [save_adapter(checkpoint, output / f"{stem}.{extension}", EXPORT_DTYPES[config.train.export_dtype])
+            for extension in formats]

@@ -41,6 +41,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ipadapter.faces import PACKS as FACE_PACK_NAMES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 API_DIR = WORKFLOW_DIR / "api"
@@ -103,7 +105,7 @@ USER_FILES = {
     "ipadapter": set().union(*ADAPTERS_OF_FAMILY.values()),
     "clip_vision": set(ENCODER_OF_ADAPTER.values()),
     "loras": {FACEID_PLUSV2_LORA},
-    "insightface": {FACE_PACK},
+    "insightface": {FACE_PACK, *FACE_PACK_NAMES},  # the packs cubiq's loader offers: migrated graphs name them
     "input": {*REFERENCE_IMAGES, *SOURCE_IMAGES},
 }
 # Combo inputs whose choices are the files of a folder: on a test server the

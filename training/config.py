@@ -330,9 +330,9 @@ def check_variant(config: Config) -> None:
         others = [f.name for f in trainable_families() if variant in offered_variants(f)]
         raise ConfigError(f"model.variant {variant} trains {' and '.join(others)} adapters, but {where} is an "
                           f"{family.name} model; expected one of {', '.join(offered_variants(family))}")
-    if config.embedded and family.training.variants:
-        raise ConfigError(f"the embedded toy run builds UNet families only; expected model.base and model.image_encoder "
-                          f"for {family.name}")
+    if config.embedded and family not in embedded_families():
+        raise ConfigError(f"the embedded toy run builds {' and '.join(f.name for f in embedded_families())} only; "
+                          f"expected model.base and model.image_encoder for {family.name}")
     dit = family.training.variants.get(variant)
     if dit is not None and dit.tokens:
         if config.model.num_tokens is None:
@@ -344,6 +344,11 @@ def check_variant(config: Config) -> None:
         config.model.num_tokens = variant_by_name(variant, family).tokens
 
 
+def embedded_families() -> tuple:
+    """The families the embedded toy run builds: the UNet ones (a DiT family's entry names its own variants)."""
+    return tuple(family for family in trainable_families() if not family.training.variants)
+
+
 def resolve_family(config: Config):
     """The family of the base model, read from its files; the embedded run's is ``model.family``."""
     from ipadapter.registry import family_by_id, families
@@ -351,7 +356,7 @@ def resolve_family(config: Config):
     if config.base_model is None:
         if config.model.family is None:
             raise ConfigError("model.family is not set; expected one of "
-                              f"{', '.join(f.id for f in trainable_families())} for the embedded run (or model.base)")
+                              f"{', '.join(f.id for f in embedded_families())} for the embedded run (or model.base)")
         return family_by_id(config.model.family)
     from .base_models import detect_family
 

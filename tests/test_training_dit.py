@@ -141,3 +141,34 @@ def test_a_variant_on_another_familys_base_is_one_line(files, tmp_path):
     assert "instantx trains SD3.5 Large adapters" in str(error.value) and "expected one of xlabs" in str(error.value)
     with pytest.raises(ConfigError, match="model.num_tokens = 8 for xlabs; expected 16 or 4"):
         load_config(["--model.base", str(files["flux"]), "--model.variant", "xlabs", "--model.num_tokens", "8", *common])
+
+
+# the released files' parameter counts (their sources: tests/test_dit_full_width.py)
+RELEASED_TRAINABLE = {("flux", "xlabs", 4): 490_874_880, ("flux", "xlabs", 16): 528_672_768,
+                      ("sd35", "instantx", 64): 797_925_888}
+# the released transformers' configs (black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-large)
+FULL_CONFIGS = {
+    "flux": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                 axes_dims_rope=(16, 56, 56)),
+    "sd35": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                 num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                 pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
+}
+ENCODER_WIDTH = {"xlabs": 768, "instantx": 1152}  # CLIP ViT-L/14 image embeds; SigLIP so400m hidden states
+
+
+@pytest.mark.parametrize("family_id, variant, tokens", list(RELEASED_TRAINABLE), ids=lambda value: str(value))
+def test_the_trainable_parameters_at_full_size_are_the_released_files(family_id, variant, tokens):
+    """The training model on the released transformers (built on the meta device: shapes, no memory) trains exactly
+    as many parameters as the released adapter files hold."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from training.dit import DiTAdapterModel
+
+    kind = FluxTransformer2DModel if family_id == "flux" else SD3Transformer2DModel
+    with torch.device("meta"):
+        transformer = kind(**FULL_CONFIGS[family_id])
+        model = DiTAdapterModel(transformer, family_by_id(family_id), variant, tokens, ENCODER_WIDTH[variant])
+    assert model.num_trainable() == RELEASED_TRAINABLE[(family_id, variant, tokens)]
+    assert not any(p.requires_grad for p in transformer.parameters() if not any(p is q for q in model.trainable_parameters()))

@@ -1,6 +1,7 @@
 """Helpers that call this pack's modules inside an in-process ComfyUI (the tests, the benchmarks)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -88,3 +89,30 @@ def diffusers_unet_from_comfy(comfy, patcher, width: int):
     missing, unexpected = unet.load_state_dict(state, strict=False)
     assert not unexpected and not missing, (missing[:3], unexpected[:3])
     return unet.eval()
+
+
+@contextlib.contextmanager
+def weights_patched(patcher):
+    """The patcher's weight patches (a LoRA) on the shared model, as ComfyUI loads it to sample; then off again."""
+    patcher.patch_model()
+    try:
+        yield
+    finally:
+        patcher.unpatch_model()
+
+
+def small_sd15_apply_setup(source: str):
+    """The pack's nodes module, a small SD1.5 UNet (width 64), a random base adapter for it named ``source``, and a
+    small ViT-H-layout image encoder (56 px): what the in-process Apply tests patch with."""
+    from ipadapter.encoder import build_vision_tower
+
+    from .adapter_factory import random_adapter
+
+    nodes = pack_module("nodes")
+    model = build_sd15_model_patcher(64)
+    checkpoint = pack_module("ipadapter.adapter_file").IPAdapterCheckpoint.from_state_dicts(
+        **random_adapter("base", base_width=64), source=source, base_width=None)
+    adapter = nodes.LoadedAdapter(checkpoint, checkpoint.build_projection())
+    encoder = nodes.ManagedEncoder(build_vision_tower("ViT-H-14", width=128, layers=2, head_width=64, image_size=56,
+                                                      embed_dim=1024))
+    return nodes, model, adapter, encoder

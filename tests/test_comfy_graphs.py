@@ -55,17 +55,9 @@ def test_the_everyday_apply_is_the_advanced_one_at_its_defaults(comfy):
     """Apply IP-Adapter (image + encoder, a weight type, a window, a mask) patches a MODEL as Apply IP-Adapter
     (Advanced) does with the same settings and the rest at its defaults: the same noise prediction, bit for bit
     (in-process, on a small SD1.5 UNet)."""
-    from devtools.adapter_factory import random_adapter
-    from devtools.comfy_inprocess import build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at
-    from ipadapter.encoder import build_vision_tower
+    from devtools.comfy_inprocess import random_unet_inputs, sigma_at, small_sd15_apply_setup
 
-    nodes = pack_module("nodes")
-    model = build_sd15_model_patcher(64)
-    checkpoint = pack_module("ipadapter.adapter_file").IPAdapterCheckpoint.from_state_dicts(
-        **random_adapter("base", base_width=64), source=ADAPTER, base_width=None)
-    adapter = nodes.LoadedAdapter(checkpoint, checkpoint.build_projection())
-    encoder = nodes.ManagedEncoder(build_vision_tower("ViT-H-14", width=128, layers=2, head_width=64, image_size=56,
-                                                      embed_dim=1024))
+    nodes, model, adapter, encoder = small_sd15_apply_setup(ADAPTER)
     image = torch.rand(1, 56, 56, 3, generator=torch.Generator().manual_seed(1))
     mask = torch.zeros(8, 8)
     mask[:, :5] = 1.0

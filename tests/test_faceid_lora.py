@@ -1,13 +1,12 @@
 """The FaceID LoRA in ComfyUI: our weight patches and ComfyUI's own LoRA loader (LoraLoaderModelOnly) on the
 sidecar we write give the same UNet; the sidecar is found beside its adapter by name; λ = 0 without the LoRA is
 the model without the adapter; one-line refusals."""
-import contextlib
 
 import pytest
 import torch
 
 from devtools.adapter_factory import random_faceid_adapter
-from devtools.comfy_inprocess import build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at
+from devtools.comfy_inprocess import build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at, weights_patched
 
 WIDTH = 64
 ADAPTER = "ip-adapter-faceid_sd15.bin"
@@ -25,14 +24,6 @@ def checkpoint():
     return adapter_file.IPAdapterCheckpoint.from_state_dicts(**nested, source=ADAPTER, base_width=None)
 
 
-@contextlib.contextmanager
-def weights_patched(patcher):
-    """The patcher's weight patches on the shared model, as ComfyUI loads it to sample; then off again."""
-    patcher.patch_model()
-    try:
-        yield
-    finally:
-        patcher.unpatch_model()
 
 
 def predict(patcher, inputs, sigma):

@@ -10,7 +10,6 @@ UNet); else (the test extra does not install it) it takes diffusers' own map of 
 processor -> tensors) and adds ``up @ down`` to each linear layer it names, which is what that PEFT LoRA (alpha =
 rank, adapter weight 1) computes: both were checked to give the same UNet to 1e-6.
 """
-import contextlib
 import copy
 
 import pytest
@@ -18,7 +17,8 @@ import torch
 from diffusers.models.modeling_utils import no_init_weights
 
 from devtools.adapter_factory import random_faceid_adapter
-from devtools.comfy_inprocess import build_sd15_model_patcher, diffusers_unet_from_comfy, pack_module, random_unet_inputs, sigma_at
+from devtools.comfy_inprocess import (build_sd15_model_patcher, diffusers_unet_from_comfy, pack_module, random_unet_inputs,
+                                      sigma_at, weights_patched)
 from devtools.sdxl_models import POOLED_WIDTH, build_sdxl_model_patcher, diffusers_sdxl_unet_from_comfy, sdxl_time_ids
 
 WIDTH = 64
@@ -51,14 +51,6 @@ def models(comfy):
     return get
 
 
-@contextlib.contextmanager
-def weights_patched(patcher):
-    """The patcher's weight patches (the LoRA) on the shared model, as ComfyUI loads it to sample; then off."""
-    patcher.patch_model()
-    try:
-        yield
-    finally:
-        patcher.unpatch_model()
 
 
 def load_into_diffusers(unet, nested) -> int:

@@ -118,17 +118,9 @@ def test_cubiq_tiling_is_cubiqs(shape):
 def test_encode_tiled_regions_in_apply_are_one_apply_per_tile(comfy):
     """Apply (Advanced) with Encode Tiled's regions (cubiq tiling) patches the model as one Apply per tile, each
     with its tile's embeds under its tile's mask at Apply's weight type and window; λ = 0 is the model itself."""
-    from devtools.adapter_factory import random_adapter
-    from devtools.comfy_inprocess import build_sd15_model_patcher, pack_module, random_unet_inputs, sigma_at
-    from ipadapter.encoder import build_vision_tower
+    from devtools.comfy_inprocess import random_unet_inputs, sigma_at, small_sd15_apply_setup
 
-    nodes = pack_module("nodes")
-    model = build_sd15_model_patcher(64)
-    checkpoint = pack_module("ipadapter.adapter_file").IPAdapterCheckpoint.from_state_dicts(
-        **random_adapter("base", base_width=64), source="tiled.safetensors", base_width=None)
-    adapter = nodes.LoadedAdapter(checkpoint, checkpoint.build_projection())
-    encoder = nodes.ManagedEncoder(build_vision_tower("ViT-H-14", width=128, layers=2, head_width=64, image_size=56,
-                                                      embed_dim=1024))
+    nodes, model, adapter, encoder = small_sd15_apply_setup("tiled.safetensors")
     image = torch.rand(1, 64, 160, 3, generator=torch.Generator().manual_seed(3))
     embeds, masks, regions = nodes.IPAdapterKitEncodeTiled().encode(encoder, image, "cubiq (256 px tiles)")
     assert len(regions.regions) == masks.shape[0] == len(embeds) == 3 and masks.shape[1:] == (256, 640)

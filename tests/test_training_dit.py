@@ -50,7 +50,7 @@ def instantx(files):
 
 def changed(model):
     """Whether training moved the adapter from its seeded start (the same construction, seed 42)."""
-    from training.dit import DiTAdapterModel
+    from training.dit_adapter import DiTAdapterModel
     from training.models import seeded
 
     transformer = type(model.transformer).from_config(model.transformer.config)
@@ -164,7 +164,7 @@ def test_the_trainable_parameters_at_full_size_are_the_released_files(family_id,
     as many parameters as the released adapter files hold."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    from training.dit import DiTAdapterModel
+    from training.dit_adapter import DiTAdapterModel
 
     kind = FluxTransformer2DModel if family_id == "flux" else SD3Transformer2DModel
     with torch.device("meta"):

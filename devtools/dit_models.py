@@ -37,6 +37,24 @@ TINY_SD3 = {
     "pooled_projection_dim": 32, "pos_embed_max_size": 16, "qk_norm": "rms_norm", "dual_attention_layers": (),
 }
 LATENT_CHANNELS = 16
+# the released transformers' diffusers configs (black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-large)
+RELEASED_TRANSFORMERS = {
+    "flux": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                 axes_dims_rope=(16, 56, 56)),
+    "sd35": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                 num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                 pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
+}
+
+
+def released_encoder_width(family_id: str, variant: str) -> int:
+    """The width of what the released adapter's projection reads: its encoder's embedding or hidden states."""
+    from ipadapter.registry import encoder_by_id, family_by_id, variant_by_name
+
+    family = family_by_id(family_id)
+    encoder = encoder_by_id(family.training.variants[variant].encoder)
+    return encoder.embed_dim if variant_by_name(variant, family).encoder_input == "image_embeds" else encoder.hidden_width
 FLUX_PACK = 2  # diffusers packs 2x2 latent pixels into one token; ComfyUI's Flux patchifies them itself
 
 # The inputs ComfyUI's detection reads, at the released widths; the shapes of the rest come from ComfyUI's modules.

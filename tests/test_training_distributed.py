@@ -8,21 +8,16 @@ are the same: they are drawn per global sample position, not per rank.
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from training.data import write_toy_dataset
+from training_fixtures import adapter, assert_close_weights, free_port, launch, two_deepspeed_processes
 from training.run import main
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def common_args(output_dir: Path, data: Path, steps: int, batch_size: int) -> list[str]:
@@ -31,35 +26,6 @@ def common_args(output_dir: Path, data: Path, steps: int, batch_size: int) -> li
         "--train.batch_size", str(batch_size), "--data.resolution", "64", "--train.save_every", "2",
         "--train.log_every", "2", "--sample.every", "0", "--train.progress", "false", "--data.num_workers", "0",
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
-def launch(command: list[str]) -> str:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    return output
-
-
-def adapter(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return torch.load(output_dir / "state" / f"step-{step:08d}" / "adapter.pt", weights_only=True)
-
-
-def assert_close_weights(a: dict, b: dict, lr: float = 1e-4) -> None:
-    """Rounding-level gradient differences, as Adam sees them: a few elements with near-zero
-    gradients move by a visible fraction of one step (m / sqrt(v) amplifies them), the rest agree."""
-    assert a.keys() == b.keys()
-    difference = torch.cat([(a[key] - b[key]).flatten() for key in a]).abs()
-    print(f"difference to one process: max {difference.max().item():.2e}, mean {difference.mean().item():.2e}")
-    assert difference.max().item() <= 0.1 * lr
-    assert difference.mean().item() <= 1e-8
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +41,7 @@ def single_process(tmp_path_factory, toy_data) -> Path:
 
 
 def test_deepspeed_zero2_two_processes_train_save_resume_and_match_one_process(tmp_path, toy_data, single_process):
-    deepspeed = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "training.run"]
+    deepspeed = two_deepspeed_processes()
     first = launch(deepspeed + common_args(tmp_path, toy_data, 4, 2))
     assert "distributed: deepspeed ZeRO-2, 2 processes, global batch 4" in first
     assert "adapter weights identical on all 2 ranks" in first
@@ -90,7 +56,7 @@ def test_deepspeed_zero2_two_processes_train_save_resume_and_match_one_process(t
 
 
 def test_torchrun_ddp_two_processes_match_one_process(tmp_path, toy_data, single_process):
-    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "training.run"]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "training.run"]
     output = launch(torchrun + common_args(tmp_path, toy_data, 6, 2))
     assert "distributed: ddp, 2 processes, global batch 4" in output
     assert "adapter weights identical on all 2 ranks" in output
@@ -100,7 +66,7 @@ def test_torchrun_ddp_two_processes_match_one_process(tmp_path, toy_data, single
 def test_deepspeed_zero2_plus_matches_one_process(tmp_path, toy_data):
     plus = ["--model.variant", "plus"]
     main(common_args(tmp_path / "single", toy_data, 2, 4) + plus)
-    deepspeed = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "training.run"]
+    deepspeed = two_deepspeed_processes()
     output = launch(deepspeed + common_args(tmp_path / "two", toy_data, 2, 2) + plus)
     assert "distributed: deepspeed ZeRO-2, 2 processes, global batch 4" in output
     assert "adapter weights identical on all 2 ranks" in output

@@ -1,51 +1,20 @@
-"""Training the DiT adapters end to end on tiny random models (CPU): XLabs on Flux.1, InstantX on SD3.5.
+"""Training the DiT adapters end to end on tiny random models (CPU): XLabs and InstantX on Flux.1, InstantX on SD3.5.
 
-The exports load with diffusers' own loaders and give the training model's output; a variant on another
-family's base is a one-line error."""
+The exports have the released layouts, and those diffusers reads give the training model's output with diffusers'
+own loaders; InstantX's Flux processor gives the published formula's output; a variant on another family's base,
+or another family's settings of a variant, is a one-line error. (The exports in our ComfyUI nodes:
+tests/test_training_dit_comfy.py.)"""
 import json
-import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from devtools.dit_models import write_tiny_clip_encoder, write_tiny_siglip_encoder, write_trainer_folder
+from devtools import dit_models
+from devtools.dit_models import RELEASED_TRANSFORMERS, released_encoder_width
+from dit_training_fixtures import SIGLIP_WIDTH, files, instantx, instantx_flux, xlabs  # noqa: F401 (fixtures)
 from ipadapter.registry import family_by_id
 from training.config import ConfigError, load_config
-from training.data import write_toy_dataset
-from training.run import main
-
-COMMON = ["--data.resolution", "32", "--data.num_workers", "0", "--train.batch_size", "2", "--train.max_steps", "2",
-          "--train.log_every", "1", "--train.progress", "false", "--sample.every", "0", "--train.export_dtype", "fp32"]
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dit")
-    return {"flux": write_trainer_folder(root / "flux", family_by_id("flux")),
-            "sd35": write_trainer_folder(root / "sd35", family_by_id("sd35")),
-            "clip": write_tiny_clip_encoder(root / "clip.safetensors"),
-            "siglip": write_tiny_siglip_encoder(root / "siglip.safetensors"),
-            "data": write_toy_dataset(root / "data", 6), "root": root}
-
-
-def train(files, family, encoder, width, variant, *extra):
-    out = files["root"] / f"out-{family}-{variant}"
-    result = main(["--model.base", str(files[family]), "--model.image_encoder", str(files[encoder]),
-                   "--model.encoder_embed_dim", str(width), "--model.variant", variant, "--data.path",
-                   str(files["data"]), "--train.output_dir", str(out), *COMMON, *extra])
-    assert result["step"] == 2 and all(math.isfinite(loss) for loss in result["history"]), result["history"]
-    return result
-
-
-@pytest.fixture(scope="module")
-def xlabs(files):
-    return train(files, "flux", "clip", 32, "xlabs", "--model.num_tokens", "4")
-
-
-@pytest.fixture(scope="module")
-def instantx(files):
-    return train(files, "sd35", "siglip", 144, "instantx")
 
 
 def changed(model):
@@ -123,11 +92,69 @@ def test_instantx_on_sd35_trains_and_loads_in_diffusers(files, instantx):
     names = sorted(p.name for p in instantx["export"])
     assert names == ["ip-adapter_sd35_step00000002.bin", "ip-adapter_sd35_step00000002.safetensors"]
     assert changed(model)
-    states = torch.randn(2, 9, 144)
+    states = torch.randn(2, 9, SIGLIP_WIDTH)
     compare(files, "sd35", instantx, states, states)
 
 
-def test_a_variant_on_another_familys_base_is_one_line(files, tmp_path):
+def test_instantx_on_flux_trains_and_exports_the_released_layout(instantx_flux):
+    """InstantX's processor on all 57 blocks, and an export with the released file's groups, names and shapes only
+    (what InstantX's loader reads with strict keys), holding the trained weights."""
+    from training.dit_processors import InstantXFluxProcessor
+
+    model = instantx_flux["model"]
+    exports = {p.suffix: p for p in instantx_flux["export"]}
+    assert sorted(p.name for p in exports.values()) == ["ip-adapter_flux_siglip_step00000002.bin",
+                                                        "ip-adapter_flux_siglip_step00000002.safetensors"]
+    processors = model.transformer.attn_processors.values()
+    assert len(processors) == 57 and all(isinstance(p, InstantXFluxProcessor) for p in processors)
+    text, width, hidden = model.transformer.config.joint_attention_dim, model.transformer.inner_dim, 2 * SIGLIP_WIDTH
+    expected = {"image_proj.proj.0.weight": (hidden, SIGLIP_WIDTH), "image_proj.proj.0.bias": (hidden,),
+                "image_proj.proj.2.weight": (128 * text, hidden), "image_proj.proj.2.bias": (128 * text,),
+                "image_proj.norm.weight": (text,), "image_proj.norm.bias": (text,),
+                **{f"ip_adapter.{key}.to_{kind}_ip.weight": (width, text) for key in range(57) for kind in "kv"}}
+    flat = load_file(str(exports[".safetensors"]))
+    assert {name: tuple(tensor.shape) for name, tensor in flat.items()} == expected
+    nested = torch.load(exports[".bin"], weights_only=True)
+    unnested = {f"{group}.{name}": tensor for group, tensors in nested.items() for name, tensor in tensors.items()}
+    assert unnested.keys() == expected.keys()
+    trained = model.trainable_state_dict()
+    assert all(torch.equal(flat[name], trained[name]) and torch.equal(unnested[name], trained[name]) for name in expected)
+    assert changed(model)
+
+
+def test_the_instantx_flux_processor_gives_the_published_formula():
+    """On a tiny diffusers Flux, our trainable processor on every block against the published-formula reference
+    (tests/test_dit_patch.py) with the same K'/V' weights and image tokens."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    from test_dit_patch import InstantXFluxReference, relative_error
+
+    from training.dit_processors import InstantXFluxProcessor
+
+    model = dit_models.build_diffusers_flux(4)
+    inputs = dit_models.flux_inputs(seed=5, size=4)
+    text = model.config.joint_attention_dim
+    generator = torch.Generator().manual_seed(6)
+    tokens = torch.randn(1, 6, text, generator=generator)
+    ours, reference = {}, {}
+    for name in model.attn_processors:
+        processor = InstantXFluxProcessor(model.inner_dim, text)
+        with torch.no_grad():
+            for linear in (processor.to_k_ip, processor.to_v_ip):
+                linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * 2 / text**0.5)
+        ours[name] = processor
+        weights = (processor.to_k_ip.weight.detach(), processor.to_v_ip.weight.detach())
+        reference[name] = InstantXFluxReference(tokens, *weights, 1.0)
+    model.set_attn_processor(ours)
+    trained = dit_models.run_diffusers_flux(model, inputs, {"ip_hidden_states": tokens.expand(2, -1, -1)})
+    model.set_attn_processor(reference)
+    published = dit_models.run_diffusers_flux(model, inputs)
+    model.set_attn_processor(FluxAttnProcessor())
+    plain = dit_models.run_diffusers_flux(model, inputs)
+    assert relative_error(trained, plain) > 1e-2
+    assert relative_error(trained, published) <= 1e-5
+
+
+def test_a_variant_on_another_familys_base_or_with_another_familys_settings_is_one_line(files, tmp_path):
     sdxl = tmp_path / "sdxl"
     (sdxl / "unet").mkdir(parents=True)
     (sdxl / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 2048}))
@@ -136,26 +163,22 @@ def test_a_variant_on_another_familys_base_is_one_line(files, tmp_path):
         load_config(["--model.base", str(sdxl), "--model.variant", "xlabs", *common])
     assert str(error.value).count("\n") == 0
     assert "xlabs trains Flux.1 adapters" in str(error.value) and "is an SDXL model" in str(error.value)
+    instantx_on_flux = ["--model.base", str(files["flux"]), "--model.variant", "instantx", "--model.image_encoder",
+                        str(files["siglip"]), "--data.path", str(files["data"])]
+    config, _ = load_config(instantx_on_flux)
+    assert (config.family.id, config.model.num_tokens) == ("flux", 128)
+    # SD3.5's InstantX reads 64 tokens (its Resampler's queries); Flux.1's makes 128 with its MLP
     with pytest.raises(ConfigError) as error:
-        load_config(["--model.base", str(files["flux"]), "--model.variant", "instantx", *common])
-    assert "instantx trains SD3.5 Large adapters" in str(error.value) and "expected one of xlabs" in str(error.value)
-    with pytest.raises(ConfigError, match="model.num_tokens = 8 for xlabs; expected 16 or 4"):
-        load_config(["--model.base", str(files["flux"]), "--model.variant", "xlabs", "--model.num_tokens", "8", *common])
+        load_config([*instantx_on_flux, "--model.num_tokens", "64"])
+    assert str(error.value) == "model.num_tokens = 64 for Flux.1 instantx; expected 128"
+    xlabs_on_flux = ["--model.base", str(files["flux"]), "--model.variant", "xlabs", *common]
+    with pytest.raises(ConfigError, match="model.num_tokens = 8 for Flux.1 xlabs; expected 16 or 4"):
+        load_config([*xlabs_on_flux, "--model.num_tokens", "8"])
 
 
 # the released files' parameter counts (their sources: tests/test_dit_full_width.py)
 RELEASED_TRAINABLE = {("flux", "xlabs", 4): 490_874_880, ("flux", "xlabs", 16): 528_672_768,
-                      ("sd35", "instantx", 64): 797_925_888}
-# the released transformers' configs (black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-large)
-FULL_CONFIGS = {
-    "flux": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                 axes_dims_rope=(16, 56, 56)),
-    "sd35": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                 num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                 pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
-}
-ENCODER_WIDTH = {"xlabs": 768, "instantx": 1152}  # CLIP ViT-L/14 image embeds; SigLIP so400m hidden states
+                      ("flux", "instantx", 128): 2_645_600_512, ("sd35", "instantx", 64): 797_925_888}
 
 
 @pytest.mark.parametrize("family_id, variant, tokens", list(RELEASED_TRAINABLE), ids=lambda value: str(value))
@@ -168,7 +191,7 @@ def test_the_trainable_parameters_at_full_size_are_the_released_files(family_id,
 
     kind = FluxTransformer2DModel if family_id == "flux" else SD3Transformer2DModel
     with torch.device("meta"):
-        transformer = kind(**FULL_CONFIGS[family_id])
-        model = DiTAdapterModel(transformer, family_by_id(family_id), variant, tokens, ENCODER_WIDTH[variant])
+        transformer = kind(**RELEASED_TRANSFORMERS[family_id])
+        model = DiTAdapterModel(transformer, family_by_id(family_id), variant, tokens, released_encoder_width(family_id, variant))
     assert model.num_trainable() == RELEASED_TRAINABLE[(family_id, variant, tokens)]
     assert not any(p.requires_grad for p in transformer.parameters() if not any(p is q for q in model.trainable_parameters()))

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
+
+import torch
 
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -196,3 +202,43 @@ def write_fake_single_file(path: Path, family) -> Path:
     prefixes = [facts.unet_prefix, facts.vae_prefix, *(encoder.single_file_prefix for encoder in facts.text_encoders)]
     save_file({f"{prefix}weight": torch.zeros(2) for prefix in prefixes}, str(path))
     return path
+
+
+# --- runs in other processes (launchers, kill -9) ---------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def launch(command: list[str]) -> str:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+def adapter(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(output_dir / "state" / f"step-{step:08d}" / "adapter.pt", weights_only=True)
+
+
+def assert_close_weights(a: dict, b: dict, lr: float = 1e-4) -> None:
+    """Rounding-level gradient differences, as Adam sees them: a few elements with near-zero
+    gradients move by a visible fraction of one step (m / sqrt(v) amplifies them), the rest agree."""
+    assert a.keys() == b.keys()
+    difference = torch.cat([(a[key] - b[key]).flatten() for key in a]).abs()
+    print(f"difference to one process: max {difference.max().item():.2e}, mean {difference.mean().item():.2e}")
+    assert difference.max().item() <= 0.1 * lr
+    assert difference.mean().item() <= 1e-8
+
+
+def two_deepspeed_processes() -> list[str]:
+    """``deepspeed`` launching ``python -m training.run`` in two processes (ZeRO-2 on CPU over gloo with ``launch``)."""
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "training.run"]

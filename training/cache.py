@@ -14,6 +14,11 @@ source (manifest, image folder or WebDataset shards):
 - ``text_embeds``: the text encoder's output ([77, 768]), or with ``cache.text ids`` only
   the token ids ([77]); the empty prompt of a dropped caption is stored once.
 
+The DiT families (Flux.1, SD3.5) store the same kinds of outputs from their own encoders: the VAE's
+``moments``, the variant's image features (taken from the training image itself; the encoder resizes it), and
+``text_embeds`` + ``pooled_text`` as their pipelines join them (T5 and CLIP); once, the empty prompt's and the
+dropped image's features (``dropped_image``). The pass loads no transformer, a run from the cache no encoder.
+
 Shards go next to the data (``<manifest>.cache/``, ``<folder>.cache/``,
 ``<shard folder>/ipadapter-cache/``, or ``cache.dir``), in a subfolder named by a
 fingerprint of everything that changes the outputs: resolution, frozen dtype, the
@@ -37,12 +42,14 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from ipadapter.encoder import CONFIG_OF_WEIGHTS
 from ipadapter.files import atomic_path, write_text_atomic
+from ipadapter.registry import variant_by_name
 
 from .cli import local_device, open_data, open_models, run_cli, setup_logging
 from .config import Config, load_config
@@ -59,7 +66,6 @@ from .data import (
 )
 from .errors import UserError
 from .models import FrozenModels
-from .variants import encoder_input
 
 log = logging.getLogger("training")
 
@@ -67,6 +73,7 @@ FORMAT_VERSION = 3  # 3: models identified by their files
 INFO_FILE = "cache.json"
 EMPTY_FILE = "empty-prompt.safetensors"  # also holds the zero image's hidden states (plus, full-face)
 ZERO_IMAGE = "zero_image_penultimate"
+DROPPED_IMAGE = "dropped_image"  # the DiT families: the image features a dropped image gets, stored once
 
 
 RANDOM_CROP = "data.crop is random, and a cache holds one crop per image; random crops are encoded every step"
@@ -103,13 +110,14 @@ def file_digest(path: Path) -> str:
 
 def model_digests(config: Config) -> dict[str, str]:
     """What the frozen encoders are, from the files alone (so a run can pick its cache before loading anything):
-    the base model's folder except ``unet/`` (its VAE, text encoders, tokenizers) or its single file, and the image
+    the base model's folder except ``unet/`` or ``transformer/`` (its VAE, text encoders, tokenizers) or its single file, and the image
     encoder's file with a library config saved beside it (the head count and activation can come from there).
     The embedded run's models are fixed by the family and ``train.seed``."""
     if config.embedded:
         return {"embedded": f"{config.family.id}, seed {config.train.seed}"}
     base = Path(config.base_model).expanduser()
-    files = sorted(p for p in base.rglob("*") if p.is_file() and p.relative_to(base).parts[0] != "unet") \
+    denoiser = config.family.training.denoiser_folder
+    files = sorted(p for p in base.rglob("*") if p.is_file() and p.relative_to(base).parts[0] != denoiser) \
         if base.is_dir() else [base]
     encoder = Path(config.model.image_encoder).expanduser()
     beside = encoder.with_name(CONFIG_OF_WEIGHTS[encoder.name]) if encoder.name in CONFIG_OF_WEIGHTS else encoder
@@ -170,7 +178,7 @@ def fingerprint(config: Config, source: DataSource, dtype: torch.dtype) -> dict:
 
 def image_key(config: Config) -> str:
     """The image features the variant trains on, stored under this name: ``image_embeds`` or ``penultimate``."""
-    return encoder_input(config.model.variant)
+    return variant_by_name(config.model.variant, config.family).encoder_input
 
 
 def key_of(identity: dict) -> str:
@@ -231,6 +239,7 @@ class FeatureCache:
         self.empty_text = empty["text_embeds"] if self.text == "embeds" else None
         self.empty_pooled = empty.get("pooled_text") if self.text == "embeds" else None
         self.zero_image = empty.get(ZERO_IMAGE)
+        self.dropped_image = empty.get(DROPPED_IMAGE)
         self._handles: dict[int, tuple] = {}
 
     def __getstate__(self):  # DataLoader workers open their own file handles
@@ -362,7 +371,50 @@ def _as_list(batch):
     return batch
 
 
-def encode_unit(frozen: FrozenModels, config: Config, items: list, webdataset: bool, device: torch.device, progress=None) -> tuple[dict, dict]:
+class UNetEncoders:
+    """What the cache pass asks of the frozen encoders, for the UNet families (SD1.5, SDXL): the outputs of a batch
+    of decoded samples, and what is stored once (the empty prompt, the zero image's hidden states)."""
+
+    def __init__(self, frozen: FrozenModels, config: Config, device: torch.device):
+        self.frozen, self.config, self.device, self.dtype = frozen, config, device, frozen.dtype
+        self.widths = {"embed_dim": frozen.image_encoder.embed_dim, "hidden_width": frozen.image_encoder.hidden_width}
+
+    def encode(self, samples: list[dict]) -> dict:
+        frozen, config, device = self.frozen, self.config, self.device
+        pixels = torch.stack([s["pixels"] for s in samples]).to(device)
+        clip_pixels = torch.stack([s["clip_pixels"] for s in samples]).to(device)
+        input_ids = frozen.tokenize([s["caption"] for s in samples])
+        encoded = {"moments": frozen.encode_moments(pixels).cpu(),
+                   image_key(config): frozen.encode_images(clip_pixels, image_key(config)).cpu()}
+        if config.cache.text == "embeds":
+            context, pooled = frozen.encode_text(input_ids.to(device))
+            encoded["text_embeds"] = context.cpu()
+            if pooled is not None:
+                encoded["pooled_text"] = pooled.cpu()
+        else:
+            encoded["input_ids"] = input_ids
+        if frozen.family.training.time_ids:  # SDXL's time ids record the image's size and crop
+            encoded.update({name: torch.stack([s[name] for s in samples]) for name in ("original_size", "crop_top_left")})
+        return encoded
+
+    def once(self) -> dict:
+        frozen, device = self.frozen, self.device
+        stored = {"input_ids": frozen.tokenize([""])[0]}
+        if self.config.cache.text == "embeds":
+            context, pooled = frozen.empty_text_embeds(device)
+            stored.update({"text_embeds": context.cpu()} if pooled is None else
+                          {"text_embeds": context.cpu(), "pooled_text": pooled.cpu()})
+        if image_key(self.config) == "penultimate":
+            stored[ZERO_IMAGE] = frozen.zero_image_features(device).cpu()
+        return stored
+
+
+def as_encoders(encoders, config: Config, device: torch.device):
+    """The UNet families' frozen models are wrapped; the DiT families' encoders come ready (``training.dit``)."""
+    return UNetEncoders(encoders, config, device) if isinstance(encoders, FrozenModels) else encoders
+
+
+def encode_unit(encoders, config: Config, items: list, webdataset: bool, device: torch.device, progress=None) -> tuple[dict, dict]:
     """Tensors and metadata of one cache shard."""
     loader = DataLoader(_Decoded(items, config.data.resolution, webdataset), batch_size=config.cache.encode_batch,
                         num_workers=config.data.num_workers, collate_fn=_as_list)
@@ -370,22 +422,7 @@ def encode_unit(frozen: FrozenModels, config: Config, items: list, webdataset: b
     for batch in loader:
         good = [sample for sample in batch if isinstance(sample, dict)]
         if good:
-            pixels = torch.stack([s["pixels"] for s in good]).to(device)
-            clip_pixels = torch.stack([s["clip_pixels"] for s in good]).to(device)
-            input_ids = frozen.tokenize([s["caption"] for s in good])
-            encoded = {
-                "moments": frozen.encode_moments(pixels).cpu(),
-                image_key(config): frozen.encode_images(clip_pixels, image_key(config)).cpu(),
-            }
-            if config.cache.text == "embeds":
-                context, pooled = frozen.encode_text(input_ids.to(device))
-                encoded["text_embeds"] = context.cpu()
-                if pooled is not None:
-                    encoded["pooled_text"] = pooled.cpu()
-            else:
-                encoded["input_ids"] = input_ids
-            if frozen.family.training.time_ids:  # SDXL's time ids record the image's size and crop
-                encoded.update({name: torch.stack([s[name] for s in good]) for name in ("original_size", "crop_top_left")})
+            encoded = encoders.encode(good)
             outputs = iter(range(len(good)))
         for sample in batch:
             if isinstance(sample, dict):
@@ -396,8 +433,9 @@ def encode_unit(frozen: FrozenModels, config: Config, items: list, webdataset: b
         if progress is not None:
             progress.update(len(batch))
     template = next((tensors for _, _, tensors in rows if tensors is not None), None)
-    if template is None:  # nothing readable in this unit: shapes from a dummy image
-        template = _dummy_outputs(frozen, config, device)
+    if template is None:  # nothing readable in this unit: shapes from a black image
+        blank = {**image_tensors(Image.new("RGB", (config.data.resolution,) * 2), config.data.resolution), "caption": ""}
+        template = {name: value[0] for name, value in encoders.encode([blank]).items()}
     tensors = {name: torch.stack([t[name] if t is not None else torch.zeros_like(value) for _, _, t in rows]) if rows
                else value[None][:0] for name, value in template.items()}
     metadata = {"reasons": json.dumps([reason for reason, _, _ in rows]), "count": str(len(rows))}
@@ -406,40 +444,19 @@ def encode_unit(frozen: FrozenModels, config: Config, items: list, webdataset: b
     return tensors, metadata
 
 
-def _dummy_outputs(frozen: FrozenModels, config: Config, device: torch.device) -> dict:
-    size = config.data.resolution
-    outputs = {
-        "moments": frozen.encode_moments(torch.zeros(1, 3, size, size, device=device))[0].cpu(),
-        image_key(config): frozen.encode_images(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE, device=device), image_key(config))[0].cpu(),
-    }
-    outputs.update(empty_prompt_outputs(frozen, config, device))
-    if frozen.family.training.time_ids:
-        outputs.update(original_size=torch.tensor([size, size]), crop_top_left=torch.tensor([0, 0]))
-    return outputs
-
-
-def empty_prompt_outputs(frozen: FrozenModels, config: Config, device: torch.device) -> dict:
-    """What the cache holds for the empty prompt: its token ids, or the text encoders' outputs."""
-    if config.cache.text != "embeds":
-        return {"input_ids": frozen.tokenize([""])[0]}
-    context, pooled = frozen.empty_text_embeds(device)
-    return {"text_embeds": context.cpu()} if pooled is None else {"text_embeds": context.cpu(), "pooled_text": pooled.cpu()}
-
-
-def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device: torch.device,
+def build_cache(config: Config, source: DataSource, encoders, device: torch.device,
                 rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
-    """Write this rank's missing shards; returns {"folder", "written", "skipped", "complete"}."""
-    identity = fingerprint(config, source, frozen.dtype)
+    """Write this rank's missing shards (``encoders``: a family's frozen encoders); returns {"folder", "written",
+    "skipped", "complete"}."""
+    encoders = as_encoders(encoders, config, device)
+    identity = fingerprint(config, source, encoders.dtype)
     folder = default_root(config, source) / key_of(identity)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / INFO_FILE).is_file():  # with the encoder's widths: a run from the cache does not load it
-        encoder = {"embed_dim": frozen.image_encoder.embed_dim, "hidden_width": frozen.image_encoder.hidden_width}
-        write_text_atomic(folder / INFO_FILE, json.dumps({**identity, "image_encoder": encoder}, indent=1, sort_keys=True))
+        write_text_atomic(folder / INFO_FILE, json.dumps({**identity, "image_encoder": encoders.widths}, indent=1,
+                                                         sort_keys=True))
     if not (folder / EMPTY_FILE).is_file():
-        empty = {"input_ids": frozen.tokenize([""])[0], **empty_prompt_outputs(frozen, config, device)}
-        if image_key(config) == "penultimate":
-            empty[ZERO_IMAGE] = frozen.zero_image_features(device).cpu()
-        _save_shard(empty, folder / EMPTY_FILE)
+        _save_shard(encoders.once(), folder / EMPTY_FILE)
     units = units_of(source, config.cache.shard_size)
     mine = [unit for unit in range(len(units)) if unit % world_size == rank]
     todo = [unit for unit in mine if not unit_file(folder, unit).is_file()]
@@ -458,7 +475,7 @@ def build_cache(config: Config, source: DataSource, frozen: FrozenModels, device
                 items, webdataset = [source.pairs[index] for index in members], False
             else:
                 items, webdataset = [files for _, files in tar_samples(members)], True
-            tensors, metadata = encode_unit(frozen, config, items, webdataset, device, bar)
+            tensors, metadata = encode_unit(encoders, config, items, webdataset, device, bar)
             metadata["source"] = description
             _save_shard(tensors, unit_file(folder, unit), metadata)
     finally:
@@ -482,11 +499,16 @@ def main(argv: list[str] | None = None) -> dict:
     device = local_device(local_rank)
     if config.data.crop == "random":
         raise CacheError(f"{RANDOM_CROP}; expected data.crop center for a cache")
-    # no process group here: each rank writes the toy data. The pass never runs the UNet: it is not read.
+    # no process group here: each rank writes the toy data. The pass never runs the UNet or transformer: not read.
     source = open_data(config)
-    frozen = open_models(config, device, skip=("unet",))
-    frozen.to(device)
-    summary = build_cache(config, source, frozen, device, rank, world_size, config.train.progress)
+    if config.family.training.prediction == "flow":
+        from .dit import DiTEncoders
+
+        encoders = DiTEncoders.open(config, device)
+    else:
+        frozen = open_models(config, device, skip=("unet",))
+        encoders = UNetEncoders(frozen.to(device), config, device)
+    summary = build_cache(config, source, encoders, device, rank, world_size, config.train.progress)
     state = "complete" if summary["complete"] else "not complete yet (other ranks still writing, or run again)"
     print(f"cache: {summary['folder']} ({summary['written']} shards written, {summary['skipped']} already there; {state})", flush=True)
     return summary

@@ -76,6 +76,7 @@ class TrainConfig:
     export_dtype: str = "fp16"
     log_every: int = 10
     progress: bool = True
+    gradient_checkpointing: bool = False  # recompute the frozen model's blocks in the backward pass: less memory, more time
 
 
 @dataclass
@@ -338,7 +339,7 @@ def check_variant(config: Config) -> None:
         if config.model.num_tokens is None:
             config.model.num_tokens = dit.tokens[0]
         elif config.model.num_tokens not in dit.tokens:
-            raise ConfigError(f"model.num_tokens = {config.model.num_tokens} for {variant}; expected "
+            raise ConfigError(f"model.num_tokens = {config.model.num_tokens} for {family.name} {variant}; expected "
                               f"{' or '.join(map(str, dit.tokens))}")
     if config.model.num_tokens is None:
         config.model.num_tokens = variant_by_name(variant, family).tokens

@@ -7,6 +7,7 @@ deepspeed launcher, DDP under torchrun, and a plain loop for one process.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -182,3 +183,16 @@ def deepspeed_config(config: Config, process: Process) -> dict:
 
 def describe(process: Process) -> str:
     return json.dumps({"strategy": process.strategy, "world_size": process.world_size, "device": str(process.device)})
+
+
+def check_same_weights(process: Process, model) -> None:
+    """Every rank must end with the same adapter; a difference means a broken gradient sync."""
+    digest = hashlib.sha1()
+    for key, tensor in sorted(model.trainable_state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    digests = process.gather(digest.hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks ended with different adapter weights ({digests}); expected identical weights after each step")
+    if process.world_size > 1:
+        log.info("adapter weights identical on all %d ranks (sha1 %s)", process.world_size, digests[0][:12])

@@ -19,15 +19,17 @@ from ipadapter.encoder import EncoderFormatError, load_image_encoder
 from ipadapter.files import first_line
 from ipadapter.registry import encoder_by_id, export_stem, variant_by_name
 
+from .cache import DROPPED_IMAGE, open_cache
 from .cli import open_data
 from .data import DataPosition, make_loader
-from .distributed import Engine
+from .distributed import Engine, check_same_weights
 from .dit_adapter import DiTAdapterModel
 from .dit_models import DiTParts, load_dit_parts
+from .config import ConfigError
 from .errors import ModelFileError
-from .loop import Progress, batch_positions
+from .loop import train
 from .models import resolve_dtype, seeded
-from .run_files import EXPORT_DTYPES
+from .run_files import EXPORT_DTYPES, open_run, save_final_state, save_hook
 
 log = logging.getLogger("training")
 
@@ -75,39 +77,82 @@ def draws(seed: int, positions: list[int], latent_shape: tuple, config) -> dict:
             "noise": torch.stack(noise), "posterior": torch.stack(posterior)}
 
 
-class Conditions:
-    """The frozen encoders' outputs for a batch, with the dropped text and image as the family's inference makes them."""
+class DiTEncoders:
+    """A DiT family's frozen encoders (text and VAE from the base model, the variant's image encoder): the batch's
+    conditioning online, and what ``training.cache`` stores (``encode`` per sample, ``once`` for the dropped ones)."""
 
-    def __init__(self, parts: DiTParts, encoder, model: DiTAdapterModel):
-        self.parts, self.encoder, self.model = parts, encoder, model
-        self.kind = model.row.encoder_input
-        self.empty = parts.encode_text([""])
-        self.dropped = self.image_features(torch.zeros(1, 3, encoder.image_size, encoder.image_size) - 1)
-        if model.facts.dropped_image == "zeros":
-            self.dropped = torch.zeros_like(self.dropped)
+    def __init__(self, parts: DiTParts, encoder, key: str, dropped_image: str):
+        self.parts, self.encoder, self.key, self.dropped_image = parts, encoder, key, dropped_image
+        self.dtype = parts.dtype
+        self.widths = {"embed_dim": encoder.embed_dim, "hidden_width": encoder.hidden_width}
+
+    @classmethod
+    def open(cls, config, device: torch.device, transformer: bool = False) -> "DiTEncoders":
+        """The encoders of ``config``'s run on ``device`` (the transformer only where asked: the cache pass has none)."""
+        check_cache_text(config)
+        facts = config.family.training.variants[config.model.variant]
+        dtype = resolve_dtype(config.model.frozen_dtype, device)
+        parts = load_dit_parts(config.base_model, config.family, dtype, transformer=transformer).to(device)
+        encoder = open_encoder(config, facts.encoder).to(device, dtype)
+        key = variant_by_name(config.model.variant, config.family).encoder_input
+        return cls(parts, encoder, key, facts.dropped_image)
 
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Encoder features of images in -1..1 [B, 3, H, W] (the encoder resizes and normalises them itself)."""
         images = ((pixels.float() + 1) / 2).permute(0, 2, 3, 1)
-        return getattr(self.encoder.encode_images(images.to(self.parts.device)), self.kind).float()
+        return getattr(self.encoder.encode_images(images.to(self.parts.device)), self.key).to(self.dtype)
+
+    def encode(self, samples: list[dict]) -> dict:
+        pixels = torch.stack([s["pixels"] for s in samples]).to(self.parts.device)
+        context, pooled = self.parts.encode_text([s["caption"] for s in samples])
+        return {"moments": self.parts.encode_moments(pixels).cpu(), self.key: self.image_features(pixels).cpu(),
+                "text_embeds": context.cpu(), "pooled_text": pooled.cpu()}
+
+    def once(self) -> dict:
+        """The empty prompt's outputs and the dropped image's features, as the family's inference makes them."""
+        context, pooled = self.parts.encode_text([""])
+        size = self.encoder.image_size
+        dropped = self.image_features(torch.zeros(1, 3, size, size) - 1)  # black
+        if self.dropped_image == "zeros":
+            dropped = torch.zeros_like(dropped)
+        return {"text_embeds": context.cpu(), "pooled_text": pooled.cpu(), DROPPED_IMAGE: dropped.cpu()}
+
+
+class Conditions:
+    """The batch's text and image conditioning and latents, from the cache's outputs or encoded here (the same
+    values), with the dropped text and image as the family's inference makes them."""
+
+    def __init__(self, parts: DiTParts, key: str, encoders: DiTEncoders | None, cache=None):
+        self.parts, self.key, self.encoders = parts, key, encoders
+        stored = encoders.once() if cache is None else {"text_embeds": cache.empty_text, "pooled_text": cache.empty_pooled,
+                                                         DROPPED_IMAGE: cache.dropped_image}
+        self.empty = (stored["text_embeds"].to(parts.device), stored["pooled_text"].to(parts.device))
+        self.dropped = stored[DROPPED_IMAGE].to(parts.device)
 
     def __call__(self, batch: dict, drawn: dict):
         device = self.parts.device
-        context, pooled = self.parts.encode_text(batch["captions"])
+        if "text_embeds" in batch:
+            context, pooled = batch["text_embeds"].to(device), batch["pooled_text"].to(device)
+        else:
+            context, pooled = self.parts.encode_text(batch["captions"])
         drop = torch.tensor(drawn["drop_text"], device=device)
         context = torch.where(drop[:, None, None], self.empty[0].to(context), context)
         pooled = torch.where(drop[:, None], self.empty[1].to(pooled), pooled)
-        features = self.image_features(batch["pixels"])
+        features = batch[self.key].to(device) if self.key in batch else self.encoders.image_features(batch["pixels"])
         keep = drawn["keep_image"].to(device).view(-1, *[1] * (features.dim() - 1))
-        return context, pooled, torch.where(keep, features, self.dropped.to(features))
+        return context, pooled, torch.where(keep, features, self.dropped.to(features)).float()
+
+    def latents(self, batch: dict, drawn: dict) -> torch.Tensor:
+        moments = batch["moments"].to(self.parts.device) if "moments" in batch else self.parts.encode_moments(batch["pixels"])
+        return self.parts.latents_from_moments(moments, drawn["posterior"]).float()
 
 
 def flow_loss(engine, parts: DiTParts, conditions: Conditions, batch: dict, drawn: dict) -> torch.Tensor:
     """MSE between the prediction at x_σ = (1 - σ)·x + σ·n and the velocity n - x."""
     device = parts.device
     context, pooled, features = conditions(batch, drawn)
-    latents = parts.encode_latents(batch["pixels"], drawn["posterior"]).float()
+    latents = conditions.latents(batch, drawn)
     noise = drawn["noise"].to(device)
     sigma = sigma_of(drawn["u"], drawn["normal"], parts.schedule, parts.image_tokens(latents.shape[-1])).to(device)
     noisy = (1 - sigma[:, None, None, None]) * latents + sigma[:, None, None, None] * noise
@@ -118,52 +163,75 @@ def flow_loss(engine, parts: DiTParts, conditions: Conditions, batch: dict, draw
 # --- the run ---------------------------------------------------------------------------
 
 
-def run_dit(config, process) -> dict:
-    """``training.run`` for a family trained with flow matching: train, then export in the released layout."""
+def run_dit(config, flags: dict, process, extra_hooks: list) -> dict:
+    """``training.run`` for a family trained with flow matching: train (resumable), then export in the released layout."""
     family, variant = config.family, config.model.variant
-    facts = family.training.variants[variant]
-    dtype = resolve_dtype(config.model.frozen_dtype, process.device)
-    parts = load_dit_parts(config.base_model, family, dtype)
-    encoder = open_encoder(config, facts.encoder)
     row = variant_by_name(variant, family)
-    width = encoder.embed_dim if row.encoder_input == "image_embeds" else encoder.hidden_width
-    step_pixels = parts.vae_scale_factor * parts.patch
-    if config.data.resolution % step_pixels:
-        raise ModelFileError(f"data.resolution = {config.data.resolution}; expected a multiple of {step_pixels} "
-                             f"({family.name}: the VAE's {parts.vae_scale_factor}x and the transformer's patches)")
+    dtype = resolve_dtype(config.model.frozen_dtype, process.device)
+    check_cache_text(config)
+    source = open_data(config, process.is_main, process.barrier)
+    cache = open_cache(config, source, dtype)  # from the cache only the transformer is loaded
+    if cache is None:
+        encoders = DiTEncoders.open(config, process.device, transformer=True)
+        parts, widths = encoders.parts, encoders.widths
+    else:
+        encoders, widths = None, {"embed_dim": cache.image_embed_dim, "hidden_width": cache.image_hidden_width}
+        parts = load_dit_parts(config.base_model, family, dtype, encoders=False).to(process.device)
+    check_resolution(config.data.resolution, parts)
+    width = widths["embed_dim"] if row.encoder_input == "image_embeds" else widths["hidden_width"]
     with seeded(config.train.seed):
         model = DiTAdapterModel(parts.transformer, family, variant, config.model.num_tokens, width)
+    if config.train.gradient_checkpointing:
+        parts.transformer.enable_gradient_checkpointing()
     parts.to(process.device)
-    encoder.to(process.device, dtype)
     model.to(process.device)
-    log.info("trainable parameters: %s (%s %s adapter, %d tokens, %d layers); frozen models in %s",
+    log.info("trainable parameters: %s (%s %s adapter, %d tokens, %d layers); frozen models in %s%s",
              f"{model.num_trainable():,}", family.name, variant, config.model.num_tokens, len(model.layers),
-             str(dtype).replace("torch.", ""))
-    conditions = Conditions(parts, encoder, model)
+             str(dtype).replace("torch.", ""), ", blocks recomputed in backward" if config.train.gradient_checkpointing else "")
+    conditions = Conditions(parts, row.encoder_input, encoders, cache)
     engine = Engine(model, config, process)
-    source = open_data(config, process.is_main, process.barrier)
-    data_position = DataPosition(config.data.num_workers, {})
+    start_step, position = open_run(config, flags, engine, process)
+    data_position = DataPosition(config.data.num_workers, position)
     loader = make_loader(source, config.data.resolution, config.train.batch_size, config.train.seed, process.rank,
-                         process.world_size, config.data.num_workers, {}, random_crop=config.data.crop == "random")
+                         process.world_size, config.data.num_workers, position, cache=cache,
+                         random_crop=config.data.crop == "random")
     latent = config.data.resolution // parts.vae_scale_factor
-    latent_shape = (parts.vae.config.latent_channels, latent, latent)
-    progress, step, batches = Progress(config, process, 0), 0, iter(loader)
-    model.train()
-    try:
-        while step < config.train.max_steps:
-            batch = next(batches)
-            drawn = draws(config.train.seed, batch_positions(step, process, config.train.batch_size), latent_shape, config)
-            loss = flow_loss(engine, parts, conditions, batch, drawn)
-            engine.step(loss)
-            step += 1
-            data_position.consumed(batch)
-            progress.update(step, loss, data_position)
-    finally:
-        progress.close()
-    exports = export_dit(config, model, step) if process.is_main else []
-    for path in exports:
-        print(f"exported adapter: {path.resolve()}", flush=True)
-    return {"export": exports, "history": progress.history, "step": step, "model": model}
+    latent_shape = (parts.latent_channels, latent, latent)
+
+    def loss_of(batch: dict, positions: list[int]) -> torch.Tensor:
+        return flow_loss(engine, parts, conditions, batch, draws(config.train.seed, positions, latent_shape, config))
+
+    exports: list[Path] = []
+
+    def export(step: int) -> None:
+        every = config.train.export_every
+        if every and step % every == 0 and step != config.train.max_steps and process.is_main:
+            exports.extend(export_dit(config, model, step))
+
+    history = train(config, process, engine, loader, start_step, data_position,
+                    [save_hook(config, process, engine, data_position), export, *extra_hooks], loss_of)
+    check_same_weights(process, model)
+    step = save_final_state(config, process, engine, start_step, data_position)
+    if process.is_main:
+        final = export_dit(config, model, step)
+        exports.extend(final)
+        for path in final:
+            print(f"exported adapter: {path.resolve()}", flush=True)
+    return {"export": exports, "history": history, "step": step, "model": model, "parts": parts}
+
+
+def check_cache_text(config) -> None:
+    if config.cache.text != "embeds":  # token ids would leave T5-XXL in every step: the point of the cache is lost
+        raise ConfigError(f"cache.text = {config.cache.text} for {config.family.name}; expected embeds (the text "
+                          "encoders' outputs: a DiT run from the cache loads no text encoder)")
+
+
+def check_resolution(resolution: int, parts: DiTParts) -> None:
+    """The VAE downsamples by its factor and the transformer patches the latent: the image must divide into both."""
+    step_pixels = parts.vae_scale_factor * parts.patch
+    if resolution % step_pixels:
+        raise ModelFileError(f"data.resolution = {resolution}; expected a multiple of {step_pixels} ({parts.family.name}: "
+                             f"the VAE's {parts.vae_scale_factor}x and the transformer's {parts.patch}x{parts.patch} patches)")
 
 
 def open_encoder(config, encoder_id: str):

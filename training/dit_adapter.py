@@ -2,7 +2,9 @@
 installed in a frozen diffusers transformer (Flux.1, SD3.5).
 
 XLabs (Flux) and InstantX (SD3.5) train diffusers' own IP-Adapter processors, the ones ``load_ip_adapter``
-installs, so what is trained is what diffusers runs; the projection is ours, with the released files' tensor names.
+installs, so what is trained is what diffusers runs. InstantX on Flux, which diffusers cannot load, trains ours
+(``dit_processors``), whose term is our ComfyUI attach's. The projections are ours, with the released files' tensor
+names.
 """
 from __future__ import annotations
 
@@ -11,40 +13,25 @@ import contextlib
 import torch
 from torch import nn
 
-from ipadapter.projection import LinearProjection, TimeResampler
+from ipadapter.projection import LinearProjection, MLPTokens, TimeResampler
 from ipadapter.registry import variant_by_name
 
 from .dit_models import DiTParts
+from .dit_processors import InstantXFluxProcessor
 from .errors import ModelFileError
 
 HEAD_WIDTH = 64  # the Resampler's heads, as diffusers' IPAdapterTimeImageProjection builds them
 
 
 class DiTAdapterModel(nn.Module):
-    """The projection and one diffusers IP processor per layer of the variant, in a frozen transformer."""
+    """The projection and one IP processor per layer of the variant, in a frozen transformer."""
 
     def __init__(self, transformer: nn.Module, family, variant: str, tokens: int, encoder_width: int):
         super().__init__()
-        from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
-        from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
-
         self.transformer, self.family, self.tokens, self.encoder_width = transformer, family, tokens, encoder_width
         self.row, self.facts = variant_by_name(variant, family), family.training.variants[variant]
-        config = transformer.config
-        width = config.num_attention_heads * config.attention_head_dim
-        if self.row.projection == "time-resampler":  # InstantX SD3.5: tokens as wide as the model
-            dim = max(HEAD_WIDTH, round(family.resampler_width * width / family.base_width / HEAD_WIDTH) * HEAD_WIDTH)
-            r = self.row.resampler
-            self.image_proj = TimeResampler(dim, r["depth"], r["dim_head"], dim // r["dim_head"], tokens, encoder_width,
-                                            width, r["ff_mult"], self.facts.timestep_width)
-
-            def processor():
-                return SD3IPAdapterJointAttnProcessor2_0(width, width, config.attention_head_dim, dim, scale=1.0)
-        else:  # XLabs: Linear + LayerNorm to tokens as wide as the text tokens
-            self.image_proj = LinearProjection(encoder_width, config.joint_attention_dim, tokens)
-
-            def processor():
-                return FluxIPAdapterAttnProcessor(width, config.joint_attention_dim, num_tokens=(tokens,), scale=1.0)
+        self.image_proj, processor = projection_and_processor(self.row, family, transformer.config, tokens,
+                                                              encoder_width, self.facts.timestep_width)
         current = transformer.attn_processors
         wanted = {family.layer_by_key[key].diffusers_processor: key for key in family.preset_keys(self.row.layers)}
         if set(wanted) - set(current):
@@ -70,7 +57,9 @@ class DiTAdapterModel(nn.Module):
         if self.row.projection == "time-resampler":
             tokens, time = self.image_proj(features.float(), 1000 * sigma.float())
             return {"ip_hidden_states": tokens, "temb": time}
-        return {"ip_hidden_states": [self.image_proj(features.float())]}
+        if self.row.projection == "mlp":
+            return {"ip_hidden_states": self.image_proj(features.float())}
+        return {"ip_hidden_states": [self.image_proj(features.float())]}  # diffusers' XLabs: one entry per adapter
 
     def forward(self, parts: DiTParts, latents, sigma, context, pooled, features):
         kwargs = self.attention_kwargs(features, sigma)
@@ -89,3 +78,34 @@ class DiTAdapterModel(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         image_proj, ip_adapter = self.adapter_state_dicts()
         return {**{f"image_proj.{k}": v for k, v in image_proj.items()}, **{f"ip_adapter.{k}": v for k, v in ip_adapter.items()}}
+
+    def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of ``trainable_state_dict`` (a resumed training state)."""
+        self.image_proj.load_state_dict({k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")})
+        own_name = {f"ip_adapter.{key}.{name.replace('_ip.0.', '_ip.')}": f"{key}.{name}"
+                    for key, layer in self.layers.items() for name in layer.state_dict()}
+        self.layers.load_state_dict({own_name[k]: v for k, v in tensors.items() if k in own_name})
+
+
+def projection_and_processor(row, family, config, tokens: int, encoder_width: int, timestep_width: int):
+    """The variant's projection, and a maker of one layer's processor, for a transformer of this diffusers config."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    width = config.num_attention_heads * config.attention_head_dim
+    if row.projection == "time-resampler":  # InstantX SD3.5: tokens as wide as the model
+        dim = max(HEAD_WIDTH, round(family.resampler_width * width / family.base_width / HEAD_WIDTH) * HEAD_WIDTH)
+        r = row.resampler
+        projection = TimeResampler(dim, r["depth"], r["dim_head"], dim // r["dim_head"], tokens, encoder_width, width,
+                                   r["ff_mult"], timestep_width)
+        head = config.attention_head_dim
+        return projection, lambda: SD3IPAdapterJointAttnProcessor2_0(width, width, head, dim, scale=1.0)
+    text_width = config.joint_attention_dim  # the Flux adapters' tokens are as wide as the text tokens
+    if row.projection == "mlp":  # InstantX Flux: an MLP, every block
+        projection = MLPTokens(encoder_width, row.resampler["hidden_mult"] * encoder_width, text_width, tokens)
+        return projection, lambda: InstantXFluxProcessor(width, text_width)
+    if row.projection == "base":  # XLabs: Linear + LayerNorm, the double blocks
+        projection = LinearProjection(encoder_width, text_width, tokens)
+        return projection, lambda: FluxIPAdapterAttnProcessor(width, text_width, num_tokens=(tokens,), scale=1.0)
+    raise ModelFileError(f"{family.name} {row.name}'s projection '{row.projection}' has no trainer; expected "
+                         "time-resampler, mlp or base")

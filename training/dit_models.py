@@ -26,22 +26,25 @@ PACK = 2  # Flux packs 2x2 latent pixels into one token
 
 @dataclass
 class DiTParts:
-    transformer: torch.nn.Module
-    vae: torch.nn.Module
+    """What a run holds of the base model: a run from ``training.cache`` has no VAE and no text encoders, and the
+    cache pass no transformer (None, and empty dicts)."""
+
+    transformer: torch.nn.Module | None
+    vae: torch.nn.Module | None
+    vae_config: dict
     text_encoders: dict[str, torch.nn.Module]
     tokenizers: dict
     schedule: dict  # the family's noise-level draw, with the folder's scheduler config where it sets the same keys
     family: Family
     dtype: torch.dtype
+    device: torch.device = torch.device("cpu")
 
     def to(self, device: torch.device) -> "DiTParts":
         for module in (self.transformer, self.vae, *self.text_encoders.values()):
-            module.to(device)
+            if module is not None:
+                module.to(device)
+        self.device = device
         return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,16 +68,26 @@ class DiTParts:
         return context.to(self.dtype), torch.cat(pooled, dim=-1).to(self.dtype)
 
     @torch.no_grad()
-    def encode_latents(self, pixels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters [B, 2 x latent channels, h, w] (mean, log-variance): what the cache stores."""
+        return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters.to(self.dtype)
+
+    def latents_from_moments(self, moments: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """A sample of the VAE posterior (``noise`` given), shifted and scaled as the VAE's config says."""
-        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        posterior = DiagonalGaussianDistribution(moments.float())
         latents = posterior.mean + posterior.std * noise.to(posterior.mean)
-        config = self.vae.config
-        return ((latents - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor).to(self.dtype)
+        shift = self.vae_config.get("shift_factor") or 0.0
+        return ((latents - shift) * self.vae_config["scaling_factor"]).to(self.dtype)
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae_config["latent_channels"]
 
     def image_tokens(self, latent_size: int) -> int:
         """How many tokens the transformer makes of a square latent of this size."""
@@ -111,8 +124,10 @@ def is_flux_class(model) -> bool:
     return type(model).__name__.startswith("Flux")
 
 
-def load_dit_parts(folder: str | Path, family: Family, dtype: torch.dtype) -> DiTParts:
-    """The transformer, VAE, text encoders and tokenizers of a diffusers folder of ``family``; one-line errors."""
+def load_dit_parts(folder: str | Path, family: Family, dtype: torch.dtype, transformer: bool = True,
+                   encoders: bool = True) -> DiTParts:
+    """The transformer, VAE, text encoders and tokenizers of a diffusers folder of ``family``, without the
+    transformer or without the encoders (VAE, text) where asked; one-line errors."""
     import diffusers
     from transformers import AutoTokenizer
 
@@ -132,10 +147,14 @@ def load_dit_parts(folder: str | Path, family: Family, dtype: torch.dtype) -> Di
         except (OSError, ValueError, RuntimeError, KeyError) as reason:
             raise ModelFileError(f"{family.name} folder '{folder}': {name}/ could not be read ({first_line(reason)})") from None
 
-    transformer = diffusers_part(getattr(diffusers, facts.denoiser_class), facts.denoiser_folder)
-    vae = diffusers_part(diffusers.AutoencoderKL, "vae")
+    denoiser = diffusers_part(getattr(diffusers, facts.denoiser_class), facts.denoiser_folder) if transformer else None
+    vae = diffusers_part(diffusers.AutoencoderKL, "vae") if encoders else None
+    try:
+        vae_config = dict(diffusers.AutoencoderKL.load_config(str(folder), subfolder="vae", local_files_only=True))
+    except (OSError, ValueError) as reason:
+        raise ModelFileError(f"{family.name} folder '{folder}': vae/config.json could not be read ({first_line(reason)})") from None
     text_encoders, tokenizers = {}, {}
-    for encoder in facts.text_encoders:
+    for encoder in facts.text_encoders if encoders else ():
         text_encoders[encoder.folder] = _load_transformers_part(_declared_class(folder / encoder.folder), folder,
                                                                 encoder.folder, dtype, family.name)
         try:
@@ -143,15 +162,16 @@ def load_dit_parts(folder: str | Path, family: Family, dtype: torch.dtype) -> Di
         except (OSError, ValueError) as reason:
             raise ModelFileError(f"{family.name} folder '{folder}': {tokenizer_folder(encoder)}/ could not be read "
                                  f"({first_line(reason)})") from None
-    for module in (transformer, vae, *text_encoders.values()):
-        module.requires_grad_(False)
+    for module in (denoiser, vae, *text_encoders.values()):
+        if module is not None:
+            module.requires_grad_(False)
     schedule = dict(facts.noise_schedule)
     try:
         saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         schedule.update({key: value for key, value in saved.items() if key in schedule})
     except (OSError, ValueError):
         pass  # no scheduler config: the family's numbers
-    return DiTParts(transformer, vae, text_encoders, tokenizers, schedule, family, dtype)
+    return DiTParts(denoiser, vae, vae_config, text_encoders, tokenizers, schedule, family, dtype)
 
 
 def _declared_class(part: Path):

@@ -210,21 +210,12 @@ class Progress:
 StepHook = Callable[[int], None]
 
 
-def train(
-    config: Config,
-    process: Process,
-    frozen: FrozenModels,
-    engine: Engine,
-    loader,
-    start_step: int,
-    data_position: DataPosition,
-    on_step: list[StepHook],
-) -> list[float]:
+LossOf = Callable[[dict, list[int]], torch.Tensor]  # (batch, its samples' global positions) -> loss
+
+
+def train(config: Config, process: Process, engine: Engine, loader, start_step: int, data_position: DataPosition,
+          on_step: list[StepHook], loss_of: LossOf) -> list[float]:
     """Run from ``start_step`` to ``train.max_steps``; ``on_step`` hooks run after each step (saves, samples)."""
-    resolution = config.data.resolution
-    downsample = frozen.vae_scale_factor
-    latent_shape = (frozen.vae.config.latent_channels, resolution // downsample, resolution // downsample)
-    num_timesteps = frozen.scheduler.config.num_train_timesteps
     progress = Progress(config, process, start_step)
     engine.module.train()
     step = start_step
@@ -232,9 +223,7 @@ def train(
         batches = iter(loader)
         while step < config.train.max_steps:
             batch = next(batches)
-            positions = batch_positions(step, process, config.train.batch_size)
-            draws = sample_draws(config.train.seed, positions, latent_shape, num_timesteps, config)
-            loss = compute_loss(engine, frozen, batch, draws, process.device)
+            loss = loss_of(batch, batch_positions(step, process, config.train.batch_size))
             engine.step(loss)
             step += 1
             data_position.consumed(batch)
@@ -246,3 +235,16 @@ def train(
     finally:
         progress.close()
     return progress.history
+
+
+def epsilon_loss(config: Config, frozen: FrozenModels, engine: Engine, device: torch.device) -> LossOf:
+    """The UNet families' loss of a batch: per-sample draws from (seed, position), then ``compute_loss``."""
+    resolution, downsample = config.data.resolution, frozen.vae_scale_factor
+    latent_shape = (frozen.vae.config.latent_channels, resolution // downsample, resolution // downsample)
+    num_timesteps = frozen.scheduler.config.num_train_timesteps
+
+    def loss_of(batch: dict, positions: list[int]) -> torch.Tensor:
+        draws = sample_draws(config.train.seed, positions, latent_shape, num_timesteps, config)
+        return compute_loss(engine, frozen, batch, draws, device)
+
+    return loss_of

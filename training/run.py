@@ -5,19 +5,18 @@ SD1.5's layer layout and a generated toy dataset, then exports a checkpoint.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 from pathlib import Path
 
 from .adapter import IPAdapterModel, start_from_adapter_file
 from .cache import open_cache
-from .run_files import export_adapter, find_state, load_state, save_state
+from .run_files import export_adapter, open_run, save_final_state, save_hook
 from .cli import open_data, open_models, run_cli, setup_logging
 from .config import Config, load_config, usage
 from .data import DataPosition, make_loader
-from .distributed import Engine, Process, setup, teardown
-from .loop import StepHook, train
+from .distributed import Engine, Process, check_same_weights, setup, teardown
+from .loop import StepHook, epsilon_loss, train
 from .models import resolve_dtype, seeded, text_encoder_names
 from .variants import adapter_spec, export_name
 
@@ -52,8 +51,7 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     if config.family.training.prediction == "flow":  # the DiT families: training.dit
         from .dit import run_dit
 
-        return run_dit(config, process)
-    output_dir = Path(config.train.output_dir)
+        return run_dit(config, flags, process, extra_hooks)
     if config.embedded:
         log.info("No model files given: running the embedded default (scaled-down random-weight models, toy data).")
         log.info(REAL_MODELS_HINT)
@@ -70,6 +68,8 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     if config.model.init_adapter:  # a resumed training state replaces these weights below
         start_from_adapter_file(model, config.model.init_adapter)
         log.info("starting from the adapter weights of %s", config.model.init_adapter)
+    if config.train.gradient_checkpointing:
+        frozen.unet.enable_gradient_checkpointing()
     if cache is not None:
         frozen.empty_text, frozen.empty_pooled, frozen.zero_image = cache.empty_text, cache.empty_pooled, cache.zero_image
     frozen.to(process.device, offload=unused)
@@ -79,37 +79,19 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
              f"{sum(p.numel() for p in model.image_proj.parameters()):,}", len(spec.architecture.layers),
              f"{sum(p.numel() for p in model.layers.parameters()):,}", str(frozen.dtype).replace("torch.", ""))
     engine = Engine(model, config, process)
-    if process.world_size > 1:
-        zero = f" ZeRO-{config.distributed.zero_stage}" if process.strategy == "deepspeed" else ""
-        log.info("distributed: %s%s, %d processes, global batch %d", process.strategy, zero, process.world_size,
-                 process.world_size * config.train.batch_size)
 
-    start_step, position = 0, {}
-    resume = flags.get("resume")
-    if resume:
-        state = find_state(output_dir, resume)
-        if state is None:
-            log.info("resume: no training state in %s yet; starting from step 0", output_dir / "state")
-        else:
-            start_step, position = load_state(state, engine, process)
-            log.info("resume: continuing from %s (step %d)", state, start_step)
-    elif process.is_main and (output_dir / "state" / "latest").is_file():
-        log.warning("%s already holds a training state; pass --resume to continue it (starting from step 0)", output_dir)
-    if process.is_main:
-        config.save(output_dir / "config.yaml")
-
+    start_step, position = open_run(config, flags, engine, process)
     data_position = DataPosition(config.data.num_workers, position)
     loader = make_loader(source, config.data.resolution, config.train.batch_size, config.train.seed,
                          process.rank, process.world_size, config.data.num_workers, position, cache=cache,
                          random_crop=config.data.crop == "random")
     exports: list[Path] = []
     hooks = [*_periodic_hooks(config, process, engine, frozen, source, data_position, exports, encoder_embed_dim), *extra_hooks]
-    history = train(config, process, frozen, engine, loader, start_step, data_position, hooks)
+    history = train(config, process, engine, loader, start_step, data_position, hooks,
+                    epsilon_loss(config, frozen, engine, process.device))
 
     check_same_weights(process, model)
-    final_step = max(start_step, config.train.max_steps)
-    if final_step > start_step and (not config.train.save_every or final_step % config.train.save_every):
-        save_state(output_dir, final_step, engine, process, data_position.state(), config.train.keep_states)
+    final_step = save_final_state(config, process, engine, start_step, data_position)
     if process.is_main:
         exports.extend(_export(config, model, final_step, encoder_embed_dim))
         for path in exports[-len(config.train.export_formats):]:
@@ -119,26 +101,9 @@ def _run(config: Config, flags: dict, process: Process, extra_hooks: list[StepHo
     return {"export": exports, "history": history, "step": final_step}
 
 
-def check_same_weights(process: Process, model: IPAdapterModel) -> None:
-    """Every rank must end with the same adapter; a difference means a broken gradient sync."""
-    digest = hashlib.sha1()
-    for key, tensor in sorted(model.trainable_state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    digests = process.gather(digest.hexdigest())
-    if len(set(digests)) > 1:
-        raise RuntimeError(f"ranks ended with different adapter weights ({digests}); expected identical weights after each step")
-    if process.world_size > 1:
-        log.info("adapter weights identical on all %d ranks (sha1 %s)", process.world_size, digests[0][:12])
-
-
 def _periodic_hooks(config, process, engine, frozen, source, data_position, exports, encoder_embed_dim) -> list[StepHook]:
     output_dir = Path(config.train.output_dir)
     train_config = config.train
-
-    def save(step: int) -> None:
-        if train_config.save_every and step % train_config.save_every == 0:
-            save_state(output_dir, step, engine, process, data_position.state(), train_config.keep_states)
 
     def export(step: int) -> None:
         if train_config.export_every and step % train_config.export_every == 0 and step != train_config.max_steps:
@@ -159,7 +124,7 @@ def _periodic_hooks(config, process, engine, frozen, source, data_position, expo
                            output_dir / "samples" / f"step-{step:08d}.png")
         log.info("samples: %s", path)
 
-    return [save, export, samples]
+    return [save_hook(config, process, engine, data_position), export, samples]
 
 
 def _export(config: Config, model: IPAdapterModel, step: int, encoder_embed_dim: int) -> list[Path]:

@@ -101,6 +101,45 @@ def load_state(folder: Path, engine: Engine, process: Process) -> tuple[int, dic
     return meta["step"], data_position
 
 
+def open_run(config, flags: dict, engine: Engine, process: Process) -> tuple[int, dict]:
+    """(start step, this rank's data position): the state ``--resume`` names, else step 0; writes config.yaml."""
+    if process.world_size > 1:
+        zero = f" ZeRO-{config.distributed.zero_stage}" if process.strategy == "deepspeed" else ""
+        log.info("distributed: %s%s, %d processes, global batch %d", process.strategy, zero, process.world_size,
+                 process.world_size * config.train.batch_size)
+    output_dir, start_step, position = Path(config.train.output_dir), 0, {}
+    resume = flags.get("resume")
+    if resume:
+        state = find_state(output_dir, resume)
+        if state is None:
+            log.info("resume: no training state in %s yet; starting from step 0", state_root(output_dir))
+        else:
+            start_step, position = load_state(state, engine, process)
+            log.info("resume: continuing from %s (step %d)", state, start_step)
+    elif process.is_main and (state_root(output_dir) / "latest").is_file():
+        log.warning("%s already holds a training state; pass --resume to continue it (starting from step 0)", output_dir)
+    if process.is_main:
+        config.save(output_dir / "config.yaml")
+    return start_step, position
+
+
+def save_hook(config, process: Process, engine: Engine, data_position):
+    """A step hook that saves the training state every ``train.save_every`` steps."""
+    def save(step: int) -> None:
+        if config.train.save_every and step % config.train.save_every == 0:
+            save_state(config.train.output_dir, step, engine, process, data_position.state(), config.train.keep_states)
+
+    return save
+
+
+def save_final_state(config, process: Process, engine: Engine, start_step: int, data_position) -> int:
+    """The last step's state, unless the periodic save wrote it; returns the last step."""
+    final_step = max(start_step, config.train.max_steps)
+    if final_step > start_step and (not config.train.save_every or final_step % config.train.save_every):
+        save_state(config.train.output_dir, final_step, engine, process, data_position.state(), config.train.keep_states)
+    return final_step
+
+
 def rng_state() -> dict:
     name, keys, position, has_gauss, cached = np.random.get_state()
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached)

@@ -167,9 +167,12 @@ FLUX = Family(
         denoiser_folder="transformer",
         denoiser_class="FluxTransformer2DModel",
         guidance=3.5,
-        # XLabs v2 (16 tokens) by default, v1 with model.num_tokens 4; inference's unconditional image is a black one
-        variants={"xlabs": DiTVariant(encoder="clip-l", dropped_image="black", tokens=(16, 4),
-                                             file_layout="xlabs")},
+        # XLabs v2 (16 tokens) by default, v1 with model.num_tokens 4; inference's unconditional image is a black one.
+        # InstantX: SigLIP's pooled output to 128 tokens; unconditionally a zero embedding, what our nodes give a
+        # pooled-embedding adapter (InstantX's own node runs no unconditional image prompt)
+        variants={"xlabs": DiTVariant(encoder="clip-l", dropped_image="black", tokens=(16, 4), file_layout="xlabs"),
+                  "instantx": DiTVariant(encoder="siglip", dropped_image="zeros", tokens=(128,),
+                                         file_layout="ip-adapter")},
     ),
     # structural ranges, no claim about what each carries: the double blocks see image and text apart (the only
     # ones XLabs' adapter patches), the single blocks the joint sequence

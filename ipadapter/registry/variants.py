@@ -54,7 +54,9 @@ VARIANTS: tuple[Variant, ...] = (
             layers="double blocks", layer_tensors=("to_k_ip.weight", "to_k_ip.bias", "to_v_ip.weight", "to_v_ip.bias"),
             description="XLabs: CLIP ViT-L/14 image_embeds -> Linear + LayerNorm -> 4 (v1) or 16 (v2) tokens, "
                         "on the double blocks"),
+    # InstantX Flux's MLP: a hidden layer twice the encoder's width (SigLIP's 1152 -> 2304), as the released file
     Variant("instantx", "mlp", "image_embeds", 128, "ip-adapter", trainable=False, families=("flux",),
+            resampler=dict(hidden_mult=2),
             description="InstantX: SigLIP pooled output -> MLP + LayerNorm -> 128 tokens, on every block"),
     Variant("instantx", "time-resampler", "penultimate", 64, "ip-adapter", trainable=False, families=("sd35",),
             resampler=dict(depth=4, dim_head=64, ff_mult=4),

@@ -195,3 +195,49 @@ def test_the_trainable_parameters_at_full_size_are_the_released_files(family_id,
         model = DiTAdapterModel(transformer, family_by_id(family_id), variant, tokens, released_encoder_width(family_id, variant))
     assert model.num_trainable() == RELEASED_TRAINABLE[(family_id, variant, tokens)]
     assert not any(p.requires_grad for p in transformer.parameters() if not any(p is q for q in model.trainable_parameters()))
+
+
+REDUCED_DEPTH = {"flux": dict(num_layers=1, num_single_layers=1), "sd35": dict(num_layers=2)}
+SIGLIP_TOKENS = 729  # so400m-patch14-384: 27 x 27 patches, no class token
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family_id, variant, tokens", [("flux", "xlabs", 16), ("flux", "instantx", 16),
+                                                        ("sd35", "instantx", 64)], ids=str)
+def test_one_training_step_at_full_width_and_reduced_depth_in_bf16(family_id, variant, tokens):
+    """The released transformers' widths with one or two blocks of each kind, frozen in bf16, and the adapter at the
+    released encoder widths in fp32 take one AdamW step through the trainer's model: a finite loss, every adapter
+    tensor gets a gradient and moves, the transformer does not. InstantX Flux makes 16 of its 128 tokens here: its
+    MLP's last layer alone is 1.2 billion parameters at 128 (19 GB with AdamW); the counts at 128 are checked above."""
+    import diffusers
+
+    from training.dit_adapter import DiTAdapterModel
+    from training.dit_models import DiTParts
+
+    family = family_by_id(family_id)
+    torch.manual_seed(0)
+    transformer = getattr(diffusers, family.training.denoiser_class)(
+        **{**RELEASED_TRANSFORMERS[family_id], **REDUCED_DEPTH[family_id]}).to(torch.bfloat16).eval()
+    frozen = {name: tensor.clone() for name, tensor in transformer.state_dict().items()}
+    width = released_encoder_width(family_id, variant)
+    model = DiTAdapterModel(transformer, family, variant, tokens, width, reduced_depth=True).train()
+    assert len(model.layers) == {"xlabs": 1, "instantx": 2}[variant]
+    parts = DiTParts(transformer, None, {}, {}, {}, dict(family.training.noise_schedule), family, torch.bfloat16)
+    config = transformer.config
+    latents = torch.randn(1, 16, 32, 32)  # 256 px: 256 image tokens
+    context = torch.randn(1, 32, config.joint_attention_dim, dtype=torch.bfloat16)
+    pooled = torch.randn(1, config.pooled_projection_dim, dtype=torch.bfloat16)
+    features = torch.randn(1, width) if model.row.encoder_input == "image_embeds" else torch.randn(1, SIGLIP_TOKENS, width)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=0)  # moved = had a gradient
+    prediction = model(parts, latents.to(torch.bfloat16), torch.tensor([0.6]), context, pooled, features)
+    loss = torch.nn.functional.mse_loss(prediction.float(), torch.randn_like(latents))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and prediction.shape == latents.shape
+    # an XLabs key bias shifts all of a query's logits equally: softmax gives it no gradient (InstantX normalises K')
+    moved = {name: not torch.equal(p.detach(), before[name]) for name, p in model.named_parameters()
+             if p.requires_grad and not (variant == "xlabs" and "to_k_ip" in name and name.endswith("bias"))}
+    assert all(moved.values()), [name for name, ok in moved.items() if not ok]
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    assert all(torch.equal(tensor, frozen[name]) for name, tensor in transformer.state_dict().items() if name in frozen)

@@ -26,7 +26,9 @@ HEAD_WIDTH = 64  # the Resampler's heads, as diffusers' IPAdapterTimeImageProjec
 class DiTAdapterModel(nn.Module):
     """The projection and one IP processor per layer of the variant, in a frozen transformer."""
 
-    def __init__(self, transformer: nn.Module, family, variant: str, tokens: int, encoder_width: int):
+    def __init__(self, transformer: nn.Module, family, variant: str, tokens: int, encoder_width: int,
+                 reduced_depth: bool = False):
+        """``reduced_depth``: the layers of the variant that ``transformer`` has (a shallow model for checks), not all."""
         super().__init__()
         self.transformer, self.family, self.tokens, self.encoder_width = transformer, family, tokens, encoder_width
         self.row, self.facts = variant_by_name(variant, family), family.training.variants[variant]
@@ -34,6 +36,8 @@ class DiTAdapterModel(nn.Module):
                                                               encoder_width, self.facts.timestep_width)
         current = transformer.attn_processors
         wanted = {family.layer_by_key[key].diffusers_processor: key for key in family.preset_keys(self.row.layers)}
+        if reduced_depth:
+            wanted = {name: key for name, key in wanted.items() if name in current}
         if set(wanted) - set(current):
             missing = sorted(set(wanted) - set(current))
             raise ModelFileError(f"the transformer has no {missing[0]} ({len(current)} attention layers); expected "

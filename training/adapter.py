@@ -67,7 +67,42 @@ class DecoupledAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-class IPAdapterModel(nn.Module):
+class TrainableAdapter(nn.Module):
+    """What every trainer's adapter model shares: a projection ``image_proj`` and adapter ``layers`` train, and their
+    state reads and writes in the released files' names (``image_proj.*``, ``ip_adapter.<layer>.*``)."""
+
+    image_proj: nn.Module
+    layers: nn.ModuleDict
+
+    def released_name(self, name: str) -> str:
+        """A tensor of ``layers`` as the released files name it."""
+        return name
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.image_proj.parameters(), *self.layers.parameters()]
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def adapter_state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``image_proj`` and ``ip_adapter`` groups in the released layout, detached copies."""
+        image_proj = {k: v.detach().clone() for k, v in self.image_proj.state_dict().items()}
+        ip_adapter = {self.released_name(k): v.detach().clone() for k, v in self.layers.state_dict().items()}
+        return image_proj, ip_adapter
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        image_proj, ip_adapter = self.adapter_state_dicts()
+        return {**{f"image_proj.{k}": v for k, v in image_proj.items()}, **{f"ip_adapter.{k}": v for k, v in ip_adapter.items()}}
+
+    def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of ``trainable_state_dict`` (a resumed training state, an adapter file's weights)."""
+        self.image_proj.load_state_dict({k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")})
+        own_name = {f"ip_adapter.{self.released_name(name)}": name for name in self.layers.state_dict()}
+        self.layers.load_state_dict({own_name.get(k, k[len("ip_adapter."):]): v  # unknown names: load_state_dict says
+                                     for k, v in tensors.items() if k.startswith("ip_adapter.")})
+
+
+class IPAdapterModel(TrainableAdapter):
     """Frozen UNet + trainable projection and adapter layers; ``forward`` predicts the noise.
 
     The projection is built from ``spec`` (``training.variants.adapter_spec``); without one, the base
@@ -105,12 +140,6 @@ class IPAdapterModel(nn.Module):
         self.image_proj.float().requires_grad_(True)
         self.layers.float().requires_grad_(True)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self.image_proj.parameters(), *self.layers.parameters()]
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
-
     def forward(self, noisy_latents, timesteps, text_embeds, image_features, scale: float | torch.Tensor = 1.0,
                 added_cond: dict | None = None):
         """``image_features``: what ``spec.encoder_input`` names, image embeddings or penultimate hidden states.
@@ -126,20 +155,6 @@ class IPAdapterModel(nn.Module):
             yield
         finally:
             self.image.tokens, self.image.scale = None, 1.0
-
-    def adapter_state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``image_proj`` and ``ip_adapter`` groups in the official layout, detached copies."""
-        image_proj = {k: v.detach().clone() for k, v in self.image_proj.state_dict().items()}
-        ip_adapter = {k: v.detach().clone() for k, v in self.layers.state_dict().items()}
-        return image_proj, ip_adapter
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        image_proj, ip_adapter = self.adapter_state_dicts()
-        return {**{f"image_proj.{k}": v for k, v in image_proj.items()}, **{f"ip_adapter.{k}": v for k, v in ip_adapter.items()}}
-
-    def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.image_proj.load_state_dict({k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")})
-        self.layers.load_state_dict({k[len("ip_adapter."):]: v for k, v in tensors.items() if k.startswith("ip_adapter.")})
 
 
 def start_from_adapter_file(model: IPAdapterModel, path) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from ipadapter.projection import LinearProjection, MLPTokens, TimeResampler
 from ipadapter.registry import variant_by_name
 
+from .adapter import TrainableAdapter
 from .dit_models import DiTParts
 from .dit_processors import InstantXFluxProcessor
 from .errors import ModelFileError
@@ -23,7 +24,7 @@ from .errors import ModelFileError
 HEAD_WIDTH = 64  # the Resampler's heads, as diffusers' IPAdapterTimeImageProjection builds them
 
 
-class DiTAdapterModel(nn.Module):
+class DiTAdapterModel(TrainableAdapter):
     """The projection and one IP processor per layer of the variant, in a frozen transformer."""
 
     def __init__(self, transformer: nn.Module, family, variant: str, tokens: int, encoder_width: int,
@@ -50,12 +51,6 @@ class DiTAdapterModel(nn.Module):
         self.image_proj.float().requires_grad_(True)
         self.layers.to(next(transformer.parameters()).device).float().requires_grad_(True)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self.image_proj.parameters(), *self.layers.parameters()]
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
-
     def attention_kwargs(self, features: torch.Tensor, sigma: torch.Tensor) -> dict:
         """What the transformer's IP processors read: the image tokens (and SD3's timestep embedding)."""
         if self.row.projection == "time-resampler":
@@ -72,23 +67,8 @@ class DiTAdapterModel(nn.Module):
         with autocast:
             return parts.denoise(latents, sigma, context, pooled, kwargs)
 
-    def adapter_state_dicts(self) -> tuple[dict, dict]:
-        """``image_proj`` and ``ip_adapter`` in the released files' names (``0.to_k_ip.weight``...)."""
-        image_proj = {k: v.detach().clone() for k, v in self.image_proj.state_dict().items()}
-        ip_adapter = {f"{key}.{name.replace('_ip.0.', '_ip.')}": tensor.detach().clone()
-                      for key, layer in self.layers.items() for name, tensor in layer.state_dict().items()}
-        return image_proj, ip_adapter
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        image_proj, ip_adapter = self.adapter_state_dicts()
-        return {**{f"image_proj.{k}": v for k, v in image_proj.items()}, **{f"ip_adapter.{k}": v for k, v in ip_adapter.items()}}
-
-    def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """The inverse of ``trainable_state_dict`` (a resumed training state)."""
-        self.image_proj.load_state_dict({k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")})
-        own_name = {f"ip_adapter.{key}.{name.replace('_ip.0.', '_ip.')}": f"{key}.{name}"
-                    for key, layer in self.layers.items() for name in layer.state_dict()}
-        self.layers.load_state_dict({own_name[k]: v for k, v in tensors.items() if k in own_name})
+    def released_name(self, name: str) -> str:
+        return name.replace("_ip.0.", "_ip.")  # diffusers' Flux processor holds one K'/V' per adapter in a list
 
 
 def projection_and_processor(row, family, config, tokens: int, encoder_width: int, timestep_width: int):

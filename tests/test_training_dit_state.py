@@ -108,3 +108,11 @@ def test_a_resolution_the_vae_and_patches_cannot_take_is_one_line(files, tmp_pat
         main(xlabs_args(files, tmp_path, 1, 2, "--data.resolution", "40"))
     assert str(error.value).count("\n") == 0
     assert str(error.value).startswith("data.resolution = 40; expected a multiple of 16 (Flux.1: the VAE")
+
+
+def test_an_image_encoder_of_another_width_is_one_line(files, tmp_path):
+    with pytest.raises(ModelFileError) as error:
+        main(xlabs_args(files, tmp_path, 1, 2, "--model.image_encoder", str(files["siglip"])))
+    assert str(error.value) == ("image encoder 'siglip.safetensors' (SigLIP ViT (width 144, 3 layers, patch 14)) gives "
+                                "144-d image embeddings; expected 32 "
+                                "(OpenAI CLIP ViT-L/14, the encoder of Flux.1 xlabs)")

@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from ipadapter.adapter_file import OFFICIAL, IPAdapterCheckpoint, save_adapter
-from ipadapter.encoder import EncoderFormatError, load_image_encoder
-from ipadapter.files import first_line
 from ipadapter.registry import encoder_by_id, export_stem, variant_by_name
 
 from .cache import DROPPED_IMAGE, open_cache
@@ -28,7 +26,7 @@ from .dit_models import DiTParts, load_dit_parts
 from .config import ConfigError
 from .errors import ModelFileError
 from .loop import train
-from .models import resolve_dtype, seeded
+from .models import open_image_encoder, resolve_dtype, seeded
 from .run_files import EXPORT_DTYPES, open_run, save_final_state, save_hook
 
 log = logging.getLogger("training")
@@ -237,17 +235,9 @@ def check_resolution(resolution: int, parts: DiTParts) -> None:
 def open_encoder(config, encoder_id: str):
     """The image encoder the variant is trained on (or, for scaled-down tests, one of ``model.encoder_embed_dim``)."""
     kind = encoder_by_id(encoder_id)
-    path = Path(config.model.image_encoder).expanduser()
-    if not path.is_file():
-        raise ModelFileError(f"image encoder '{path}' does not exist; expected {kind.name} weights (.safetensors)")
-    try:
-        encoder = load_image_encoder(str(path), device="cpu", dtype=torch.float32)
-    except (EncoderFormatError, ValueError, OSError) as error:
-        raise ModelFileError(f"image encoder '{path.name}': {first_line(error)}") from None
-    expected = config.model.encoder_embed_dim or kind.embed_dim
-    if encoder.embed_dim != expected:
-        raise ModelFileError(f"image encoder '{path.name}' gives {encoder.embed_dim}-d image embeddings; expected "
-                             f"{expected} ({kind.name}, the encoder of {config.family.name} {config.model.variant})")
+    expected = f"{kind.name}, the encoder of {config.family.name} {config.model.variant}"
+    encoder = open_image_encoder(Path(config.model.image_encoder).expanduser(),
+                                 (config.model.encoder_embed_dim or kind.embed_dim,), expected)
     return encoder.eval().requires_grad_(False)
 
 

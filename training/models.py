@@ -219,7 +219,9 @@ def load_frozen_models(base_path: str, image_encoder_path: str, dtype: torch.dty
             check_finite(module, f"{family.name} {name.replace('_', ' ')} of '{base.name}'")
     encoder = None
     if "image_encoder" not in skip:
-        encoder = _load_image_encoder(Path(image_encoder_path).expanduser(), encoder_embed_dim, family, check_embed_dim)
+        allowed = tuple(encoder_by_id(e).embed_dim for e in family.encoders) if encoder_embed_dim is None else (encoder_embed_dim,)
+        expected = family_encoders(family) if encoder_embed_dim is None else "model.encoder_embed_dim"
+        encoder = open_image_encoder(Path(image_encoder_path).expanduser(), allowed if check_embed_dim else None, expected)
     if skip:
         log.info("models: not read (never run here): %s", ", ".join(name.replace("_", " ") for name in skip))
     scheduler = family_scheduler(family, base if base.is_dir() else None)
@@ -233,20 +235,18 @@ def family_encoders(family: Family) -> str:
     return f"{' or '.join(names)}, the encoder{'s' if len(names) > 1 else ''} of the {family.name} adapters"
 
 
-def _load_image_encoder(path: Path, embed_dim: int | None, family: Family, check_embed_dim: bool = True) -> ImageEncoder:
+def open_image_encoder(path: Path, allowed: tuple[int, ...] | None, expected: str) -> ImageEncoder:
+    """An image encoder file, in fp32 on the CPU; one-line errors name ``expected`` (the encoder the run wants) when
+    the file is missing or unreadable, or when its embeddings are not of an ``allowed`` width (None: any)."""
     if not path.is_file():
-        raise ModelFileError(f"image encoder '{path}' does not exist; expected {family_encoders(family)} (.safetensors or .bin)")
+        raise ModelFileError(f"image encoder '{path}' does not exist; expected {expected} (.safetensors or .bin)")
     try:
         encoder = load_image_encoder(str(path), device="cpu", dtype=torch.float32)
     except (EncoderFormatError, ValueError, OSError) as error:
         raise ModelFileError(f"image encoder '{path.name}': {first_line(error)}") from None
-    allowed = tuple(encoder_by_id(e).embed_dim for e in family.encoders) if embed_dim is None else (embed_dim,)
-    if check_embed_dim and encoder.embed_dim not in allowed:
-        expected = family_encoders(family) if embed_dim is None else "model.encoder_embed_dim"
-        raise ModelFileError(
-            f"image encoder '{path.name}' ({encoder.name}) gives {encoder.embed_dim}-d image embeddings; "
-            f"expected {' or '.join(map(str, allowed))} ({expected})"
-        )
+    if allowed is not None and encoder.embed_dim not in allowed:
+        raise ModelFileError(f"image encoder '{path.name}' ({encoder.name}) gives {encoder.embed_dim}-d image "
+                             f"embeddings; expected {' or '.join(map(str, allowed))} ({expected})")
     return encoder
 
 

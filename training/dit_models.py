@@ -3,7 +3,8 @@
 What the family's text encoders give comes from its registry entry: each one's pooled output (joined) is the
 vector input, and the hidden states of those ``in_context`` are the text tokens: encoders of one kind side by side
 on channels (SD3's two CLIPs), each group zero-padded to the widest and the groups one after another (then T5).
-How the transformer is called follows its diffusers class, as diffusers' pipelines and training examples call it.
+How the transformer is called follows the family's entry (Flux.1 packs 2x2 latent pixels per token, SD3.5 does
+not), as diffusers' pipelines and training examples call it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from .base_models import tokenizer_folder
 from .errors import ModelFileError
 from .weight_files import _load_transformers_part
 
-PACK = 2  # Flux packs 2x2 latent pixels into one token
 
 
 @dataclass
@@ -95,33 +95,30 @@ class DiTParts:
 
     @property
     def patch(self) -> int:
-        return getattr(self.transformer.config, "patch_size", 1) * (PACK if is_flux_class(self.transformer) else 1)
+        return getattr(self.transformer.config, "patch_size", 1) * self.family.training.latent_packing
 
     def denoise(self, latents: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
                 attention_kwargs: dict) -> torch.Tensor:
         """The transformer's velocity [B, C, H, W] for noisy latents at noise level ``sigma`` [B] in (0, 1)."""
         model, config = self.transformer, self.transformer.config
-        if is_flux_class(model):  # FluxPipeline: packed latents, position ids, timestep and guidance as given
+        pack = self.family.training.latent_packing
+        if pack > 1:  # FluxPipeline: packed latents, position ids, timestep and guidance as given
             b, c, h, w = latents.shape
-            packed = latents.view(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5)
-            ids = torch.zeros(h // PACK, w // PACK, 3, device=latents.device)
-            ids[..., 1] += torch.arange(h // PACK, device=latents.device)[:, None]
-            ids[..., 2] += torch.arange(w // PACK, device=latents.device)[None, :]
+            packed = latents.view(b, c, h // pack, pack, w // pack, pack).permute(0, 2, 4, 1, 3, 5)
+            ids = torch.zeros(h // pack, w // pack, 3, device=latents.device)
+            ids[..., 1] += torch.arange(h // pack, device=latents.device)[:, None]
+            ids[..., 2] += torch.arange(w // pack, device=latents.device)[None, :]
             guidance = self.family.training.guidance
             guidance = torch.full((b,), guidance, device=latents.device) if config.guidance_embeds and guidance else None
-            out = model(hidden_states=packed.reshape(b, (h // PACK) * (w // PACK), c * PACK * PACK),
+            out = model(hidden_states=packed.reshape(b, (h // pack) * (w // pack), c * pack * pack),
                         encoder_hidden_states=context, pooled_projections=pooled, timestep=sigma, guidance=guidance,
                         img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(context.shape[1], 3, device=latents.device),
                         joint_attention_kwargs=attention_kwargs, return_dict=False)[0]
-            out = out.view(b, h // PACK, w // PACK, c, PACK, PACK).permute(0, 3, 1, 4, 2, 5)
+            out = out.view(b, h // pack, w // pack, c, pack, pack).permute(0, 3, 1, 4, 2, 5)
             return out.reshape(b, c, h, w)
         # SD3: the scheduler's timesteps are 1000 sigma
         return model(hidden_states=latents, encoder_hidden_states=context, pooled_projections=pooled,
                      timestep=1000 * sigma, joint_attention_kwargs=attention_kwargs, return_dict=False)[0]
-
-
-def is_flux_class(model) -> bool:
-    return type(model).__name__.startswith("Flux")
 
 
 def load_dit_parts(folder: str | Path, family: Family, dtype: torch.dtype, transformer: bool = True,

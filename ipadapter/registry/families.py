@@ -166,6 +166,7 @@ FLUX = Family(
         embedded_unet={},
         denoiser_folder="transformer",
         denoiser_class="FluxTransformer2DModel",
+        latent_packing=2,
         guidance=3.5,
         # XLabs v2 (16 tokens) by default, v1 with model.num_tokens 4; inference's unconditional image is a black one.
         # InstantX: SigLIP's pooled output to 128 tokens; unconditionally a zero embedding, what our nodes give a

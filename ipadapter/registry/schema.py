@@ -123,6 +123,7 @@ class Training:
     # DiTs (flow matching): the denoiser's folder and diffusers class in a model folder, the distilled guidance a
     # guidance-embedding model is trained at, and per trainable variant what the trainer needs (``DiTVariant``)
     denoiser_folder: str = "unet"
+    latent_packing: int = 1  # the pipeline packs n x n latent pixels into one token before the transformer (Flux: 2)
     denoiser_class: str = "UNet2DConditionModel"
     guidance: float | None = None
     variants: dict[str, "DiTVariant"] = field(default_factory=dict)

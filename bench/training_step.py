@@ -36,7 +36,7 @@ decoding and resizing the images).
 family's block layout (``training.models.build_embedded_unet``), encoders and VAE staying full size: full-size
 SDXL training does not fit a 24 GiB host in fp32.
 
-    python bench/training_step.py [--family sd15 sdxl] [--adapter base plus] [--resolutions 512 256] [--unet-width W]
+    python bench/training_step.py [--family sd15 sdxl | flux sd35] [--adapter base plus] [--resolutions 512 256] [--unet-width W]
                                   [--batch 1] [--reps 3] [--steps 1] [--warmup 1] [--threads N]
 """
 from __future__ import annotations
@@ -66,6 +66,7 @@ class Family(NamedTuple):
 
 
 FAMILIES = {"sd15": Family(False), "sdxl": Family(True)}
+DIT_FAMILIES = ("flux", "sd35")  # measured by bench/dit_training_step.py
 
 
 def build_models(device, small: bool, encoders: bool, family: str = "sd15", unet_width: int | None = None):
@@ -235,7 +236,8 @@ def medians(runs: list[dict], batch: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", nargs="+", default=["sd15"], choices=list(FAMILIES), help="base models to measure (default: sd15)")
+    parser.add_argument("--family", nargs="+", default=["sd15"], choices=[*FAMILIES, *DIT_FAMILIES],
+                        help="base models to measure (default: sd15; flux and sd35: bench/dit_training_step.py)")
     parser.add_argument("--adapter", nargs="+", default=list(ADAPTERS), choices=ADAPTERS, help="adapters to measure (default: both)")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 256])
     parser.add_argument("--batch", type=int, default=1)
@@ -250,6 +252,12 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if any(family in DIT_FAMILIES for family in args.family):
+        if not all(family in DIT_FAMILIES for family in args.family):
+            raise SystemExit(f"--family {' '.join(args.family)}: expected UNet families or DiT families, not both")
+        import dit_training_step
+
+        return dit_training_step.run(args)
     import torch
 
     if args.threads:

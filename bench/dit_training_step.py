@@ -21,7 +21,9 @@ on a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -93,7 +95,22 @@ def image_encoder(layout: str, config: dict):
     return model, lambda pixels: model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
 
 
-def worker(family_id: str, variant: str, resolution: int, batch: int, steps: int, warmup: int, small: bool) -> dict:
+@contextlib.contextmanager
+def built_in(dtype, device):
+    """Models made inside are made in ``dtype`` on ``device``: T5-XXL in fp32 is 19 GB, FLUX.1-dev 48 GB."""
+    import torch
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
+
+
+def worker(family_id: str, variant: str, resolution: int, batch: int, steps: int, warmup: int, small: bool,
+           full_depth: bool = False) -> dict:
     import diffusers
     import torch
 
@@ -107,9 +124,12 @@ def worker(family_id: str, variant: str, resolution: int, batch: int, steps: int
     dtype, family = torch.bfloat16, family_by_id(family_id)
     layout, tokens = ADAPTER[family_id]
     torch.manual_seed(0)
-    shape = ({"flux": TINY_FLUX, "sd35": TINY_SD3}[family_id] if small
-             else {**RELEASED_TRANSFORMERS[family_id], **REDUCED_DEPTH[family_id]})
-    transformer = getattr(diffusers, family.training.denoiser_class)(**shape).to(device, dtype)
+    shape = ({"flux": TINY_FLUX, "sd35": TINY_SD3}[family_id] if small else
+             {**RELEASED_TRANSFORMERS[family_id], **({} if full_depth else REDUCED_DEPTH[family_id])})
+    with built_in(dtype, device):
+        transformer = getattr(diffusers, family.training.denoiser_class)(**shape)
+    if full_depth:  # as the memory plan trains it (BENCHMARKS.md, DiT training memory)
+        transformer.enable_gradient_checkpointing()
     vision = vision_config(layout, small)
     width = vision["projection_dim"] if layout == "xlabs" else vision["hidden_size"]
     features = (width,) if layout == "xlabs" else ((vision["image_size"] // vision["patch_size"]) ** 2, width)
@@ -124,9 +144,10 @@ def worker(family_id: str, variant: str, resolution: int, batch: int, steps: int
     drawn = draws(0, list(range(batch)), (parts.latent_channels, latent, latent), config)
     generator = torch.Generator().manual_seed(1)
     if variant == "reference":  # the encoders, in bf16 on the device, run on every step
-        parts.text_encoders, parts.tokenizers = text_encoders(family, small, transformer.config)
-        parts.vae = diffusers.AutoencoderKL(**vae)
-        vision_model, read_vision = image_encoder(layout, vision)
+        with built_in(dtype, device):
+            parts.text_encoders, parts.tokenizers = text_encoders(family, small, transformer.config)
+            parts.vae = diffusers.AutoencoderKL(**vae)
+            vision_model, read_vision = image_encoder(layout, vision)
         for module in (*parts.text_encoders.values(), parts.vae, vision_model):
             module.to(device, dtype).eval().requires_grad_(False)
         pixels = (torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1).to(device)
@@ -181,15 +202,31 @@ def worker(family_id: str, variant: str, resolution: int, batch: int, steps: int
 
 
 def run_variant(family: str, variant: str, resolution: int, batch: int, steps: int, warmup: int, threads: int,
-                small: bool) -> dict:
-    """One variant's steps in a fresh process, so that its peak memory is its own."""
+                small: bool, full_depth: bool = False, cpu: bool = False) -> dict:
+    """One variant's steps in a fresh process, so that its peak memory is its own; ``cpu``: hide any GPU from it."""
     command = [sys.executable, __file__, "--worker", variant, "--family", family, "--resolution", str(resolution),
                "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
-    output = subprocess.run(command + (["--small"] if small else []), capture_output=True, text=True, cwd=REPO)
+    command += (["--small"] if small else []) + (["--full-depth"] if full_depth else [])
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu else None
+    output = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{family} {variant} at {resolution} failed:\n{output.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
+
+
+def measure(family: str, resolution: int, reps: int, steps: int, warmup: int, threads: int = 0, small: bool = False,
+            full_depth: bool = False, cpu: bool = False) -> dict:
+    """{variant: {s_per_step, samples_per_s, peak_bytes}} (batch 1, medians over ``reps`` interleaved rounds), for
+    bench/gpu.py."""
+    runs: dict = {}
+    for _ in range(reps):
+        for variant in VARIANTS:
+            runs.setdefault(variant, []).append(run_variant(family, variant, resolution, 1, steps, warmup, threads, small,
+                                                            full_depth, cpu))
+    return {variant: {"s_per_step": statistics.median(r["seconds"] for r in results),
+                      "samples_per_s": 1 / statistics.median(r["seconds"] for r in results),
+                      "peak_bytes": statistics.median(r["peak"] for r in results)} for variant, results in runs.items()}
 
 
 def run(args) -> None:
@@ -240,6 +277,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--full-depth", action="store_true", help="the released depth, blocks recomputed (a GPU's size)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -248,7 +286,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        result = worker(args.family[0], args.worker, args.resolution, args.batch, args.steps, args.warmup, args.small)
+        result = worker(args.family[0], args.worker, args.resolution, args.batch, args.steps, args.warmup, args.small,
+                        args.full_depth)
         print("RESULT " + json.dumps(result), flush=True)
         return
     run(args)

@@ -12,7 +12,8 @@ Sections, in this order (each reuses its own benchmark module):
 - ``encoding``: image encoding time per reference, ViT-H/14 and ViT-bigG/14, batch 1 and 8
   (bench/image_encoding.py);
 - ``training``: a training step, the reference's style vs ours from the cache, base and plus,
-  SD1.5 at 512 and SDXL at 1024 (full-size UNets; bench/training_step.py), one part per case.
+  SD1.5 at 512 and SDXL at 1024 (full-size UNets; bench/training_step.py), then Flux.1 XLabs v2 and SD3.5 Large
+  InstantX at 512 (the released transformers, blocks recomputed, bf16; bench/dit_training_step.py), one part per case.
 
 On a GPU: full-size architectures with random weights in fp16, the DiTs in bf16 (training: the reference
 under fp16 autocast over an fp32 UNet, ours with a bf16 frozen UNet). ``--cpu --small``:
@@ -55,7 +56,8 @@ ENCODERS = ("ViT-H-14", "ViT-bigG-14")
 ENCODING_BATCHES = (1, 8)
 TRAINING_VARIANTS = ("reference", "ours")
 TRAINING_NOT_YET: dict = {}  # case -> why it has no figures yet (none now: the trainer runs every case)
-TRAINING_CASES = ("sd15_base", "sdxl_base", "sd15_plus", "sdxl_plus")  # {family}_{adapter}, in the order they run
+TRAINING_CASES = ("sd15_base", "sdxl_base", "sd15_plus", "sdxl_plus",  # {family}_{adapter}, in the order they run
+                  "flux_xlabs", "sd35_instantx")  # the DiTs at the released depth in bf16 (bench/dit_training_step.py)
 CLONE_COUNTS = (1, 10, 100)
 GOALS = {"inference_ratio": 1.01, "dit_inference_ratio": 1.02, "training_speedup": 3.0, "training_peak_ratio": 0.6}
 NO_CUBIQ = "not run: pass --cubiq DIR (a local copy of cubiq's ComfyUI_IPAdapter_plus)"
@@ -79,9 +81,9 @@ class Sizes:
     dit_warmup: int
 
 
-FULL = Sizes(320, {"sd15": 64, "sdxl": 128}, 40, 3, False, 10, {"sd15": 512, "sdxl": 1024}, 2, 5, 2,
+FULL = Sizes(320, {"sd15": 64, "sdxl": 128}, 40, 3, False, 10, {"sd15": 512, "sdxl": 1024, "flux": 512, "sd35": 512}, 2, 5, 2,
              dit_step.RELEASED, 128, 20, 2)
-SMALL = Sizes(32, {"sd15": 16, "sdxl": 16}, 3, 1, True, 2, {"sd15": 64, "sdxl": 64}, 1, 1, 1,
+SMALL = Sizes(32, {"sd15": 16, "sdxl": 16}, 3, 1, True, 2, {"sd15": 64, "sdxl": 64, "flux": 32, "sd35": 32}, 1, 1, 1,
               dit_step.TINY, 8, 2, 1)
 
 
@@ -193,6 +195,15 @@ def training_part(case: str, sizes: Sizes, device, dtype, options) -> dict:
 
     family, adapter = case.split("_")
     resolution = sizes.training_resolution[family]
+    if family in ("flux", "sd35"):  # from the cache vs encoders every step, the released depth on a GPU
+        from dit_training_step import measure
+
+        figures = measure(family, resolution, sizes.training_reps, sizes.training_steps, sizes.training_warmup,
+                          options.threads, options.small, full_depth=not options.small, cpu=device.type == "cpu")
+        reference, ours = figures["reference"], figures["ours"]
+        return {"resolution": resolution, "batch": 1, "reps": sizes.training_reps, "steps": sizes.training_steps,
+                "speedup": ours["samples_per_s"] / reference["samples_per_s"],
+                "peak_ratio": ours["peak_bytes"] / reference["peak_bytes"], "reason": None, **figures}
     results = compare(TRAINING_VARIANTS, [resolution], sizes.training_reps, adapters=(adapter,), families=(family,), batch=1,
                       steps=sizes.training_steps, warmup=sizes.training_warmup, threads=options.threads, small=options.small,
                       cpu=device.type == "cpu")
@@ -235,9 +246,9 @@ def goals_table(report: dict) -> list[str]:
         for variant, figures in report["inference"][family]["variants"].items():
             if variant != "no_adapter":
                 row(f"step ratio, {dit_step.FAMILY_LABELS[family]} {variant}", figures["ratio"], GOALS["dit_inference_ratio"], True)
-    for case in TRAINING_CASES:
+    for case in TRAINING_CASES:  # the goals are the UNet trainer's; the DiT cases report their figures only
         figures = report["training"][case]
-        if figures["reason"] is None:
+        if figures["reason"] is None and case.split("_")[0] in FAMILIES:
             row(f"training samples/s vs reference, {case}", figures["speedup"], GOALS["training_speedup"], False)
             row(f"training peak memory vs reference, {case}", figures["peak_ratio"], GOALS["training_peak_ratio"], True)
     return lines
